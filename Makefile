@@ -1,0 +1,56 @@
+# Set-up and everyday commands. Every target creates .venv/ when it is missing and uses it.
+# torch: on machines without an NVIDIA GPU the CPU build is installed first (pinned, so pip never
+# pulls multi-GB CUDA wheels); on GPU machines, or where .venv already has torch, the user's torch is kept.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CPU_TORCH ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: help setup demo test test-fast test-all lint format assets clean
+
+help:
+	@echo "make demo   - run the whole pipeline on the embedded tiny model and data"
+	@echo "make test   - run the test suite (unit + integration on a local Ray cluster)"
+	@echo "make lint   - ruff check and format check"
+
+$(BIN)/kto-ray: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --upgrade pip
+	@if ! $(BIN)/python -c "import torch" 2>/dev/null; then \
+		if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+			echo "NVIDIA GPU found: installing torch with CUDA from the registry"; \
+			$(BIN)/python -m pip install -q torch; \
+		else \
+			echo "no NVIDIA GPU: installing the CPU build $(CPU_TORCH)"; \
+			$(BIN)/python -m pip install -q "$(CPU_TORCH)" || \
+			$(BIN)/python -m pip install -q "$(CPU_TORCH)" --index-url https://download.pytorch.org/whl/cpu; \
+		fi; \
+	fi
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@touch $@
+
+setup: $(BIN)/kto-ray
+
+demo: setup
+	$(BIN)/kto-ray demo
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+assets: setup
+	$(BIN)/python -m kto_ray.assets data
+
+clean:
+	rm -rf $(VENV) artifacts runs stores .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+from kto_ray.cli import main
+
+raise SystemExit(main())

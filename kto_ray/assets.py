@@ -1,0 +1,384 @@
+"""Embedded defaults for the demo and tests: arithmetic feedback data, a local tokenizer, a tiny Llama.
+
+Everything here is built offline and deterministically, so the demo never touches the network:
+
+    python -m kto_ray.assets data                              # data/arithmetic*.jsonl, byte-identical
+    python -m kto_ray.assets model --out artifacts/tiny-llama  # tokenizer + warmed-up LlamaForCausalLM
+
+Prompts end with a newline so that prompt + completion, concatenated as KTO trainers do, reads naturally.
+Labels are objectively checkable: a desirable completion states the right result, an undesirable one a
+wrong result (off by a little, off by one group for products, or two digits swapped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import string
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+DEFAULT_DATA = Path("data/arithmetic.jsonl")
+DEFAULT_MODEL_DIR = Path("artifacts/tiny-llama")
+DEFAULT_WARMUP_STEPS = 300
+# (file name, n_prompts, seed, desirable fraction); n_prompts chosen so each file holds ~3000 rows.
+DATA_FILES = (("arithmetic.jsonl", 2400, 0, 0.5), ("arithmetic_imbalanced.jsonl", 2727, 1, 0.2))
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, Llama order plus a real pad token
+ALPHABET = " \n" + string.digits + string.ascii_letters + ".,?!:;'\"-+*=()/%$&"
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ 'System: ' + message['content'] + '\\n' }}"
+    "{%- elif message['role'] == 'user' -%}{{ 'User: ' + message['content'] + '\\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ 'Assistant: ' + message['content'] + eos_token }}"
+    "{%- else -%}{{ raise_exception('unknown role: ' + message['role']) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    # The generation prompt is exactly the prefix an assistant turn starts with.
+    "{%- if add_generation_prompt -%}{{ 'Assistant: ' }}{%- endif -%}"
+)
+
+# ---------------------------------------------------------------------------------------------- data
+
+_NAMES = ("Sam", "Ana", "Lee", "Maya", "Omar", "Jo", "Priya", "Tom")
+_ITEMS = ("apples", "stamps", "marbles", "books", "coins", "shells", "cards")
+_PLAIN = (
+    "What is {a} {op} {b}?",
+    "Compute {a} {op} {b}.",
+    "Quick question: what is {a} {op} {b}?",
+    "Please solve this arithmetic problem and reply with the result. What is {a} {op} {b}?",
+    "I am checking my homework and want to be sure. Can you tell me what {a} {op} {b} is?",
+)
+# Word problems name the operation by a keyword only: "more" (+), "away" (-), "each" (*).
+_WORDS = {
+    "+": (
+        "{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?",
+        "A shelf holds {a} {item}. Then {b} more {item} are put on it. How many {item} are on the shelf?",
+    ),
+    "-": (
+        "{name} had {a} {item} and gave {b} of them away. How many {item} does {name} have left?",
+        "There were {a} {item} in a box, and {b} were carried away. How many {item} are in the box now?",
+    ),
+    "*": (
+        "{name} buys {a} bags with {b} {item} in each bag. How many {item} does {name} have?",
+        "There are {a} rows of chairs with {b} chairs in each row. How many chairs are there?",
+    ),
+}
+_ANSWERS = (
+    "The answer is {r}.",
+    "{a} {op} {b} = {r}.",
+    "{a} {op} {b} = {r}. The answer is {r}.",
+    "Let me work it out: {a} {op} {b} = {r}. So the answer is {r}.",
+)
+
+
+def _operands(rng: random.Random) -> tuple[int, str, int, int]:
+    op = rng.choices("+-*", weights=(4, 4, 2))[0]
+    if op == "+":
+        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        return a, op, b, a + b
+    if op == "-":  # results stay non-negative: simpler to check and to phrase as word problems
+        a = rng.randint(10, 99)
+        b = rng.randint(1, a)
+        return a, op, b, a - b
+    a, b = rng.randint(2, 12), rng.randint(2, 12)
+    return a, op, b, a * b
+
+
+def _wrong(rng: random.Random, a: int, op: str, b: int, right: int) -> int:
+    """A plausible mistake: off by a little, off by one group (products), or two digits swapped."""
+    while True:
+        kind = rng.random()
+        if kind < 0.3 and right >= 10:
+            digits = list(str(right))
+            i, j = rng.sample(range(len(digits)), 2)
+            digits[i], digits[j] = digits[j], digits[i]
+            wrong = int("".join(digits)) if digits[0] != "0" else right
+        elif kind < 0.45 and op == "*":
+            wrong = right + rng.choice((-1, 1)) * rng.choice((a, b))
+        else:
+            wrong = right + rng.choice((-1, 1)) * rng.randint(1, 10)
+        if wrong >= 0 and wrong != right:
+            return wrong
+
+
+def _prompt(rng: random.Random, a: int, op: str, b: int) -> str:
+    if rng.random() < 0.35:
+        text = rng.choice(_WORDS[op]).format(a=a, b=b, name=rng.choice(_NAMES), item=rng.choice(_ITEMS))
+    else:
+        text = rng.choice(_PLAIN).format(a=a, op=op, b=b)
+    return text + "\n"
+
+
+def generate_arithmetic(n_prompts: int, seed: int, desirable_fraction: float = 0.5) -> list[dict]:
+    """Rows {"prompt", "completion", "label"} over `n_prompts` distinct prompts, shuffled.
+
+    A fraction of prompts gets both a right and a wrong completion (KTO's unpaired data still often
+    shares prompts); the rest get one. The counts are exact, so the desirable share of the rows is
+    `desirable_fraction` up to rounding.
+    """
+    if n_prompts < 0 or not 0.0 <= desirable_fraction <= 1.0:
+        raise ValueError("need n_prompts >= 0 and 0 <= desirable_fraction <= 1")
+    rng = random.Random(seed)
+    problems: dict[str, tuple[int, str, int, int]] = {}
+    while len(problems) < n_prompts:
+        a, op, b, right = _operands(rng)
+        problems.setdefault(_prompt(rng, a, op, b), (a, op, b, right))
+
+    # Prompts with both labels must not exceed the minority class, or the fraction is unreachable.
+    n_both = round(0.5 * min(desirable_fraction, 1.0 - desirable_fraction) * n_prompts)
+    n_rows = n_prompts + n_both
+    n_single_good = min(max(round(desirable_fraction * n_rows) - n_both, 0), n_prompts - n_both)
+    roles = ["both"] * n_both + ["good"] * n_single_good + ["bad"] * (n_prompts - n_both - n_single_good)
+    rng.shuffle(roles)
+
+    rows: list[dict] = []
+    for (prompt, (a, op, b, right)), role in zip(problems.items(), roles, strict=True):
+        for label in {"both": (True, False), "good": (True,), "bad": (False,)}[role]:
+            result = right if label else _wrong(rng, a, op, b, right)
+            completion = rng.choice(_ANSWERS).format(a=a, op=op, b=b, r=result)
+            rows.append({"prompt": prompt, "completion": completion, "label": label})
+    rng.shuffle(rows)
+    return rows
+
+
+def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:
+    """Write one JSON object per line, atomically (a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_default_data(out_dir: str | Path = "data") -> list[Path]:
+    """(Re)generate the embedded data files; deterministic, so reruns are byte-identical."""
+    return [
+        write_jsonl(generate_arithmetic(n, seed, fraction), Path(out_dir) / name)
+        for name, n, seed, fraction in DATA_FILES
+    ]
+
+
+# ----------------------------------------------------------------------------------------- tokenizer
+
+
+def build_tokenizer():  # -> transformers.PreTrainedTokenizerFast (imported lazily: heavy)
+    """A character-level fast tokenizer over ALPHABET: tiny vocabulary, exact round-trip, no training."""
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *ALPHABET])}
+    # BPE without merges = one token per character; unknown characters become <unk>.
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", fuse_unk=True))
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    backend.decoder = decoders.Fuse()  # concatenate characters back, no spaces inserted
+    bos_id = vocab["<s>"]
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s>:1 $B:1", special_tokens=[("<s>", bos_id)]
+    )
+    # Not passing add_bos_token: transformers 5 would rebuild the post-processor from it, and it does not
+    # save it either; tokenizer.json's post-processor is what survives a save/load round-trip.
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        clean_up_tokenization_spaces=False,  # would turn "95 ." into "95." and break round-trips
+        model_max_length=512,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+def _is_complete(model_dir: Path) -> bool:
+    return (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file()
+
+
+def _free_cores() -> int:
+    """Cores not already busy: on a shared box, more threads than idle cores makes each step far slower."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, cores - round(os.getloadavg()[0])))
+
+
+def _desirable_rows(data_path: str | Path) -> list[dict]:
+    path = Path(data_path)
+    if path.is_file():
+        with open(path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    elif path == DEFAULT_DATA:  # same rows as the committed file, so a fresh checkout works from anywhere
+        _, n, seed, fraction = DATA_FILES[0]
+        rows = generate_arithmetic(n, seed, fraction)
+    else:
+        raise FileNotFoundError(f"warm-up data not found: {path}")
+    return [row for row in rows if row["label"]]
+
+
+def _sft_example(tokenizer, row: dict) -> tuple[list[int], list[int]]:
+    """Token ids of <s> prompt completion </s> and labels (-100 on BOS and prompt: loss on the answer)."""
+    prompt = tokenizer(row["prompt"])["input_ids"]  # the post-processor prepends <s>
+    completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+    completion.append(tokenizer.eos_token_id)
+    return prompt + completion, [-100] * len(prompt) + completion
+
+
+def _sft_batches(
+    examples: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, rng: random.Random
+) -> Iterator[dict]:
+    """Endless right-padded batches of similar lengths (sorted, then chunked): far less padding."""
+    import torch
+
+    ordered = sorted(examples, key=lambda e: len(e[0]))
+    chunks = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+    while True:
+        rng.shuffle(chunks)
+        for chunk in chunks:
+            width = max(len(ids) for ids, _ in chunk)
+            yield {
+                "input_ids": torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in chunk]),
+                "attention_mask": torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in chunk]),
+                "labels": torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in chunk]),
+            }
+
+
+def build_tiny_model(
+    out_dir: str | Path,
+    data_path: str | Path = DEFAULT_DATA,
+    *,
+    warmup_steps: int = DEFAULT_WARMUP_STEPS,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    seed: int = 0,
+    force: bool = False,
+) -> Path:
+    """Build a ~100k-parameter LlamaForCausalLM with a short SFT warm-up on the desirable rows.
+
+    The warm-up teaches the answer format, not arithmetic: a sensible but improvable reference policy.
+    Written atomically (temp sibling folder, then rename); a no-op when `out_dir` is already complete.
+    """
+    out = Path(out_dir)
+    if _is_complete(out) and not force:
+        return out
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    start = time.perf_counter()
+    tokenizer = build_tokenizer()
+    rows = _desirable_rows(data_path)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_free_cores())
+    try:
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        # Linear warmup then linear decay to 10%: stable on a tiny model with a high peak lr.
+        ramp = max(1, warmup_steps // 10)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda s: min((s + 1) / ramp, 1.0 - 0.9 * s / max(1, warmup_steps)),
+        )
+        examples = [_sft_example(tokenizer, row) for row in rows]
+        batches = _sft_batches(examples, batch_size, tokenizer.pad_token_id, random.Random(seed))
+        losses: list[float] = []
+        model.train()
+        for _ in range(warmup_steps):
+            loss = model(**next(batches)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        model.eval()
+    finally:
+        torch.set_num_threads(threads)  # do not leave the caller's process (pytest, a Ray worker) changed
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers 5 prints a shard-writing bar even for one tiny file
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():  # force, or a folder left half-written by something else
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            shutil.rmtree(old)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not _is_complete(out):  # otherwise a concurrent builder won the race: keep theirs
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+    final = sum(losses[-10:]) / len(losses[-10:]) if losses else float("nan")
+    n_params = sum(p.numel() for p in model.parameters())
+    seconds = time.perf_counter() - start
+    print(
+        f"tiny-llama: {n_params:,} parameters, {warmup_steps} warm-up steps, "
+        f"final loss {final:.3f}, {seconds:.1f} s -> {out}"
+    )
+    return out
+
+
+def ensure_tiny_model(out_dir: str | Path = DEFAULT_MODEL_DIR) -> Path:
+    """The demo's default model folder, built on first use."""
+    return build_tiny_model(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------- cli
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kto_ray.assets", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    data = sub.add_parser("data", help="regenerate the arithmetic .jsonl files")
+    data.add_argument("--out-dir", default="data")
+    model = sub.add_parser("model", help="build the tiny Llama reference model and its tokenizer")
+    model.add_argument("--out", default=str(DEFAULT_MODEL_DIR))
+    model.add_argument("--data", default=str(DEFAULT_DATA), help="warm-up data (desirable rows are used)")
+    model.add_argument("--steps", type=int, default=DEFAULT_WARMUP_STEPS, help="warm-up optimizer steps")
+    model.add_argument("--seed", type=int, default=0)
+    model.add_argument("--force", action="store_true", help="rebuild even if the folder is complete")
+    args = parser.parse_args(argv)
+
+    if args.command == "data":
+        for path in write_default_data(args.out_dir):
+            print(f"wrote {path}")
+    else:
+        build_tiny_model(args.out, args.data, warmup_steps=args.steps, seed=args.seed, force=args.force)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""Checkpoints through Ray Train: every rank saves its ZeRO shard, every rank reports (a barrier).
+
+A checkpoint folder holds DeepSpeed's files (model, optimizer and scheduler shards of all ranks), one
+RNG state file per rank and `trainer_state.json` (the optimizer step, which is also the data position).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import torch
+
+TAG = "zero"
+STATE_FILE = "trainer_state.json"
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save_and_report(engine, step: int, rank: int, metrics: dict) -> None:
+    """Collective: all ranks write their shard, then all report the folder (Ray merges them)."""
+    with tempfile.TemporaryDirectory(prefix="kto-ckpt-") as tmp:
+        engine.save_checkpoint(tmp, tag=TAG)
+        torch.save(_rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
+        if rank == 0:
+            (Path(tmp) / STATE_FILE).write_text(json.dumps({"step": step}))
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            checkpoint_dir_name=f"step_{step:08d}",
+        )
+
+
+def restore(engine, rank: int) -> int:
+    """Load the latest checkpoint Ray Train hands this run (after a restart or a rerun); returns the
+    number of optimizer steps already done (0 when starting fresh)."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as folder:
+        engine.load_checkpoint(folder, tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+        rng_file = Path(folder) / f"rng_rank{rank}.pt"
+        if rng_file.exists():
+            # Our own file, written by save_and_report above (RNG states are not plain tensors).
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+        return int(json.loads((Path(folder) / STATE_FILE).read_text())["step"])

@@ -1,0 +1,97 @@
+"""`kto-ray` command line: parse, build, run, close. User errors exit 2 with one line, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from kto_ray.config import load_config
+from kto_ray.errors import UserError
+
+DEFAULT_CONFIG = "configs/demo.yaml"
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help=f"YAML run config (default: {DEFAULT_CONFIG} when present)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.beta=0.2 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kto-ray", description="KTO alignment on Ray with a precomputed reference store"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _common(
+        sub.add_parser("demo", help="build the tiny model and data, precompute, train, evaluate before/after")
+    )
+    precompute = sub.add_parser(
+        "precompute", help="compute reference log-probs once into the reference store"
+    )
+    _common(precompute)
+    precompute.add_argument(
+        "--overwrite", action="store_true", help="replace a store built for another config"
+    )
+    _common(sub.add_parser("train", help="train the policy with KTO on Ray Train + DeepSpeed"))
+    evaluate = sub.add_parser(
+        "evaluate", help="held-out KTO metrics of a model against the store's eval split"
+    )
+    _common(evaluate)
+    evaluate.add_argument("--model", help="model folder or hub id to evaluate (default: the policy)")
+    evaluate.add_argument("--json", dest="json_out", help="also write the metrics to this JSON file")
+    return parser
+
+
+def _config(args: argparse.Namespace):
+    path = args.config
+    if path is None and Path(DEFAULT_CONFIG).is_file():
+        path = DEFAULT_CONFIG
+    return load_config(path, args.overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if args.command == "demo":
+        from kto_ray.demo import run_demo
+
+        run_demo(cfg)
+    elif args.command == "precompute":
+        from kto_ray.precompute import precompute
+
+        precompute(cfg, overwrite=args.overwrite)
+    elif args.command == "train":
+        from kto_ray.trainer import train
+
+        result = train(cfg)
+        print(f"trained {result.steps} steps; run dir {result.run_dir}")
+    elif args.command == "evaluate":
+        from kto_ray.evaluate import evaluate, format_table, write_json
+
+        metrics = evaluate(cfg, args.model)
+        print(format_table({args.model or cfg.model.path: metrics}))
+        if args.json_out:
+            write_json(metrics, Path(args.json_out))
+        else:
+            print(json.dumps(metrics))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UserError as err:
+        print(f"kto-ray: error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

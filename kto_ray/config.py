@@ -1,0 +1,228 @@
+"""Typed run configuration: one pydantic model per concern, loaded from YAML, unknown keys refused.
+
+Every field carries its default and a description; `kto-ray <cmd> --config X --set a.b=v` applies
+overrides parsed as YAML scalars, so `--set train.beta=0.2` is a float like it would be in the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kto_ray.errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: str = Field("artifacts/tiny-llama", description="Policy: a local folder or a Hugging Face hub id.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Training dtype: auto = bfloat16 on GPU, float32 on CPU."
+    )
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint.")
+    allow_pickle_weights: bool = Field(
+        False, description="Also accept .bin (pickle) weights; off means safetensors only."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+
+
+class ReferenceConfig(Section):
+    path: str | None = Field(None, description="Reference model; null means the policy's initial weights.")
+    mode: Literal["offline", "online"] = Field(
+        "offline",
+        description="offline: read reference log-probs from the store; online: run the reference "
+        "on the training workers every step (no store needed for the log-probs).",
+    )
+
+
+class DataConfig(Section):
+    paths: list[str] = Field(
+        default_factory=lambda: ["data/arithmetic.jsonl"],
+        description="Files or folders (.jsonl/.json/.parquet/.csv) or one Hugging Face dataset name.",
+    )
+    hf_split: str = Field("train", description="Split to read when a path is a Hugging Face dataset name.")
+    max_length: int = Field(512, gt=1, description="Maximum prompt + completion tokens.")
+    max_prompt_length: int = Field(256, gt=0, description="Prompts longer than this keep their last tokens.")
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Seeded fraction held out as 'eval'.")
+    seed: int = Field(0, description="Seed of the shuffle that fixes the KL pairing and the eval split.")
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> DataConfig:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError("data.max_prompt_length must be smaller than data.max_length")
+        return self
+
+
+class StoreConfig(Section):
+    path: str = Field("stores/demo", description="Folder of the reference store (Parquet + manifest.json).")
+
+
+class PrecomputeConfig(Section):
+    actors: int = Field(1, ge=1, description="Reference-model actors (one model copy each).")
+    gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per actor; 0 runs on CPU.")
+    cpus_per_actor: float = Field(1.0, gt=0.0, description="CPUs reserved per actor.")
+    batch_rows: int = Field(16, ge=1, description="Most rows per model batch (after length bucketing).")
+    batch_tokens: int | None = Field(
+        None, ge=1, description="Most padded tokens per model batch; null limits by batch_rows only."
+    )
+    bucket_rows: int = Field(
+        1024, ge=1, description="Rows sorted together by length before batching (bigger = less padding)."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Reference dtype: auto = bfloat16 on GPU, float32 on CPU. Part of the fingerprint.",
+    )
+
+
+class TrainConfig(Section):
+    beta: float = Field(0.1, gt=0.0, description="KTO beta: scale of the implied reward.")
+    desirable_weight: float | Literal["auto"] = Field(
+        1.0, description="lambda_D; 'auto' sets it so lambda_D n_D / (lambda_U n_U) = 1 from the store."
+    )
+    undesirable_weight: float = Field(1.0, gt=0.0, description="lambda_U.")
+    lr: float = Field(5e-6, gt=0.0, description="Peak AdamW learning rate (the paper's 5e-6).")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    schedule: Literal["constant", "cosine"] = Field("cosine", description="LR after warmup.")
+    warmup_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Fraction of steps of linear warmup.")
+    micro_batch_size: int = Field(4, ge=1, description="Rows per worker per forward/backward.")
+    grad_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    epochs: int = Field(1, ge=1, description="Passes over the train split (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
+    seed: int = Field(42, description="Seed of the per-epoch shuffle and of the workers' RNGs.")
+    log_every: int = Field(1, ge=1, description="Print a progress line every this many steps.")
+
+
+class ClusterConfig(Section):
+    workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on GPU clusters).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: float = Field(
+        0.5, gt=0.0, description="CPUs per worker; fractional on small CPU boxes so Ray Data is not starved."
+    )
+    address: str | None = Field(None, description="Ray address; null starts or joins a local Ray.")
+
+
+class DeepSpeedConfig(Section):
+    stage: Literal[0, 1, 2, 3] = Field(3, description="ZeRO stage.")
+    offload_optimizer: Literal["none", "cpu", "nvme"] = Field("none", description="Optimizer offload.")
+    offload_params: Literal["none", "cpu", "nvme"] = Field("none", description="Parameter offload (stage 3).")
+    nvme_path: str = Field("/local_nvme", description="Folder for NVMe offload.")
+    bf16: bool | Literal["auto"] = Field("auto", description="bf16 mixed precision; auto = on with GPUs.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+
+
+class RunConfig(Section):
+    name: str = Field("demo", description="Run name; rerunning with the same name resumes.")
+    dir: str = Field("runs", description="Parent folder (shared storage on multi-node clusters).")
+    checkpoint_every: int = Field(50, ge=1, description="Checkpoint every this many optimizer steps.")
+    max_failures: int = Field(
+        0, ge=-1, description="Worker-group restarts from the last checkpoint (-1: no limit)."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on storage.")
+    export: bool = Field(True, description="Save the trained model to <run dir>/final/ in safetensors.")
+
+
+class KTOConfig(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    precompute: PrecomputeConfig = Field(default_factory=PrecomputeConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @property
+    def reference_path(self) -> str:
+        return self.reference.path or self.model.path
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) / self.run.name
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {dotted}: '{key}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set expects key.sub=value, got '{item}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise UserError(f"--set {key}: cannot parse value '{raw}': {err}") from None
+    return key.strip(), value
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{where}'"
+    return f"{source}: {where}: {first['msg']} (got {first.get('input')!r})"
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "config") -> KTOConfig:
+    try:
+        return KTOConfig.model_validate(tree)
+    except ValidationError as err:
+        raise UserError(_describe(err, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> KTOConfig:
+    """Read YAML (or the defaults when path is None), apply `key.sub=value` overrides, validate."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise UserError(f"{path}: invalid YAML: {str(err).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise UserError(f"{path}: the top level must be a mapping of sections")
+        tree = loaded or {}
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    return config_from_dict(tree, source)
+
+
+def dump_config(cfg: KTOConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def with_absolute_paths(cfg: KTOConfig) -> KTOConfig:
+    """Copy of `cfg` whose existing local paths are absolute: Ray workers may not share our cwd."""
+
+    def absolute(path: str | None) -> str | None:
+        if path is None or "://" in path:
+            return path
+        return str(Path(path).expanduser().absolute()) if Path(path).expanduser().exists() else path
+
+    out = cfg.model_copy(deep=True)
+    out.model.path = absolute(cfg.model.path)
+    out.reference.path = absolute(cfg.reference.path)
+    out.data.paths = [absolute(p) for p in cfg.data.paths]
+    out.store.path = str(Path(cfg.store.path).absolute()) if "://" not in cfg.store.path else cfg.store.path
+    out.run.dir = str(Path(cfg.run.dir).absolute()) if "://" not in cfg.run.dir else cfg.run.dir
+    return out

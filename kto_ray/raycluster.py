@@ -1,0 +1,27 @@
+"""Connecting to Ray: the cluster a job was submitted to, a given address, or a private local one."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+@contextmanager
+def ray_session(address: str | None = None) -> Iterator[None]:
+    """Use a running Ray (already initialized, RAY_ADDRESS of `ray job submit`, or `address`), else
+    start a local one whose dashboard is off; shut down only what this call started."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True)
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -1,0 +1,123 @@
+"""Stage 2 on the driver: check the store, size the run, launch the Ray Train TorchTrainer.
+
+The driver reads the store's train split (token ids and two floats per row) once and hands it to the
+workers through the object store, so workers need no access to the store's file system.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from kto_ray.batching import Schedule
+from kto_ray.config import KTOConfig, dump_config, with_absolute_paths
+from kto_ray.errors import UserError
+from kto_ray.modeling import load_tokenizer
+from kto_ray.prepare import prepare_text, store_fingerprint, tokenize_rows
+from kto_ray.raycluster import ray_session
+from kto_ray.store import SCHEMA, open_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    steps: int
+    metrics: dict
+
+
+def train_table(cfg: KTOConfig, split: str = "train") -> pa.Table:
+    """The rows to train on: from the checked store (offline) or tokenized here (online, no log-probs)."""
+    tokenizer = load_tokenizer(cfg.model)
+    if cfg.reference.mode == "offline":
+        text = prepare_text(cfg, tokenizer)
+        expected, _ = store_fingerprint(cfg, text.data_digest, tokenizer)
+        return open_store(cfg.store.path, expected).read_split(split)
+    text = prepare_text(cfg, tokenizer)
+    columns = tokenize_rows(
+        text.table.to_pydict(), tokenizer, cfg.data.max_length, cfg.data.max_prompt_length
+    )
+    nan = [float("nan")] * len(columns["id"])
+    columns.update(ref_logps=nan, ref_kl_logps=nan)
+    table = pa.table({f.name: pa.array(columns[f.name], f.type) for f in SCHEMA}, schema=SCHEMA)
+    return table.filter(pa.compute.equal(table["split"], split))
+
+
+def desirable_weight(cfg: KTOConfig, table: pa.Table) -> float:
+    """lambda_D, from the config or (`auto`) from the label counts; warns outside the paper's range."""
+    n_desirable = int(pa.compute.sum(table["label"]).as_py() or 0)
+    n_undesirable = len(table) - n_desirable
+    lam_u = cfg.train.undesirable_weight
+    if cfg.train.desirable_weight == "auto":
+        return lam_u * n_undesirable / n_desirable if n_desirable and n_undesirable else 1.0
+    lam_d = float(cfg.train.desirable_weight)
+    if n_desirable and n_undesirable:
+        ratio = lam_d * n_desirable / (lam_u * n_undesirable)
+        if not 1.0 <= ratio <= 4 / 3:
+            warnings.warn(
+                f"lambda_D n_D / (lambda_U n_U) = {ratio:.2f} is outside the paper's [1, 4/3] "
+                f"({n_desirable} desirable, {n_undesirable} undesirable rows); "
+                "consider train.desirable_weight: auto",
+                stacklevel=2,
+            )
+    return lam_d
+
+
+def total_steps(cfg: KTOConfig, rows: int) -> int:
+    schedule = Schedule(rows, cfg.cluster.workers, cfg.train.micro_batch_size, cfg.train.grad_accumulation, 0)
+    if schedule.steps_per_epoch == 0:
+        raise UserError(
+            f"{rows} training rows cannot fill one step of {schedule.rows_per_step} rows "
+            "(cluster.workers x train.micro_batch_size x train.grad_accumulation)"
+        )
+    return cfg.train.max_steps or cfg.train.epochs * schedule.steps_per_epoch
+
+
+def train(cfg: KTOConfig) -> TrainResult:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from kto_ray.worker import train_loop
+
+    cfg = with_absolute_paths(cfg)
+    table = train_table(cfg)
+    steps = total_steps(cfg, len(table))
+    lam_d = desirable_weight(cfg, table)
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    print(
+        f"training {cfg.model.path} on {len(table)} rows for {steps} steps "
+        f"({cfg.cluster.workers} workers, ZeRO-{cfg.deepspeed.stage}, reference {cfg.reference.mode}) -> {run_dir}",
+        flush=True,
+    )
+    with ray_session(cfg.cluster.address):
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={
+                "config": cfg.model_dump(mode="json"),
+                "table": ray.put(table),
+                "total_steps": steps,
+                "desirable_weight": lam_d,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=cfg.cluster.workers,
+                use_gpu=cfg.cluster.use_gpu,
+                resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}
+                | ({"GPU": 1} if cfg.cluster.use_gpu else {}),
+            ),
+            run_config=RunConfig(
+                name="checkpoints",
+                storage_path=str(run_dir),
+                failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            ),
+        )
+        result = trainer.fit()
+    return TrainResult(run_dir, steps, dict(result.metrics or {}))
