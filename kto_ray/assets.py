@@ -22,10 +22,15 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # heavy imports stay lazy: `data` needs neither torch nor transformers
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 DEFAULT_DATA = Path("data/arithmetic.jsonl")
 DEFAULT_MODEL_DIR = Path("artifacts/tiny-llama")
-DEFAULT_WARMUP_STEPS = 300
+DEFAULT_WARMUP_STEPS = 300  # ~25 s on 2 busy CPU cores: learns the answer format, not arithmetic
+WARMUP_BATCH, WARMUP_LR = 32, 3e-3
 # (file name, n_prompts, seed, desirable fraction); n_prompts chosen so each file holds ~3000 rows.
 DATA_FILES = (("arithmetic.jsonl", 2400, 0, 0.5), ("arithmetic_imbalanced.jsonl", 2727, 1, 0.2))
 
@@ -170,7 +175,7 @@ def write_default_data(out_dir: str | Path = "data") -> list[Path]:
 # ----------------------------------------------------------------------------------------- tokenizer
 
 
-def build_tokenizer():  # -> transformers.PreTrainedTokenizerFast (imported lazily: heavy)
+def build_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level fast tokenizer over ALPHABET: tiny vocabulary, exact round-trip, no training."""
     from tokenizers import Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast
@@ -180,9 +185,8 @@ def build_tokenizer():  # -> transformers.PreTrainedTokenizerFast (imported lazi
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", fuse_unk=True))
     backend.add_special_tokens(list(SPECIAL_TOKENS))
     backend.decoder = decoders.Fuse()  # concatenate characters back, no spaces inserted
-    bos_id = vocab["<s>"]
     backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s>:1 $B:1", special_tokens=[("<s>", bos_id)]
+        single="<s> $A", pair="<s> $A <s>:1 $B:1", special_tokens=[("<s>", vocab["<s>"])]
     )
     # Not passing add_bos_token: transformers 5 would rebuild the post-processor from it, and it does not
     # save it either; tokenizer.json's post-processor is what survives a save/load round-trip.
@@ -222,10 +226,13 @@ def _desirable_rows(data_path: str | Path) -> list[dict]:
         rows = generate_arithmetic(n, seed, fraction)
     else:
         raise FileNotFoundError(f"warm-up data not found: {path}")
-    return [row for row in rows if row["label"]]
+    desirable = [row for row in rows if row["label"]]
+    if not desirable:
+        raise ValueError(f"no desirable rows to warm up on in {path}")
+    return desirable
 
 
-def _sft_example(tokenizer, row: dict) -> tuple[list[int], list[int]]:
+def _sft_example(tokenizer: PreTrainedTokenizerFast, row: dict) -> tuple[list[int], list[int]]:
     """Token ids of <s> prompt completion </s> and labels (-100 on BOS and prompt: loss on the answer)."""
     prompt = tokenizer(row["prompt"])["input_ids"]  # the post-processor prepends <s>
     completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
@@ -252,20 +259,73 @@ def _sft_batches(
             }
 
 
+def _warm_up(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, rows: list[dict], steps: int, seed: int
+) -> list[float]:
+    """Supervised warm-up (AdamW, loss on completion tokens); returns the loss of every step."""
+    import torch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=WARMUP_LR, weight_decay=0.0)
+    ramp = max(1, steps // 10)  # linear warmup, then linear decay to 10%: stable at a high peak lr
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / ramp, 1 - 0.9 * s / max(1, steps))
+    )
+    examples = [_sft_example(tokenizer, row) for row in rows]
+    batches = _sft_batches(examples, WARMUP_BATCH, tokenizer.pad_token_id, random.Random(seed))
+    losses: list[float] = []
+    model.train()
+    for _ in range(steps):
+        loss = model(**next(batches)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        sched.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def _save_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, out: Path) -> None:
+    """save_pretrained into a temp sibling, then rename: a crash never leaves a complete-looking folder."""
+    from transformers.utils import logging as hf_logging
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers 5 prints a shard-writing bar even for one tiny file
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for path in (tmp, *tmp.iterdir()):  # mkdtemp (and the safetensors writer) leave owner-only modes
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        if out.exists():  # force, or a folder left half-written by something else
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            shutil.rmtree(old)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not _is_complete(out):  # otherwise a concurrent builder won the race: keep theirs
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def build_tiny_model(
     out_dir: str | Path,
     data_path: str | Path = DEFAULT_DATA,
     *,
     warmup_steps: int = DEFAULT_WARMUP_STEPS,
-    batch_size: int = 32,
-    lr: float = 3e-3,
     seed: int = 0,
     force: bool = False,
 ) -> Path:
     """Build a ~100k-parameter LlamaForCausalLM with a short SFT warm-up on the desirable rows.
 
     The warm-up teaches the answer format, not arithmetic: a sensible but improvable reference policy.
-    Written atomically (temp sibling folder, then rename); a no-op when `out_dir` is already complete.
+    Written atomically; a no-op when `out_dir` already holds config.json and model.safetensors.
     """
     out = Path(out_dir)
     if _is_complete(out) and not force:
@@ -273,11 +333,9 @@ def build_tiny_model(
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.utils import logging as hf_logging
 
     start = time.perf_counter()
     tokenizer = build_tokenizer()
-    rows = _desirable_rows(data_path)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -297,56 +355,15 @@ def build_tiny_model(
     try:
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        # Linear warmup then linear decay to 10%: stable on a tiny model with a high peak lr.
-        ramp = max(1, warmup_steps // 10)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda s: min((s + 1) / ramp, 1.0 - 0.9 * s / max(1, warmup_steps)),
-        )
-        examples = [_sft_example(tokenizer, row) for row in rows]
-        batches = _sft_batches(examples, batch_size, tokenizer.pad_token_id, random.Random(seed))
-        losses: list[float] = []
-        model.train()
-        for _ in range(warmup_steps):
-            loss = model(**next(batches)).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        model.eval()
+        losses = _warm_up(model, tokenizer, _desirable_rows(data_path), warmup_steps, seed)
     finally:
-        torch.set_num_threads(threads)  # do not leave the caller's process (pytest, a Ray worker) changed
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # transformers 5 prints a shard-writing bar even for one tiny file
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if out.exists():  # force, or a folder left half-written by something else
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            shutil.rmtree(old)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if not _is_complete(out):  # otherwise a concurrent builder won the race: keep theirs
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if bars:
-            hf_logging.enable_progress_bar()
+        torch.set_num_threads(threads)  # leave the caller's process (pytest, a Ray worker) as it was
+    _save_atomically(model, tokenizer, out)
 
     final = sum(losses[-10:]) / len(losses[-10:]) if losses else float("nan")
-    n_params = sum(p.numel() for p in model.parameters())
-    seconds = time.perf_counter() - start
     print(
-        f"tiny-llama: {n_params:,} parameters, {warmup_steps} warm-up steps, "
-        f"final loss {final:.3f}, {seconds:.1f} s -> {out}"
+        f"tiny-llama: {sum(p.numel() for p in model.parameters()):,} parameters, {warmup_steps} warm-up "
+        f"steps, final loss {final:.3f}, {time.perf_counter() - start:.1f} s -> {out}"
     )
     return out
 

@@ -70,7 +70,7 @@ class ReferenceLogprobs:
                     [prompts[i] for i in rows], [completions[i] for i in rows], self.pad_id
                 )
                 scores[rows] = sequence_logps(self.model, padded.to(self.device)).cpu().numpy()
-        columns = {name: batch[name] for name in ("id", "label", "split")}
+        columns = {name: batch[name] for name in ("id", "kl_id", "label", "split")}
         for name in ("prompt_ids", "completion_ids", "kl_completion_ids"):
             columns[name] = [np.asarray(ids, dtype=np.int32) for ids in batch[name]]
         columns["ref_logps"], columns["ref_kl_logps"] = scores[:n], scores[n:]

@@ -23,7 +23,7 @@ from kto_ray.tokenize import TRUNCATION_POLICY, tokenize_batch
 
 @dataclass(frozen=True)
 class PreparedText:
-    """One row per example: id, prompt, completion, kl_completion (text), label, split."""
+    """One row per example: id, prompt, completion, kl_completion (text), kl_id, label, split."""
 
     table: pa.Table
     report: IngestReport
@@ -41,6 +41,7 @@ def prepare_text(cfg: KTOConfig, tokenizer) -> PreparedText:
             "prompt": prompts,
             "completion": [e.completion for e in examples],
             "kl_completion": [examples[j].completion for j in partners],
+            "kl_id": pa.array(partners, pa.int64()),
             "label": pa.array([e.label for e in examples], pa.bool_()),
             "split": splits,
         }
@@ -61,6 +62,7 @@ def tokenize_rows(
         "prompt_ids": [own[i].prompt_ids for i in keep],
         "completion_ids": [own[i].completion_ids for i in keep],
         "kl_completion_ids": [kl[i].completion_ids if kl[i] is not None else [] for i in keep],
+        "kl_id": [batch["kl_id"][i] for i in keep],
         "label": [bool(batch["label"][i]) for i in keep],
         "split": [batch["split"][i] for i in keep],
     }

@@ -34,6 +34,7 @@ SCHEMA = pa.schema(
         ("prompt_ids", pa.list_(pa.int32())),
         ("completion_ids", pa.list_(pa.int32())),
         ("kl_completion_ids", pa.list_(pa.int32())),
+        ("kl_id", pa.int64()),  # the row whose completion is this row's KL completion
         ("label", pa.bool_()),
         ("ref_logps", pa.float32()),
         ("ref_kl_logps", pa.float32()),

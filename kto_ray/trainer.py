@@ -79,6 +79,14 @@ def total_steps(cfg: KTOConfig, rows: int) -> int:
 
 
 def train(cfg: KTOConfig) -> TrainResult:
+    """Check the store (or tokenize, online), size the run and fit it on Ray Train."""
+    cfg = with_absolute_paths(cfg)
+    table = train_table(cfg)
+    return fit(cfg, table, total_steps(cfg, len(table)), desirable_weight(cfg, table))
+
+
+def fit(cfg: KTOConfig, table: pa.Table, steps: int, lam_d: float) -> TrainResult:
+    """Launch the TorchTrainer on `table` (store columns) for `steps` optimizer steps."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -86,15 +94,13 @@ def train(cfg: KTOConfig) -> TrainResult:
     from kto_ray.worker import train_loop
 
     cfg = with_absolute_paths(cfg)
-    table = train_table(cfg)
-    steps = total_steps(cfg, len(table))
-    lam_d = desirable_weight(cfg, table)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     print(
         f"training {cfg.model.path} on {len(table)} rows for {steps} steps "
-        f"({cfg.cluster.workers} workers, ZeRO-{cfg.deepspeed.stage}, reference {cfg.reference.mode}) -> {run_dir}",
+        f"({cfg.cluster.workers} workers, ZeRO-{cfg.deepspeed.stage}, reference {cfg.reference.mode})"
+        f" -> {run_dir}",
         flush=True,
     )
     with ray_session(cfg.cluster.address):

@@ -66,6 +66,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     engine.train()
     for step in range(start_step, total_steps):
         began = time.perf_counter()
+        learning_rate = engine.get_lr()[0]  # the rate this step applies
         batches = [collate(table, rows, tokenizer.pad_token_id) for rows in schedule.rows_for(step, rank)]
         metrics = train_step(engine, batches, settings, all_reduce_sum, world, reference, device)
         seconds = time.perf_counter() - began
@@ -73,7 +74,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             {
                 "step": step + 1,
                 "epoch": step // schedule.steps_per_epoch,
-                "learning_rate": engine.get_lr()[0],
+                "learning_rate": learning_rate,
                 "step_time": seconds,
                 "samples/s": metrics["rows"] / seconds,
                 "tokens/s": metrics["tokens"] / seconds,

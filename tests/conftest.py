@@ -1,0 +1,58 @@
+"""Shared fixtures: the embedded tiny model (built once per checkout), a local Ray, small configs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    from kto_ray.assets import ensure_tiny_model
+
+    return ensure_tiny_model(REPO / "artifacts" / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> Path:
+    """The first 240 rows of the shipped data: enough rows for pairing, fast to score and train on."""
+    out = tmp_path_factory.mktemp("data") / "small.jsonl"
+    lines = (REPO / "data" / "arithmetic.jsonl").read_text().splitlines()[:240]
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def make_config(tiny_model: Path, data: Path, root: Path, **sections):
+    """A small CPU config rooted in `root`; `sections` override whole keys, e.g. train={"max_steps": 1}."""
+    from kto_ray.config import config_from_dict, load_config
+
+    tree = load_config(REPO / "configs" / "demo.yaml").model_dump(mode="json")
+    tree["model"]["path"] = str(tiny_model)
+    tree["data"]["paths"] = [str(data)]
+    tree["store"]["path"] = str(root / "store")
+    tree["run"]["dir"] = str(root / "runs")
+    tree["precompute"]["bucket_rows"] = 128
+    for section, values in sections.items():
+        tree[section].update(values)
+    return config_from_dict(tree)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

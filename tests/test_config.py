@@ -1,0 +1,74 @@
+"""Configs: every shipped YAML validates; user errors exit 2 with one line; overrides are typed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kto_ray.cli import main
+from kto_ray.config import KTOConfig, load_config
+from kto_ray.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, KTOConfig)
+
+
+def test_every_field_is_documented():
+    for section_name, section in KTOConfig.model_fields.items():
+        model = section.annotation
+        for name, field in model.model_fields.items():
+            assert field.description, f"{section_name}.{name} has no description"
+
+
+def test_overrides_are_typed_like_yaml():
+    cfg = load_config(
+        REPO / "configs" / "demo.yaml", ["train.beta=0.2", "cluster.workers=3", "train.max_steps=null"]
+    )
+    assert cfg.train.beta == 0.2 and isinstance(cfg.train.beta, float)
+    assert cfg.cluster.workers == 3
+    assert cfg.train.max_steps is None
+
+
+def test_desirable_weight_accepts_auto():
+    assert load_config(None, ["train.desirable_weight=auto"]).train.desirable_weight == "auto"
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--set", "train.betta=0.2"], "unknown key 'train.betta'"),
+        (["--set", "train.beta=high"], "train.beta"),
+        (["--set", "nosuchsection.x=1"], "unknown key 'nosuchsection'"),
+        (["--set", "train.beta"], "key.sub=value"),
+        (["--config", "does/not/exist.yaml"], "config file not found: does/not/exist.yaml"),
+        (["--set", "data.max_prompt_length=900"], "max_prompt_length must be smaller"),
+    ],
+)
+def test_bad_config_exits_2_with_one_line(args, needle, capsys):
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert needle in err
+
+
+def test_invalid_yaml_is_a_user_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(UserError, match="invalid YAML"):
+        load_config(bad)
+
+
+def test_console_entry_lists_subcommands():
+    out = subprocess.run(
+        [sys.executable, "-m", "kto_ray", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for command in ("demo", "precompute", "train", "evaluate"):
+        assert command in out
