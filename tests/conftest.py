@@ -56,3 +56,14 @@ def make_config(tiny_model: Path, data: Path, root: Path, **sections):
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def built_store(tiny_model, small_data, ray_local, tmp_path_factory):
+    """One reference store of the small data, shared by the precompute and training tests (read-only)."""
+    from kto_ray.precompute import precompute
+
+    cfg = make_config(tiny_model, small_data, tmp_path_factory.mktemp("built"))
+    result = precompute(cfg)
+    assert not result.reused
+    return cfg, result.store

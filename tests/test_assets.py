@@ -167,23 +167,30 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def completion_logps(model_dir: Path, rows: list[dict]) -> list[float]:
-    """Summed log-prob of each completion (+ EOS) given <s> prompt, as KTO scores it."""
+    """Summed log-prob of each completion (+ EOS) given <s> prompt, as KTO scores it; one padded batch."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    out = []
-    for row in rows:
-        prompt = tokenizer(row["prompt"])["input_ids"]
-        completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [
-            tokenizer.eos_token_id
-        ]
-        ids = torch.tensor([prompt + completion])
-        with torch.no_grad():
-            logps = model(ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])[:, 0]
-        out.append(logps[len(prompt) - 1 :].sum().item())
-    return out
+    prompts = [tokenizer(row["prompt"])["input_ids"] for row in rows]
+    answers = [
+        tokenizer(row["completion"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        for row in rows
+    ]
+    width = max(len(p) + len(a) for p, a in zip(prompts, answers, strict=True))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+        ids[i, : len(p) + len(a)] = torch.tensor(p + a)
+        mask[i, : len(p) + len(a)] = 1
+    with torch.no_grad():
+        logps = model(input_ids=ids, attention_mask=mask).logits[:, :-1].log_softmax(-1)
+    token_logps = logps.gather(-1, ids[:, 1:, None])[..., 0]
+    return [
+        token_logps[i, len(p) - 1 : len(p) + len(a) - 1].sum().item()
+        for i, (p, a) in enumerate(zip(prompts, answers, strict=True))
+    ]
 
 
 def test_model_reloads_with_auto_classes(built: dict[str, Path]) -> None:
