@@ -47,6 +47,23 @@ def build_parser() -> argparse.ArgumentParser:
     _common(evaluate)
     evaluate.add_argument("--model", help="model folder or hub id to evaluate (default: the policy)")
     evaluate.add_argument("--json", dest="json_out", help="also write the metrics to this JSON file")
+    _common(
+        sub.add_parser(
+            "pipeline", help="precompute (or reuse) the store, train, evaluate the trained model: one job"
+        )
+    )
+    plan = sub.add_parser("plan", help="per-GPU memory of ZeRO-3 training, GPUs needed, offload advice")
+    _common(plan)
+    plan.add_argument(
+        "--model-config", help="architecture (config.json or its folder) to plan for, instead of the model's"
+    )
+    plan.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default: 8)")
+    plan.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default: 80)")
+    report = sub.add_parser("report", help="plots and a markdown summary of a training run")
+    _common(report)
+    report.add_argument("run_dir", nargs="?", help="run folder (default: the config's run.dir/run.name)")
+    report.add_argument("--out", help="output folder (default: RUN_DIR/report)")
+    report.add_argument("--tensorboard", help="also write TensorBoard events to this folder")
     return parser
 
 
@@ -59,6 +76,37 @@ def _config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    if args.command == "plan":
+        from kto_ray.plan import format_plan, plan
+
+        print(
+            format_plan(
+                plan(
+                    cfg,
+                    model_config=args.model_config,
+                    gpus_per_node=args.gpus_per_node,
+                    gpu_memory_gib=args.gpu_memory,
+                )
+            )
+        )
+        return 0
+    if args.command == "report":
+        from kto_ray.report import write_report, write_tensorboard
+
+        run_dir = Path(args.run_dir) if args.run_dir else cfg.run_dir
+        result = write_report(run_dir, Path(args.out) if args.out else None)
+        print(f"report of {run_dir}: {result.summary}")
+        if args.tensorboard:
+            write_tensorboard(run_dir, Path(args.tensorboard))
+        return 0
+    from kto_ray.raycluster import ray_session
+
+    # One Ray session for the whole command: the job's cluster under `ray job submit`, else a local one.
+    with ray_session(cfg.cluster.address):
+        return _run_on_ray(args, cfg)
+
+
+def _run_on_ray(args: argparse.Namespace, cfg) -> int:
     if args.command == "demo":
         from kto_ray.demo import run_demo
 
@@ -81,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
             write_json(metrics, Path(args.json_out))
         else:
             print(json.dumps(metrics))
+    elif args.command == "pipeline":
+        from kto_ray.pipeline import run_pipeline
+
+        run_pipeline(cfg)
     return 0
 
 

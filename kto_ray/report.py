@@ -1,0 +1,211 @@
+"""Offline report of a run dir: PNG curves and summary.md from metrics.jsonl; optional TensorBoard replay."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kto_ray.errors import UserError
+
+SMOOTH_MIN_STEPS = 20  # below this an EMA hides nothing and just doubles the lines
+CONFIG_KEYS = "model.path train.beta train.lr train.micro_batch_size train.grad_accumulation cluster.workers"
+# (file stem, title, y label, metrics keys) of the single-axes figures; a legend label is the key's last part.
+FIGURES = (
+    ("loss", "KTO loss", "loss", ("loss",)),
+    ("kl", "KL estimate z0 (clamped at 0)", "kl (z0)", ("kl",)),
+    ("rewards", "Rewards: chosen vs rejected", "reward", ("rewards/chosen", "rewards/rejected")),
+    ("margins", "Reward margin (chosen - rejected)", "margin", ("rewards/margins",)),
+)
+Lines = list[tuple[str, list[float]]]  # (legend label, values per step)
+TRAINING_PANELS = (("learning_rate", "learning rate"), ("grad_norm", "grad norm"), ("samples/s", "samples/s"))
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    figures: list[Path]
+    summary: Path
+
+
+def load_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Records sorted by step; lines cut by a crash are skipped, a repeated step keeps its last line."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path}: not found (is {run_dir} a training run directory?)")
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            by_step[int(record["step"])] = record
+        except (ValueError, KeyError, TypeError):
+            continue
+    if not by_step:
+        raise UserError(f"{path}: no parsable metric lines")
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def _series(records: list[dict[str, Any]], key: str) -> list[float]:
+    # None (e.g. no grad norm from the engine) and missing keys become NaN: a gap in the plot.
+    return [float(r[key]) if isinstance(r.get(key), (int, float)) else math.nan for r in records]
+
+
+def _ema(values: list[float], span: int) -> list[float]:
+    alpha, acc, out = 2.0 / (span + 1), math.nan, []
+    for value in values:
+        if math.isfinite(value):
+            acc = value if math.isnan(acc) else acc + alpha * (value - acc)
+        out.append(acc)
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3e}" if value and math.isfinite(value) and abs(value) < 1e-3 else f"{value:.4f}"
+
+
+def _draw(ax: Any, steps: list[int], lines: Lines, bounds: list[int], smooth: bool = True) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    span, few = max(5, len(steps) // 25), len(steps) < SMOOTH_MIN_STEPS
+    for color, (label, values) in zip(("tab:blue", "tab:red", "tab:green"), lines):
+        if smooth and not few:
+            ax.plot(steps, values, color=color, alpha=0.3, lw=1, label=f"{label} (raw)")
+            ax.plot(steps, _ema(values, span), color=color, lw=2, label=f"{label} (EMA span {span})")
+        else:
+            ax.plot(steps, values, color=color, lw=1.5, marker="o" if few else None, ms=3, label=label)
+    for i, step in enumerate(bounds):  # epoch starts: curves often jump when the data order restarts
+        ax.axvline(step, color="gray", ls=":", lw=1, label="_" if i else "epoch start")
+    ax.set_xlabel("optimizer step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers, even on a short run
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+
+
+def _plot(records: list[dict[str, Any]], out_dir: Path, name: str) -> list[Path]:
+    try:
+        # Figure + the Agg canvas directly, no pyplot: no display, no global figure registry to leak into.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise UserError("matplotlib is not installed: pip install 'kto-ray[report]'") from err
+    steps = [int(r["step"]) for r in records]
+    epochs = [r.get("epoch") for r in records]
+    bounds = [steps[i] for i in range(1, len(steps)) if epochs[i] != epochs[i - 1]]
+    paths = []
+    for stem, title, ylabel, keys in FIGURES:
+        fig = FigureCanvasAgg(Figure(figsize=(8, 4.5), dpi=100, layout="tight")).figure
+        ax = fig.add_subplot()
+        _draw(ax, steps, [(key.split("/")[-1], _series(records, key)) for key in keys], bounds)
+        if stem in ("rewards", "margins"):
+            ax.axhline(0.0, color="black", lw=0.8)
+        ax.set(title=f"{name}: {title}", ylabel=ylabel)
+        paths.append(out_dir / f"{stem}.png")
+        fig.savefig(paths[-1])
+    fig = FigureCanvasAgg(Figure(figsize=(8, 8), dpi=100, layout="tight")).figure
+    for i, (key, label) in enumerate(TRAINING_PANELS):
+        ax = fig.add_subplot(len(TRAINING_PANELS), 1, i + 1)
+        # No EMA on the learning rate: it is a deterministic schedule, smoothing would only add lag.
+        _draw(ax, steps, [(label, _series(records, key))], bounds, smooth=key != "learning_rate")
+        ax.set(title=f"{name}: {label}", ylabel=label)
+    paths.append(out_dir / "training.png")
+    fig.savefig(paths[-1])
+    return paths
+
+
+def _config_rows(run_dir: Path) -> list[tuple[str, str]]:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return []
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return [("config.yaml", "unreadable")]
+    rows = []
+    for dotted in CONFIG_KEYS.split():
+        value: Any = config
+        for part in dotted.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        rows.append((dotted, "—" if value is None else str(value)))
+    return rows
+
+
+def _summary(run_dir: Path, records: list[dict[str, Any]], figures: list[Path]) -> str:
+    n = len(records)
+    tail = max(1, math.ceil(n / 10))  # the last 10% of steps, at least one
+    loss = _series(records, "loss")
+    finite = [(v, r["step"]) for v, r in zip(loss, records) if math.isfinite(v)]
+    low, low_step = min(finite) if finite else (math.nan, "—")
+    steady = records[1:] or records  # the first step pays for warm-up (allocations, compilation)
+    seconds = sum(v for v in _series(records, "step_time") if math.isfinite(v))
+    epochs = {r["epoch"] for r in records if "epoch" in r}
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir())
+    lines = [
+        f"# KTO run report: {run_dir.resolve().name}",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| steps | {n} (step {records[0]['step']} to {records[-1]['step']}) |",
+        f"| epochs | {len(epochs)} |",
+        f"| loss first / last / min | {_fmt(loss[0])} / {_fmt(loss[-1])} / {_fmt(low)} (step {low_step}) |",
+        f"| mean samples/s (steady state) | {_mean(_series(steady, 'samples/s')):.1f} |",
+        f"| mean tokens/s (steady state) | {_mean(_series(steady, 'tokens/s')):.1f} |",
+        f"| training time (sum of step_time) | {seconds:.1f} s ({timedelta(seconds=round(seconds))}) |",
+        f"| checkpoints | {', '.join(checkpoints) or 'none'} |",
+        f"| final/ exported | {'yes' if (run_dir / 'final').is_dir() else 'no'} |",
+        "",
+        "## Final values",
+        "",
+        f"| metric | last step | mean of last {tail} steps (10%) |",
+        "|---|---|---|",
+    ]
+    for key in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins"):
+        values = _series(records, key)
+        label = "kl (z0)" if key == "kl" else key
+        lines.append(f"| {label} | {_fmt(values[-1])} | {_fmt(_mean(values[-tail:]))} |")
+    config = _config_rows(run_dir)
+    if config:
+        lines += ["", "## Config", "", "| key | value |", "|---|---|"]
+        lines += [f"| {key} | `{value}` |" for key, value in config]
+    lines += ["", "## Figures", ""]
+    lines += [f"![{p.stem}]({p.name})\n" for p in figures]  # summary.md sits next to the PNGs
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, out_dir: Path | None = None) -> ReportResult:
+    """Write the PNG curves and summary.md for `run_dir` into `out_dir` (default run_dir/report)."""
+    run_dir = Path(run_dir)
+    records = load_metrics(run_dir)
+    out_dir = run_dir / "report" if out_dir is None else Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = _plot(records, out_dir, run_dir.resolve().name)
+    summary = out_dir / "summary.md"
+    summary.write_text(_summary(run_dir, records, figures))
+    return ReportResult(figures=figures, summary=summary)
+
+
+def write_tensorboard(run_dir: Path, log_dir: Path) -> Path:
+    """Replay metrics.jsonl as TensorBoard scalars (same names as the JSON keys) into `log_dir`."""
+    if importlib.util.find_spec("tensorboard") is None:
+        raise UserError("tensorboard is not installed: pip install tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    records = load_metrics(Path(run_dir))
+    writer = SummaryWriter(log_dir=str(log_dir))
+    try:
+        for record in records:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    writer.add_scalar(key, value, global_step=int(record["step"]))
+    finally:
+        writer.close()
+    return Path(log_dir)
