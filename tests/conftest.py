@@ -20,12 +20,14 @@ def tiny_model() -> Path:
     return ensure_tiny_model(REPO / "artifacts" / "tiny-llama")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
+    """A fresh local Ray per test module: no actor, placement group or Ray Data state leaks across."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
 
@@ -59,8 +61,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def built_store(tiny_model, small_data, ray_local, tmp_path_factory):
-    """One reference store of the small data, shared by the precompute and training tests (read-only)."""
+def built_store(tiny_model, small_data, tmp_path_factory):
+    """One reference store of the small data, shared by the precompute and training tests (read-only).
+    Built on the module's Ray when one is up, else on a private one that precompute starts and stops."""
     from kto_ray.precompute import precompute
 
     cfg = make_config(tiny_model, small_data, tmp_path_factory.mktemp("built"))

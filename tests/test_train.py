@@ -12,7 +12,7 @@ from kto_ray.trainer import train
 
 from .conftest import read_metrics
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
 
 def _config(built_store, tmp_path, name: str, **sections):
