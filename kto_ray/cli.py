@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from kto_ray.config import load_config
-from kto_ray.errors import UserError
+from kto_ray.errors import KtoRayError
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 
@@ -99,14 +99,7 @@ def run(args: argparse.Namespace) -> int:
         if args.tensorboard:
             write_tensorboard(run_dir, Path(args.tensorboard))
         return 0
-    from kto_ray.raycluster import ray_session
-
-    # One Ray session for the whole command: the job's cluster under `ray job submit`, else a local one.
-    with ray_session(cfg.cluster.address):
-        return _run_on_ray(args, cfg)
-
-
-def _run_on_ray(args: argparse.Namespace, cfg) -> int:
+    # Ray is joined (the job's cluster under `ray job submit`) or started only after the inputs check out.
     if args.command == "demo":
         from kto_ray.demo import run_demo
 
@@ -140,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except UserError as err:
+    except KtoRayError as err:
         print(f"kto-ray: error: {err}", file=sys.stderr)
         return err.exit_code
 

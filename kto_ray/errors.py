@@ -1,7 +1,16 @@
-"""Errors a user can fix: the CLI prints their one-line message and exits 2, without a traceback."""
+"""Errors the CLI reports as one line without a traceback, each with its exit code."""
 
 
-class UserError(Exception):
-    """A bad config, input file, store or path; the message names the file, row or key."""
+class KtoRayError(Exception):
+    exit_code = 1
+
+
+class UserError(KtoRayError):
+    """A bad config, input file, store or path; the message names the file, row or key. Exit 2."""
 
     exit_code = 2
+
+
+class TrainingStopped(KtoRayError):
+    """The run stopped on purpose (e.g. a non-finite loss); the message names the step and the last
+    good checkpoint. Exit 1: the inputs were valid, the run needs a look (lower lr, check the data)."""

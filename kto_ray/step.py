@@ -102,8 +102,10 @@ def train_step(
             undesirable_weight=settings.undesirable_weight,
         )
         loss_sum = out.losses.sum()
-        if not torch.isfinite(loss_sum):
-            raise NonFiniteError(f"non-finite loss ({loss_sum.item()})")
+        # Collective check: a rank that stopped alone would leave the others waiting in backward.
+        non_finite = reduce((~torch.isfinite(loss_sum.detach())).float().reshape(1))
+        if non_finite.item() > 0:
+            raise NonFiniteError(f"non-finite loss on {int(non_finite.item())} of {world_size} ranks")
         engine.backward(loss_sum / global_rows * world_size, scale_wrt_gas=False)
         engine.step()
         chosen, rejected = mb.desirable, ~mb.desirable

@@ -7,6 +7,7 @@ workers through the object store, so workers need no access to the store's file 
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +16,15 @@ import pyarrow as pa
 
 from kto_ray.batching import Schedule
 from kto_ray.config import KTOConfig, dump_config, with_absolute_paths
-from kto_ray.errors import UserError
+from kto_ray.errors import TrainingStopped, UserError
 from kto_ray.modeling import load_tokenizer
 from kto_ray.prepare import prepare_text, store_fingerprint, tokenize_rows
 from kto_ray.raycluster import ray_session
 from kto_ray.store import SCHEMA, open_store
 
 log = logging.getLogger(__name__)
+
+_NON_FINITE = re.compile(r"NonFiniteError: (step \d+: non-finite [^\n]*)")
 
 
 @dataclass(frozen=True)
@@ -125,5 +128,26 @@ def fit(cfg: KTOConfig, table: pa.Table, steps: int, lam_d: float) -> TrainResul
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             ),
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as err:
+            stopped = _stopped_by_non_finite(err, run_dir)
+            if stopped is None:
+                raise
+            raise stopped from None
     return TrainResult(run_dir, steps, dict(result.metrics or {}))
+
+
+def _stopped_by_non_finite(err: Exception, run_dir: Path) -> TrainingStopped | None:
+    """A worker's NonFiniteError as one line naming the step and the checkpoint a rerun resumes from."""
+    failures = getattr(err, "worker_failures", {}) or {}
+    found = (_NON_FINITE.search(str(failure)) for failure in failures.values())
+    match = next((m for m in found if m), None)
+    if match is None:
+        return None
+    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    last = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was written"
+    return TrainingStopped(
+        f"training stopped at {match.group(1)}; nothing after it was saved and {last}. "
+        "Lower train.lr or check the data, then rerun to resume."
+    )

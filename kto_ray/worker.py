@@ -21,7 +21,7 @@ from kto_ray.engine import build_policy_engine, build_reference_engine, deepspee
 from kto_ray.logprobs import sequence_logps
 from kto_ray.metrics import MetricsLog, Progress
 from kto_ray.modeling import load_tokenizer
-from kto_ray.step import LossSettings, train_step
+from kto_ray.step import LossSettings, NonFiniteError, train_step
 
 
 def _device(cfg: KTOConfig) -> torch.device:
@@ -68,7 +68,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         began = time.perf_counter()
         learning_rate = engine.get_lr()[0]  # the rate this step applies
         batches = [collate(table, rows, tokenizer.pad_token_id) for rows in schedule.rows_for(step, rank)]
-        metrics = train_step(engine, batches, settings, all_reduce_sum, world, reference, device)
+        try:
+            metrics = train_step(engine, batches, settings, all_reduce_sum, world, reference, device)
+        except NonFiniteError as err:
+            raise NonFiniteError(f"step {step + 1}: {err}") from None
         seconds = time.perf_counter() - began
         metrics.update(
             {

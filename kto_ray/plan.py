@@ -1,0 +1,335 @@
+"""Memory planner for ZeRO-3 training: does a config fit its GPUs, and with which offload settings?
+
+The architecture is read without weights (config + a model built on the meta device), so planning a
+32B model takes a second and needs no GPU. Model-state figures use DeepSpeed's own formulas
+(`estimate_zero3_model_states_mem_needs`, zero_init=True because HfDeepSpeedConfig loads under
+zero.Init); activations and logits are standard estimates, stated where they are computed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kto_ray.config import KTOConfig
+from kto_ray.errors import UserError
+
+GIB = 2**30
+BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor for CPU memory
+# CUDA context and kernels, NCCL buffers, ZeRO-3 prefetch/reduce buckets, allocator fragmentation:
+# none of these is in DeepSpeed's estimate, all of them are real on a GPU.
+OVERHEAD_GIB = 4.0
+# Offload settings as DeepSpeed's estimator names them: (label, optimizer on CPU, params on CPU).
+SETTINGS = (
+    ("no offload", False, False),
+    ("optimizer->CPU", True, False),
+    ("optimizer+params->CPU", True, True),
+)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    model_type: str
+    total_params: int
+    largest_layer_params: int  # the biggest single module's own params (DeepSpeed's largest_layer_params)
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    vocab: int
+    gated_mlp: bool
+    eager_attention: bool
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    offload_optimizer: bool
+    offload_params: bool
+    gpu_params: float  # bytes per GPU, 16-bit parameter shard
+    gpu_optimizer: float  # bytes per GPU, fp32 gradient shard + fp32 master weights + Adam moments
+    gpu_buffer: float  # bytes per GPU, the gathered layer (16-bit params + grads)
+    gpu_reference: float  # bytes per GPU of the online reference (0 in offline mode)
+    gpu_total: float  # model states + reference + activations + logits + overhead
+    cpu_per_node: float  # bytes of host memory per node
+    fits: bool
+    min_gpus: int | None  # fewest GPUs that fit (activations do not shrink with more GPUs: None = never)
+
+    @property
+    def gpu_model_states(self) -> float:
+        return self.gpu_params + self.gpu_optimizer + self.gpu_buffer
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    arch: Architecture
+    gpus: int
+    nodes: int
+    gpus_per_node: int
+    gpu_memory_gib: float
+    bf16: bool
+    seq_len: int
+    micro_batch: int
+    checkpointing: bool
+    activations: float  # bytes per GPU, transformer layers in training
+    logits: float  # bytes per GPU, [batch, seq, vocab] tensors of the log-prob computation
+    kl_forward: float  # bytes per GPU of the no-grad KL pass (runs before the training forward)
+    overhead: float
+    settings: tuple[Setting, ...]
+    configured: str
+    precompute_gpu: float  # bytes per precompute actor (whole model on one device + its batch)
+    precompute_fits: bool
+    advice: list[str]
+
+    def setting(self, name: str) -> Setting:
+        return next(s for s in self.settings if s.name == name)
+
+
+def read_architecture(cfg: KTOConfig, model_config: str | None = None) -> Architecture:
+    """Config only, weights never: AutoConfig, then the model built on the meta device to count params."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = model_config or cfg.model.path
+    local = model_config is not None or source.startswith((".", "/", "~")) or Path(source).exists()
+    if local and not Path(source).expanduser().exists():
+        raise UserError(f"model architecture not found: {source}")
+    try:
+        config = AutoConfig.from_pretrained(
+            str(Path(source).expanduser()) if local else source,
+            trust_remote_code=cfg.model.trust_remote_code,
+            revision=None if model_config else cfg.model.revision,
+        )
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        hint = "" if local else " (offline? plan with --model-config: a local config.json or its folder)"
+        raise UserError(
+            f"cannot read the architecture of {source}: {str(err).splitlines()[0]}{hint}"
+        ) from None
+    text = config.get_text_config()
+    # parameters() yields a tied weight once; DeepSpeed dedups by data_ptr, which is 0 on meta.
+    total = sum(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    hidden = int(text.hidden_size)
+    return Architecture(
+        model_type=str(config.model_type),
+        total_params=total,
+        largest_layer_params=largest,
+        hidden=hidden,
+        layers=int(text.num_hidden_layers),
+        heads=int(text.num_attention_heads),
+        intermediate=int(getattr(text, "intermediate_size", None) or 4 * hidden),
+        vocab=int(text.vocab_size),
+        gated_mlp=any(name.endswith("gate_proj") for name, _ in model.named_modules()),
+        eager_attention=getattr(text, "_attn_implementation", None) == "eager",
+    )
+
+
+def layer_activation_bytes(arch: Architecture, seq: int, batch: int, elem: int) -> float:
+    """One decoder layer's stored activations, after Korthikanti et al. 2022 ("Reducing activation
+    recomputation"): s*b*h*(34 + 5*a*s/h) bytes in 16-bit = attention 11h + norms 4h + MLP 19h per token
+    (MLP: 2h + 4I + h for I = 4h). Generalised to the real MLP width I (a gated SwiGLU MLP stores gate,
+    up, act and product: 8I), to RMSNorm's fp32 upcast (norms ~7h, not 4h: within ~2% of saved-tensor
+    hooks on a Llama) and to `elem` bytes per value. The 5*a*s score term only for eager attention:
+    SDPA/flash (transformers' default) never stores the s x s scores."""
+    per_token = 21 * arch.hidden + (8 if arch.gated_mlp else 4) * arch.intermediate
+    if arch.eager_attention:
+        per_token += 5 * arch.heads * seq
+    return seq * batch * per_token * elem / 2
+
+
+def logits_bytes(arch: Architecture, tokens: int, bf16: bool) -> float:
+    # 16-bit logits, their fp32 upcast, and one more fp32 [B, T, V] (logsumexp's exp / the backward's grad).
+    return tokens * arch.vocab * ((2 if bf16 else 0) + 8)
+
+
+def activations_bytes(arch: Architecture, seq: int, batch: int, elem: int, checkpointing: bool) -> float:
+    # Outside the layers: the final norm (fp32 upcast) and the lm_head's input, ~6h per token.
+    outside = seq * batch * 6 * arch.hidden * elem / 2
+    layer = layer_activation_bytes(arch, seq, batch, elem)
+    if checkpointing:
+        # Each layer keeps only its input; backward recomputes one layer's full working set at a time.
+        return arch.layers * seq * batch * arch.hidden * elem + layer + outside
+    return arch.layers * layer + outside
+
+
+def model_states(
+    arch: Architecture, gpus: int, gpus_per_node: int, opt: bool, params: bool
+) -> tuple[float, float, float, float]:
+    """DeepSpeed's ZeRO-3 formulas (zero_init=True): 18 bytes/param sharded over all GPUs = 16-bit params
+    (2) + fp32 grads (4) + fp32 master weights and Adam m, v (12); plus 4 bytes x the largest layer
+    gathered on every GPU. Offloaded parts move to CPU, where DeepSpeed adds a 1.5x buffer factor."""
+    total, largest = arch.total_params, arch.largest_layer_params
+    nodes = math.ceil(gpus / gpus_per_node)
+    on_node = min(gpus, gpus_per_node)
+    gpu_params = 0.0 if params else 2 * total / gpus
+    gpu_opt = 0.0 if opt else 16 * total / gpus
+    if opt:
+        cpu = total * (18 if params else 16) / nodes * BUFFER_FACTOR
+    else:
+        cpu = largest * 4 * on_node * BUFFER_FACTOR
+    return gpu_params, gpu_opt, 4.0 * largest, cpu
+
+
+def precompute_actor_bytes(cfg: KTOConfig, arch: Architecture) -> float:
+    """A precompute actor holds the whole reference on one device and scores one model batch at a time."""
+    on_gpu, seq = cfg.precompute.gpus_per_actor > 0, cfg.data.max_length
+    elem = {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.precompute.dtype, 2 if on_gpu else 4)
+    # Length bucketing caps a model batch at batch_rows rows and (if set) batch_tokens padded tokens.
+    tokens = cfg.precompute.batch_rows * seq
+    if cfg.precompute.batch_tokens:
+        tokens = max(seq, min(tokens, cfg.precompute.batch_tokens))
+    weights = arch.total_params * elem
+    return weights + layer_activation_bytes(arch, tokens, 1, elem) + logits_bytes(arch, tokens, elem == 2)
+
+
+def plan(
+    cfg: KTOConfig,
+    *,
+    model_config: str | None = None,
+    gpus_per_node: int = 8,
+    gpu_memory_gib: float = 80.0,
+) -> Plan:
+    """Per-GPU memory of `cfg`'s training on cluster.workers GPUs in DeepSpeed's three ZeRO-3 offload
+    settings, the fewest GPUs each needs, the precompute actor's memory, and advice."""
+    arch = read_architecture(cfg, model_config)
+    gpus, budget = cfg.cluster.workers, gpu_memory_gib * GIB
+    bf16 = cfg.cluster.use_gpu if cfg.deepspeed.bf16 == "auto" else bool(cfg.deepspeed.bf16)
+    elem = 2 if bf16 else 4
+    seq, batch, ckpt = cfg.data.max_length, cfg.train.micro_batch_size, cfg.deepspeed.gradient_checkpointing
+    acts = activations_bytes(arch, seq, batch, elem, ckpt)
+    logits = logits_bytes(arch, seq * batch, bf16)
+    # KTO's KL completions: a no-grad forward of the same batch shape, finished (and freed) before the
+    # training forward, so it costs inference activations (one layer + logits) and never adds to them.
+    kl = layer_activation_bytes(arch, seq, batch, elem) + logits
+    overhead = OVERHEAD_GIB * GIB
+
+    online = cfg.reference.mode == "online"
+    settings = []
+    for name, opt, params in SETTINGS:
+        gpu_params, gpu_opt, buffer, cpu = model_states(arch, gpus, gpus_per_node, opt, params)
+        # Online reference: a frozen ZeRO-3 copy, its 16-bit shard (unless offloaded) + one gathered layer.
+        ref_shard = 2 if online and not params else 0
+        ref_fixed = 2 * arch.largest_layer_params if online else 0
+        ref = ref_shard * arch.total_params / gpus + ref_fixed
+        total = gpu_params + gpu_opt + buffer + ref + acts + logits + overhead
+        # What does not shrink with more GPUs, and the bytes per parameter that do.
+        fixed = buffer + ref_fixed + acts + logits + overhead
+        per_param = (0 if params else 2) + (0 if opt else 16) + ref_shard
+        min_gpus = None
+        if fixed < budget:
+            min_gpus = 1 if per_param == 0 else math.ceil(per_param * arch.total_params / (budget - fixed))
+        fits = total <= budget
+        settings.append(
+            Setting(name, opt, params, gpu_params, gpu_opt, buffer, ref, total, cpu, fits, min_gpus)
+        )
+
+    ds = cfg.deepspeed
+    configured = SETTINGS[2 if ds.offload_params != "none" else int(ds.offload_optimizer != "none")][0]
+    pre = precompute_actor_bytes(cfg, arch) + (overhead if cfg.precompute.gpus_per_actor > 0 else 0)
+    advice: list[str] = []
+    result = Plan(
+        model=cfg.model.path,
+        arch=arch,
+        gpus=gpus,
+        nodes=math.ceil(gpus / gpus_per_node),
+        gpus_per_node=gpus_per_node,
+        gpu_memory_gib=gpu_memory_gib,
+        bf16=bf16,
+        seq_len=seq,
+        micro_batch=batch,
+        checkpointing=ckpt,
+        activations=acts,
+        logits=logits,
+        kl_forward=kl,
+        overhead=overhead,
+        settings=tuple(settings),
+        configured=configured,
+        precompute_gpu=pre,
+        precompute_fits=pre <= budget or cfg.precompute.gpus_per_actor == 0,
+        advice=advice,
+    )
+    advice.extend(_advice(cfg, result))
+    return result
+
+
+def _nodes(gpus: int, per_node: int) -> str:
+    nodes = math.ceil(gpus / per_node)
+    return f"{gpus} GPU{'s' if gpus > 1 else ''} ({nodes} node{'s' if nodes > 1 else ''} of {per_node})"
+
+
+def _count(n: float) -> str:
+    return next(
+        f"{n / d:.2f}{u}" for d, u in ((1e9, "B"), (1e6, "M"), (1e3, "K"), (1, "")) if n >= d or d == 1
+    )
+
+
+def _advice(cfg: KTOConfig, p: Plan) -> list[str]:
+    ds, out = cfg.deepspeed, []
+    if ds.stage != 3:
+        out.append(f"deepspeed.stage is {ds.stage}: these are ZeRO-3 figures")
+    if not cfg.cluster.use_gpu:
+        out.append("cluster.use_gpu is false: read 'per GPU' as per worker process (CPU RAM)")
+    if ds.offload_params != "none" and ds.offload_optimizer == "none":
+        out.append("offload_params without offload_optimizer: estimated as optimizer+params offload")
+    mine, cluster = p.setting(p.configured), _nodes(p.gpus, p.gpus_per_node)
+    fit = "fits" if mine.fits else "does NOT fit"
+    out.append(f"as configured ({p.configured}, {cluster}): {mine.gpu_total / GIB:.1f} GiB per GPU, {fit}")
+    first = next((s for s in p.settings if s.fits), None)
+    if first is None:
+        ckpt = "" if p.checkpointing else ", enable deepspeed.gradient_checkpointing"
+        out.append(f"fits in no offload setting: add GPUs, lower train.micro_batch_size or max_length{ckpt}")
+    elif first is p.settings[0]:
+        out.append(f"fits without offload on {p.gpus} GPUs: the fastest setting")
+    else:
+        out.append(
+            f"needs {first.name} on {p.gpus} GPUs ({first.cpu_per_node / GIB:.0f} GiB CPU RAM per node)"
+        )
+    if p.settings[0].min_gpus is not None:
+        out.append(f"smallest cluster without offload: {_nodes(p.settings[0].min_gpus, p.gpus_per_node)}")
+    if not p.checkpointing and p.activations > 0.25 * p.gpu_memory_gib * GIB:
+        out.append("large activations: deepspeed.gradient_checkpointing saves most for ~30% more compute")
+    if cfg.precompute.gpus_per_actor == 0:
+        out.append(f"precompute on CPU: ~{p.precompute_gpu / GIB:.0f} GiB of RAM per actor")
+    else:
+        fit = "fits" if p.precompute_fits else "does NOT fit: lower precompute.batch_rows/batch_tokens"
+        out.append(f"precompute actor (whole reference + one batch): {p.precompute_gpu / GIB:.1f} GiB, {fit}")
+    return out
+
+
+def format_plan(p: Plan) -> str:
+    """A table: rows are memory components, columns DeepSpeed's three offload settings; then advice."""
+    a, st = p.arch, p.settings
+    rows = [
+        ("16-bit parameter shard", [s.gpu_params for s in st]),
+        ("fp32 grads + Adam shard", [s.gpu_optimizer for s in st]),
+        ("gathered largest layer", [s.gpu_buffer for s in st]),
+        ("= model states (DeepSpeed)", [s.gpu_model_states for s in st]),
+        ("online reference", [s.gpu_reference for s in st]),
+        ("activations (layers)", [p.activations] * 3),
+        ("logits (log-probs)", [p.logits] * 3),
+        ("CUDA/NCCL/buckets overhead", [p.overhead] * 3),
+        ("= total per GPU", [s.gpu_total for s in st]),
+        ("CPU RAM per node", [s.cpu_per_node for s in st]),
+    ]
+    lines = [
+        f"model {p.model} ({a.model_type}): {_count(a.total_params)} params, largest layer "
+        f"{_count(a.largest_layer_params)}; hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}",
+        f"cluster {_nodes(p.gpus, p.gpus_per_node)}, {p.gpu_memory_gib:g} GiB each; "
+        f"{'bf16' if p.bf16 else 'fp32'}, max_length {p.seq_len}, micro-batch {p.micro_batch}, "
+        f"gradient checkpointing {'on' if p.checkpointing else 'off'}",
+        "",
+        f"{'GiB':<30}" + "".join(f"{s.name:>23}" for s in st),
+        *(f"{label:<30}" + "".join(f"{v / GIB:>23.2f}" for v in values) for label, values in rows),
+        f"{'fits in ' + format(p.gpu_memory_gib, 'g') + ' GiB':<30}"
+        + "".join(f"{'yes' if s.fits else 'no':>23}" for s in st),
+        f"{'fewest GPUs that fit':<30}" + "".join(f"{s.min_gpus or '-':>23}" for s in st),
+        f"KL pass (no grad, done before the training forward, not additive): {p.kl_forward / GIB:.2f} GiB",
+        "",
+        *(f"- {line}" for line in p.advice),
+    ]
+    return "\n".join(lines)
