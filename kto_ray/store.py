@@ -171,6 +171,12 @@ class StoreWriter:
         # Leftovers of crashed earlier runs are never complete stores; clear them.
         for stale in self.path.parent.glob(f".{self.path.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
+        replaced = sorted(self.path.parent.glob(f".{self.path.name}.old-*"))
+        if replaced and not self.path.exists():
+            # A crash between commit's two renames: the previous store goes back in place.
+            os.rename(replaced.pop(), self.path)
+        for stale in replaced:
+            shutil.rmtree(stale, ignore_errors=True)
         self.tmp.mkdir()
         return self
 

@@ -24,7 +24,7 @@ from kto_ray.store import SCHEMA, open_store
 
 log = logging.getLogger(__name__)
 
-_NON_FINITE = re.compile(r"NonFiniteError: (step \d+: non-finite [^\n]*)")
+_NON_FINITE = re.compile(r"(step \d+: non-finite [^\n]*)")
 
 
 @dataclass(frozen=True)
@@ -37,11 +37,10 @@ class TrainResult:
 def train_table(cfg: KTOConfig, split: str = "train") -> pa.Table:
     """The rows to train on: from the checked store (offline) or tokenized here (online, no log-probs)."""
     tokenizer = load_tokenizer(cfg.model)
+    text = prepare_text(cfg, tokenizer)
     if cfg.reference.mode == "offline":
-        text = prepare_text(cfg, tokenizer)
         expected, _ = store_fingerprint(cfg, text.data_digest, tokenizer)
         return open_store(cfg.store.path, expected).read_split(split)
-    text = prepare_text(cfg, tokenizer)
     columns = tokenize_rows(
         text.table.to_pydict(), tokenizer, cfg.data.max_length, cfg.data.max_prompt_length
     )
@@ -83,7 +82,6 @@ def total_steps(cfg: KTOConfig, rows: int) -> int:
 
 def train(cfg: KTOConfig) -> TrainResult:
     """Check the store (or tokenize, online), size the run and fit it on Ray Train."""
-    cfg = with_absolute_paths(cfg)
     table = train_table(cfg)
     return fit(cfg, table, total_steps(cfg, len(table)), desirable_weight(cfg, table))
 
@@ -141,7 +139,7 @@ def fit(cfg: KTOConfig, table: pa.Table, steps: int, lam_d: float) -> TrainResul
 def _stopped_by_non_finite(err: Exception, run_dir: Path) -> TrainingStopped | None:
     """A worker's NonFiniteError as one line naming the step and the checkpoint a rerun resumes from."""
     failures = getattr(err, "worker_failures", {}) or {}
-    found = (_NON_FINITE.search(str(failure)) for failure in failures.values())
+    found = (_NON_FINITE.search(str(e)) for e in [err, *failures.values()])
     match = next((m for m in found if m), None)
     if match is None:
         return None

@@ -12,7 +12,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local: a network call is a bug
 
-from kto_ray import assets
+from kto_ray import arithmetic, assets
 
 REPO = Path(__file__).resolve().parents[1]
 WARMUP_STEPS = 40  # enough to clearly move the loss, a few seconds on 2 CPU cores
@@ -50,9 +50,9 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def test_generate_is_deterministic_and_labels_are_correct() -> None:
-    rows = assets.generate_arithmetic(400, seed=5)
-    assert rows == assets.generate_arithmetic(400, seed=5)
-    assert rows != assets.generate_arithmetic(400, seed=6)
+    rows = arithmetic.generate_arithmetic(400, seed=5)
+    assert rows == arithmetic.generate_arithmetic(400, seed=5)
+    assert rows != arithmetic.generate_arithmetic(400, seed=6)
     check_rows(rows)
     prompts = [row["prompt"] for row in rows]
     assert len(set(prompts)) == 400 and 400 < len(rows) < 600  # distinct prompts dominate
@@ -64,14 +64,14 @@ def test_generate_is_deterministic_and_labels_are_correct() -> None:
 
 @pytest.mark.parametrize("fraction", [0.0, 0.2, 0.8, 1.0])
 def test_generate_hits_the_desirable_fraction(fraction: float) -> None:
-    rows = assets.generate_arithmetic(500, seed=1, desirable_fraction=fraction)
+    rows = arithmetic.generate_arithmetic(500, seed=1, desirable_fraction=fraction)
     check_rows(rows)
     assert sum(row["label"] for row in rows) / len(rows) == pytest.approx(fraction, abs=0.005)
 
 
 def test_generate_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError):
-        assets.generate_arithmetic(10, seed=0, desirable_fraction=1.5)
+        arithmetic.generate_arithmetic(10, seed=0, desirable_fraction=1.5)
 
 
 def test_cli_data_is_byte_identical_on_rerun(tmp_path: Path) -> None:
@@ -103,7 +103,7 @@ def tokenizer():
 
 
 def test_tokenizer_round_trips_dataset_text(tokenizer) -> None:
-    texts = [row["prompt"] + row["completion"] for row in assets.generate_arithmetic(300, seed=2)]
+    texts = [row["prompt"] + row["completion"] for row in arithmetic.generate_arithmetic(300, seed=2)]
     texts += ["", " leading and trailing spaces ", "a  b\n\nc", 'Quotes: "x", (y) & z%!']
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]

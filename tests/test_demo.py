@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import matplotlib.image as plt_image
 import pytest
 
 from kto_ray.config import load_config
 from kto_ray.demo import run_demo
+from kto_ray.report import write_report
 
 from .conftest import REPO
 
@@ -26,3 +28,10 @@ def test_demo_learns(tiny_model, ray_local, tmp_path):
     assert after["logps/margin"] >= before["logps/margin"] + 1.5
     assert after["loss"] < before["loss"] - 0.01
     assert (tmp_path / "runs" / "demo" / "final" / "model.safetensors").is_file()
+
+    # `kto-ray report` on the demo run: five real plots and a summary of its 168 steps.
+    report = write_report(tmp_path / "runs" / "demo")
+    for png in report.figures:
+        height, width = plt_image.imread(png).shape[:2]
+        assert width >= 400 and height >= 200
+    assert "| steps | 168" in report.summary.read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -41,14 +42,27 @@ def _config(built_store, root: Path, name: str, **sections):
     return cfg.model_validate(tree)
 
 
-def _wait_for_step(run_dir: Path, step: int, alive, timeout: float = 300) -> None:
+def _wait_for(condition, alive, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and alive():
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= step:
+        if condition():
             return
         time.sleep(0.05)
-    raise AssertionError(f"{run_dir} never reached step {step}")
+    raise AssertionError("the run ended (or timed out) before the condition held")
+
+
+def _steps_logged(run_dir: Path) -> int:
+    metrics = run_dir / "metrics.jsonl"
+    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+
+def _registered_steps(run_dir: Path) -> list[int]:
+    snapshot = run_dir / "checkpoints" / "checkpoint_manager_snapshot.json"
+    try:
+        results = json.loads(snapshot.read_text())["checkpoint_results"]
+    except (OSError, ValueError, KeyError):
+        return []
+    return [int(r["checkpoint_dir_name"].removeprefix("step_")) for r in results]
 
 
 def _descendants_named(name: str) -> list[int]:
@@ -89,7 +103,7 @@ def test_sigkilled_worker_restarts_from_the_checkpoint_and_matches(built_store, 
     outcome: dict = {}
     driver = threading.Thread(target=lambda: outcome.update(result=train(cfg)), daemon=True)
     driver.start()
-    _wait_for_step(cfg.run_dir, 5, driver.is_alive)  # past the step-4 checkpoint
+    _wait_for(lambda: _steps_logged(cfg.run_dir) >= 5, driver.is_alive)  # past the step-4 checkpoint
     workers = _descendants_named("RayTrainWorker")
     assert len(workers) == 2, workers
     os.kill(max(workers), signal.SIGKILL)
@@ -112,16 +126,18 @@ def test_killed_driver_resumes_on_rerun(built_store, uninterrupted, tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    _wait_for_step(cfg.run_dir, 5, lambda: driver.poll() is None)
+    # A checkpoint counts once Ray Train has registered it (its snapshot file), not when its folder appears.
+    _wait_for(lambda: _registered_steps(cfg.run_dir), lambda: driver.poll() is None)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
-    before = read_metrics(cfg.run_dir)
-    assert len(before) < STEPS
+    before, resume_step = read_metrics(cfg.run_dir), max(_registered_steps(cfg.run_dir))
+    assert resume_step < STEPS, "the run finished before it could be killed"
 
     result = train(cfg)  # the same command again
     after = read_metrics(result.run_dir)
     assert [m["step"] for m in after] == list(range(1, STEPS + 1))
-    assert after[:4] == before[:4]  # resumed after the step-4 checkpoint, not from scratch
+    assert after[:resume_step] == before[:resume_step]  # resumed from the checkpoint, not from scratch
+    assert after[resume_step]["step_time"] != before[resume_step]["step_time"]  # and redid what followed
     _assert_same_weights(result.run_dir / "final", uninterrupted / "final")
 
 
@@ -166,3 +182,56 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(bui
     resumed.store.path = built_store[0].store.path  # the clean store: the rerun resumes from step 2
     resumed.train.max_steps = 3
     assert [m["step"] for m in read_metrics(train(resumed).run_dir)] == [1, 2, 3]
+
+
+def test_failed_checkpoint_write_keeps_the_previous_checkpoint(built_store, tmp_path):
+    cfg = _config(built_store, tmp_path, "disk", train={"max_steps": 8}, run={"max_failures": 0})
+    checkpoints = cfg.run_dir / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    blocker = checkpoints / "step_00000008"
+    blocker.write_text("a file where the step-8 checkpoint folder must go: writing it fails part-way")
+
+    with pytest.raises(Exception, match="step_00000008"):
+        train(cfg)
+    before = read_metrics(cfg.run_dir)
+    assert _registered_steps(cfg.run_dir) == [4]
+    assert {p.name for p in (checkpoints / "step_00000004").iterdir()} >= {"zero", "trainer_state.json"}
+
+    blocker.unlink()  # the disk is writable again: the rerun resumes from the intact step-4 checkpoint
+    after = read_metrics(train(cfg).run_dir)
+    assert [m["step"] for m in after] == list(range(1, 9))
+    assert after[:4] == before[:4]
+    assert (cfg.run_dir / "final" / "model.safetensors").is_file()
+
+
+def test_killed_overwrite_keeps_the_previous_store(built_store, tiny_model, tmp_path):
+    from kto_ray.precompute import precompute
+    from kto_ray.store import open_store
+
+    cfg, store = built_store
+    path = tmp_path / "store"
+    shutil.copytree(store.path, path)
+    changed = cfg.model_copy(deep=True)
+    changed.store.path, changed.data.seed = str(path), cfg.data.seed + 1
+    config_file = tmp_path / "changed.yaml"
+    config_file.write_text(yaml.safe_dump(changed.model_dump(mode="json")))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kto_ray", "precompute", "--overwrite", "--config", str(config_file)],
+        env=dict(os.environ, RAY_ADDRESS="local"),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _wait_for(lambda: list(tmp_path.glob(".store.tmp-*")), lambda: proc.poll() is None)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    kept = open_store(path, store.manifest.fingerprint)  # the previous store, whole and still valid
+    assert kept.read_split("train").equals(store.read_split("train"))
+    result = precompute(changed, overwrite=True)
+    assert (
+        not result.reused
+        and result.store.manifest.fingerprint["pairing"] != store.manifest.fingerprint["pairing"]
+    )
+    assert not list(tmp_path.glob(".store.*"))

@@ -17,8 +17,6 @@ import pytest
 
 from .conftest import REPO, read_metrics
 
-pytestmark = pytest.mark.slow
-
 BIN = Path(sys.executable).parent
 
 
@@ -72,6 +70,20 @@ def ray_head():
             os.killpg(head.pid, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("script", ["precompute_ref.py", "train_kto.py", "pipeline.py"])
+def test_job_scripts_are_the_cli(script, tmp_path):
+    # Run directly, as `ray job submit` runs them: a bad config is refused by the CLI (exit 2, one line).
+    job = subprocess.run(
+        [sys.executable, REPO / "jobs" / script, "--config", tmp_path / "missing.yaml"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert job.returncode == 2
+    assert job.stderr.strip() == f"kto-ray: error: config file not found: {tmp_path / 'missing.yaml'}"
+
+
+@pytest.mark.slow
 def test_submitted_pipeline_builds_the_store_and_trains(ray_head, tiny_model, small_data, tmp_path):
     address, env = ray_head
     overrides = {

@@ -231,3 +231,11 @@ def test_plan_on_the_tiny_local_model(tiny_model):
     assert any("use_gpu is false" in line for line in p.advice)
     assert p.settings[0].gpu_total < 5 * GIB
     assert "tiny-llama" in format_plan(p)
+
+
+def test_cli_plans_the_shipped_32b_config(qwen, capsys):
+    from kto_ray.cli import main
+
+    assert main(["plan", "--config", "configs/qwen2.5-32b.yaml", "--model-config", qwen]) == 0
+    out = capsys.readouterr().out
+    assert "Qwen/Qwen2.5-32B-Instruct" in out and "fits without offload on 16 GPUs" in out

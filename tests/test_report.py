@@ -136,3 +136,11 @@ def test_tensorboard(run_dir: Path, tmp_path: Path) -> None:
         return
     write_tensorboard(run_dir, log_dir)
     assert list(log_dir.glob("events.out.tfevents*"))
+
+
+def test_cli_report(run_dir: Path, capsys) -> None:
+    from kto_ray.cli import main
+
+    assert main(["report", str(run_dir)]) == 0
+    assert str(run_dir / "report" / "summary.md") in capsys.readouterr().out
+    _check_png(run_dir / "report" / "loss.png")
