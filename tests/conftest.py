@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -54,6 +55,18 @@ def make_config(tiny_model: Path, data: Path, root: Path, **sections):
     for section, values in sections.items():
         tree[section].update(values)
     return config_from_dict(tree)
+
+
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL a process and everything it started, as when its node or job goes away. Killing its
+    process group is not enough: Ray's processes (and Ray Train's controller actor) would live on."""
+    import psutil
+
+    root = psutil.Process(pid)
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs([root], timeout=30)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

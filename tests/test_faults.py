@@ -25,7 +25,7 @@ from kto_ray.errors import TrainingStopped
 from kto_ray.store import MANIFEST
 from kto_ray.trainer import train
 
-from .conftest import read_metrics
+from .conftest import kill_process_tree, read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
@@ -128,7 +128,7 @@ def test_killed_driver_resumes_on_rerun(built_store, uninterrupted, tmp_path):
     )
     # A checkpoint counts once Ray Train has registered it (its snapshot file), not when its folder appears.
     _wait_for(lambda: _registered_steps(cfg.run_dir), lambda: driver.poll() is None)
-    os.killpg(driver.pid, signal.SIGKILL)
+    kill_process_tree(driver.pid)
     driver.wait()
     before, resume_step = read_metrics(cfg.run_dir), max(_registered_steps(cfg.run_dir))
     assert resume_step < STEPS, "the run finished before it could be killed"
@@ -224,7 +224,7 @@ def test_killed_overwrite_keeps_the_previous_store(built_store, tiny_model, tmp_
     )
     _wait_for(lambda: list(tmp_path.glob(".store.tmp-*")), lambda: proc.poll() is None)
     time.sleep(1.0)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_process_tree(proc.pid)
     proc.wait()
 
     kept = open_store(path, store.manifest.fingerprint)  # the previous store, whole and still valid

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from kto_ray.prepare import prepare_text
 from kto_ray.store import MANIFEST, open_store
 from kto_ray.tokenize import tokenize_example
 
-from .conftest import make_config
+from .conftest import kill_process_tree, make_config
 
 pytestmark = pytest.mark.slow
 
@@ -201,7 +200,7 @@ def test_killed_precompute_leaves_no_complete_looking_store(tiny_model, small_da
         time.sleep(0.2)
     assert proc.poll() is None, "precompute ended before it could be killed"
     time.sleep(1.0)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_process_tree(proc.pid)
     proc.wait()
     store_dir = tmp_path / "store"
     assert not (store_dir / MANIFEST).exists()
