@@ -1,0 +1,410 @@
+"""Shared pieces of the benchmarks: models and data built locally, configs, timing, memory, tables.
+
+Everything is deterministic and offline: models are random-initialised Llamas built from a config with
+the project's character tokenizer, data is generated arithmetic. Models and data are cached under
+artifacts/bench/ (git-ignored); stores and run dirs go to a temporary folder per invocation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+# Ray's raylet starts its worker processes at nice 15 (its `worker_niceness` default). A loop that is
+# compared with Ray workers runs at the same niceness, or on a shared machine the CPU scheduler would
+# favour it over them (and over the neighbours they share the cores with).
+RAY_WORKER_NICENESS = 15
+CACHE = REPO / "artifacts" / "bench"
+Skew = Literal["uniform", "skewed"]
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A Llama shape; the vocabulary is the character tokenizer's (~90 tokens)."""
+
+    name: str
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+
+    def parameters(self, vocab: int) -> int:
+        head_dim = self.hidden // self.heads
+        attention = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * head_dim
+        mlp = 3 * self.hidden * self.intermediate
+        norms = 2 * self.hidden
+        return self.layers * (attention + mlp + norms) + 2 * vocab * self.hidden + self.hidden
+
+
+# ~7M parameters: big enough that matmuls dominate a step on 2 cores, small enough for many steps.
+SMALL = ModelSpec("llama-7m", hidden=320, layers=6, intermediate=864, heads=5, kv_heads=5)
+# ~21M parameters: the TRL comparison's larger option (--model medium).
+MEDIUM = ModelSpec("llama-21m", hidden=512, layers=7, intermediate=1376, heads=8, kv_heads=8)
+SPECS = {"small": SMALL, "medium": MEDIUM}
+
+
+def build_model(spec: ModelSpec, seed: int = 0, noise: float = 0.0, tag: str = "") -> Path:
+    """A random-initialised LlamaForCausalLM of `spec` with the char tokenizer, saved once (cached).
+
+    `noise` > 0 adds seeded Gaussian noise (relative to each tensor's std) to every weight: a policy
+    that differs from the reference, for loss-equivalence checks.
+    """
+    out = CACHE / f"{spec.name}-s{seed}{tag}"
+    if (out / "model.safetensors").is_file():
+        return out
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kto_ray.assets import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    if noise > 0:
+        generator = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for param in model.parameters():
+                scale = noise * float(param.std()) if param.numel() > 1 else noise
+                param.add_(torch.randn(param.shape, generator=generator) * scale)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return out
+
+
+def count_parameters(model_dir: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
+        return sum(int(_numel(f.get_slice(k).get_shape())) for k in f.keys())  # noqa: SIM118
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def _terms(rng: random.Random, skew: Skew) -> int:
+    """How many numbers a problem adds: fixed (uniform) or long-tailed (most short, a few very long)."""
+    if skew == "uniform":
+        return 7
+    # Pareto(alpha=1.3): most problems have 2-3 numbers, a few close to the cap (26 numbers, ~480
+    # characters: prompt + completion stay under max_length 512, so nothing is truncated).
+    return min(2 + int(rng.paretovariate(1.3) - 1) * 2, 26)
+
+
+def arithmetic_rows(n: int, seed: int, skew: Skew) -> list[dict[str, Any]]:
+    """`n` rows with distinct prompts: "add these numbers" and a worked running sum, right or wrong.
+
+    Completion length grows with the number of terms: ~100 characters each at 7 terms (uniform); the
+    skewed set has a mean of the same order but a long tail (p50 ~50, max ~480 characters).
+    Half the rows are desirable (right final sum), half not (off by a small amount).
+    """
+    rng = random.Random(seed)
+    rows, seen = [], set()
+    while len(rows) < n:
+        k = _terms(rng, skew)
+        numbers = [rng.randint(2, 99) for _ in range(k)]
+        prompt = "Add these numbers: " + " + ".join(map(str, numbers)) + "?\n"
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        total, steps = numbers[0], []
+        for x in numbers[1:]:
+            steps.append(f"{total}+{x}={total + x}")
+            total += x
+        label = len(rows) % 2 == 0
+        answer = total if label else total + rng.choice((-1, 1)) * rng.randint(1, 9)
+        work = ", ".join(steps) if steps else str(total)
+        rows.append({"prompt": prompt, "completion": f"{work}. Answer: {answer}.", "label": label})
+    rng.shuffle(rows)
+    return rows
+
+
+def write_dataset(skew: Skew, n: int, seed: int = 0) -> Path:
+    path = CACHE / f"data-{skew}-{n}-s{seed}.jsonl"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows(n, seed, skew)))
+        os.replace(tmp, path)
+    return path
+
+
+def length_summary(path: Path) -> str:
+    """Characters of prompt + completion (= tokens - 2 with the char tokenizer): p50 / mean / p99 / max."""
+    lengths = sorted(
+        len(r["prompt"]) + len(r["completion"]) for r in map(json.loads, path.read_text().splitlines())
+    )
+    p = lengths[len(lengths) // 2], lengths[min(len(lengths) - 1, int(0.99 * len(lengths)))]
+    return f"p50 {p[0]}, mean {statistics.mean(lengths):.0f}, p99 {p[1]}, max {lengths[-1]} chars"
+
+
+# --------------------------------------------------------------------------------------------- configs
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A temporary folder for stores and run dirs, removed when the benchmark exits (kept when the
+    environment sets KTO_BENCH_KEEP=1, to look at metrics.jsonl and checkpoints afterwards)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    if os.environ.get("KTO_BENCH_KEEP") != "1":
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
+def make_config(model: Path, data: Path, root: Path, **sections: dict[str, Any]):
+    """A CPU config like tests/conftest.py's: configs/demo.yaml with the model, data and paths replaced."""
+    from kto_ray.config import config_from_dict, load_config
+
+    tree = load_config(REPO / "configs" / "demo.yaml").model_dump(mode="json")
+    tree["model"]["path"] = str(model)
+    tree["data"]["paths"] = [str(data)]
+    tree["data"].update(max_length=512, max_prompt_length=256, eval_fraction=0.0)
+    tree["store"]["path"] = str(root / "store")
+    tree["run"]["dir"] = str(root / "runs")
+    tree["run"]["checkpoint_every"] = 10**6  # only the final checkpoint: not part of the figures
+    tree["run"]["export"] = False
+    tree["train"].update(log_every=10**6, warmup_ratio=0.0, schedule="constant")
+    for section, values in sections.items():
+        tree[section].update(values)
+    return config_from_dict(tree)
+
+
+def shared_store(model: Path, data: Path) -> dict[str, str]:
+    """A store section under artifacts/bench/stores/: benchmarks that only train reuse one store
+    (precompute reuses a store whose fingerprint matches and rebuilds nothing)."""
+    return {"path": str(CACHE / "stores" / f"{model.name}-{data.stem}")}
+
+
+def at_worker_niceness() -> None:
+    """Lower this process's priority to that of Ray's workers (call before torch starts threads)."""
+    os.nice(RAY_WORKER_NICENESS - os.nice(0))
+
+
+def run_like_a_worker(fn: Any, *args: Any) -> Any:
+    """fn(*args) in a fresh (spawned) process at Ray's worker niceness; returns its result. `fn` must be
+    importable (module level in a script file); a child that cannot start raises, it is not retried."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context, initializer=at_worker_niceness) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def ray_init() -> None:
+    """One local Ray per benchmark process: 2 CPUs, no dashboard, workers' logs kept off the table."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+
+# -------------------------------------------------------------------------------------- metrics/timing
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@dataclass(frozen=True)
+class Steady:
+    """Steady-state throughput: totals over the steps after the first `skip` (warm-up) ones."""
+
+    steps: int
+    rows: int
+    tokens: int
+    seconds: float
+    step_times: tuple[float, ...] = ()
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.rows / self.seconds
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def steady_state(metrics: list[dict[str, Any]], skip: int) -> Steady:
+    kept = metrics[skip:] if len(metrics) > skip else metrics[-1:]
+    return Steady(
+        steps=len(kept),
+        rows=sum(int(m["rows"]) for m in kept),
+        tokens=sum(int(m["tokens"]) for m in kept),
+        seconds=sum(float(m["step_time"]) for m in kept),
+        step_times=tuple(float(m["step_time"]) for m in kept),
+    )
+
+
+@contextmanager
+def timed() -> Iterator[list[float]]:
+    """`with timed() as t: ...` then t[0] is the wall time in seconds."""
+    out: list[float] = []
+    start = time.perf_counter()
+    try:
+        yield out
+    finally:
+        out.append(time.perf_counter() - start)
+
+
+def _status_kib(pid: int, key: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+@dataclass
+class PeakMemory:
+    """Samples VmRSS of this process's descendants whose title contains `marker` (Ray sets
+    "ray::RayTrainWorker") every `interval` seconds and keeps the highest value per process.
+
+    Sampled current RSS, not VmHWM: Ray may start an actor in a pooled worker process that ran other
+    work before, whose high-water mark is not this run's. Only descendants count: other Ray clusters
+    on the machine (tests running beside us) are ignored.
+    """
+
+    marker: str = "RayTrainWorker"
+    interval: float = 0.25
+    peaks: dict[int, int] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def _poll(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            try:
+                children = me.children(recursive=True)
+            except psutil.Error:
+                children = []
+            for child in children:
+                try:
+                    title = " ".join(child.cmdline())
+                except psutil.Error:
+                    continue
+                if self.marker in title:
+                    rss = _status_kib(child.pid, "VmRSS")
+                    self.peaks[child.pid] = max(self.peaks.get(child.pid, 0), rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def max_mib(self) -> float:
+        return max(self.peaks.values(), default=0) / 1024
+
+
+def self_peak_mib() -> float:
+    """Peak RSS of this process so far (VmHWM), MiB."""
+    return _status_kib(os.getpid(), "VmHWM") / 1024
+
+
+class PlainEngine:
+    """What kto_ray.step.train_step needs of a DeepSpeed engine, on a plain module in this process:
+    backward, then (when an optimizer is given) clip + step at every call of `step`."""
+
+    def __init__(self, module: Any, optimizer: Any = None, max_grad_norm: float = 1.0):
+        self.module, self.optimizer, self.max_grad_norm = module, optimizer, max_grad_norm
+        self._norm: float | None = None
+
+    def backward(self, loss: Any, scale_wrt_gas: bool = True) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        if self.optimizer is None:
+            return
+        import torch
+
+        self._norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def get_global_grad_norm(self) -> float | None:
+        return self._norm
+
+
+# ----------------------------------------------------------------------------------------------- output
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], title: str = "") -> None:
+    """A Markdown table (pastes straight into BENCHMARKS.md)."""
+    cells = [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    if title:
+        print(f"\n{title}\n")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in cells:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+    print(flush=True)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)
+
+
+def machine_line() -> str:
+    import torch
+
+    load = os.getloadavg()[0]
+    return (
+        f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads here, "
+        f"load average {load:.1f} at start"
+    )
