@@ -5,14 +5,20 @@ per-epoch permutation. Accumulation index k of a step owns a contiguous global m
 takes its r-th slice, so 1 worker with micro-batch 2b sees exactly the rows 2 workers with b see
 together. Incomplete global batches are dropped, so every rank takes the same number of steps
 (ZeRO-3 hangs otherwise), and a step index alone is the data position to resume from.
+
+With lengths given (`train.group_by_length`), each window of `GROUP_WINDOW_STEPS` steps of the
+permutation is sorted by length, cut into steps, and the steps are shuffled within the window: a step
+holds rows of similar length, so padding is small on length-skewed data while the epoch stays shuffled.
+It depends on nothing but the seed, the epoch and the lengths, so the guarantees above still hold.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from kto_ray.logprobs import PaddedBatch, pad_sequences
@@ -40,6 +46,17 @@ class KTOBatch:
         )
 
 
+# Steps per length-sorted window: wide enough to find rows of similar length, narrow enough that the
+# order stays random at the scale of an epoch (Hugging Face's LengthGroupedSampler uses 50 batches).
+GROUP_WINDOW_STEPS = 64
+
+
+def sequence_lengths(table: pa.Table) -> np.ndarray:
+    """Tokens of each row's (x, y) sequence: what its policy forward and backward are padded to."""
+    prompt = pc.list_value_length(table["prompt_ids"]).to_numpy(zero_copy_only=False)
+    return prompt + pc.list_value_length(table["completion_ids"]).to_numpy(zero_copy_only=False)
+
+
 @dataclass(frozen=True)
 class Schedule:
     rows: int
@@ -47,6 +64,16 @@ class Schedule:
     micro_batch_size: int
     grad_accumulation: int
     seed: int
+    # Per-row sequence lengths; when given, steps are grouped by length (see the module docstring).
+    lengths: np.ndarray | None = field(default=None, compare=False, repr=False)
+    _orders: dict[int, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def for_table(
+        cls, table: pa.Table, workers: int, micro_batch_size: int, grad_accumulation: int, seed: int, group: bool
+    ) -> Schedule:
+        lengths = sequence_lengths(table) if group else None
+        return cls(len(table), workers, micro_batch_size, grad_accumulation, seed, lengths)
 
     @property
     def rows_per_step(self) -> int:
@@ -57,7 +84,26 @@ class Schedule:
         return self.rows // self.rows_per_step
 
     def permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.rows)
+        """The epoch's row order; consecutive runs of `rows_per_step` rows are its steps."""
+        if epoch not in self._orders:
+            self._orders.clear()  # steps visit epochs in order: keep one
+            self._orders[epoch] = self._order(epoch)
+        return self._orders[epoch]
+
+    def _order(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(self.rows)
+        if self.lengths is None:
+            return order
+        order = order[: self.steps_per_epoch * self.rows_per_step]
+        window = GROUP_WINDOW_STEPS * self.rows_per_step
+        grouped = []
+        for start in range(0, len(order), window):
+            rows = order[start : start + window]
+            rows = rows[np.argsort(-self.lengths[rows], kind="stable")]
+            steps = rows.reshape(-1, self.rows_per_step)
+            grouped.append(steps[rng.permutation(len(steps))].reshape(-1))
+        return np.concatenate(grouped) if grouped else order
 
     def rows_for(self, step: int, rank: int) -> list[np.ndarray]:
         """Row indices of `rank`'s micro-batches for global optimizer step `step` (0-based)."""

@@ -96,6 +96,14 @@ class TrainConfig(Section):
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
     seed: int = Field(42, description="Seed of the per-epoch shuffle and of the workers' RNGs.")
+    group_by_length: bool = Field(
+        False,
+        description=(
+            "Fill each step with rows of similar length, drawn from a window of 64 shuffled steps: "
+            "little padding on length-skewed data (faster), but a step's rows are no longer a uniform "
+            "sample, so rewards, z0 and the label mix vary more from step to step."
+        ),
+    )
     log_every: int = Field(1, ge=1, description="Print a progress line every this many steps.")
 
 

@@ -6,6 +6,8 @@ the training forward see byte-identical inputs (step 0 with policy = reference g
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -55,9 +57,35 @@ def pad_sequences(
 
 
 def sequence_logps(model: torch.nn.Module, batch: PaddedBatch) -> torch.Tensor:
-    """Summed completion log-prob per row under `model` (float32)."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    """Summed completion log-prob per row under `model` (float32).
+
+    Logits are only computed from the position that predicts the batch's first completion token on
+    (transformers' `logits_to_keep`): prompts need no vocabulary projection, which for 128k-token
+    vocabularies is a large share of the logits' memory and of the head's FLOPs.
+    """
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
+    width = batch.input_ids.shape[1]
+    first = _first_completion_position(batch.completion_mask)
+    keep = width - first + 1
+    if 0 < first and keep < width and _accepts_logits_to_keep(model):
+        logits = model(**inputs, logits_to_keep=keep).logits
+        return completion_logps(logits, batch.input_ids[:, -keep:], batch.completion_mask[:, -keep:])
+    logits = model(**inputs).logits
     return completion_logps(logits, batch.input_ids, batch.completion_mask)
+
+
+def _first_completion_position(completion_mask: torch.Tensor) -> int:
+    columns = completion_mask.any(dim=0).nonzero()
+    return int(columns[0]) if len(columns) else 0
+
+
+@functools.cache
+def _accepts_logits_to_keep_type(model_type: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_type.forward).parameters
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    return _accepts_logits_to_keep_type(type(model))
 
 
 def length_buckets(lengths: Sequence[int], max_rows: int, max_tokens: int | None = None) -> list[np.ndarray]:

@@ -41,12 +41,13 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     device = _device(cfg)
 
     table = ray.get(loop_config["table"])
-    schedule = Schedule(
-        rows=len(table),
+    schedule = Schedule.for_table(
+        table,
         workers=world,
         micro_batch_size=cfg.train.micro_batch_size,
         grad_accumulation=cfg.train.grad_accumulation,
         seed=cfg.train.seed,
+        group=cfg.train.group_by_length,
     )
     total_steps = loop_config["total_steps"]
     tokenizer = load_tokenizer(cfg.model)

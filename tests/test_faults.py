@@ -30,12 +30,16 @@ from .conftest import kill_process_tree, read_metrics
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
 STEPS = 12
+# Steps grouped by length: resuming must be exact with the grouped schedule too (the default
+# shuffled one is what tests/test_train.py runs).
+GROUPED = True
 
 
 def _config(built_store, root: Path, name: str, **sections):
     cfg, _store = built_store
     tree = cfg.model_dump(mode="json")
     tree["train"] |= {"max_steps": STEPS, "micro_batch_size": 4, "lr": 1e-3, "warmup_ratio": 0.0}
+    tree["train"]["group_by_length"] = GROUPED
     tree["run"] |= {"name": name, "dir": str(root), "checkpoint_every": 4, "max_failures": 1}
     for section, values in sections.items():
         tree[section] |= values
@@ -148,7 +152,7 @@ def _poisoned_store(built_store, root: Path, step: int, rank: int, workers: int)
     copy.mkdir()
     shutil.copy(store.path / MANIFEST, copy / MANIFEST)
     train_rows = store.read_split("train")
-    schedule = Schedule(len(train_rows), workers, 4, 1, cfg.train.seed)
+    schedule = Schedule.for_table(train_rows, workers, 4, 1, cfg.train.seed, GROUPED)
     poisoned_ids = pa.array(train_rows["id"].take(schedule.rows_for(step - 1, rank)[0]))
     table = pa.concat_tables([store.read_split("train"), store.read_split("eval")])
     hit = pc.is_in(table["id"], poisoned_ids)
