@@ -5,11 +5,13 @@
    same rows and the same KL pairs; token ids and reference log-probs are compared too.
 2. Speed on two datasets (uniform and length-skewed lengths): kto-ray on 1 worker (1 CPU, so 1 torch
    thread) against TRL in one process with 1 thread, and kto-ray on 2 workers (0.5 CPU each, 1 thread
-   each) against TRL with 2 threads. TRL is fed the rows in the order kto-ray's schedule visits them,
-   so step i of both sees the same rows. Steady-state samples/s skips the first steps; wall times are
-   the whole `train()` / `trainer.train()` call for N steps, setup is the reference pass.
+   each) against TRL with 2 threads. Each system runs as its users would: kto-ray with
+   `train.group_by_length: true` (as in its real-model configs), TRL with its default random sampler.
+   Both train two epochs of a dataset of `steps` batches; samples/s is over the second epoch, so every
+   row counts once whatever order a system visits rows in. Wall times are the whole `train()` /
+   `trainer.train()` call, setup is the reference pass.
 
-    .venv/bin/python bench/trl_compare.py [--steps 8] [--batch 16] [--model small]
+    .venv/bin/python bench/trl_compare.py [--steps 6] [--batch 16] [--model small]
 """
 
 from __future__ import annotations
@@ -254,8 +256,9 @@ def same_loss_check(spec: common.ModelSpec, batch: int, root: Path) -> None:
 # ------------------------------------------------------------------------------------------------ speed
 
 
-def kto_ray_runs(cfg, steps: int, batch: int, skip: int, rows_by_id: list[dict], root: Path):
-    """Store (timed), then the order of rows kto-ray's schedule visits, for TRL to use."""
+def kto_ray_runs(cfg, batch: int, rows_by_id: list[dict], root: Path):
+    """Store (timed), then TRL's rows in the order of kto-ray's seeded shuffle (TRL builds its KL pairs
+    within consecutive batches of its dataset, so it gets a shuffled one, as a user would give it)."""
     from kto_ray.batching import Schedule
     from kto_ray.precompute import precompute
 
@@ -269,6 +272,7 @@ def kto_ray_runs(cfg, steps: int, batch: int, skip: int, rows_by_id: list[dict],
 
 
 def train_kto_ray(cfg, workers: int, batch: int, skip: int) -> tuple[common.Steady, float, float]:
+    """Train `cfg` on `workers` workers; steady state over the steps after `skip`."""
     from kto_ray.trainer import train
 
     cfg = cfg.model_copy(deep=True)
@@ -294,20 +298,19 @@ HEADERS = [
 ]
 
 
-def speed(spec: common.ModelSpec, skews: list[common.Skew], steps: int, batch: int, skip: int, root: Path):
+def speed(spec: common.ModelSpec, skews: list[common.Skew], steps: int, batch: int, root: Path):
     model = common.build_model(spec)
     table = []
+    train = {"max_steps": 2 * steps, "micro_batch_size": batch, "group_by_length": True}
     for skew in skews:
-        data = common.write_dataset(skew, steps * batch + batch)
+        data = common.write_dataset(skew, steps * batch)  # one epoch = `steps` steps
         print(f"{skew}: {common.length_summary(data)}", flush=True)
         rows_by_id = [json.loads(line) for line in data.read_text().splitlines()]
-        cfg = common.make_config(
-            model, data, root / skew, train={"max_steps": steps, "micro_batch_size": batch}
-        )
-        setup, rows_file = kto_ray_runs(cfg, steps, batch, skip, rows_by_id, root)
+        cfg = common.make_config(model, data, root / skew, train=train)
+        setup, rows_file = kto_ray_runs(cfg, batch, rows_by_id, root)
         for workers in (1, 2):
-            trl = run_trl(model, rows_file, workers, steps, batch, root / f"trl-{skew}-{workers}")
-            times = trl["step_times"][skip:]
+            trl = run_trl(model, rows_file, workers, 2 * steps, batch, root / f"trl-{skew}-{workers}")
+            times = trl["step_times"][steps:]
             trl_rate = batch * len(times) / sum(times)
             total = trl["setup"] + trl["wall"]
             step = sum(times) / len(times)
@@ -324,7 +327,7 @@ def speed(spec: common.ModelSpec, skews: list[common.Skew], steps: int, batch: i
                     "",
                 ]
             )
-            ours, wall, peak = train_kto_ray(cfg, workers, batch, skip)
+            ours, wall, peak = train_kto_ray(cfg, workers, batch, skip=steps)
             ratio = f"{ours.samples_per_s / trl_rate:.2f}x"
             step = ours.seconds / ours.steps
             name = f"kto-ray, {workers} worker(s)"
@@ -333,10 +336,10 @@ def speed(spec: common.ModelSpec, skews: list[common.Skew], steps: int, batch: i
         HEADERS,
         table,
         title=(
-            f"kto-ray vs TRL {_trl_version()}: {spec.name}, batch {batch}, {steps} steps "
-            f"(samples/s over steps {skip + 1}-{steps}). setup = reference pass (kto-ray: precompute, one "
-            "store for 1 and 2 workers; TRL: KTOTrainer init); train = train() / trainer.train(); "
-            "kto-ray peak RSS is per worker"
+            f"kto-ray (group_by_length) vs TRL {_trl_version()} (random sampler): {spec.name}, batch "
+            f"{batch}, 2 epochs of {steps} steps (samples/s over the second). setup = reference pass "
+            "(kto-ray: precompute, one store for 1 and 2 workers; TRL: KTOTrainer init); "
+            "train = train() / trainer.train(); kto-ray peak RSS is per worker"
         ),
     )
 
@@ -354,7 +357,7 @@ def main() -> None:
     print(f"model {spec.name}: {common.count_parameters(common.build_model(spec)):,} parameters")
     same_loss_check(spec, args.batch, root)
     common.ray_init()
-    speed(spec, args.datasets, args.steps, args.batch, args.skip, root)
+    speed(spec, args.datasets, args.steps, args.batch, root)
 
 
 if __name__ == "__main__":
@@ -362,8 +365,7 @@ if __name__ == "__main__":
         trl_child(json.loads(sys.argv[2]))
         raise SystemExit(0)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--skip", type=int, default=2, help="warm-up steps left out of samples/s")
+    parser.add_argument("--steps", type=int, default=6, help="steps per epoch (two epochs are run)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--model", default="small", choices=sorted(common.SPECS))
     parser.add_argument("--datasets", nargs="+", default=["uniform", "skewed"], choices=["uniform", "skewed"])
