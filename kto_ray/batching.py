@@ -70,7 +70,13 @@ class Schedule:
 
     @classmethod
     def for_table(
-        cls, table: pa.Table, workers: int, micro_batch_size: int, grad_accumulation: int, seed: int, group: bool
+        cls,
+        table: pa.Table,
+        workers: int,
+        micro_batch_size: int,
+        grad_accumulation: int,
+        seed: int,
+        group: bool,
     ) -> Schedule:
         lengths = sequence_lengths(table) if group else None
         return cls(len(table), workers, micro_batch_size, grad_accumulation, seed, lengths)

@@ -67,7 +67,7 @@ def sequence_logps(model: torch.nn.Module, batch: PaddedBatch) -> torch.Tensor:
     width = batch.input_ids.shape[1]
     first = _first_completion_position(batch.completion_mask)
     keep = width - first + 1
-    if 0 < first and keep < width and _accepts_logits_to_keep(model):
+    if keep < width and _accepts_logits_to_keep(model):
         logits = model(**inputs, logits_to_keep=keep).logits
         return completion_logps(logits, batch.input_ids[:, -keep:], batch.completion_mask[:, -keep:])
     logits = model(**inputs).logits

@@ -83,6 +83,8 @@ class Plan:
     configured: str
     precompute_gpu: float  # bytes per precompute actor (whole model on one device + its batch)
     precompute_fits: bool
+    zero2_model_states: float  # bytes per GPU at ZeRO-2 without offload (DeepSpeed's formula)
+    zero2_total: float  # the same plus reference, activations, logits and overhead
     advice: list[str]
 
     def setting(self, name: str) -> Setting:
@@ -175,6 +177,12 @@ def model_states(
     return gpu_params, gpu_opt, 4.0 * largest, cpu
 
 
+def zero2_model_states(arch: Architecture, gpus: int) -> float:
+    """DeepSpeed's ZeRO-2 formula without offload: every GPU holds all 16-bit params (2 bytes/param);
+    16-bit and fp32 grads, fp32 master weights and Adam moments (18 bytes/param) are sharded."""
+    return 2 * arch.total_params + int(18 * arch.total_params / gpus)
+
+
 def precompute_actor_bytes(cfg: KTOConfig, arch: Architecture) -> float:
     """A precompute actor holds the whole reference on one device and scores one model batch at a time."""
     on_gpu, seq = cfg.precompute.gpus_per_actor > 0, cfg.data.max_length
@@ -231,6 +239,8 @@ def plan(
     ds = cfg.deepspeed
     configured = SETTINGS[2 if ds.offload_params != "none" else int(ds.offload_optimizer != "none")][0]
     pre = precompute_actor_bytes(cfg, arch) + (overhead if cfg.precompute.gpus_per_actor > 0 else 0)
+    zero2 = zero2_model_states(arch, gpus)
+    zero2_ref = 2 * arch.total_params if online else 0  # a full frozen 16-bit copy per GPU
     advice: list[str] = []
     result = Plan(
         model=cfg.model.path,
@@ -251,6 +261,8 @@ def plan(
         configured=configured,
         precompute_gpu=pre,
         precompute_fits=pre <= budget or cfg.precompute.gpus_per_actor == 0,
+        zero2_model_states=zero2,
+        zero2_total=zero2 + zero2_ref + acts + logits + overhead,
         advice=advice,
     )
     advice.extend(_advice(cfg, result))
@@ -288,6 +300,11 @@ def _advice(cfg: KTOConfig, p: Plan) -> list[str]:
     else:
         out.append(
             f"needs {first.name} on {p.gpus} GPUs ({first.cpu_per_node / GIB:.0f} GiB CPU RAM per node)"
+        )
+    if ds.stage == 3 and p.zero2_total <= p.gpu_memory_gib * GIB:
+        out.append(
+            f"deepspeed.stage 2 also fits ({p.zero2_total / GIB:.1f} GiB per GPU) and skips ZeRO-3's "
+            "per-layer parameter gathers: faster where memory allows (BENCHMARKS.md)"
         )
     if p.settings[0].min_gpus is not None:
         out.append(f"smallest cluster without offload: {_nodes(p.settings[0].min_gpus, p.gpus_per_node)}")
@@ -329,6 +346,7 @@ def format_plan(p: Plan) -> str:
         + "".join(f"{'yes' if s.fits else 'no':>23}" for s in st),
         f"{'fewest GPUs that fit':<30}" + "".join(f"{s.min_gpus or '-':>23}" for s in st),
         f"KL pass (no grad, done before the training forward, not additive): {p.kl_forward / GIB:.2f} GiB",
+        f"ZeRO-2 without offload (all 16-bit params on every GPU): {p.zero2_total / GIB:.2f} GiB per GPU",
         "",
         *(f"- {line}" for line in p.advice),
     ]

@@ -132,7 +132,9 @@ def precompute(cfg: KTOConfig, overwrite: bool = False) -> PrecomputeResult:
     with ray_session(cfg.cluster.address), StoreWriter(cfg.store.path) as writer:
         import ray.data
 
-        blocks = max(2 * cfg.precompute.actors, len(text.table) // cfg.precompute.bucket_rows + 1)
+        # Ray Data bundles blocks up to batch_size rows: cap the bucket so every actor gets rows.
+        bucket_rows = max(1, min(cfg.precompute.bucket_rows, -(-len(text.table) // cfg.precompute.actors)))
+        blocks = max(2 * cfg.precompute.actors, len(text.table) // bucket_rows + 1)
         ds = ray.data.from_arrow(text.table).repartition(blocks)
         ds = ds.map_batches(
             tokenize_rows,
@@ -141,7 +143,7 @@ def precompute(cfg: KTOConfig, overwrite: bool = False) -> PrecomputeResult:
                 "max_length": cfg.data.max_length,
                 "max_prompt_length": cfg.data.max_prompt_length,
             },
-            batch_size=cfg.precompute.bucket_rows,
+            batch_size=bucket_rows,
             num_cpus=0.25,
         )
         ds = ds.map_batches(
@@ -155,7 +157,7 @@ def precompute(cfg: KTOConfig, overwrite: bool = False) -> PrecomputeResult:
                 "batch_tokens": cfg.precompute.batch_tokens,
                 "pad_id": tokenizer.pad_token_id,
             },
-            batch_size=cfg.precompute.bucket_rows,
+            batch_size=bucket_rows,
             batch_format="numpy",
             concurrency=cfg.precompute.actors,
             num_gpus=cfg.precompute.gpus_per_actor,

@@ -141,6 +141,31 @@ def test_advice_for_the_8b_model(llama):
     assert any("does NOT fit" in line for line in one.advice)
 
 
+@pytest.mark.parametrize("gpus", [1, 8, 16])
+def test_zero2_model_states_agree_with_deepspeed(llama, gpus):
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    p = plan(gpu_config(f"cluster.workers={gpus}"), model_config=llama)
+    _cpu, gpu = estimate_zero2_model_states_mem_needs(
+        p.arch.total_params, num_gpus_per_node=gpus, num_nodes=1, cpu_offload=False
+    )
+    assert p.zero2_model_states == gpu
+
+
+def test_stage_2_is_advised_only_where_it_fits(llama, qwen):
+    # 8B on 8 x 80 GiB: a full 16-bit copy (15 GiB) plus sharded states fits, so stage 2 is offered.
+    eight_b = plan(gpu_config("cluster.workers=8"), model_config=llama)
+    assert eight_b.zero2_total < 80 * GIB
+    assert any(line.startswith("deepspeed.stage 2 also fits") for line in eight_b.advice)
+    # 32B on 16 GPUs: 61 GiB of 16-bit params per GPU alone leave no room: ZeRO-3 only.
+    thirty_two_b = plan(gpu_config("cluster.workers=16"), model_config=qwen)
+    assert thirty_two_b.zero2_total > 80 * GIB
+    assert not any("stage 2" in line for line in thirty_two_b.advice)
+    # Already on stage 2: no advice to move there.
+    on_two = plan(gpu_config("cluster.workers=8", "deepspeed.stage=2"), model_config=llama)
+    assert not any("stage 2 also fits" in line for line in on_two.advice)
+
+
 def test_advice_for_the_32b_model(qwen):
     eight = plan(gpu_config("cluster.workers=8"), model_config=qwen)
     assert not eight.settings[0].fits and eight.settings[1].fits
