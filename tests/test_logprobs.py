@@ -30,10 +30,14 @@ def _full_forward_logps(model, batch) -> torch.Tensor:
 def test_trimmed_logits_give_the_full_forward_sums(tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     batch = pad_sequences(PROMPTS, COMPLETIONS, pad_id=0)
+    logit_positions = []
+    model.register_forward_hook(lambda _module, _args, out: logit_positions.append(out.logits.shape[1]))
     with torch.no_grad():
         full = _full_forward_logps(model, batch)
         trimmed = sequence_logps(model, batch)
         wrapped = sequence_logps(NoLogitsToKeep(model), batch)
+    # Width 9, shortest prompt 3: logits from position 2 (predicting token 3) on, 7 of 9; full otherwise.
+    assert logit_positions == [9, 7, 9]
     torch.testing.assert_close(trimmed, full, atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(wrapped, full, atol=0.0, rtol=0.0)
     assert (full < 0).all()
