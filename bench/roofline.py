@@ -57,15 +57,16 @@ def step_tokens(cfg, workers: int, steps: int) -> list[tuple[int, int]]:
     """(policy tokens, KL tokens) of every step, from the store and kto-ray's schedule."""
     import pyarrow.compute as pc
 
-    from kto_ray.batching import Schedule
+    from kto_ray.batching import Schedule, sequence_lengths
     from kto_ray.store import open_store
 
     table = open_store(cfg.store.path).read_split("train")
-    prompt = pc.list_value_length(table["prompt_ids"]).to_numpy()
-    own = prompt + pc.list_value_length(table["completion_ids"]).to_numpy()
-    kl = prompt + pc.list_value_length(table["kl_completion_ids"]).to_numpy()
-    schedule = Schedule(
-        len(table), workers, cfg.train.micro_batch_size, cfg.train.grad_accumulation, cfg.train.seed
+    own = sequence_lengths(table)
+    kl = pc.add(pc.list_value_length(table["prompt_ids"]), pc.list_value_length(table["kl_completion_ids"]))
+    kl = kl.to_numpy()
+    t = cfg.train
+    schedule = Schedule.for_table(
+        table, workers, t.micro_batch_size, t.grad_accumulation, t.seed, t.group_by_length
     )
     out = []
     for step in range(steps):
