@@ -71,24 +71,19 @@ def build_model(spec: ModelSpec, seed: int = 0, noise: float = 0.0, tag: str = "
     if (out / "model.safetensors").is_file():
         return out
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    from kto_ray.assets import build_tokenizer
+    from kto_ray.assets import build_tokenizer, llama_config
 
     tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.hidden,
-        intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        dtype="float32",
+    config = llama_config(
+        tokenizer,
+        hidden=spec.hidden,
+        intermediate=spec.intermediate,
+        layers=spec.layers,
+        heads=spec.heads,
+        kv_heads=spec.kv_heads,
+        max_positions=1024,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

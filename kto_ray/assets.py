@@ -189,6 +189,35 @@ def _save_atomically(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast,
             hf_logging.enable_progress_bar()
 
 
+def llama_config(
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    max_positions: int,
+):
+    """An fp32 Llama config (untied embeddings) sized to `tokenizer`'s vocabulary and special ids."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+    )
+
+
 def build_tiny_model(
     out_dir: str | Path,
     data_path: str | Path = DEFAULT_DATA,
@@ -207,23 +236,12 @@ def build_tiny_model(
         return out
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     start = time.perf_counter()
     tokenizer = build_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        dtype="float32",
+    config = llama_config(
+        tokenizer, hidden=64, intermediate=176, layers=2, heads=4, kv_heads=2, max_positions=512
     )
     threads = torch.get_num_threads()
     torch.set_num_threads(_free_cores())
