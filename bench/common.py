@@ -73,7 +73,7 @@ def build_model(spec: ModelSpec, seed: int = 0, noise: float = 0.0, tag: str = "
     import torch
     from transformers import LlamaForCausalLM
 
-    from kto_ray.assets import build_tokenizer, llama_config
+    from kto_ray.assets.tiny_model import build_tokenizer, llama_config
 
     tokenizer = build_tokenizer()
     config = llama_config(
@@ -350,7 +350,7 @@ def self_peak_mib() -> float:
 
 
 class PlainEngine:
-    """What kto_ray.step.train_step needs of a DeepSpeed engine, on a plain module in this process:
+    """What kto_ray.training.step.train_step needs of a DeepSpeed engine, on a plain module in this process:
     backward, then (when an optimizer is given) clip + step at every call of `step`."""
 
     def __init__(self, module: Any, optimizer: Any = None, max_grad_norm: float = 1.0):

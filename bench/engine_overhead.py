@@ -23,9 +23,9 @@ def main(engine_kind: str) -> None:
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM
 
-    from kto_ray.batching import Schedule, collate
-    from kto_ray.step import LossSettings, train_step
-    from kto_ray.store import open_store
+    from kto_ray.reference.store import open_store
+    from kto_ray.training.batching import Schedule, collate
+    from kto_ray.training.step import LossSettings, train_step
 
     model_dir = common.build_model(common.SMALL)
     data = common.write_dataset("uniform", 144)
@@ -48,8 +48,8 @@ def main(engine_kind: str) -> None:
     else:
         import deepspeed
 
-        from kto_ray.distributed import all_reduce_sum as reduce
-        from kto_ray.engine import build_policy_engine, deepspeed_config
+        from kto_ray.training.distributed import all_reduce_sum as reduce
+        from kto_ray.training.engine import build_policy_engine, deepspeed_config
 
         rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555", "RANK": "0", "WORLD_SIZE": "1"}
         os.environ.update(rendezvous, LOCAL_RANK="0")

@@ -6,8 +6,9 @@ The model has Llama-3.2-1B's shape (hidden 2048, 16 layers, 32 heads / 8 KV head
 1. Policy step: kto-ray's `sequence_logps` (the training forward: full logits, summed completion
    log-probs) and backward of their sum, on random token ids, bf16 weights. MFU = 6 N tokens / time
    / peak, N = parameters (also shown with the causal attention FLOPs, 6 L T d per token).
-2. Precompute: `kto_ray.precompute.precompute` with one GPU actor over generated arithmetic rows (the
-   character tokenizer, so ids use few rows of the embedding); tokens/s and its MFU at 2 N per token.
+2. Precompute: `kto_ray.reference.precompute.precompute` with one GPU actor over generated arithmetic
+   rows (the character tokenizer, so ids use few rows of the embedding); tokens/s and its MFU at 2 N
+   per token.
 
 Peak dense bf16 FLOP/s comes from the device name (H100/H200 SXM 989 TFLOP/s, H100 PCIe 756, A100 312,
 L40S 362, L4 121) or --peak-tflops. Needs a CUDA machine:
@@ -66,7 +67,7 @@ def build(shape: dict, out: Path, dtype) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kto_ray.assets import build_tokenizer
+    from kto_ray.assets.tiny_model import build_tokenizer
 
     tokenizer = build_tokenizer()
     config = LlamaConfig(
@@ -87,7 +88,7 @@ def policy_mfu(model_dir: Path, device, dtype, batch: int, seq: int, steps: int,
     import torch
     from transformers import AutoModelForCausalLM
 
-    from kto_ray.logprobs import PaddedBatch, sequence_logps
+    from kto_ray.models.logprobs import PaddedBatch, sequence_logps
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).train()
     model.config.use_cache = False
@@ -133,7 +134,7 @@ def precompute_rate(
 ):
     import ray
 
-    from kto_ray.precompute import precompute
+    from kto_ray.reference.precompute import precompute
 
     data = common.write_dataset("uniform", rows)
     cfg = common.make_config(
@@ -180,7 +181,7 @@ def main() -> None:
     common.print_table(
         ["parameters", "batch x seq", "s/step", "tokens/s", "MFU (6N)", "MFU (6N + attention)", "peak GiB"],
         [row],
-        title="policy forward + backward (kto_ray.logprobs.sequence_logps, bf16)",
+        title="policy forward + backward (kto_ray.models.logprobs.sequence_logps, bf16)",
     )
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -20,7 +20,7 @@ import common
 
 
 def run_one(cfg, name: str, mode: str, skip: int) -> tuple[common.Steady, float, float]:
-    from kto_ray.trainer import train
+    from kto_ray.training.driver import train
 
     cfg = cfg.model_copy(deep=True)
     cfg.run.name = name
@@ -31,7 +31,7 @@ def run_one(cfg, name: str, mode: str, skip: int) -> tuple[common.Steady, float,
 
 
 def main() -> None:
-    from kto_ray.precompute import precompute
+    from kto_ray.reference.precompute import precompute
 
     spec = common.SPECS[args.model]
     model = common.build_model(spec)

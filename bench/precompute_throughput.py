@@ -1,4 +1,4 @@
-"""Reference pass throughput: `kto_ray.precompute.precompute` vs a naive single-process loop.
+"""Reference pass throughput: `kto_ray.reference.precompute.precompute` vs a naive single-process loop.
 
 Both score the same sequences, (x, y) and the KL pairs (x, y_kl), of a length-skewed dataset with the
 same model and model batch size. The naive loop is what one writes first: file order, batches of
@@ -27,7 +27,7 @@ def naive_pass(cfg, threads: int) -> tuple[int, int, float]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kto_ray.prepare import prepare_text, tokenize_rows
+    from kto_ray.data.prepare import prepare_text, tokenize_rows
 
     torch.set_num_threads(threads)
     with common.timed() as wall:
@@ -69,7 +69,7 @@ def _score(model, prompts: list[list[int]], completions: list[list[int]], pad_id
 
 
 def kto_ray_pass(cfg, name: str) -> tuple[int, float]:
-    from kto_ray.precompute import precompute
+    from kto_ray.reference.precompute import precompute
 
     cfg = cfg.model_copy(deep=True)
     cfg.store.path = str(Path(cfg.store.path).with_name(name))

@@ -9,7 +9,7 @@ from the store with kto-ray's own batch schedule and checked against metrics.jso
 
 A Ray Train worker with 1 CPU runs torch on 1 thread, so 1 worker is held against the 1-thread peak
 and 2 workers (0.5 CPU each, 1 thread each) against the 2-thread peak. The same step on a plain torch
-module (kto_ray.step.train_step, torch AdamW, no Ray, no DeepSpeed; in a process of its own at the
+module (kto_ray.training.step.train_step, torch AdamW, no Ray, no DeepSpeed; in a process of its own at the
 niceness Ray gives its workers) shows what the framework costs.
 
     .venv/bin/python bench/roofline.py [--steps 8] [--batch 16]
@@ -57,8 +57,8 @@ def step_tokens(cfg, workers: int, steps: int) -> list[tuple[int, int]]:
     """(policy tokens, KL tokens) of every step, from the store and kto-ray's schedule."""
     import pyarrow.compute as pc
 
-    from kto_ray.batching import Schedule, sequence_lengths
-    from kto_ray.store import open_store
+    from kto_ray.reference.store import open_store
+    from kto_ray.training.batching import Schedule, sequence_lengths
 
     table = open_store(cfg.store.path).read_split("train")
     own = sequence_lengths(table)
@@ -77,7 +77,7 @@ def step_tokens(cfg, workers: int, steps: int) -> list[tuple[int, int]]:
 
 def train_run(cfg, workers: int, skip: int, n_params: int) -> tuple[float, float]:
     """Achieved FLOP/s and samples/s of a real run (steady state)."""
-    from kto_ray.trainer import train
+    from kto_ray.training.driver import train
 
     cfg = cfg.model_copy(deep=True)
     cfg.run.name = f"roofline-{workers}w"
@@ -93,14 +93,14 @@ def train_run(cfg, workers: int, skip: int, n_params: int) -> tuple[float, float
 
 
 def plain_run(cfg, steps: int, skip: int, n_params: int) -> tuple[float, float]:
-    """The same steps (1-worker schedule) with kto_ray.step.train_step on a plain module, 1 thread
+    """The same steps (1-worker schedule) with kto_ray.training.step.train_step on a plain module, 1 thread
     (run it in a process of its own: it sets the torch thread count)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kto_ray.batching import Schedule, collate
-    from kto_ray.step import LossSettings, train_step
-    from kto_ray.store import open_store
+    from kto_ray.reference.store import open_store
+    from kto_ray.training.batching import Schedule, collate
+    from kto_ray.training.step import LossSettings, train_step
 
     torch.set_num_threads(1)
     table = open_store(cfg.store.path).read_split("train")
@@ -134,7 +134,7 @@ def _flops(achieved: float, peak: float, model_peak: float) -> list[float]:
 
 
 def main() -> None:
-    from kto_ray.precompute import precompute
+    from kto_ray.reference.precompute import precompute
 
     spec = common.SPECS[args.model]
     model = common.build_model(spec)

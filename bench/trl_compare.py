@@ -140,8 +140,8 @@ def _sft_policy(spec: common.ModelSpec, rows: list[dict], steps: int = 8) -> Pat
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kto_ray.logprobs import pad_sequences, sequence_logps
-    from kto_ray.tokenize import tokenize_batch
+    from kto_ray.data.tokenize import tokenize_batch
+    from kto_ray.models.logprobs import pad_sequences, sequence_logps
 
     ref_dir = common.build_model(spec)
     tokenizer = AutoTokenizer.from_pretrained(ref_dir)
@@ -171,10 +171,10 @@ def same_loss_check(spec: common.ModelSpec, batch: int, root: Path) -> None:
     """kto-ray's step and TRL's loss on TRL's first batch, with a policy != reference."""
     import torch
 
-    from kto_ray.batching import KTOBatch
-    from kto_ray.logprobs import pad_sequences, sequence_logps
-    from kto_ray.step import LossSettings, train_step
-    from kto_ray.tokenize import tokenize_batch
+    from kto_ray.data.tokenize import tokenize_batch
+    from kto_ray.models.logprobs import pad_sequences, sequence_logps
+    from kto_ray.training.batching import KTOBatch
+    from kto_ray.training.step import LossSettings, train_step
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     ref_dir = common.build_model(spec)
@@ -259,8 +259,8 @@ def same_loss_check(spec: common.ModelSpec, batch: int, root: Path) -> None:
 def kto_ray_runs(cfg, batch: int, rows_by_id: list[dict], root: Path):
     """Store (timed), then TRL's rows in the order of kto-ray's seeded shuffle (TRL builds its KL pairs
     within consecutive batches of its dataset, so it gets a shuffled one, as a user would give it)."""
-    from kto_ray.batching import Schedule
-    from kto_ray.precompute import precompute
+    from kto_ray.reference.precompute import precompute
+    from kto_ray.training.batching import Schedule
 
     with common.timed() as setup:
         store = precompute(cfg).store
@@ -273,7 +273,7 @@ def kto_ray_runs(cfg, batch: int, rows_by_id: list[dict], root: Path):
 
 def train_kto_ray(cfg, workers: int, batch: int, skip: int) -> tuple[common.Steady, float, float]:
     """Train `cfg` on `workers` workers; steady state over the steps after `skip`."""
-    from kto_ray.trainer import train
+    from kto_ray.training.driver import train
 
     cfg = cfg.model_copy(deep=True)
     cfg.run.name = f"kto-ray-{workers}w"

@@ -15,8 +15,8 @@ import common
 
 
 def main() -> None:
-    from kto_ray.precompute import precompute
-    from kto_ray.trainer import train
+    from kto_ray.reference.precompute import precompute
+    from kto_ray.training.driver import train
 
     spec = common.SPECS[args.model]
     model = common.build_model(spec)

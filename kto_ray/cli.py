@@ -77,7 +77,7 @@ def _config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.command == "plan":
-        from kto_ray.plan import format_plan, plan
+        from kto_ray.tools.plan import format_plan, plan
 
         print(
             format_plan(
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     if args.command == "report":
-        from kto_ray.report import write_report, write_tensorboard
+        from kto_ray.tools.report import write_report, write_tensorboard
 
         run_dir = Path(args.run_dir) if args.run_dir else cfg.run_dir
         result = write_report(run_dir, Path(args.out) if args.out else None)
@@ -101,20 +101,20 @@ def run(args: argparse.Namespace) -> int:
         return 0
     # Ray is joined (the job's cluster under `ray job submit`) or started only after the inputs check out.
     if args.command == "demo":
-        from kto_ray.demo import run_demo
+        from kto_ray.tools.demo import run_demo
 
         run_demo(cfg)
     elif args.command == "precompute":
-        from kto_ray.precompute import precompute
+        from kto_ray.reference.precompute import precompute
 
         precompute(cfg, overwrite=args.overwrite)
     elif args.command == "train":
-        from kto_ray.trainer import train
+        from kto_ray.training.driver import train
 
         result = train(cfg)
         print(f"trained {result.steps} steps; run dir {result.run_dir}")
     elif args.command == "evaluate":
-        from kto_ray.evaluate import evaluate, format_table, write_json
+        from kto_ray.tools.evaluate import evaluate, format_table, write_json
 
         metrics = evaluate(cfg, args.model)
         print(format_table({args.model or cfg.model.path: metrics}))
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(json.dumps(metrics))
     elif args.command == "pipeline":
-        from kto_ray.pipeline import run_pipeline
+        from kto_ray.tools.pipeline import run_pipeline
 
         run_pipeline(cfg)
     return 0

@@ -5,7 +5,7 @@
     desirable:   lambda_D * (1 - sigmoid(beta * (r - z0)))
     undesirable: lambda_U * (1 - sigmoid(beta * (z0 - r)))
 
-The distributed z0 (an all-reduce of sum and count) lives in `kto_ray.distributed` and is passed in.
+The distributed z0 (an all-reduce of sum and count) lives in `kto_ray.training.distributed` and is passed in.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    from kto_ray.assets import ensure_tiny_model
+    from kto_ray.assets.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model(REPO / "artifacts" / "tiny-llama")
 
@@ -77,7 +77,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def built_store(tiny_model, small_data, tmp_path_factory):
     """One reference store of the small data, shared by the precompute and training tests (read-only).
     Built on the module's Ray when one is up, else on a private one that precompute starts and stops."""
-    from kto_ray.precompute import precompute
+    from kto_ray.reference.precompute import precompute
 
     cfg = make_config(tiny_model, small_data, tmp_path_factory.mktemp("built"))
     result = precompute(cfg)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from kto_ray.config import load_config
-from kto_ray.plan import plan
-from tests.test_plan import save_llama_8b, save_qwen_32b
+from kto_ray.tools.plan import plan
+from tests.tools.test_plan import save_llama_8b, save_qwen_32b
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Real-model configs -> an offline architecture with the public dimensions (no hub access in tests).

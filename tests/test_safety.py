@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from kto_ray.config import ModelConfig
 from kto_ray.errors import UserError
-from kto_ray.modeling import load_causal_lm
+from kto_ray.models.loading import load_causal_lm
 
 
 def test_defaults_are_safe():

@@ -1,0 +1,1 @@
+"""Embedded defaults built offline: the arithmetic feedback data and the tiny Llama with its tokenizer."""

@@ -1,0 +1,1 @@
+"""Input rows: reading and validating sources, chat rendering, tokenizing with truncation, KL pairing."""

@@ -1,0 +1,180 @@
+"""Stage 1: a Ray Data pipeline that computes the reference log-probs once into the reference store.
+
+text rows (driver) -> map_batches(tokenize) -> map_batches(ReferenceLogprobs, actor pool)
+-> write_parquet into a temporary sibling -> manifest -> rename into place
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from kto_ray.config import KTOConfig, ModelConfig, with_absolute_paths
+from kto_ray.data.prepare import prepare_text, store_fingerprint, tokenize_rows
+from kto_ray.errors import UserError
+from kto_ray.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
+from kto_ray.models.logprobs import length_buckets, pad_sequences, sequence_logps
+from kto_ray.raycluster import ray_session
+from kto_ray.reference.store import (
+    SCHEMA,
+    Store,
+    StoreWriter,
+    build_manifest,
+    differing_components,
+    open_store,
+    read_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ReferenceLogprobs:
+    """Ray Data callable class: loads the reference model once per actor and scores batches.
+
+    Within each Ray Data batch the (x, y) and (x, y_kl) sequences are scored together, sorted by
+    length into model batches so padding stays small.
+    """
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        path: str,
+        dtype: str,
+        use_gpu: bool,
+        batch_rows: int,
+        batch_tokens: int | None,
+        pad_id: int,
+    ):
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.model = load_causal_lm(model_cfg, resolve_dtype(dtype, use_gpu), path).to(self.device).eval()
+        self.batch_rows, self.batch_tokens, self.pad_id = batch_rows, batch_tokens, pad_id
+
+    def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        n = len(batch["id"])
+        prompts = list(batch["prompt_ids"]) * 2
+        completions = list(batch["completion_ids"]) + list(batch["kl_completion_ids"])
+        lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+        scores = np.zeros(2 * n, dtype=np.float32)
+        with torch.inference_mode():
+            for rows in length_buckets(lengths, self.batch_rows, self.batch_tokens):
+                padded = pad_sequences(
+                    [prompts[i] for i in rows], [completions[i] for i in rows], self.pad_id
+                )
+                scores[rows] = sequence_logps(self.model, padded.to(self.device)).cpu().numpy()
+        columns = {name: batch[name] for name in ("id", "kl_id", "label", "split")}
+        for name in ("prompt_ids", "completion_ids", "kl_completion_ids"):
+            columns[name] = [np.asarray(ids, dtype=np.int32) for ids in batch[name]]
+        columns["ref_logps"], columns["ref_kl_logps"] = scores[:n], scores[n:]
+        return pa.table(
+            {field.name: pa.array(columns[field.name], field.type) for field in SCHEMA}, schema=SCHEMA
+        )
+
+
+@dataclass(frozen=True)
+class PrecomputeResult:
+    store: Store
+    reused: bool
+
+
+def _store_stats(path: Path) -> tuple[dict[str, dict[str, int]], int]:
+    table = pq.read_table(
+        sorted(str(f) for f in path.glob("*.parquet")),
+        columns=["prompt_ids", "completion_ids", "kl_completion_ids", "label", "split"],
+    )
+    counts: dict[str, dict[str, int]] = {}
+    for split in ("train", "eval"):
+        labels = table.filter(pc.equal(table["split"], split))["label"]
+        desirable = int(pc.sum(labels).as_py() or 0)
+        counts[split] = {"desirable": desirable, "undesirable": len(labels) - desirable}
+    prompt_len = pc.list_value_length(table["prompt_ids"])
+    tokens = sum(
+        int(pc.sum(pc.add(prompt_len, pc.list_value_length(table[c]))).as_py() or 0)
+        for c in ("completion_ids", "kl_completion_ids")
+    )
+    return counts, tokens
+
+
+def precompute(cfg: KTOConfig, overwrite: bool = False) -> PrecomputeResult:
+    """Build (or reuse) the reference store of `cfg`; returns it opened and checked."""
+    start = time.perf_counter()
+    cfg = with_absolute_paths(cfg)
+    tokenizer = load_tokenizer(cfg.model, cfg.reference_path)
+    text = prepare_text(cfg, tokenizer)
+    print(text.report.summary(), flush=True)
+    fingerprint, inputs = store_fingerprint(cfg, text.data_digest, tokenizer)
+
+    existing = read_manifest(cfg.store.path)
+    if existing is not None:
+        differing = differing_components(fingerprint, existing.fingerprint)
+        if not differing:
+            store = open_store(cfg.store.path, fingerprint)
+            rows = sum(store.count(s) for s in ("train", "eval"))
+            print(
+                f"reference store {cfg.store.path} matches the config ({rows} rows): reusing it", flush=True
+            )
+            return PrecomputeResult(store, reused=True)
+        if not overwrite:
+            raise UserError(
+                f"reference store {cfg.store.path} exists with a different {', '.join(differing)}; "
+                "pass --overwrite to replace it"
+            )
+
+    use_gpu = cfg.precompute.gpus_per_actor > 0
+    with ray_session(cfg.cluster.address), StoreWriter(cfg.store.path) as writer:
+        import ray.data
+
+        # Ray Data bundles blocks up to batch_size rows: cap the bucket so every actor gets rows.
+        bucket_rows = max(1, min(cfg.precompute.bucket_rows, -(-len(text.table) // cfg.precompute.actors)))
+        blocks = max(2 * cfg.precompute.actors, len(text.table) // bucket_rows + 1)
+        ds = ray.data.from_arrow(text.table).repartition(blocks)
+        ds = ds.map_batches(
+            tokenize_rows,
+            fn_kwargs={
+                "tokenizer": tokenizer,
+                "max_length": cfg.data.max_length,
+                "max_prompt_length": cfg.data.max_prompt_length,
+            },
+            batch_size=bucket_rows,
+            num_cpus=0.25,
+        )
+        ds = ds.map_batches(
+            ReferenceLogprobs,
+            fn_constructor_kwargs={
+                "model_cfg": cfg.model,
+                "path": cfg.reference_path,
+                "dtype": cfg.precompute.dtype,
+                "use_gpu": use_gpu,
+                "batch_rows": cfg.precompute.batch_rows,
+                "batch_tokens": cfg.precompute.batch_tokens,
+                "pad_id": tokenizer.pad_token_id,
+            },
+            batch_size=bucket_rows,
+            batch_format="numpy",
+            concurrency=cfg.precompute.actors,
+            num_gpus=cfg.precompute.gpus_per_actor,
+            num_cpus=cfg.precompute.cpus_per_actor,
+        )
+        ds.write_parquet(str(writer.tmp))
+        counts, tokens = _store_stats(writer.tmp)
+        rows = sum(sum(c.values()) for c in counts.values())
+        if rows == 0:
+            raise UserError("no example has a completion token left under data.max_length; nothing to store")
+        seconds = time.perf_counter() - start
+        writer.commit(build_manifest(fingerprint, inputs, counts, tokens, seconds))
+    dropped = len(text.table) - rows
+    print(
+        f"reference store {cfg.store.path}: {rows} rows (train {sum(counts['train'].values())}, "
+        f"eval {sum(counts['eval'].values())}, dropped {dropped} with no completion token left), "
+        f"{tokens} tokens in {seconds:.1f}s ({tokens / seconds:,.0f} tokens/s)",
+        flush=True,
+    )
+    return PrecomputeResult(open_store(cfg.store.path, fingerprint), reused=False)

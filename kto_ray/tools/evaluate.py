@@ -1,0 +1,89 @@
+"""Held-out metrics of a model against the store's eval split (KTO loss, z0, reward accuracy, margins)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kto_ray.config import KTOConfig, with_absolute_paths
+from kto_ray.data.prepare import prepare_text, store_fingerprint
+from kto_ray.loss import kl_z0, kto_loss
+from kto_ray.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
+from kto_ray.models.logprobs import length_buckets, pad_sequences, sequence_logps
+
+
+def _score(model, prompts, completions, pad_id: int, batch_rows: int) -> torch.Tensor:
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+    out = np.zeros(len(lengths), dtype=np.float32)
+    with torch.inference_mode():
+        for rows in length_buckets(lengths, batch_rows):
+            padded = pad_sequences([prompts[i] for i in rows], [completions[i] for i in rows], pad_id)
+            out[rows] = sequence_logps(model, padded).numpy()
+    return torch.from_numpy(out)
+
+
+def evaluate(cfg: KTOConfig, model_path: str | None = None, split: str = "eval") -> dict[str, float]:
+    """Score `model_path` (default: the policy) on a split of the checked store, on this process's CPU."""
+    from kto_ray.reference.store import open_store
+
+    cfg = with_absolute_paths(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    expected, _ = store_fingerprint(cfg, prepare_text(cfg, tokenizer).data_digest, tokenizer)
+    part = open_store(cfg.store.path, expected).read_split(split).to_pydict()
+    model = load_causal_lm(cfg.model, resolve_dtype("float32", False), model_path or cfg.model.path).eval()
+    batch_rows = cfg.precompute.batch_rows
+    policy = _score(model, part["prompt_ids"], part["completion_ids"], tokenizer.pad_token_id, batch_rows)
+    policy_kl = _score(
+        model, part["prompt_ids"], part["kl_completion_ids"], tokenizer.pad_token_id, batch_rows
+    )
+    ref, ref_kl = torch.tensor(part["ref_logps"]), torch.tensor(part["ref_kl_logps"])
+    desirable = torch.tensor(part["label"], dtype=torch.bool)
+    z0 = kl_z0(policy_kl, ref_kl)
+    lam_d = 1.0 if cfg.train.desirable_weight == "auto" else float(cfg.train.desirable_weight)
+    out = kto_loss(
+        policy,
+        ref,
+        desirable,
+        z0,
+        beta=cfg.train.beta,
+        desirable_weight=lam_d,
+        undesirable_weight=cfg.train.undesirable_weight,
+    )
+    # Implied-reward accuracy: desirable rows above the reference point, undesirable below; ties half.
+    r = policy - ref
+    signed = torch.where(desirable, r - z0, z0 - r)
+    accuracy = ((signed > 0).float() + 0.5 * (signed == 0).float()).mean()
+    chosen, rejected = desirable, ~desirable
+    return {
+        "rows": len(desirable),
+        "loss": out.loss.item(),
+        "kl": z0.item(),
+        "reward_accuracy": accuracy.item(),
+        "rewards/chosen": out.rewards[chosen].mean().item() if chosen.any() else 0.0,
+        "rewards/rejected": out.rewards[rejected].mean().item() if rejected.any() else 0.0,
+        "rewards/margins": (out.rewards[chosen].mean() - out.rewards[rejected].mean()).item()
+        if chosen.any() and rejected.any()
+        else 0.0,
+        "logps/chosen": policy[chosen].mean().item() if chosen.any() else 0.0,
+        "logps/rejected": policy[rejected].mean().item() if rejected.any() else 0.0,
+        "logps/margin": (policy[chosen].mean() - policy[rejected].mean()).item()
+        if chosen.any() and rejected.any()
+        else 0.0,
+    }
+
+
+def format_table(columns: dict[str, dict[str, float]]) -> str:
+    """A readable table: one row per metric, one column per evaluated model."""
+    names = list(columns)
+    keys = list(next(iter(columns.values())))
+    lines = [f"{'metric':<18}" + "".join(f"{n:>14}" for n in names)]
+    for key in keys:
+        lines.append(f"{key:<18}" + "".join(f"{columns[n][key]:>14.4f}" for n in names))
+    return "\n".join(lines)
+
+
+def write_json(metrics: dict, path: Path) -> None:
+    path.write_text(json.dumps(metrics, indent=2))

@@ -1,0 +1,27 @@
+"""Precompute (or reuse) the reference store, train, evaluate the result: the whole job in one Ray session."""
+
+from __future__ import annotations
+
+from kto_ray.config import KTOConfig
+from kto_ray.raycluster import ray_session
+from kto_ray.reference.precompute import precompute
+from kto_ray.tools.evaluate import evaluate, format_table
+from kto_ray.training.driver import train
+
+
+def run_pipeline(cfg: KTOConfig, *, evaluate_before: bool = False) -> dict[str, dict[str, float]]:
+    """Returns held-out metrics by model ("before" when asked, "after"); prints them as a table."""
+    table: dict[str, dict[str, float]] = {}
+    with ray_session(cfg.cluster.address):
+        store = precompute(cfg).store
+        if evaluate_before:
+            table["before"] = evaluate(cfg)
+        result = train(cfg)
+    if cfg.run.export:
+        table["after"] = evaluate(cfg, str(result.run_dir / "final"))
+    if table:
+        rows = int(next(iter(table.values()))["rows"])
+        print(f"\nheld-out eval split of {store.path} ({rows} rows):")
+        print(format_table(table))
+    print(f"trained {result.steps} steps; run dir {result.run_dir}", flush=True)
+    return table

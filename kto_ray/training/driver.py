@@ -1,0 +1,151 @@
+"""Stage 2 on the driver: check the store, size the run, launch the Ray Train TorchTrainer.
+
+The driver reads the store's train split (token ids and two floats per row) once and hands it to the
+workers through the object store, so workers need no access to the store's file system.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from kto_ray.config import KTOConfig, dump_config, with_absolute_paths
+from kto_ray.data.prepare import prepare_text, store_fingerprint, tokenize_rows
+from kto_ray.errors import TrainingStopped, UserError
+from kto_ray.models.loading import load_tokenizer
+from kto_ray.raycluster import ray_session
+from kto_ray.reference.store import SCHEMA, open_store
+from kto_ray.training.batching import Schedule
+
+log = logging.getLogger(__name__)
+
+_NON_FINITE = re.compile(r"(step \d+: non-finite [^\n]*)")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    steps: int
+    metrics: dict
+
+
+def train_table(cfg: KTOConfig, split: str = "train") -> pa.Table:
+    """The rows to train on: from the checked store (offline) or tokenized here (online, no log-probs)."""
+    tokenizer = load_tokenizer(cfg.model)
+    text = prepare_text(cfg, tokenizer)
+    if cfg.reference.mode == "offline":
+        expected, _ = store_fingerprint(cfg, text.data_digest, tokenizer)
+        return open_store(cfg.store.path, expected).read_split(split)
+    columns = tokenize_rows(
+        text.table.to_pydict(), tokenizer, cfg.data.max_length, cfg.data.max_prompt_length
+    )
+    nan = [float("nan")] * len(columns["id"])
+    columns.update(ref_logps=nan, ref_kl_logps=nan)
+    table = pa.table({f.name: pa.array(columns[f.name], f.type) for f in SCHEMA}, schema=SCHEMA)
+    return table.filter(pa.compute.equal(table["split"], split))
+
+
+def desirable_weight(cfg: KTOConfig, table: pa.Table) -> float:
+    """lambda_D, from the config or (`auto`) from the label counts; warns outside the paper's range."""
+    n_desirable = int(pa.compute.sum(table["label"]).as_py() or 0)
+    n_undesirable = len(table) - n_desirable
+    lam_u = cfg.train.undesirable_weight
+    if cfg.train.desirable_weight == "auto":
+        return lam_u * n_undesirable / n_desirable if n_desirable and n_undesirable else 1.0
+    lam_d = float(cfg.train.desirable_weight)
+    if n_desirable and n_undesirable:
+        ratio = lam_d * n_desirable / (lam_u * n_undesirable)
+        if not 1.0 <= ratio <= 4 / 3:
+            warnings.warn(
+                f"lambda_D n_D / (lambda_U n_U) = {ratio:.2f} is outside the paper's [1, 4/3] "
+                f"({n_desirable} desirable, {n_undesirable} undesirable rows); "
+                "consider train.desirable_weight: auto",
+                stacklevel=2,
+            )
+    return lam_d
+
+
+def total_steps(cfg: KTOConfig, rows: int) -> int:
+    schedule = Schedule(rows, cfg.cluster.workers, cfg.train.micro_batch_size, cfg.train.grad_accumulation, 0)
+    if schedule.steps_per_epoch == 0:
+        raise UserError(
+            f"{rows} training rows cannot fill one step of {schedule.rows_per_step} rows "
+            "(cluster.workers x train.micro_batch_size x train.grad_accumulation)"
+        )
+    return cfg.train.max_steps or cfg.train.epochs * schedule.steps_per_epoch
+
+
+def train(cfg: KTOConfig) -> TrainResult:
+    """Check the store (or tokenize, online), size the run and fit it on Ray Train."""
+    table = train_table(cfg)
+    return fit(cfg, table, total_steps(cfg, len(table)), desirable_weight(cfg, table))
+
+
+def fit(cfg: KTOConfig, table: pa.Table, steps: int, lam_d: float) -> TrainResult:
+    """Launch the TorchTrainer on `table` (store columns) for `steps` optimizer steps."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from kto_ray.training.worker import train_loop
+
+    cfg = with_absolute_paths(cfg)
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    print(
+        f"training {cfg.model.path} on {len(table)} rows for {steps} steps "
+        f"({cfg.cluster.workers} workers, ZeRO-{cfg.deepspeed.stage}, reference {cfg.reference.mode})"
+        f" -> {run_dir}",
+        flush=True,
+    )
+    with ray_session(cfg.cluster.address):
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={
+                "config": cfg.model_dump(mode="json"),
+                "table": ray.put(table),
+                "total_steps": steps,
+                "desirable_weight": lam_d,
+            },
+            scaling_config=ScalingConfig(
+                num_workers=cfg.cluster.workers,
+                use_gpu=cfg.cluster.use_gpu,
+                resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}
+                | ({"GPU": 1} if cfg.cluster.use_gpu else {}),
+            ),
+            run_config=RunConfig(
+                name="checkpoints",
+                storage_path=str(run_dir),
+                failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            ),
+        )
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as err:
+            stopped = _stopped_by_non_finite(err, run_dir)
+            if stopped is None:
+                raise
+            raise stopped from None
+    return TrainResult(run_dir, steps, dict(result.metrics or {}))
+
+
+def _stopped_by_non_finite(err: Exception, run_dir: Path) -> TrainingStopped | None:
+    """A worker's NonFiniteError as one line naming the step and the checkpoint a rerun resumes from."""
+    failures = getattr(err, "worker_failures", {}) or {}
+    found = (_NON_FINITE.search(str(e)) for e in [err, *failures.values()])
+    match = next((m for m in found if m), None)
+    if match is None:
+        return None
+    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    last = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was written"
+    return TrainingStopped(
+        f"training stopped at {match.group(1)}; nothing after it was saved and {last}. "
+        "Lower train.lr or check the data, then rerun to resume."
+    )

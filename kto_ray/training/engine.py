@@ -1,0 +1,144 @@
+"""DeepSpeed on a Ray Train worker: the config, the sharded policy (and frozen reference), the export."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kto_ray.config import KTOConfig
+from kto_ray.models.loading import load_causal_lm, resolve_dtype
+
+
+def _offload(device: str, nvme_path: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"device": device, "pin_memory": True}
+    if device == "nvme":
+        out["nvme_path"] = nvme_path
+    return out
+
+
+def deepspeed_config(cfg: KTOConfig, world_size: int, train: bool = True) -> dict[str, Any]:
+    ds = cfg.deepspeed
+    bf16 = cfg.cluster.use_gpu if ds.bf16 == "auto" else ds.bf16
+    zero: dict[str, Any] = {
+        "stage": ds.stage,
+        "contiguous_gradients": True,
+        "overlap_comm": cfg.cluster.use_gpu,
+    }
+    if ds.stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+        if ds.offload_params != "none":
+            zero["offload_param"] = _offload(ds.offload_params, ds.nvme_path)
+    if ds.offload_optimizer != "none" and train:
+        zero["offload_optimizer"] = _offload(ds.offload_optimizer, ds.nvme_path)
+    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accumulation
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world_size,
+        "gradient_clipping": cfg.train.max_grad_norm,
+        "bf16": {"enabled": bool(bf16)},
+        "zero_optimization": zero,
+        # A client torch AdamW on CPU boxes; DeepSpeed's own (CPU Adam) only when it offloads.
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if ds.offload_optimizer != "none" and train:
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.train.lr,
+                "betas": list(cfg.train.adam_betas),
+                "weight_decay": cfg.train.weight_decay,
+            },
+        }
+    return config
+
+
+def lr_lambda(cfg: KTOConfig, total_steps: int):
+    """Linear warmup, then constant or cosine decay to 0 (multiplier of the peak LR)."""
+    warmup = math.ceil(cfg.train.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.train.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def build_policy_engine(cfg: KTOConfig, ds_config: dict[str, Any], total_steps: int):
+    """Load the policy sharded (zero.Init via HfDeepSpeedConfig when stage 3) and wrap it in an engine."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep_alive = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
+    model = load_causal_lm(cfg.model, resolve_dtype(cfg.model.dtype, cfg.cluster.use_gpu))
+    if cfg.deepspeed.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    optimizer = None
+    if "optimizer" not in ds_config:
+        optimizer = torch.optim.AdamW(
+            model.parameters(),
+            lr=cfg.train.lr,
+            betas=cfg.train.adam_betas,
+            weight_decay=cfg.train.weight_decay,
+        )
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=model.parameters() if optimizer is None else None,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps)),
+        config=ds_config,
+    )
+    del keep_alive
+    return engine
+
+
+def build_reference_engine(cfg: KTOConfig, world_size: int):
+    """Frozen reference for `reference.mode: online`: ZeRO-3 inference, no optimizer state."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    ds_config = deepspeed_config(cfg, world_size, train=False)
+    keep_alive = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
+    model = load_causal_lm(cfg.model, resolve_dtype(cfg.model.dtype, cfg.cluster.use_gpu), cfg.reference_path)
+    model.requires_grad_(False)
+    if ds_config["zero_optimization"]["stage"] != 3:
+        del keep_alive
+        return model.to(torch.device("cuda") if cfg.cluster.use_gpu else torch.device("cpu")).eval()
+    ds_config["zero_optimization"].pop("offload_optimizer", None)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.eval()
+    del keep_alive
+    return engine.module
+
+
+def export_hf_model(engine, tokenizer, out_dir: Path, rank: int) -> None:
+    """Gather the full weights parameter by parameter (a collective) and save them on rank 0 as a
+    Hugging Face model in safetensors, written to a sibling folder and renamed into place."""
+    import deepspeed
+
+    model = engine.module
+    state: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            if rank == 0:
+                state[name] = param.detach().to("cpu", copy=True).contiguous()
+    if rank != 0:
+        return
+    tmp = out_dir.parent / f".{out_dir.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)

@@ -1,0 +1,100 @@
+"""The Ray Train worker loop: build the DeepSpeed engine, restore, step, log, checkpoint, export.
+
+Everything a worker needs arrives in the loop config (the validated config as a dict, the train table
+as an object ref, the step count), never through globals or the ambient environment.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+import ray.train
+import torch
+
+from kto_ray.config import KTOConfig
+from kto_ray.models.loading import load_tokenizer
+from kto_ray.models.logprobs import sequence_logps
+from kto_ray.training.batching import Schedule, collate
+from kto_ray.training.checkpoint import restore, save_and_report
+from kto_ray.training.distributed import all_reduce_sum
+from kto_ray.training.engine import (
+    build_policy_engine,
+    build_reference_engine,
+    deepspeed_config,
+    export_hf_model,
+)
+from kto_ray.training.metrics import MetricsLog, Progress
+from kto_ray.training.step import LossSettings, NonFiniteError, train_step
+
+
+def _device(cfg: KTOConfig) -> torch.device:
+    if cfg.cluster.use_gpu:
+        return torch.device("cuda", ray.train.torch.get_device().index or 0)
+    return torch.device("cpu")
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    import deepspeed
+
+    cfg = KTOConfig.model_validate(loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(cfg.train.seed + rank)
+    deepspeed.init_distributed()
+    device = _device(cfg)
+
+    table = ray.get(loop_config["table"])
+    schedule = Schedule.for_table(
+        table,
+        workers=world,
+        micro_batch_size=cfg.train.micro_batch_size,
+        grad_accumulation=cfg.train.grad_accumulation,
+        seed=cfg.train.seed,
+        group=cfg.train.group_by_length,
+    )
+    total_steps = loop_config["total_steps"]
+    tokenizer = load_tokenizer(cfg.model)
+    engine = build_policy_engine(cfg, deepspeed_config(cfg, world), total_steps)
+    reference = None
+    if cfg.reference.mode == "online":
+        ref_model = build_reference_engine(cfg, world)
+
+        def reference(mb):
+            return sequence_logps(ref_model, mb.policy), sequence_logps(ref_model, mb.kl)
+
+    start_step = restore(engine, rank)
+    settings = LossSettings(cfg.train.beta, loop_config["desirable_weight"], cfg.train.undesirable_weight)
+    log = MetricsLog(cfg.run_dir / "metrics.jsonl", start_step) if rank == 0 else None
+    progress = Progress(total_steps, start_step)
+
+    engine.train()
+    for step in range(start_step, total_steps):
+        began = time.perf_counter()
+        learning_rate = engine.get_lr()[0]  # the rate this step applies
+        batches = [collate(table, rows, tokenizer.pad_token_id) for rows in schedule.rows_for(step, rank)]
+        try:
+            metrics = train_step(engine, batches, settings, all_reduce_sum, world, reference, device)
+        except NonFiniteError as err:
+            raise NonFiniteError(f"step {step + 1}: {err}") from None
+        seconds = time.perf_counter() - began
+        metrics.update(
+            {
+                "step": step + 1,
+                "epoch": step // schedule.steps_per_epoch,
+                "learning_rate": learning_rate,
+                "step_time": seconds,
+                "samples/s": metrics["rows"] / seconds,
+                "tokens/s": metrics["tokens"] / seconds,
+            }
+        )
+        if log is not None:
+            log.write(metrics)
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps:
+                print(progress.line(step + 1, metrics), flush=True)
+        if (step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == total_steps:
+            save_and_report(engine, step + 1, rank, metrics)
+
+    if cfg.run.export:
+        export_hf_model(engine, tokenizer, cfg.run_dir / "final", rank)

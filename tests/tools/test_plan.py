@@ -1,0 +1,266 @@
+"""The memory planner on offline architecture configs with the real public dimensions (no weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kto_ray.config import load_config
+from kto_ray.errors import UserError
+from kto_ray.tools.plan import GIB, format_plan, plan
+
+LLAMA_8B = dict(
+    hidden_size=4096,
+    num_hidden_layers=32,
+    intermediate_size=14336,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    tie_word_embeddings=False,
+)
+QWEN_32B = dict(
+    hidden_size=5120,
+    num_hidden_layers=64,
+    intermediate_size=27648,
+    num_attention_heads=40,
+    num_key_value_heads=8,
+    vocab_size=152064,
+    tie_word_embeddings=False,
+)
+
+
+def save_llama_8b(folder: Path) -> Path:
+    from transformers import LlamaConfig
+
+    LlamaConfig(**LLAMA_8B).save_pretrained(folder)
+    return folder
+
+
+def save_qwen_32b(folder: Path) -> Path:
+    from transformers import Qwen2Config
+
+    Qwen2Config(**QWEN_32B).save_pretrained(folder)  # Qwen2 always has q/k/v biases
+    return folder
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> str:
+    return str(save_llama_8b(tmp_path_factory.mktemp("llama-3.1-8b")))
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory) -> str:
+    # A config.json file (not its folder) is accepted too.
+    return str(save_qwen_32b(tmp_path_factory.mktemp("qwen2.5-32b")) / "config.json")
+
+
+GPU_RUN = [
+    "cluster.use_gpu=true",
+    "deepspeed.bf16=true",
+    "data.max_length=2048",
+    "data.max_prompt_length=512",
+    "train.micro_batch_size=2",
+    "deepspeed.gradient_checkpointing=true",
+    "precompute.gpus_per_actor=1",
+]
+
+
+def gpu_config(*overrides: str):
+    return load_config(None, [*GPU_RUN, *overrides])
+
+
+def test_parameter_counts_match_the_public_models(llama, qwen):
+    p = plan(gpu_config(), model_config=llama)
+    assert p.arch.total_params == pytest.approx(8.03e9, rel=2e-3)
+    assert p.arch.largest_layer_params == 128256 * 4096  # embedding (= lm_head, untied)
+    assert (p.arch.hidden, p.arch.layers, p.arch.vocab, p.arch.gated_mlp) == (4096, 32, 128256, True)
+    q = plan(gpu_config(), model_config=qwen)
+    assert q.arch.total_params == pytest.approx(32.76e9, rel=2e-3)
+    assert q.arch.largest_layer_params == 152064 * 5120
+
+
+@pytest.mark.parametrize("model", ["llama", "qwen"])
+@pytest.mark.parametrize(("gpus_per_node", "nodes"), [(1, 1), (4, 1), (8, 1), (8, 2), (8, 4)])
+def test_model_states_agree_with_deepspeed(request, model, gpus_per_node, nodes):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    arch_path = request.getfixturevalue(model)
+    p = plan(
+        gpu_config(f"cluster.workers={gpus_per_node * nodes}"),
+        model_config=arch_path,
+        gpus_per_node=gpus_per_node,
+    )
+    for setting in p.settings:
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+            total_params=p.arch.total_params,
+            largest_layer_params=p.arch.largest_layer_params,
+            num_gpus_per_node=gpus_per_node,
+            num_nodes=nodes,
+            cpu_offload=setting.offload_optimizer,
+            cpu_offload_params=setting.offload_params,
+            zero_init=True,  # HfDeepSpeedConfig loads the model under zero.Init
+        )
+        assert setting.gpu_model_states == pytest.approx(gpu, rel=0.10), setting.name
+        assert setting.cpu_per_node == pytest.approx(cpu, rel=0.10), setting.name
+
+
+def test_activations_grow_with_length_and_shrink_with_checkpointing(llama):
+    def acts(length: int, ckpt: bool, micro: int = 2) -> tuple[float, float]:
+        p = plan(
+            gpu_config(
+                f"data.max_length={length}",
+                f"deepspeed.gradient_checkpointing={str(ckpt).lower()}",
+                f"train.micro_batch_size={micro}",
+            ),
+            model_config=llama,
+        )
+        return p.activations, p.logits
+
+    short, long = acts(1024, True), acts(4096, True)
+    assert long[0] > 3.9 * short[0] and long[1] == pytest.approx(4 * short[1])
+    assert acts(2048, False)[0] > 5 * acts(2048, True)[0]
+    assert acts(2048, True, micro=4)[0] == pytest.approx(2 * acts(2048, True, micro=2)[0])
+    # Logits: micro 2 x 2048 tokens x 128256 vocab x (2 bytes bf16 + two fp32 copies).
+    assert acts(2048, True)[1] == 2 * 2048 * 128256 * 10
+
+
+def test_advice_for_the_8b_model(llama):
+    p = plan(gpu_config("cluster.workers=8"), model_config=llama)
+    none = p.setting("no offload")
+    assert none.fits and p.configured == "no offload"
+    assert any("fits without offload on 8 GPUs" in line for line in p.advice)
+    # The fewest GPUs is the boundary: it fits there and not on one fewer.
+    assert 1 < none.min_gpus < 8
+    assert plan(gpu_config(f"cluster.workers={none.min_gpus}"), model_config=llama).settings[0].fits
+    assert not plan(gpu_config(f"cluster.workers={none.min_gpus - 1}"), model_config=llama).settings[0].fits
+    # One GPU: only offloading fits, and the advice says so with the CPU RAM it needs.
+    one = plan(gpu_config("cluster.workers=1"), model_config=llama)
+    assert not one.settings[0].fits and one.settings[1].fits
+    assert any("needs optimizer->CPU on 1 GPU" in line and "CPU RAM" in line for line in one.advice)
+    assert any("does NOT fit" in line for line in one.advice)
+
+
+@pytest.mark.parametrize("gpus", [1, 8, 16])
+def test_zero2_model_states_agree_with_deepspeed(llama, gpus):
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    p = plan(gpu_config(f"cluster.workers={gpus}"), model_config=llama)
+    _cpu, gpu = estimate_zero2_model_states_mem_needs(
+        p.arch.total_params, num_gpus_per_node=gpus, num_nodes=1, cpu_offload=False
+    )
+    assert p.zero2_model_states == gpu
+
+
+def test_stage_2_is_advised_only_where_it_fits(llama, qwen):
+    # 8B on 8 x 80 GiB: a full 16-bit copy (15 GiB) plus sharded states fits, so stage 2 is offered.
+    eight_b = plan(gpu_config("cluster.workers=8"), model_config=llama)
+    assert eight_b.zero2_total < 80 * GIB
+    assert any(line.startswith("deepspeed.stage 2 also fits") for line in eight_b.advice)
+    # 32B on 16 GPUs: 61 GiB of 16-bit params per GPU alone leave no room: ZeRO-3 only.
+    thirty_two_b = plan(gpu_config("cluster.workers=16"), model_config=qwen)
+    assert thirty_two_b.zero2_total > 80 * GIB
+    assert not any("stage 2" in line for line in thirty_two_b.advice)
+    # Already on stage 2: no advice to move there.
+    on_two = plan(gpu_config("cluster.workers=8", "deepspeed.stage=2"), model_config=llama)
+    assert not any("stage 2 also fits" in line for line in on_two.advice)
+
+
+def test_advice_for_the_32b_model(qwen):
+    eight = plan(gpu_config("cluster.workers=8"), model_config=qwen)
+    assert not eight.settings[0].fits and eight.settings[1].fits
+    assert eight.settings[0].min_gpus > 8  # without offload it takes more than one node
+    sixteen = plan(gpu_config("cluster.workers=16"), model_config=qwen)
+    assert sixteen.settings[0].fits and sixteen.nodes == 2
+    # A smaller GPU memory needs more GPUs.
+    small = plan(gpu_config("cluster.workers=16"), model_config=qwen, gpu_memory_gib=40)
+    assert small.settings[0].min_gpus > sixteen.settings[0].min_gpus
+    assert (small.settings[0].fits, small.settings[1].fits) == (False, True)
+
+
+def test_nothing_fits_when_activations_alone_are_too_big(qwen):
+    p = plan(
+        gpu_config(
+            "data.max_length=16384", "train.micro_batch_size=8", "deepspeed.gradient_checkpointing=false"
+        ),
+        model_config=qwen,
+    )
+    assert not any(s.fits for s in p.settings) and all(s.min_gpus is None for s in p.settings)
+    assert any("fits in no offload setting" in line and "gradient_checkpointing" in line for line in p.advice)
+
+
+def test_online_reference_and_configured_offload(llama):
+    offline = plan(gpu_config("cluster.workers=8"), model_config=llama)
+    online = plan(gpu_config("cluster.workers=8", "reference.mode=online"), model_config=llama)
+    extra = online.settings[0].gpu_total - offline.settings[0].gpu_total
+    assert extra == pytest.approx(2 * online.arch.total_params / 8 + 2 * online.arch.largest_layer_params)
+    p = plan(gpu_config("deepspeed.offload_optimizer=cpu"), model_config=llama)
+    assert p.configured == "optimizer->CPU"
+    p = plan(
+        gpu_config("deepspeed.offload_optimizer=cpu", "deepspeed.offload_params=cpu"), model_config=llama
+    )
+    assert p.configured == "optimizer+params->CPU"
+
+
+def test_precompute_actor_memory(qwen):
+    ok = plan(gpu_config("precompute.batch_rows=8", "precompute.batch_tokens=4096"), model_config=qwen)
+    assert ok.precompute_fits and ok.precompute_gpu > 32.76e9 * 2
+    big = plan(gpu_config("precompute.batch_rows=64"), model_config=qwen)
+    assert not big.precompute_fits
+    assert any("precompute" in line and "does NOT fit" in line for line in big.advice)
+
+
+def test_format_plan_is_a_readable_table(llama):
+    text = format_plan(plan(gpu_config("cluster.workers=8"), model_config=llama))
+    for needle in (
+        "8.03B params",
+        "no offload",
+        "optimizer->CPU",
+        "optimizer+params->CPU",
+        "= total per GPU",
+        "CPU RAM per node",
+        "fewest GPUs that fit",
+        "KL pass",
+        "- fits without offload",
+    ):
+        assert needle in text, needle
+    assert max(len(line) for line in text.splitlines()) < 140
+
+
+def test_user_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        plan(gpu_config(), model_config=str(tmp_path / "missing"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="cannot read the architecture"):
+        plan(gpu_config(), model_config=str(bad))
+    (bad / "config.json").write_text('{"hidden_size": 8}')  # no model_type
+    with pytest.raises(UserError, match="cannot read the architecture"):
+        plan(gpu_config(), model_config=str(bad))
+    with pytest.raises(UserError):
+        plan(gpu_config(f"model.path={tmp_path / 'nowhere'}"))
+    with pytest.raises(UserError) as err:
+        plan(gpu_config("model.path=no-such-org/no-such-model"))  # a hub id, offline in tests
+    assert "\n" not in str(err.value)
+
+
+def test_plan_on_the_tiny_local_model(tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    p = plan(load_config(None, [f"model.path={tiny_model}"]))
+    real = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    assert p.arch.total_params == sum(t.numel() for t in real.parameters())
+    assert p.settings[0].fits and not p.bf16  # the CPU demo: fp32
+    assert any("use_gpu is false" in line for line in p.advice)
+    assert p.settings[0].gpu_total < 5 * GIB
+    assert "tiny-llama" in format_plan(p)
+
+
+def test_cli_plans_the_shipped_32b_config(qwen, capsys):
+    from kto_ray.cli import main
+
+    assert main(["plan", "--config", "configs/qwen2.5-32b.yaml", "--model-config", qwen]) == 0
+    out = capsys.readouterr().out
+    assert "Qwen/Qwen2.5-32B-Instruct" in out and "fits without offload on 16 GPUs" in out

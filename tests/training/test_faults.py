@@ -1,0 +1,240 @@
+"""Faults a long run must survive: a SIGKILLed worker, a killed driver, a non-finite loss."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from kto_ray.errors import TrainingStopped
+from kto_ray.reference.store import MANIFEST
+from kto_ray.training.batching import Schedule
+from kto_ray.training.driver import train
+from tests.conftest import kill_process_tree, read_metrics
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
+
+STEPS = 12
+# Steps grouped by length: resuming must be exact with the grouped schedule too (the default
+# shuffled one is what tests/training/test_train.py runs).
+GROUPED = True
+
+
+def _config(built_store, root: Path, name: str, **sections):
+    cfg, _store = built_store
+    tree = cfg.model_dump(mode="json")
+    tree["train"] |= {"max_steps": STEPS, "micro_batch_size": 4, "lr": 1e-3, "warmup_ratio": 0.0}
+    tree["train"]["group_by_length"] = GROUPED
+    tree["run"] |= {"name": name, "dir": str(root), "checkpoint_every": 4, "max_failures": 1}
+    for section, values in sections.items():
+        tree[section] |= values
+    return cfg.model_validate(tree)
+
+
+def _wait_for(condition, alive, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError("the run ended (or timed out) before the condition held")
+
+
+def _steps_logged(run_dir: Path) -> int:
+    metrics = run_dir / "metrics.jsonl"
+    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+
+def _registered_steps(run_dir: Path) -> list[int]:
+    snapshot = run_dir / "checkpoints" / "checkpoint_manager_snapshot.json"
+    try:
+        results = json.loads(snapshot.read_text())["checkpoint_results"]
+    except (OSError, ValueError, KeyError):
+        return []
+    return [int(r["checkpoint_dir_name"].removeprefix("step_")) for r in results]
+
+
+def _descendants_named(name: str) -> list[int]:
+    """Pids of this process's descendants (our own Ray only) whose process title contains `name`."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            parents[int(entry.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), cmdline)
+    me, found = os.getpid(), []
+    for pid, (_ppid, cmdline) in parents.items():
+        ancestor = pid
+        while ancestor in parents and ancestor not in (me, 1):
+            ancestor = parents[ancestor][0]
+        if ancestor == me and name in cmdline:
+            found.append(pid)
+    return found
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    left, right = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert left.keys() == right.keys()
+    for key in left:
+        torch.testing.assert_close(left[key], right[key], atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(built_store, tmp_path_factory):
+    return train(_config(built_store, tmp_path_factory.mktemp("steady"), "steady")).run_dir
+
+
+def test_sigkilled_worker_restarts_from_the_checkpoint_and_matches(built_store, uninterrupted, tmp_path):
+    cfg = _config(built_store, tmp_path, "killed")
+    outcome: dict = {}
+    driver = threading.Thread(target=lambda: outcome.update(result=train(cfg)), daemon=True)
+    driver.start()
+    _wait_for(lambda: _steps_logged(cfg.run_dir) >= 5, driver.is_alive)  # past the step-4 checkpoint
+    workers = _descendants_named("RayTrainWorker")
+    assert len(workers) == 2, workers
+    os.kill(max(workers), signal.SIGKILL)
+    driver.join(timeout=600)
+    assert outcome["result"].steps == STEPS
+
+    steps = [m["step"] for m in read_metrics(cfg.run_dir)]
+    assert steps == list(range(1, STEPS + 1))  # nothing repeated, nothing missing
+    _assert_same_weights(cfg.run_dir / "final", uninterrupted / "final")
+
+
+def test_killed_driver_resumes_on_rerun(built_store, uninterrupted, tmp_path):
+    cfg = _config(built_store, tmp_path, "driver", run={"max_failures": 0})
+    config_file = tmp_path / "cfg.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "kto_ray", "train", "--config", str(config_file)],
+        env=dict(os.environ, RAY_ADDRESS="local"),  # its own Ray, killed with it like a lost job
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    # A checkpoint counts once Ray Train has registered it (its snapshot file), not when its folder appears.
+    _wait_for(lambda: _registered_steps(cfg.run_dir), lambda: driver.poll() is None)
+    kill_process_tree(driver.pid)
+    driver.wait()
+    before, resume_step = read_metrics(cfg.run_dir), max(_registered_steps(cfg.run_dir))
+    assert resume_step < STEPS, "the run finished before it could be killed"
+
+    result = train(cfg)  # the same command again
+    after = read_metrics(result.run_dir)
+    assert [m["step"] for m in after] == list(range(1, STEPS + 1))
+    assert after[:resume_step] == before[:resume_step]  # resumed from the checkpoint, not from scratch
+    assert after[resume_step]["step_time"] != before[resume_step]["step_time"]  # and redid what followed
+    _assert_same_weights(result.run_dir / "final", uninterrupted / "final")
+
+
+def _poisoned_store(built_store, root: Path, step: int, rank: int, workers: int) -> Path:
+    """A copy of the store whose reference log-probs are NaN for exactly `rank`'s rows of `step`."""
+    cfg, store = built_store
+    copy = root / "poisoned"
+    copy.mkdir()
+    shutil.copy(store.path / MANIFEST, copy / MANIFEST)
+    train_rows = store.read_split("train")
+    schedule = Schedule.for_table(train_rows, workers, 4, 1, cfg.train.seed, GROUPED)
+    poisoned_ids = pa.array(train_rows["id"].take(schedule.rows_for(step - 1, rank)[0]))
+    table = pa.concat_tables([store.read_split("train"), store.read_split("eval")])
+    hit = pc.is_in(table["id"], poisoned_ids)
+    nan = pa.array([float("nan")] * len(table), pa.float32())
+    table = table.set_column(
+        table.schema.get_field_index("ref_logps"), "ref_logps", pc.if_else(hit, nan, table["ref_logps"])
+    )
+    pq.write_table(table, copy / "part-0.parquet")
+    return copy
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(built_store, tmp_path):
+    store = _poisoned_store(built_store, tmp_path, step=3, rank=1, workers=2)
+    cfg = _config(
+        built_store,
+        tmp_path,
+        "nan",
+        store={"path": str(store)},
+        run={"checkpoint_every": 1, "max_failures": 0},
+    )
+    with pytest.raises(TrainingStopped, match=r"step 3: non-finite loss.*step_00000002") as stopped:
+        train(cfg)  # only rank 1 sees the NaN: both ranks must stop, neither may hang
+    assert "\n" not in str(stopped.value)
+    assert [m["step"] for m in read_metrics(cfg.run_dir)] == [1, 2]
+    assert sorted(p.name for p in (cfg.run_dir / "checkpoints").glob("step_*")) == [
+        "step_00000001",
+        "step_00000002",
+    ]
+    assert not (cfg.run_dir / "final").exists()
+    resumed = cfg.model_copy(deep=True)
+    resumed.store.path = built_store[0].store.path  # the clean store: the rerun resumes from step 2
+    resumed.train.max_steps = 3
+    assert [m["step"] for m in read_metrics(train(resumed).run_dir)] == [1, 2, 3]
+
+
+def test_failed_checkpoint_write_keeps_the_previous_checkpoint(built_store, tmp_path):
+    cfg = _config(built_store, tmp_path, "disk", train={"max_steps": 8}, run={"max_failures": 0})
+    checkpoints = cfg.run_dir / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    blocker = checkpoints / "step_00000008"
+    blocker.write_text("a file where the step-8 checkpoint folder must go: writing it fails part-way")
+
+    with pytest.raises(Exception, match="step_00000008"):
+        train(cfg)
+    before = read_metrics(cfg.run_dir)
+    assert _registered_steps(cfg.run_dir) == [4]
+    assert {p.name for p in (checkpoints / "step_00000004").iterdir()} >= {"zero", "trainer_state.json"}
+
+    blocker.unlink()  # the disk is writable again: the rerun resumes from the intact step-4 checkpoint
+    after = read_metrics(train(cfg).run_dir)
+    assert [m["step"] for m in after] == list(range(1, 9))
+    assert after[:4] == before[:4]
+    assert (cfg.run_dir / "final" / "model.safetensors").is_file()
+
+
+def test_killed_overwrite_keeps_the_previous_store(built_store, tiny_model, tmp_path):
+    from kto_ray.reference.precompute import precompute
+    from kto_ray.reference.store import open_store
+
+    cfg, store = built_store
+    path = tmp_path / "store"
+    shutil.copytree(store.path, path)
+    changed = cfg.model_copy(deep=True)
+    changed.store.path, changed.data.seed = str(path), cfg.data.seed + 1
+    config_file = tmp_path / "changed.yaml"
+    config_file.write_text(yaml.safe_dump(changed.model_dump(mode="json")))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kto_ray", "precompute", "--overwrite", "--config", str(config_file)],
+        env=dict(os.environ, RAY_ADDRESS="local"),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _wait_for(lambda: list(tmp_path.glob(".store.tmp-*")), lambda: proc.poll() is None)
+    time.sleep(1.0)
+    kill_process_tree(proc.pid)
+    proc.wait()
+
+    kept = open_store(path, store.manifest.fingerprint)  # the previous store, whole and still valid
+    assert kept.read_split("train").equals(store.read_split("train"))
+    result = precompute(changed, overwrite=True)
+    assert (
+        not result.reused
+        and result.store.manifest.fingerprint["pairing"] != store.manifest.fingerprint["pairing"]
+    )
+    assert not list(tmp_path.glob(".store.*"))
