@@ -29,6 +29,18 @@ class ModelConfig(Section):
         False, description="Also accept .bin (pickle) weights; off means safetensors only."
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa",
+        description="Attention kernel for every model load (policy, reference, evaluate); "
+        "flash_attention_2 needs the flash-attn package and a GPU.",
+    )
+    logprob_chunk_tokens: int | None = Field(
+        1024,
+        ge=1,
+        description="Completion tokens per chunk through the LM head when computing log-probs (logits "
+        "recomputed in backward), so memory grows with chunk x vocab, not rows x length x vocab; "
+        "null computes the full logits (the slower, larger path, kept for comparison).",
+    )
 
 
 class ReferenceConfig(Section):
@@ -123,6 +135,16 @@ class DeepSpeedConfig(Section):
     nvme_path: str = Field("/local_nvme", description="Folder for NVMe offload.")
     bf16: bool | Literal["auto"] = Field("auto", description="bf16 mixed precision; auto = on with GPUs.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    reduce_bucket_size: int | Literal["auto"] = Field(
+        "auto", description="Elements per gradient reduce bucket; auto = hidden_size^2 (transformers' rule)."
+    )
+    stage3_prefetch_bucket_size: int | Literal["auto"] = Field(
+        "auto", description="Elements of parameters prefetched ahead (stage 3); auto = 0.9 x hidden_size^2."
+    )
+    stage3_param_persistence_threshold: int | Literal["auto"] = Field(
+        "auto",
+        description="Parameters smaller than this stay gathered (stage 3); auto = 10 x hidden_size.",
+    )
 
 
 class RunConfig(Section):

@@ -32,7 +32,8 @@ def completion_logps(
     logits: [B, T, V] from a causal LM over `input_ids` [B, T]; completion_mask: [B, T], 1 where the
     token at that position belongs to the completion. Position t's token is predicted by logits[t-1].
     """
-    logits = logits[:, :-1, :].float()
+    logits = logits[:, :-1, :]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least
     targets = input_ids[:, 1:]
     mask = completion_mask[:, 1:].to(logits.dtype)
     # gather - logsumexp keeps no [B, T, V] log-softmax tensor alive beyond the logits themselves.

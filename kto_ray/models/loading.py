@@ -21,11 +21,32 @@ def resolve_dtype(name: str, on_gpu: bool) -> torch.dtype:
     return DTYPES[name]
 
 
+_WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
 def _check_exists(path: str) -> None:
     # A path-looking string that does not exist is a typo, not a hub id: say so instead of a hub 404.
     looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or Path(path).suffix
-    if looks_local and not Path(path).expanduser().exists():
+    folder = Path(path).expanduser()
+    if looks_local and not folder.exists():
         raise UserError(f"model path not found: {path}")
+    if folder.is_dir():
+        _check_model_folder(folder)
+
+
+def _check_model_folder(folder: Path) -> None:
+    """Refuse folders transformers would fail on with a confusing message (a slow-tokenizer conversion
+    error for an empty folder, a missing-file trace for a folder without weights)."""
+    if not (folder / "config.json").is_file():
+        gguf = sorted(p.name for p in folder.glob("*.gguf"))
+        if gguf:
+            raise UserError(
+                f"model folder {folder} holds only GGUF weights ({gguf[0]}): convert it to a Hugging Face "
+                "folder (config.json + safetensors), e.g. with python -m kto_ray.assets smollm2"
+            )
+        raise UserError(f"model folder {folder} has no config.json: not a Hugging Face model folder")
+    if not any(next(folder.glob(pattern), None) for pattern in _WEIGHTS):
+        raise UserError(f"model folder {folder} has no weight files (*.safetensors)")
 
 
 def load_tokenizer(model: ModelConfig, path: str | None = None):
@@ -54,6 +75,7 @@ def load_causal_lm(model: ModelConfig, dtype: torch.dtype, path: str | None = No
         return AutoModelForCausalLM.from_pretrained(
             path,
             dtype=dtype,
+            attn_implementation=model.attn_implementation,
             trust_remote_code=model.trust_remote_code,
             use_safetensors=None if model.allow_pickle_weights else True,
             revision=model.revision,
@@ -67,6 +89,29 @@ def load_model_config(model: ModelConfig, path: str | None = None):
 
     path = path or model.path
     _check_exists(path)
-    return AutoConfig.from_pretrained(
-        path, trust_remote_code=model.trust_remote_code, revision=model.revision
-    )
+    try:
+        return AutoConfig.from_pretrained(
+            path, trust_remote_code=model.trust_remote_code, revision=model.revision
+        )
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read the model config of {path}: {str(err).splitlines()[0]}") from None
+
+
+def hidden_size_of(model: ModelConfig, path: str | None = None) -> int | None:
+    """The (text) hidden size from the model's config.json, for DeepSpeed's bucket sizes."""
+    config = load_model_config(model, path)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    size = getattr(text, "hidden_size", None)
+    return int(size) if size is not None else None
+
+
+def check_context_length(model: ModelConfig, max_length: int, path: str | None = None) -> None:
+    """Refuse a data.max_length the model cannot attend over: positions past its limit are garbage."""
+    config = load_model_config(model, path)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text, "max_position_embeddings", None)
+    if limit is not None and max_length > int(limit):
+        raise UserError(
+            f"data.max_length {max_length} is above the model's max_position_embeddings {limit} "
+            f"({path or model.path})"
+        )

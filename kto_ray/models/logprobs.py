@@ -2,13 +2,20 @@
 
 One function builds the padded tensors and one computes the log-probs, so the reference store and
 the training forward see byte-identical inputs (step 0 with policy = reference gives rewards of 0).
+
+By default the log-probs never hold the [rows, length, vocab] logits: the decoder's final hidden
+states at the completion positions go through the LM head a chunk of tokens at a time (logsumexp and
+gather per chunk), and backward recomputes each chunk's logits. At a 152k vocabulary and 2,048 tokens
+the full fp32 logits are 1.2 GiB per row before their gradient; a 1,024-token chunk is 0.6 GiB whatever
+the batch (BENCHMARKS.md, "Chunked log-probs").
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,13 +63,31 @@ def pad_sequences(
     return PaddedBatch(torch.from_numpy(input_ids), torch.from_numpy(attention), torch.from_numpy(completion))
 
 
-def sequence_logps(model: torch.nn.Module, batch: PaddedBatch) -> torch.Tensor:
-    """Summed completion log-prob per row under `model` (float32).
+DEFAULT_CHUNK_TOKENS = 1024
 
-    Logits are only computed from the position that predicts the batch's first completion token on
-    (transformers' `logits_to_keep`): prompts need no vocabulary projection, which for 128k-token
-    vocabularies is a large share of the logits' memory and of the head's FLOPs.
+# Config attributes of models whose logits are not a plain linear map of the last hidden state
+# (soft-capping, scaling): the chunked path would skip that step, so they take the full path.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def sequence_logps(
+    model: torch.nn.Module, batch: PaddedBatch, chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS
+) -> torch.Tensor:
+    """Summed completion log-prob per row under `model` (float32; float64 for a float64 model).
+
+    With `chunk_tokens` set (and a model whose LM head is a plain linear layer), the logits of at most
+    that many completion tokens exist at a time, in forward and in backward. With None, or for other
+    models, the full logits are computed, from the position that predicts the batch's first
+    completion token on (transformers' `logits_to_keep`): prompts need no vocabulary projection.
     """
+    if chunk_tokens is not None:
+        parts = _decoder_and_head(model)
+        if parts is not None:
+            return _chunked_sequence_logps(*parts, batch, chunk_tokens)
+    return _full_sequence_logps(model, batch)
+
+
+def _full_sequence_logps(model: torch.nn.Module, batch: PaddedBatch) -> torch.Tensor:
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
     width = batch.input_ids.shape[1]
     first = _first_completion_position(batch.completion_mask)
@@ -72,6 +97,99 @@ def sequence_logps(model: torch.nn.Module, batch: PaddedBatch) -> torch.Tensor:
         return completion_logps(logits, batch.input_ids[:, -keep:], batch.completion_mask[:, -keep:])
     logits = model(**inputs).logits
     return completion_logps(logits, batch.input_ids, batch.completion_mask)
+
+
+def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
+    """The base model that returns hidden states and the linear LM head, or None when the model's
+    logits are anything else than head(hidden)."""
+    get_decoder = getattr(model, "get_decoder", None)
+    get_head = getattr(model, "get_output_embeddings", None)
+    if get_decoder is None or get_head is None:
+        return None
+    decoder, head = get_decoder(), get_head()
+    if decoder is None or decoder is model or not isinstance(head, torch.nn.Linear):
+        return None
+    config = getattr(model, "config", None)
+    for name in _LOGIT_TRANSFORMS:
+        if getattr(config, name, None) not in (None, 1, 1.0):
+            return None
+    return decoder, head
+
+
+def _chunked_sequence_logps(
+    decoder: torch.nn.Module, head: torch.nn.Linear, batch: PaddedBatch, chunk_tokens: int
+) -> torch.Tensor:
+    hidden = decoder(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+    ).last_hidden_state
+    # Position t's hidden state predicts token t + 1: keep only the positions that predict completion
+    # tokens, flattened over rows ([tokens, hidden]); padding and prompts never reach the head.
+    predicts_completion = batch.completion_mask[:, 1:].bool()
+    rows = predicts_completion.nonzero(as_tuple=True)[0]
+    states = hidden[:, :-1][predicts_completion]
+    targets = batch.input_ids[:, 1:][predicts_completion]
+    with _forward_replaced(
+        head, lambda h: _ChunkedTokenLogps.apply(h, head.weight, head.bias, targets, chunk_tokens)
+    ):
+        # Called as a module so DeepSpeed ZeRO-3's hooks gather its partitioned (possibly tied)
+        # weight for forward, gather it again for backward, and reduce its gradient, exactly as for
+        # the model's own call of the head.
+        token_logps = head(states)
+    out = torch.zeros(batch.input_ids.shape[0], dtype=token_logps.dtype, device=token_logps.device)
+    return out.index_add(0, rows, token_logps)
+
+
+@contextmanager
+def _forward_replaced(module: torch.nn.Module, forward) -> Iterator[None]:
+    module.forward = forward
+    try:
+        yield
+    finally:
+        del module.forward  # back to the class's forward
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """log p(target) per token from hidden states [N, H] through a linear head, `chunk` tokens at a time.
+
+    Forward keeps only the per-token logsumexp; backward recomputes each chunk's logits, turns them into
+    d logp / d logits = onehot(target) - softmax, and accumulates the hidden-state and head gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk):
+        dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least, fp64 in fp64 tests
+        token_logps = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)
+        logsumexp = torch.empty_like(token_logps)
+        for start in range(0, hidden.shape[0], chunk):
+            part = slice(start, start + chunk)
+            logits = torch.nn.functional.linear(hidden[part], weight, bias).to(dtype)
+            logsumexp[part] = torch.logsumexp(logits, dim=-1)
+            token_logps[part] = logits.gather(-1, targets[part, None]).squeeze(-1) - logsumexp[part]
+        ctx.save_for_backward(hidden, weight, bias, targets, logsumexp)
+        ctx.chunk = chunk
+        return token_logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, bias, targets, logsumexp = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_bias = torch.zeros_like(bias) if need_bias else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            part = slice(start, start + ctx.chunk)
+            logits = torch.nn.functional.linear(hidden[part], weight, bias).to(logsumexp.dtype)
+            grad = grad_logps[part, None].to(logsumexp.dtype)
+            grad_logits = logits.sub_(logsumexp[part, None]).exp_().mul_(-grad)
+            grad_logits.scatter_add_(-1, targets[part, None], grad)
+            grad_logits = grad_logits.to(weight.dtype)
+            if need_hidden:
+                grad_hidden[part] = grad_logits @ weight
+            if need_weight:
+                grad_weight.addmm_(grad_logits.T, hidden[part])
+            if need_bias:
+                grad_bias += grad_logits.sum(dim=0)
+        return grad_hidden, grad_weight, grad_bias, None, None
 
 
 def _first_completion_position(completion_mask: torch.Tensor) -> int:

@@ -21,7 +21,7 @@ import torch
 from kto_ray.config import KTOConfig, ModelConfig, with_absolute_paths
 from kto_ray.data.prepare import prepare_text, store_fingerprint, tokenize_rows
 from kto_ray.errors import UserError
-from kto_ray.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
+from kto_ray.models.loading import check_context_length, load_causal_lm, load_tokenizer, resolve_dtype
 from kto_ray.models.logprobs import length_buckets, pad_sequences, sequence_logps
 from kto_ray.raycluster import ray_session
 from kto_ray.reference.store import (
@@ -57,6 +57,7 @@ class ReferenceLogprobs:
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.model = load_causal_lm(model_cfg, resolve_dtype(dtype, use_gpu), path).to(self.device).eval()
         self.batch_rows, self.batch_tokens, self.pad_id = batch_rows, batch_tokens, pad_id
+        self.chunk_tokens = model_cfg.logprob_chunk_tokens
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         n = len(batch["id"])
@@ -69,7 +70,8 @@ class ReferenceLogprobs:
                 padded = pad_sequences(
                     [prompts[i] for i in rows], [completions[i] for i in rows], self.pad_id
                 )
-                scores[rows] = sequence_logps(self.model, padded.to(self.device)).cpu().numpy()
+                logps = sequence_logps(self.model, padded.to(self.device), self.chunk_tokens)
+                scores[rows] = logps.float().cpu().numpy()
         columns = {name: batch[name] for name in ("id", "kl_id", "label", "split")}
         for name in ("prompt_ids", "completion_ids", "kl_completion_ids"):
             columns[name] = [np.asarray(ids, dtype=np.int32) for ids in batch[name]]
@@ -108,6 +110,7 @@ def precompute(cfg: KTOConfig, overwrite: bool = False) -> PrecomputeResult:
     start = time.perf_counter()
     cfg = with_absolute_paths(cfg)
     tokenizer = load_tokenizer(cfg.model, cfg.reference_path)
+    check_context_length(cfg.model, cfg.data.max_length, cfg.reference_path)
     text = prepare_text(cfg, tokenizer)
     print(text.report.summary(), flush=True)
     fingerprint, inputs = store_fingerprint(cfg, text.data_digest, tokenizer)

@@ -15,13 +15,15 @@ from kto_ray.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
 from kto_ray.models.logprobs import length_buckets, pad_sequences, sequence_logps
 
 
-def _score(model, prompts, completions, pad_id: int, batch_rows: int) -> torch.Tensor:
+def _score(
+    model, prompts, completions, pad_id: int, batch_rows: int, chunk_tokens: int | None
+) -> torch.Tensor:
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
     out = np.zeros(len(lengths), dtype=np.float32)
     with torch.inference_mode():
         for rows in length_buckets(lengths, batch_rows):
             padded = pad_sequences([prompts[i] for i in rows], [completions[i] for i in rows], pad_id)
-            out[rows] = sequence_logps(model, padded).numpy()
+            out[rows] = sequence_logps(model, padded, chunk_tokens).float().numpy()
     return torch.from_numpy(out)
 
 
@@ -34,11 +36,9 @@ def evaluate(cfg: KTOConfig, model_path: str | None = None, split: str = "eval")
     expected, _ = store_fingerprint(cfg, prepare_text(cfg, tokenizer).data_digest, tokenizer)
     part = open_store(cfg.store.path, expected).read_split(split).to_pydict()
     model = load_causal_lm(cfg.model, resolve_dtype("float32", False), model_path or cfg.model.path).eval()
-    batch_rows = cfg.precompute.batch_rows
-    policy = _score(model, part["prompt_ids"], part["completion_ids"], tokenizer.pad_token_id, batch_rows)
-    policy_kl = _score(
-        model, part["prompt_ids"], part["kl_completion_ids"], tokenizer.pad_token_id, batch_rows
-    )
+    batch_rows, chunk, pad = cfg.precompute.batch_rows, cfg.model.logprob_chunk_tokens, tokenizer.pad_token_id
+    policy = _score(model, part["prompt_ids"], part["completion_ids"], pad, batch_rows, chunk)
+    policy_kl = _score(model, part["prompt_ids"], part["kl_completion_ids"], pad, batch_rows, chunk)
     ref, ref_kl = torch.tensor(part["ref_logps"]), torch.tensor(part["ref_kl_logps"])
     desirable = torch.tensor(part["label"], dtype=torch.bool)
     z0 = kl_z0(policy_kl, ref_kl)

@@ -17,7 +17,7 @@ import pyarrow as pa
 from kto_ray.config import KTOConfig, dump_config, with_absolute_paths
 from kto_ray.data.prepare import prepare_text, store_fingerprint, tokenize_rows
 from kto_ray.errors import TrainingStopped, UserError
-from kto_ray.models.loading import load_tokenizer
+from kto_ray.models.loading import check_context_length, load_tokenizer
 from kto_ray.raycluster import ray_session
 from kto_ray.reference.store import SCHEMA, open_store
 from kto_ray.training.batching import Schedule
@@ -37,6 +37,7 @@ class TrainResult:
 def train_table(cfg: KTOConfig, split: str = "train") -> pa.Table:
     """The rows to train on: from the checked store (offline) or tokenized here (online, no log-probs)."""
     tokenizer = load_tokenizer(cfg.model)
+    check_context_length(cfg.model, cfg.data.max_length)
     text = prepare_text(cfg, tokenizer)
     if cfg.reference.mode == "offline":
         expected, _ = store_fingerprint(cfg, text.data_digest, tokenizer)

@@ -20,13 +20,38 @@ def _offload(device: str, nvme_path: str) -> dict[str, Any]:
     return out
 
 
-def deepspeed_config(cfg: KTOConfig, world_size: int, train: bool = True) -> dict[str, Any]:
+def _bucket_sizes(cfg: KTOConfig, hidden_size: int | None) -> dict[str, int]:
+    """ZeRO bucket and persistence sizes: set ones as given, "auto" ones from the hidden size the way
+    transformers' DeepSpeed integration fills its "auto" values (DeepSpeed's defaults without one)."""
+    ds = cfg.deepspeed
+    auto = {}
+    if hidden_size is not None:
+        auto = {
+            "reduce_bucket_size": hidden_size * hidden_size,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+            "stage3_param_persistence_threshold": 10 * hidden_size,
+        }
+    out: dict[str, int] = {}
+    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
+        value = getattr(ds, key)
+        if value == "auto":
+            value = auto.get(key)
+        if value is not None and (ds.stage == 3 or not key.startswith("stage3_")):
+            out[key] = value
+    return out
+
+
+def deepspeed_config(
+    cfg: KTOConfig, world_size: int, train: bool = True, hidden_size: int | None = None
+) -> dict[str, Any]:
+    """The DeepSpeed config of a worker; `hidden_size` resolves the "auto" bucket sizes."""
     ds = cfg.deepspeed
     bf16 = cfg.cluster.use_gpu if ds.bf16 == "auto" else ds.bf16
     zero: dict[str, Any] = {
         "stage": ds.stage,
         "contiguous_gradients": True,
         "overlap_comm": cfg.cluster.use_gpu,
+        **_bucket_sizes(cfg, hidden_size),
     }
     if ds.stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False
@@ -103,12 +128,12 @@ def build_policy_engine(cfg: KTOConfig, ds_config: dict[str, Any], total_steps: 
     return engine
 
 
-def build_reference_engine(cfg: KTOConfig, world_size: int):
+def build_reference_engine(cfg: KTOConfig, world_size: int, hidden_size: int | None = None):
     """Frozen reference for `reference.mode: online`: ZeRO-3 inference, no optimizer state."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
-    ds_config = deepspeed_config(cfg, world_size, train=False)
+    ds_config = deepspeed_config(cfg, world_size, train=False, hidden_size=hidden_size)
     keep_alive = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
     model = load_causal_lm(cfg.model, resolve_dtype(cfg.model.dtype, cfg.cluster.use_gpu), cfg.reference_path)
     model.requires_grad_(False)

@@ -19,7 +19,7 @@ from typing import Protocol
 import torch
 
 from kto_ray.loss import kto_loss, z0_from_sum
-from kto_ray.models.logprobs import PaddedBatch, sequence_logps
+from kto_ray.models.logprobs import DEFAULT_CHUNK_TOKENS, PaddedBatch, sequence_logps
 from kto_ray.training.batching import KTOBatch
 from kto_ray.training.distributed import Reduce
 
@@ -61,10 +61,6 @@ _SUMS = (
 )
 
 
-def _policy_logps(engine: Engine, batch: PaddedBatch) -> torch.Tensor:
-    return sequence_logps(engine.module, batch)
-
-
 def train_step(
     engine: Engine,
     micro_batches: Sequence[KTOBatch],
@@ -73,8 +69,15 @@ def train_step(
     world_size: int,
     reference: ReferenceFn | None = None,
     device: torch.device | str = "cpu",
+    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
 ) -> dict[str, float]:
-    """Run one optimizer step over this rank's micro-batches; returns global metrics (TRL's names)."""
+    """Run one optimizer step over this rank's micro-batches; returns global metrics (TRL's names).
+
+    `chunk_tokens` is the log-prob chunking of `kto_ray.models.logprobs.sequence_logps`."""
+
+    def policy_logps(batch: PaddedBatch) -> torch.Tensor:
+        return sequence_logps(engine.module, batch, chunk_tokens)
+
     micro_batches = [mb.to(device) for mb in micro_batches]
     ref_logps: list[torch.Tensor] = []
     kl_sum = torch.zeros((), dtype=torch.float32, device=device)
@@ -83,7 +86,7 @@ def train_step(
         for mb in micro_batches:
             ref_y, ref_kl = reference(mb) if reference is not None else (mb.ref_logps, mb.ref_kl_logps)
             ref_logps.append(ref_y.float())
-            kl_sum += (_policy_logps(engine, mb.kl) - ref_kl.float()).sum()
+            kl_sum += (policy_logps(mb.kl) - ref_kl.float()).sum()
             kl_count += len(mb)
     totals = reduce(torch.stack([kl_sum, torch.tensor(float(kl_count), device=device)]))
     z0 = z0_from_sum(totals[0], totals[1])
@@ -91,7 +94,7 @@ def train_step(
 
     sums = torch.zeros(len(_SUMS), dtype=torch.float32, device=device)
     for mb, ref_y in zip(micro_batches, ref_logps):
-        policy = _policy_logps(engine, mb.policy)
+        policy = policy_logps(mb.policy)
         out = kto_loss(
             policy,
             ref_y,

@@ -14,7 +14,7 @@ import ray.train
 import torch
 
 from kto_ray.config import KTOConfig
-from kto_ray.models.loading import load_tokenizer
+from kto_ray.models.loading import hidden_size_of, load_tokenizer
 from kto_ray.models.logprobs import sequence_logps
 from kto_ray.training.batching import Schedule, collate
 from kto_ray.training.checkpoint import restore, save_and_report
@@ -56,13 +56,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     )
     total_steps = loop_config["total_steps"]
     tokenizer = load_tokenizer(cfg.model)
-    engine = build_policy_engine(cfg, deepspeed_config(cfg, world), total_steps)
+    hidden_size = hidden_size_of(cfg.model)
+    engine = build_policy_engine(cfg, deepspeed_config(cfg, world, hidden_size=hidden_size), total_steps)
     reference = None
     if cfg.reference.mode == "online":
-        ref_model = build_reference_engine(cfg, world)
+        ref_model = build_reference_engine(cfg, world, hidden_size_of(cfg.model, cfg.reference_path))
 
         def reference(mb):
-            return sequence_logps(ref_model, mb.policy), sequence_logps(ref_model, mb.kl)
+            chunk = cfg.model.logprob_chunk_tokens
+            return sequence_logps(ref_model, mb.policy, chunk), sequence_logps(ref_model, mb.kl, chunk)
 
     start_step = restore(engine, rank)
     settings = LossSettings(cfg.train.beta, loop_config["desirable_weight"], cfg.train.undesirable_weight)
@@ -75,7 +77,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         learning_rate = engine.get_lr()[0]  # the rate this step applies
         batches = [collate(table, rows, tokenizer.pad_token_id) for rows in schedule.rows_for(step, rank)]
         try:
-            metrics = train_step(engine, batches, settings, all_reduce_sum, world, reference, device)
+            metrics = train_step(
+                engine,
+                batches,
+                settings,
+                all_reduce_sum,
+                world,
+                reference,
+                device,
+                chunk_tokens=cfg.model.logprob_chunk_tokens,
+            )
         except NonFiniteError as err:
             raise NonFiniteError(f"step {step + 1}: {err}") from None
         seconds = time.perf_counter() - began

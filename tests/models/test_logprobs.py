@@ -1,4 +1,5 @@
-"""Summed completion log-probs: the trimmed logits (prompt positions skipped) give the full forward's sums."""
+"""Summed completion log-probs on the full-logits path (`chunk_tokens=None`): the trimmed logits (prompt
+positions skipped) give the full forward's sums. The chunked path is tested in test_chunked_logprobs.py."""
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -34,8 +35,8 @@ def test_trimmed_logits_give_the_full_forward_sums(tiny_model):
     model.register_forward_hook(lambda _module, _args, out: logit_positions.append(out.logits.shape[1]))
     with torch.no_grad():
         full = _full_forward_logps(model, batch)
-        trimmed = sequence_logps(model, batch)
-        wrapped = sequence_logps(NoLogitsToKeep(model), batch)
+        trimmed = sequence_logps(model, batch, chunk_tokens=None)
+        wrapped = sequence_logps(NoLogitsToKeep(model), batch, chunk_tokens=None)
     # Width 9, shortest prompt 3: logits from position 2 (predicting token 3) on, 7 of 9; full otherwise.
     assert logit_positions == [9, 7, 9]
     torch.testing.assert_close(trimmed, full, atol=1e-5, rtol=1e-6)
@@ -47,7 +48,7 @@ def test_trimmed_logits_pass_the_same_gradient(tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     batch = pad_sequences(PROMPTS, COMPLETIONS, pad_id=0)
     grads = []
-    for logps_of in (_full_forward_logps, sequence_logps):
+    for logps_of in (_full_forward_logps, lambda m, b: sequence_logps(m, b, chunk_tokens=None)):
         model.zero_grad()
         logps_of(model, batch).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
