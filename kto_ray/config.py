@@ -35,7 +35,7 @@ class ModelConfig(Section):
         "flash_attention_2 needs the flash-attn package and a GPU.",
     )
     logprob_chunk_tokens: int | None = Field(
-        1024,
+        512,
         ge=1,
         description="Completion tokens per chunk through the LM head when computing log-probs (logits "
         "recomputed in backward), so memory grows with chunk x vocab, not rows x length x vocab; "

@@ -6,8 +6,9 @@ the training forward see byte-identical inputs (step 0 with policy = reference g
 By default the log-probs never hold the [rows, length, vocab] logits: the decoder's final hidden
 states at the completion positions go through the LM head a chunk of tokens at a time (logsumexp and
 gather per chunk), and backward recomputes each chunk's logits. At a 152k vocabulary and 2,048 tokens
-the full fp32 logits are 1.2 GiB per row before their gradient; a 1,024-token chunk is 0.6 GiB whatever
-the batch (BENCHMARKS.md, "Chunked log-probs").
+the full fp32 logits are 1.2 GiB per row before their gradient; a 512-token chunk is 0.3 GiB whatever
+the batch, and one forward + backward peaks at 0.19x the full path's memory (BENCHMARKS.md, "Chunked
+log-probs").
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def pad_sequences(
     return PaddedBatch(torch.from_numpy(input_ids), torch.from_numpy(attention), torch.from_numpy(completion))
 
 
-DEFAULT_CHUNK_TOKENS = 1024
+DEFAULT_CHUNK_TOKENS = 512
 
 # Config attributes of models whose logits are not a plain linear map of the last hidden state
 # (soft-capping, scaling): the chunked path would skip that step, so they take the full path.

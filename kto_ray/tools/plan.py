@@ -144,9 +144,17 @@ def layer_activation_bytes(arch: Architecture, seq: int, batch: int, elem: int) 
     return seq * batch * per_token * elem / 2
 
 
-def logits_bytes(arch: Architecture, tokens: int, bf16: bool) -> float:
-    # 16-bit logits, their fp32 upcast, and one more fp32 [B, T, V] (logsumexp's exp / the backward's grad).
-    return tokens * arch.vocab * ((2 if bf16 else 0) + 8)
+def logits_bytes(arch: Architecture, tokens: int, bf16: bool, chunk_tokens: int | None = None) -> float:
+    """Memory of the log-prob computation's [tokens, vocab] tensors.
+
+    Full path: 16-bit logits, their fp32 upcast, and one more fp32 [B, T, V] (logsumexp's exp / the
+    backward's grad). Chunked path (`model.logprob_chunk_tokens`): at most one chunk's logits exist,
+    with its fp32 upcast, exp and gradient: 12 bytes per element (+2 in bf16) fits the measured peak of
+    0.19x the full path at 512 tokens (BENCHMARKS.md, "Chunked log-probs").
+    """
+    if chunk_tokens is None:
+        return tokens * arch.vocab * ((2 if bf16 else 0) + 8)
+    return min(tokens, chunk_tokens) * arch.vocab * ((2 if bf16 else 0) + 12)
 
 
 def activations_bytes(arch: Architecture, seq: int, batch: int, elem: int, checkpointing: bool) -> float:
@@ -192,7 +200,10 @@ def precompute_actor_bytes(cfg: KTOConfig, arch: Architecture) -> float:
     if cfg.precompute.batch_tokens:
         tokens = max(seq, min(tokens, cfg.precompute.batch_tokens))
     weights = arch.total_params * elem
-    return weights + layer_activation_bytes(arch, tokens, 1, elem) + logits_bytes(arch, tokens, elem == 2)
+    chunk = cfg.model.logprob_chunk_tokens
+    return (
+        weights + layer_activation_bytes(arch, tokens, 1, elem) + logits_bytes(arch, tokens, elem == 2, chunk)
+    )
 
 
 def plan(
@@ -210,7 +221,7 @@ def plan(
     elem = 2 if bf16 else 4
     seq, batch, ckpt = cfg.data.max_length, cfg.train.micro_batch_size, cfg.deepspeed.gradient_checkpointing
     acts = activations_bytes(arch, seq, batch, elem, ckpt)
-    logits = logits_bytes(arch, seq * batch, bf16)
+    logits = logits_bytes(arch, seq * batch, bf16, cfg.model.logprob_chunk_tokens)
     # KTO's KL completions: a no-grad forward of the same batch shape, finished (and freed) before the
     # training forward, so it costs inference activations (one layer + logits) and never adds to them.
     kl = layer_activation_bytes(arch, seq, batch, elem) + logits

@@ -106,12 +106,13 @@ def test_model_states_agree_with_deepspeed(request, model, gpus_per_node, nodes)
 
 
 def test_activations_grow_with_length_and_shrink_with_checkpointing(llama):
-    def acts(length: int, ckpt: bool, micro: int = 2) -> tuple[float, float]:
+    def acts(length: int, ckpt: bool, micro: int = 2, chunk: str = "null") -> tuple[float, float]:
         p = plan(
             gpu_config(
                 f"data.max_length={length}",
                 f"deepspeed.gradient_checkpointing={str(ckpt).lower()}",
                 f"train.micro_batch_size={micro}",
+                f"model.logprob_chunk_tokens={chunk}",
             ),
             model_config=llama,
         )
@@ -121,8 +122,10 @@ def test_activations_grow_with_length_and_shrink_with_checkpointing(llama):
     assert long[0] > 3.9 * short[0] and long[1] == pytest.approx(4 * short[1])
     assert acts(2048, False)[0] > 5 * acts(2048, True)[0]
     assert acts(2048, True, micro=4)[0] == pytest.approx(2 * acts(2048, True, micro=2)[0])
-    # Logits: micro 2 x 2048 tokens x 128256 vocab x (2 bytes bf16 + two fp32 copies).
+    # Full logits: micro 2 x 2048 tokens x 128256 vocab x (2 bytes bf16 + two fp32 copies).
     assert acts(2048, True)[1] == 2 * 2048 * 128256 * 10
+    # Chunked: one chunk of 512 tokens x 128256 x (2 bytes bf16 + three fp32 tensors), whatever the length.
+    assert acts(2048, True, chunk="512")[1] == acts(4096, True, chunk="512")[1] == 512 * 128256 * 14
 
 
 def test_advice_for_the_8b_model(llama):
