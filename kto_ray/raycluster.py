@@ -20,6 +20,10 @@ def ray_session(address: str | None = None) -> Iterator[None]:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        # Ray Train's placement-group cleaner finds the state API through /tmp/ray/ray_current_cluster,
+        # the Ray started last on this host: another Ray there would make it remove our placement group
+        # mid-run. This Ray has no API server, so point the lookup nowhere.
+        os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9")
         ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True)
     try:
         yield

@@ -21,6 +21,14 @@ def tiny_model() -> Path:
     return ensure_tiny_model(REPO / "artifacts" / "tiny-llama")
 
 
+@pytest.fixture(scope="session")
+def real_model() -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder (`make real-model`; built here when missing)."""
+    from kto_ray.assets.smollm2 import build_smollm2
+
+    return build_smollm2(REPO / "artifacts" / "smollm2-135m-instruct")
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A fresh local Ray per test module: no actor, placement group or Ray Data state leaks across."""
@@ -28,6 +36,9 @@ def ray_local():
 
     if ray.is_initialized():
         ray.shutdown()
+    # As kto_ray.raycluster does for a local Ray: Ray Train's placement-group cleaner would otherwise ask
+    # the Ray started last on this host (another test run's) about our controller, and remove our group.
+    os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
@@ -42,7 +53,7 @@ def small_data(tmp_path_factory) -> Path:
     return out
 
 
-def make_config(tiny_model: Path, data: Path, root: Path, **sections):
+def make_config(tiny_model: Path, data: Path, root: Path, /, **sections):
     """A small CPU config rooted in `root`; `sections` override whole keys, e.g. train={"max_steps": 1}."""
     from kto_ray.config import config_from_dict, load_config
 

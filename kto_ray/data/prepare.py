@@ -3,6 +3,8 @@
 read + validate (driver, text only) -> KL pairing and split (driver, seeded) -> tokenization
 (`tokenize_rows`, run in Ray Data tasks by precompute). The fingerprint of everything the reference
 log-probs depend on is computed here too, so precompute and training compute it the same way.
+Training and evaluation check a store with `checked_store`, which trusts the store's recorded data
+digest while the data files' stats are unchanged, so a rerun does not re-read the dataset.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import pyarrow as pa
 
 from kto_ray.config import KTOConfig
 from kto_ray.data.pairing import kl_partners, split_assignment
-from kto_ray.data.sources import IngestReport, content_fingerprint, read_examples
+from kto_ray.data.sources import IngestReport, content_fingerprint, local_files, read_examples
 from kto_ray.data.tokenize import TRUNCATION_POLICY, tokenize_batch
 from kto_ray.models.loading import resolve_dtype
-from kto_ray.reference.store import sha256_text, tokenizer_fingerprint, weights_fingerprint
+from kto_ray.reference.fingerprint import FileStat, sha256_text, tokenizer_fingerprint, weights_fingerprint
+from kto_ray.reference.store import Store, open_store, read_manifest
 
 
 @dataclass(frozen=True)
@@ -103,3 +106,45 @@ def store_fingerprint(cfg: KTOConfig, data_digest: str, tokenizer) -> tuple[dict
         "dtype": sha256_text(dtype),
     }
     return components, inputs
+
+
+def data_file_stats(cfg: KTOConfig) -> list[FileStat] | None:
+    """Path, size and mtime_ns of every data file, in reading order; None for a Hugging Face dataset.
+
+    Precompute takes them before it reads the files: a file changed during the read then differs
+    from the recorded stat at the next check, which re-reads it, never the other way round.
+    """
+    files = local_files(cfg.data.paths)
+    return None if files is None else [FileStat.of(f) for f in files]
+
+
+def data_digest(cfg: KTOConfig, tokenizer) -> str:
+    """The `data` component from the content: every row read, validated and rendered."""
+    examples, _ = read_examples(cfg.data.paths, tokenizer=tokenizer, hf_split=cfg.data.hf_split)
+    return content_fingerprint(examples)
+
+
+def checked_store(cfg: KTOConfig, tokenizer) -> Store:
+    """The store of `cfg`, refused (naming the component) unless its fingerprint matches the config.
+
+    The `data` component is taken from the manifest when the data files' recorded stats all still
+    match (no data byte is read); otherwise the data is read and its content compared, as a changed
+    mtime alone (a copy, a `touch`) does not make different data.
+    """
+    manifest = read_manifest(cfg.store.path)
+    if manifest is None:
+        return open_store(cfg.store.path)  # raises the "run precompute first" error
+    stats = data_file_stats(cfg)
+    recorded = manifest.fingerprint.get("data")
+    if stats is not None and manifest.data_files == stats and recorded is not None:
+        expected, _ = store_fingerprint(cfg, recorded, tokenizer)
+        return open_store(cfg.store.path, expected)
+    expected, _ = store_fingerprint(cfg, data_digest(cfg, tokenizer), tokenizer)
+    store = open_store(cfg.store.path, expected)
+    if stats is not None:
+        print(
+            f"data files changed since {cfg.store.path} recorded them (same content): rerun "
+            "`kto-ray precompute` to record them and skip re-reading the data on later runs",
+            flush=True,
+        )
+    return store

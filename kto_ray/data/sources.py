@@ -100,6 +100,19 @@ def content_fingerprint(examples: list[Example]) -> str:
     return digest.hexdigest()
 
 
+def local_files(paths: list[str]) -> list[Path] | None:
+    """The files `read_examples(paths)` reads, in its order, without reading them; None when a path is
+    a Hugging Face dataset name, which has no file whose stat could stand for its content."""
+    if isinstance(paths, str):
+        paths = [paths]
+    if not paths:
+        raise UserError("no data paths given (data.paths is empty)")
+    sources = [source for path in paths for source in _expand(path)]
+    if any(isinstance(source, str) for source in sources):
+        return None
+    return [source for source in sources if isinstance(source, Path)]
+
+
 # ---- sources -----------------------------------------------------------------------------------------
 
 

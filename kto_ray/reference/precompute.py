@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from kto_ray.config import KTOConfig, ModelConfig, with_absolute_paths
-from kto_ray.data.prepare import prepare_text, store_fingerprint, tokenize_rows
+from kto_ray.data.prepare import data_file_stats, prepare_text, store_fingerprint, tokenize_rows
 from kto_ray.errors import UserError
 from kto_ray.models.loading import check_context_length, load_causal_lm, load_tokenizer, resolve_dtype
 from kto_ray.models.logprobs import length_buckets, pad_sequences, sequence_logps
@@ -32,6 +32,7 @@ from kto_ray.reference.store import (
     differing_components,
     open_store,
     read_manifest,
+    record_data_files,
 )
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ def precompute(cfg: KTOConfig, overwrite: bool = False) -> PrecomputeResult:
     cfg = with_absolute_paths(cfg)
     tokenizer = load_tokenizer(cfg.model, cfg.reference_path)
     check_context_length(cfg.model, cfg.data.max_length, cfg.reference_path)
+    data_files = data_file_stats(cfg)  # before the read: see data_file_stats
     text = prepare_text(cfg, tokenizer)
     print(text.report.summary(), flush=True)
     fingerprint, inputs = store_fingerprint(cfg, text.data_digest, tokenizer)
@@ -119,6 +121,8 @@ def precompute(cfg: KTOConfig, overwrite: bool = False) -> PrecomputeResult:
     if existing is not None:
         differing = differing_components(fingerprint, existing.fingerprint)
         if not differing:
+            if existing.data_files != data_files:  # same content, new stats: training can trust them
+                record_data_files(cfg.store.path, data_files)
             store = open_store(cfg.store.path, fingerprint)
             rows = sum(store.count(s) for s in ("train", "eval"))
             print(
@@ -172,7 +176,7 @@ def precompute(cfg: KTOConfig, overwrite: bool = False) -> PrecomputeResult:
         if rows == 0:
             raise UserError("no example has a completion token left under data.max_length; nothing to store")
         seconds = time.perf_counter() - start
-        writer.commit(build_manifest(fingerprint, inputs, counts, tokens, seconds))
+        writer.commit(build_manifest(fingerprint, inputs, counts, tokens, seconds, data_files))
     dropped = len(text.table) - rows
     print(
         f"reference store {cfg.store.path}: {rows} rows (train {sum(counts['train'].values())}, "

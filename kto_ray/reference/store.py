@@ -6,8 +6,8 @@ temporary sibling and renames it into place only after the manifest is written.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
+import logging
 import os
 import shutil
 import time
@@ -22,6 +22,14 @@ from pydantic import BaseModel
 
 from kto_ray import __version__
 from kto_ray.errors import UserError
+from kto_ray.reference.fingerprint import FileStat
+
+# Fingerprinting moved to its own module; re-exported for code that imports it from here.
+from kto_ray.reference.fingerprint import sha256_text as sha256_text
+from kto_ray.reference.fingerprint import tokenizer_fingerprint as tokenizer_fingerprint
+from kto_ray.reference.fingerprint import weights_fingerprint as weights_fingerprint
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -55,44 +63,10 @@ class Manifest(BaseModel):
     seconds: float
     created: str
     kto_ray_version: str
-
-
-def sha256_text(*parts: Any) -> str:
-    digest = hashlib.sha256()
-    for part in parts:
-        digest.update(json.dumps(part, sort_keys=True, default=str).encode())
-        digest.update(b"\0")
-    return digest.hexdigest()
-
-
-def _file_digest(path: Path) -> str:
-    # Hub caches name each LFS blob by its sha256: reuse it instead of re-reading many GB.
-    target = path.resolve()
-    if target.parent.name == "blobs" and len(target.name) == 64:
-        return target.name
-    digest = hashlib.sha256()
-    with open(target, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def weights_fingerprint(model_dir: str | Path, allow_pickle: bool = False) -> str:
-    """Hash of the weight files (not a state_dict walk) of a local model folder."""
-    model_dir = Path(model_dir)
-    patterns = ["*.safetensors"] + (["*.bin", "*.pt"] if allow_pickle else [])
-    files = sorted({f for pattern in patterns for f in model_dir.glob(pattern)})
-    if not files:
-        raise UserError(f"no weight files ({', '.join(patterns)}) in {model_dir}")
-    return sha256_text(*[(f.name, _file_digest(f)) for f in files])
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocab = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
-    return sha256_text(
-        vocab, tokenizer.all_special_tokens, getattr(tokenizer, "chat_template", None), tokenizer.padding_side
-    )
+    # The data files the `data` component was computed from, stat'ed before they were read: when they
+    # all still match, training trusts `fingerprint["data"]` without re-reading the data. None for a
+    # Hugging Face dataset (nothing to stat) and in manifests written before this field existed.
+    data_files: list[FileStat] | None = None
 
 
 def differing_components(expected: dict[str, str], found: dict[str, str]) -> list[str]:
@@ -201,6 +175,7 @@ def build_manifest(
     table_stats: dict[str, dict[str, int]],
     tokens: int,
     seconds: float,
+    data_files: list[FileStat] | None = None,
 ) -> Manifest:
     return Manifest(
         format_version=FORMAT_VERSION,
@@ -211,4 +186,27 @@ def build_manifest(
         seconds=round(seconds, 3),
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         kto_ray_version=__version__,
+        data_files=data_files,
     )
+
+
+def record_data_files(path: str | Path, data_files: list[FileStat] | None) -> None:
+    """Replace the data file stats of a complete store whose content fingerprint was just rechecked.
+
+    The manifest is replaced atomically (temporary file + rename), so the store never lacks one. The
+    stats only save later runs a re-read of the data: a store that cannot be written (a read-only
+    mount) keeps its old ones, with a warning.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise UserError(f"no reference store at {path} (run `kto-ray precompute` first)")
+    updated = manifest.model_copy(update={"data_files": data_files})
+    tmp = path / f".{MANIFEST}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_text(updated.model_dump_json(indent=2))
+        os.replace(tmp, path / MANIFEST)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        log.warning("could not record the data file stats in %s (%s)", path / MANIFEST, err)

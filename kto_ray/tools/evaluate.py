@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from kto_ray.config import KTOConfig, with_absolute_paths
-from kto_ray.data.prepare import prepare_text, store_fingerprint
+from kto_ray.data.prepare import checked_store
 from kto_ray.loss import kl_z0, kto_loss
 from kto_ray.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
 from kto_ray.models.logprobs import length_buckets, pad_sequences, sequence_logps
@@ -29,12 +29,9 @@ def _score(
 
 def evaluate(cfg: KTOConfig, model_path: str | None = None, split: str = "eval") -> dict[str, float]:
     """Score `model_path` (default: the policy) on a split of the checked store, on this process's CPU."""
-    from kto_ray.reference.store import open_store
-
     cfg = with_absolute_paths(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    expected, _ = store_fingerprint(cfg, prepare_text(cfg, tokenizer).data_digest, tokenizer)
-    part = open_store(cfg.store.path, expected).read_split(split).to_pydict()
+    part = checked_store(cfg, tokenizer).read_split(split).to_pydict()
     model = load_causal_lm(cfg.model, resolve_dtype("float32", False), model_path or cfg.model.path).eval()
     batch_rows, chunk, pad = cfg.precompute.batch_rows, cfg.model.logprob_chunk_tokens, tokenizer.pad_token_id
     policy = _score(model, part["prompt_ids"], part["completion_ids"], pad, batch_rows, chunk)

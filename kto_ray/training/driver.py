@@ -15,11 +15,11 @@ from pathlib import Path
 import pyarrow as pa
 
 from kto_ray.config import KTOConfig, dump_config, with_absolute_paths
-from kto_ray.data.prepare import prepare_text, store_fingerprint, tokenize_rows
+from kto_ray.data.prepare import checked_store, prepare_text, tokenize_rows
 from kto_ray.errors import TrainingStopped, UserError
 from kto_ray.models.loading import check_context_length, load_tokenizer
 from kto_ray.raycluster import ray_session
-from kto_ray.reference.store import SCHEMA, open_store
+from kto_ray.reference.store import SCHEMA
 from kto_ray.training.batching import Schedule
 
 log = logging.getLogger(__name__)
@@ -38,10 +38,11 @@ def train_table(cfg: KTOConfig, split: str = "train") -> pa.Table:
     """The rows to train on: from the checked store (offline) or tokenized here (online, no log-probs)."""
     tokenizer = load_tokenizer(cfg.model)
     check_context_length(cfg.model, cfg.data.max_length)
-    text = prepare_text(cfg, tokenizer)
     if cfg.reference.mode == "offline":
-        expected, _ = store_fingerprint(cfg, text.data_digest, tokenizer)
-        return open_store(cfg.store.path, expected).read_split(split)
+        # The store holds everything training needs (ids, labels, splits, log-probs): the raw data is
+        # only re-read when its files' stats no longer match the ones the store recorded.
+        return checked_store(cfg, tokenizer).read_split(split)
+    text = prepare_text(cfg, tokenizer)
     columns = tokenize_rows(
         text.table.to_pydict(), tokenizer, cfg.data.max_length, cfg.data.max_prompt_length
     )

@@ -21,6 +21,7 @@ from kto_ray.data.prepare import prepare_text
 from kto_ray.data.tokenize import tokenize_example
 from kto_ray.errors import UserError
 from kto_ray.models.loading import load_tokenizer
+from kto_ray.reference.fingerprint import FileStat
 from kto_ray.reference.precompute import precompute
 from kto_ray.reference.store import MANIFEST, open_store
 from tests.conftest import kill_process_tree, make_config
@@ -81,6 +82,12 @@ def test_pairing_is_deterministic_per_seed(built_store):
     other = prepare_text(cfg.model_copy(update={"data": cfg.data.model_copy(update={"seed": 7})}), tokenizer)
     assert first == again
     assert first != other.table["kl_id"].to_pylist()
+
+
+def test_manifest_records_the_data_file_stats(built_store, small_data):
+    # What training checks before it trusts the store's data fingerprint without re-reading the data.
+    _, store = built_store
+    assert store.manifest.data_files == [FileStat.of(small_data)]
 
 
 def test_second_run_reuses_without_model_work(built_store, capsys):

@@ -1,0 +1,280 @@
+"""Rerunning is O(1) in model and data size: cached weight digests, data checked by file stats."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from kto_ray.errors import UserError
+from kto_ray.reference import fingerprint
+from kto_ray.reference.fingerprint import DIGEST_CACHE, cache_dir, file_digests, weights_fingerprint
+from kto_ray.reference.store import MANIFEST, read_manifest
+
+GIB = 1 << 30
+
+
+class HashCounter:
+    """Wraps the one function that reads weight bytes, counting the files and bytes it hashed."""
+
+    def __init__(self, monkeypatch):
+        self.files: list[Path] = []
+        self.bytes = 0
+        real = fingerprint._hash_file
+
+        def counting(path: Path) -> str:
+            self.files.append(path)
+            self.bytes += path.stat().st_size
+            return real(path)
+
+        monkeypatch.setattr(fingerprint, "_hash_file", counting)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """A private digest cache folder for the test (never the user's)."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("KTO_RAY_CACHE", str(folder))
+    return folder
+
+
+def _weights(folder: Path, **files: bytes) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (folder / f"{name}.safetensors").write_bytes(content)
+    return folder
+
+
+def _set_mtime(path: Path, seconds: float) -> None:
+    os.utime(path, ns=(int(seconds * 1e9), int(seconds * 1e9)))
+
+
+# slow: the first (cold) fingerprint really hashes 5 GiB, 10-25 s on 2 shared cores.
+@pytest.mark.slow
+def test_second_fingerprint_of_a_5_gib_folder_reads_no_weight_bytes(tmp_path, cache, monkeypatch):
+    model = _weights(tmp_path / "model", small=b"weights")
+    with open(model / "big-00001-of-00001.safetensors", "wb") as f:
+        f.truncate(5 * GIB)  # sparse: costs no disk, still 5 GiB to read and hash
+    counter = HashCounter(monkeypatch)
+    first = weights_fingerprint(model)
+    assert counter.bytes == 5 * GIB + len(b"weights")
+
+    counter.bytes, counter.files = 0, []
+    started = time.perf_counter()
+    second = weights_fingerprint(model)
+    elapsed = time.perf_counter() - started
+    assert second == first
+    assert counter.files == [] and counter.bytes == 0
+    assert elapsed < 1.0, f"warm fingerprint took {elapsed:.2f}s"
+
+
+def test_cached_fingerprint_equals_the_uncached_hash(tmp_path, cache):
+    # The cache changes how a digest is found, never its value: stores built before it still match.
+    model = _weights(tmp_path / "model", a=b"alpha" * 1000, b=b"beta")
+    expected = fingerprint.sha256_text(
+        *[(f.name, hashlib.sha256(f.read_bytes()).hexdigest()) for f in sorted(model.glob("*.safetensors"))]
+    )
+    assert weights_fingerprint(model) == expected  # cold
+    assert weights_fingerprint(model) == expected  # warm
+
+
+def test_rewriting_or_touching_a_file_is_hashed_again(tmp_path, cache, monkeypatch):
+    model = _weights(tmp_path / "model", w=b"A" * 64)
+    weights = model / "w.safetensors"
+    _set_mtime(weights, 1_000_000)
+    counter = HashCounter(monkeypatch)
+    original = weights_fingerprint(model)
+
+    weights.write_bytes(b"B" * 64)  # same size, new content, new mtime
+    _set_mtime(weights, 1_000_001)
+    assert weights_fingerprint(model) != original
+    assert len(counter.files) == 2
+
+    weights.write_bytes(b"A" * 64)
+    _set_mtime(weights, 1_000_002)  # a touch: new mtime, the original content
+    assert weights_fingerprint(model) == original
+    assert len(counter.files) == 3
+
+    assert weights_fingerprint(model) == original  # unchanged since: from the cache
+    assert len(counter.files) == 3
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [b"{not json", b"\x00\xff\xfe", b"[1, 2]", b'{"version": 1, "entries": []}', b""],
+    ids=["truncated", "binary", "list", "wrong-entries", "empty"],
+)
+def test_a_corrupt_cache_is_recomputed_and_replaced(tmp_path, cache, monkeypatch, garbage):
+    model = _weights(tmp_path / "model", w=b"weights")
+    expected = weights_fingerprint(model)
+    (cache / DIGEST_CACHE).write_bytes(garbage)
+    counter = HashCounter(monkeypatch)
+    assert weights_fingerprint(model) == expected
+    assert len(counter.files) == 1
+    data = json.loads((cache / DIGEST_CACHE).read_text())  # valid again
+    assert str((model / "w.safetensors").resolve()) in data["entries"]
+
+
+def test_a_cache_entry_with_a_wrong_digest_shape_is_ignored(tmp_path, cache, monkeypatch):
+    model = _weights(tmp_path / "model", w=b"weights")
+    expected = weights_fingerprint(model)
+    data = json.loads((cache / DIGEST_CACHE).read_text())
+    for entry in data["entries"].values():
+        entry["sha256"] = 12
+    (cache / DIGEST_CACHE).write_text(json.dumps(data))
+    counter = HashCounter(monkeypatch)
+    assert weights_fingerprint(model) == expected
+    assert len(counter.files) == 1
+
+
+def test_an_unwritable_cache_still_fingerprints(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("the cache folder cannot be created under a file")
+    monkeypatch.setenv("KTO_RAY_CACHE", str(blocker / "cache"))
+    model = _weights(tmp_path / "model", w=b"weights")
+    assert weights_fingerprint(model) == weights_fingerprint(model)
+
+
+def test_the_cache_lives_in_the_user_cache_folder_never_the_model_folder(tmp_path, monkeypatch):
+    home, xdg = tmp_path / "home", tmp_path / "xdg"
+    monkeypatch.delenv("KTO_RAY_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    assert cache_dir() == home / ".cache" / "kto-ray"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")  # the XDG spec: relative is invalid
+    assert cache_dir() == home / ".cache" / "kto-ray"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(xdg))
+    assert cache_dir() == xdg / "kto-ray"
+
+    model = _weights(tmp_path / "model", w=b"weights")
+    before = sorted(model.rglob("*"))
+    weights_fingerprint(model)
+    assert sorted(model.rglob("*")) == before
+    assert (xdg / "kto-ray" / DIGEST_CACHE).is_file()
+    assert not home.exists()
+
+    monkeypatch.setenv("KTO_RAY_CACHE", str(tmp_path / "explicit"))
+    assert cache_dir() == tmp_path / "explicit"
+
+
+def test_hub_blobs_are_named_by_their_sha256_and_never_read(tmp_path, cache, monkeypatch):
+    content = b"hub weights"
+    sha = hashlib.sha256(content).hexdigest()
+    blobs = tmp_path / "models--org--m" / "blobs"
+    snapshot = tmp_path / "models--org--m" / "snapshots" / "abc"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (blobs / sha).write_bytes(content)
+    (snapshot / "model.safetensors").symlink_to(blobs / sha)
+    counter = HashCounter(monkeypatch)
+    assert file_digests([snapshot / "model.safetensors"]) == [sha]
+    assert counter.files == []
+    assert not (cache / DIGEST_CACHE).exists()  # nothing worth caching
+
+
+def _fingerprint_in_child(args: tuple[str, str]) -> str:
+    os.environ["KTO_RAY_CACHE"] = args[1]
+    return weights_fingerprint(args[0])
+
+
+def test_concurrent_runs_leave_a_valid_cache(tmp_path, cache):
+    models = [_weights(tmp_path / f"m{i}", w=f"weights {i}".encode() * 1000) for i in range(6)]
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        digests = pool.map(_fingerprint_in_child, [(str(m), str(cache)) for m in models] * 3)
+    assert digests == [weights_fingerprint(m) for m in models] * 3
+    data = json.loads((cache / DIGEST_CACHE).read_text())
+    assert set(data["entries"]) <= {str((m / "w.safetensors").resolve()) for m in models}
+    assert not list(cache.glob(".*.tmp"))  # no temporary left behind
+
+
+# ---- training and evaluation check the store by the data files' stats -------------------------------
+
+
+@pytest.fixture
+def own_store(built_store, tmp_path, cache):
+    """A copy of the built store and of its data file; precompute (reusing it) records the copy's stats."""
+    from kto_ray.reference.precompute import precompute
+
+    cfg, store = built_store
+    data = tmp_path / "data.jsonl"
+    shutil.copyfile(cfg.data.paths[0], data)
+    shutil.copytree(store.path, tmp_path / "store")
+    tree = cfg.model_dump(mode="json")
+    tree["data"]["paths"] = [str(data)]
+    tree["store"]["path"] = str(tmp_path / "store")
+    own = cfg.model_validate(tree)
+    assert precompute(own).reused
+    return own, data
+
+
+class ReadCounter:
+    def __init__(self, monkeypatch):
+        import kto_ray.data.prepare as prepare
+
+        self.calls = 0
+        real = prepare.read_examples
+
+        def counting(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(prepare, "read_examples", counting)
+
+
+@pytest.mark.slow
+def test_precompute_records_the_data_file_stats(own_store):
+    cfg, data = own_store
+    manifest = read_manifest(cfg.store.path)
+    assert [(f.path, f.size) for f in manifest.data_files] == [(str(data.resolve()), data.stat().st_size)]
+    assert manifest.data_files[0].mtime_ns == data.stat().st_mtime_ns
+
+
+@pytest.mark.slow
+def test_train_reads_the_data_only_when_its_stats_change(own_store, built_store, monkeypatch):
+    from kto_ray.training.driver import train_table
+
+    cfg, data = own_store
+    reads = ReadCounter(monkeypatch)
+    table = train_table(cfg)
+    assert reads.calls == 0
+    assert table.equals(built_store[1].read_split("train"))
+
+    _set_mtime(data, data.stat().st_mtime + 10)  # touched: same content
+    assert train_table(cfg).equals(table)
+    assert reads.calls == 1
+
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join(lines[:200]) + "\n")  # different content
+    with pytest.raises(UserError, match="different data"):
+        train_table(cfg)
+    assert reads.calls == 2
+
+
+@pytest.mark.slow
+def test_a_manifest_without_data_file_stats_is_checked_by_content(own_store, monkeypatch):
+    from kto_ray.training.driver import train_table
+
+    cfg, _ = own_store
+    manifest_file = Path(cfg.store.path) / MANIFEST
+    old = json.loads(manifest_file.read_text())
+    del old["data_files"]  # as written before the field existed
+    manifest_file.write_text(json.dumps(old))
+    reads = ReadCounter(monkeypatch)
+    assert len(train_table(cfg)) > 0
+    assert reads.calls == 1
+
+
+@pytest.mark.slow
+def test_evaluate_reads_no_data_when_its_stats_match(own_store, monkeypatch):
+    from kto_ray.tools.evaluate import evaluate
+
+    cfg, _ = own_store
+    reads = ReadCounter(monkeypatch)
+    metrics = evaluate(cfg)
+    assert reads.calls == 0 and metrics["rows"] > 0
