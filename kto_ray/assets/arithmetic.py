@@ -138,3 +138,23 @@ def write_default_data(out_dir: str | Path = "data") -> list[Path]:
         write_jsonl(generate_arithmetic(n, seed, fraction), Path(out_dir) / name)
         for name, n, seed, fraction in DATA_FILES
     ]
+
+
+def heldout_problems(n: int, seed: int, exclude: Iterable[str]) -> list[dict]:
+    """`n` distinct prompts {"prompt", "answer"} that are not in `exclude` (the training prompts).
+
+    Same facts and phrasings as the training data, new prompt texts: the answer-accuracy evaluation
+    never sees a prompt the policy was trained on.
+    """
+    rng = random.Random(seed)
+    seen = set(exclude)
+    rows: list[dict] = []
+    for _ in range(1000 * max(n, 1)):  # bounded: a tiny phrasing space could run out of new prompts
+        if len(rows) == n:
+            return rows
+        a, op, b, right = _operands(rng)
+        prompt = _prompt(rng, a, op, b)
+        if prompt not in seen:
+            seen.add(prompt)
+            rows.append({"prompt": prompt, "answer": right})
+    raise ValueError(f"could not find {n} prompts outside the {len(set(exclude))} excluded ones")

@@ -13,6 +13,7 @@ from kto_ray.data.prepare import checked_store
 from kto_ray.loss import kl_z0, kto_loss
 from kto_ray.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
 from kto_ray.models.logprobs import length_buckets, pad_sequences, sequence_logps
+from kto_ray.training.driver import desirable_weight
 
 
 def _score(
@@ -31,7 +32,8 @@ def evaluate(cfg: KTOConfig, model_path: str | None = None, split: str = "eval")
     """Score `model_path` (default: the policy) on a split of the checked store, on this process's CPU."""
     cfg = with_absolute_paths(cfg)
     tokenizer = load_tokenizer(cfg.model)
-    part = checked_store(cfg, tokenizer).read_split(split).to_pydict()
+    store = checked_store(cfg, tokenizer)
+    part = store.read_split(split).to_pydict()
     model = load_causal_lm(cfg.model, resolve_dtype("float32", False), model_path or cfg.model.path).eval()
     batch_rows, chunk, pad = cfg.precompute.batch_rows, cfg.model.logprob_chunk_tokens, tokenizer.pad_token_id
     policy = _score(model, part["prompt_ids"], part["completion_ids"], pad, batch_rows, chunk)
@@ -39,7 +41,8 @@ def evaluate(cfg: KTOConfig, model_path: str | None = None, split: str = "eval")
     ref, ref_kl = torch.tensor(part["ref_logps"]), torch.tensor(part["ref_kl_logps"])
     desirable = torch.tensor(part["label"], dtype=torch.bool)
     z0 = kl_z0(policy_kl, ref_kl)
-    lam_d = 1.0 if cfg.train.desirable_weight == "auto" else float(cfg.train.desirable_weight)
+    # The weight training used: `auto` comes from the train split's label counts, not this split's.
+    lam_d = desirable_weight(cfg, store.read_split("train", columns=["id", "label"]))
     out = kto_loss(
         policy,
         ref,
