@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from kto_ray import console
 from kto_ray.config import load_config
 from kto_ray.errors import KtoRayError
 
@@ -15,6 +16,12 @@ DEFAULT_CONFIG = "configs/demo.yaml"
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help=f"YAML run config (default: {DEFAULT_CONFIG} when present)")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show Ray, Ray Data, DeepSpeed and transformers output (or set KTO_RAY_VERBOSE=1)",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -131,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    console.configure(args.verbose)
     try:
         return run(args)
     except KtoRayError as err:

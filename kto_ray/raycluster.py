@@ -6,6 +6,8 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from kto_ray.console import ray_init_options
+
 
 @contextmanager
 def ray_session(address: str | None = None) -> Iterator[None]:
@@ -18,13 +20,13 @@ def ray_session(address: str | None = None) -> Iterator[None]:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **ray_init_options())
     else:
         # Ray Train's placement-group cleaner finds the state API through /tmp/ray/ray_current_cluster,
         # the Ray started last on this host: another Ray there would make it remove our placement group
         # mid-run. This Ray has no API server, so point the lookup nowhere.
         os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9")
-        ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True)
+        ray.init(include_dashboard=False, dashboard_host="127.0.0.1", **ray_init_options())
     try:
         yield
     finally:

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import torch
 
 from kto_ray.config import KTOConfig, ModelConfig, with_absolute_paths
+from kto_ray.console import RowProgress, configure_ray_data
 from kto_ray.data.prepare import data_file_stats, prepare_text, store_fingerprint, tokenize_rows
 from kto_ray.errors import UserError
 from kto_ray.models.loading import check_context_length, load_causal_lm, load_tokenizer, resolve_dtype
@@ -54,11 +55,13 @@ class ReferenceLogprobs:
         batch_rows: int,
         batch_tokens: int | None,
         pad_id: int,
+        progress=None,
     ):
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.model = load_causal_lm(model_cfg, resolve_dtype(dtype, use_gpu), path).to(self.device).eval()
         self.batch_rows, self.batch_tokens, self.pad_id = batch_rows, batch_tokens, pad_id
         self.chunk_tokens = model_cfg.logprob_chunk_tokens
+        self.progress = progress  # a _Counter actor for the driver's progress bar, or None
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
         n = len(batch["id"])
@@ -73,6 +76,8 @@ class ReferenceLogprobs:
                 )
                 logps = sequence_logps(self.model, padded.to(self.device), self.chunk_tokens)
                 scores[rows] = logps.float().cpu().numpy()
+        if self.progress is not None:
+            self.progress.add.remote(n, sum(lengths))  # fire and forget: the bar is best effort
         columns = {name: batch[name] for name in ("id", "kl_id", "label", "split")}
         for name in ("prompt_ids", "completion_ids", "kl_completion_ids"):
             columns[name] = [np.asarray(ids, dtype=np.int32) for ids in batch[name]]
@@ -80,6 +85,19 @@ class ReferenceLogprobs:
         return pa.table(
             {field.name: pa.array(columns[field.name], field.type) for field in SCHEMA}, schema=SCHEMA
         )
+
+
+class _Counter:
+    """Rows and tokens scored so far, summed over the actors (a Ray actor with no CPU of its own)."""
+
+    def __init__(self) -> None:
+        self.rows = self.tokens = 0
+
+    def add(self, rows: int, tokens: int) -> None:
+        self.rows, self.tokens = self.rows + rows, self.tokens + tokens
+
+    def read(self) -> tuple[int, int]:
+        return self.rows, self.tokens
 
 
 @dataclass(frozen=True)
@@ -139,6 +157,8 @@ def precompute(cfg: KTOConfig, overwrite: bool = False) -> PrecomputeResult:
     with ray_session(cfg.cluster.address), StoreWriter(cfg.store.path) as writer:
         import ray.data
 
+        configure_ray_data()
+        counter = ray.remote(num_cpus=0)(_Counter).remote()
         # Ray Data bundles blocks up to batch_size rows: cap the bucket so every actor gets rows.
         bucket_rows = max(1, min(cfg.precompute.bucket_rows, -(-len(text.table) // cfg.precompute.actors)))
         blocks = max(2 * cfg.precompute.actors, len(text.table) // bucket_rows + 1)
@@ -163,14 +183,16 @@ def precompute(cfg: KTOConfig, overwrite: bool = False) -> PrecomputeResult:
                 "batch_rows": cfg.precompute.batch_rows,
                 "batch_tokens": cfg.precompute.batch_tokens,
                 "pad_id": tokenizer.pad_token_id,
+                "progress": counter,
             },
             batch_size=bucket_rows,
             batch_format="numpy",
-            concurrency=cfg.precompute.actors,
+            compute=ray.data.ActorPoolStrategy(size=cfg.precompute.actors),
             num_gpus=cfg.precompute.gpus_per_actor,
             num_cpus=cfg.precompute.cpus_per_actor,
         )
-        ds.write_parquet(str(writer.tmp))
+        with RowProgress(lambda: ray.get(counter.read.remote()), len(text.table), "reference"):
+            ds.write_parquet(str(writer.tmp))
         counts, tokens = _store_stats(writer.tmp)
         rows = sum(sum(c.values()) for c in counts.values())
         if rows == 0:

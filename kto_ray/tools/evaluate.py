@@ -42,7 +42,7 @@ def evaluate(cfg: KTOConfig, model_path: str | None = None, split: str = "eval")
     desirable = torch.tensor(part["label"], dtype=torch.bool)
     z0 = kl_z0(policy_kl, ref_kl)
     # The weight training used: `auto` comes from the train split's label counts, not this split's.
-    lam_d = desirable_weight(cfg, store.read_split("train", columns=["id", "label"]))
+    lam_d = desirable_weight(cfg, store.read_split("train", columns=["id", "label"]), warn=False)
     out = kto_loss(
         policy,
         ref,

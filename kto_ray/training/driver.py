@@ -15,6 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from kto_ray.config import KTOConfig, dump_config, with_absolute_paths
+from kto_ray.console import TrainingProgress
 from kto_ray.data.prepare import checked_store, prepare_text, tokenize_rows
 from kto_ray.errors import TrainingStopped, UserError
 from kto_ray.models.loading import check_context_length, load_tokenizer
@@ -52,7 +53,7 @@ def train_table(cfg: KTOConfig, split: str = "train") -> pa.Table:
     return table.filter(pa.compute.equal(table["split"], split))
 
 
-def desirable_weight(cfg: KTOConfig, table: pa.Table) -> float:
+def desirable_weight(cfg: KTOConfig, table: pa.Table, warn: bool = True) -> float:
     """lambda_D, from the config or (`auto`) from the label counts; warns outside the paper's range."""
     n_desirable = int(pa.compute.sum(table["label"]).as_py() or 0)
     n_undesirable = len(table) - n_desirable
@@ -60,7 +61,7 @@ def desirable_weight(cfg: KTOConfig, table: pa.Table) -> float:
     if cfg.train.desirable_weight == "auto":
         return lam_u * n_undesirable / n_desirable if n_desirable and n_undesirable else 1.0
     lam_d = float(cfg.train.desirable_weight)
-    if n_desirable and n_undesirable:
+    if warn and n_desirable and n_undesirable:
         ratio = lam_d * n_desirable / (lam_u * n_undesirable)
         if not 1.0 <= ratio <= 4 / 3:
             warnings.warn(
@@ -129,7 +130,8 @@ def fit(cfg: KTOConfig, table: pa.Table, steps: int, lam_d: float) -> TrainResul
             ),
         )
         try:
-            result = trainer.fit()
+            with TrainingProgress(run_dir / "metrics.jsonl", steps, cfg.train.log_every):
+                result = trainer.fit()
         except ray.train.TrainingFailedError as err:
             stopped = _stopped_by_non_finite(err, run_dir)
             if stopped is None:

@@ -1,9 +1,8 @@
-"""metrics.jsonl (one JSON object per optimizer step) and the progress line of rank 0."""
+"""metrics.jsonl: one JSON object per optimizer step, written by rank 0; the driver shows progress from it."""
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 
@@ -26,17 +25,3 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-
-
-class Progress:
-    def __init__(self, total_steps: int, start_step: int):
-        self.total, self.start, self.t0 = total_steps, start_step, time.perf_counter()
-
-    def line(self, step: int, metrics: dict) -> str:
-        elapsed = time.perf_counter() - self.t0
-        done = step - self.start
-        eta = elapsed / done * (self.total - step) if done else float("nan")
-        return (
-            f"step {step}/{self.total} loss {metrics['loss']:.4f} kl {metrics['kl']:.4f} "
-            f"margin {metrics['rewards/margins']:.4f} {metrics['samples/s']:.1f} samples/s eta {eta:.0f}s"
-        )

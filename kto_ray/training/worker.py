@@ -25,7 +25,7 @@ from kto_ray.training.engine import (
     deepspeed_config,
     export_hf_model,
 )
-from kto_ray.training.metrics import MetricsLog, Progress
+from kto_ray.training.metrics import MetricsLog
 from kto_ray.training.step import LossSettings, NonFiniteError, train_step
 
 
@@ -69,7 +69,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     start_step = restore(engine, rank)
     settings = LossSettings(cfg.train.beta, loop_config["desirable_weight"], cfg.train.undesirable_weight)
     log = MetricsLog(cfg.run_dir / "metrics.jsonl", start_step) if rank == 0 else None
-    progress = Progress(total_steps, start_step)
 
     engine.train()
     for step in range(start_step, total_steps):
@@ -102,8 +101,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         )
         if log is not None:
             log.write(metrics)
-            if (step + 1) % cfg.train.log_every == 0 or step + 1 == total_steps:
-                print(progress.line(step + 1, metrics), flush=True)
         if (step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == total_steps:
             save_and_report(engine, step + 1, rank, metrics)
 

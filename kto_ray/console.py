@@ -1,0 +1,249 @@
+"""What a person sees: our own progress and results; library chatter only when asked for.
+
+Chatter is switched off where it is made, not filtered from the output: Ray does not forward worker
+output to the driver and logs at error level, Ray Data draws no per-operator bars, and transformers
+draws no weight-loading bars and logs errors only. `-v/--verbose`, or `KTO_RAY_VERBOSE=1` in the
+environment (the way to ask for it under `ray job submit`), brings all of it back.
+
+Training progress is drawn on the driver from `metrics.jsonl`, which rank 0 appends to every step: a
+tqdm bar on a terminal, a plain line every `train.log_every` steps otherwise (CI, `ray job logs`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any, TextIO
+
+VERBOSE_ENV = "KTO_RAY_VERBOSE"
+
+
+def is_verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def is_interactive(stream: TextIO | None = None) -> bool:
+    stream = stream or sys.stdout
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+def configure(verbose: bool | None = None) -> bool:
+    """Set the libraries' verbosity for this process and the Ray processes it starts; returns whether
+    the console is verbose. Call before transformers, DeepSpeed or Ray are imported where possible:
+    some read their settings from the environment at import."""
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    if is_verbose():
+        return True
+    # Read at import by transformers / huggingface_hub, and inherited by Ray's workers.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # Ray's C++ core logs at error level for conditions Ray handles by itself (Ray Data's actors keep
+    # their constructor arguments in the object store); real failures reach us as Python exceptions.
+    # Ray announces the setting in one line, which is the price of the alarming ones it removes.
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "DeepSpeed", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if "transformers" in sys.modules:  # already imported: its env settings were read before ours
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    # Deprecation notices about library internals are for their maintainers, not for our users.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.formatwarning = _one_line_warning
+    return False
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"kto-ray: warning: {message}\n"
+
+
+def ray_init_options() -> dict[str, Any]:
+    """ray.init arguments: worker output reaches the driver only when verbose."""
+    verbose = is_verbose()
+    return {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}
+
+
+def configure_ray_data() -> None:
+    """Ray Data on the driver: its bars, progress blocks and execution plan only when verbose."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    verbose = is_verbose()
+    context.enable_progress_bars = verbose  # on a terminal, precompute draws its own (rows, tokens/s)
+    context.enable_operator_progress_bars = verbose
+    context.print_on_execution_start = verbose
+    if not verbose:
+        # Ray Data logs to its session file and, at INFO, to the console; keep the file complete.
+        for handler in logging.getLogger("ray.data").handlers:
+            if isinstance(handler, logging.StreamHandler):
+                handler.setLevel(logging.ERROR)
+
+
+class RowProgress:
+    """A bar of rows done and tokens/s for work that runs elsewhere (Ray Data actors): `read` returns
+    (rows, tokens) so far and is polled from a thread. Nothing is drawn off a terminal, where the
+    caller prints one summary line at the end instead."""
+
+    def __init__(
+        self, read, total_rows: int, desc: str, *, poll_s: float = 0.5, stream: TextIO | None = None
+    ):
+        self.read, self.total, self.desc, self.poll_s = read, total_rows, desc, poll_s
+        self.stream = stream or sys.stderr
+        self._stop = threading.Event()
+        self._bar = None
+
+    def __enter__(self) -> RowProgress:
+        if is_interactive(self.stream):
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=self.total, desc=self.desc, unit="row", file=self.stream, dynamic_ncols=True
+            )
+            self._started = time.monotonic()
+            self._thread = threading.Thread(target=self._follow, name="kto-ray-rows", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        if exc[0] is None:
+            self._update()
+        self._bar.close()
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self._update()
+
+    def _update(self) -> None:
+        try:
+            rows, tokens = self.read()
+        except Exception:  # the counter is best effort: the work itself reports real failures
+            return
+        elapsed = max(time.monotonic() - self._started, 1e-9)
+        self._bar.set_postfix_str(f"{tokens / elapsed:,.0f} tokens/s", refresh=False)
+        self._bar.update(min(rows, self.total) - self._bar.n)
+
+
+def progress_line(step: int, total: int, metrics: dict[str, Any], eta_s: float) -> str:
+    return (
+        f"step {step}/{total} loss {metrics['loss']:.4f} kl {metrics['kl']:.4f} "
+        f"margin {metrics['rewards/margins']:.4f} {metrics['samples/s']:.1f} samples/s eta {eta_s:.0f}s"
+    )
+
+
+class TrainingProgress:
+    """Follows `metrics.jsonl` in a thread while training runs and shows each new step once.
+
+    The file may be rewritten shorter when a run resumes (steps past the restored checkpoint are
+    dropped); steps already shown are then not shown again.
+    """
+
+    def __init__(
+        self,
+        metrics_path: Path,
+        total_steps: int,
+        log_every: int,
+        *,
+        interactive: bool | None = None,
+        stream: TextIO | None = None,
+        poll_s: float = 0.5,
+    ):
+        self.path, self.total, self.log_every, self.poll_s = metrics_path, total_steps, log_every, poll_s
+        self.stream = stream or sys.stdout
+        self.interactive = is_interactive(self.stream) if interactive is None else interactive
+        self.shown = 0  # highest step shown
+        self.first: tuple[int, float] | None = None  # (first step seen, when)
+        self._offset, self._partial = 0, ""
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # poll() runs in the thread and once more at exit
+        self._bar = None
+
+    def __enter__(self) -> TrainingProgress:
+        if self.interactive:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=self.total, desc="train", unit="step", file=self.stream, dynamic_ncols=True, leave=True
+            )
+        self._thread = threading.Thread(target=self._follow, name="kto-ray-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()  # the last steps written before fit returned
+        if self._bar is not None:
+            self._bar.close()
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self.poll()
+
+    def poll(self) -> None:
+        """Read what was appended since the last call and show the new steps."""
+        with self._lock:
+            for record in self._new_records():
+                step = int(record.get("step", 0))
+                if step <= self.shown:
+                    continue
+                self._show(step, record)
+                self.shown = step
+
+    def _new_records(self) -> list[dict[str, Any]]:
+        try:
+            size = self.path.stat().st_size
+        except OSError:
+            return []
+        if size < self._offset:  # rewritten on resume
+            self._offset, self._partial = 0, ""
+        if size == self._offset:
+            return []
+        with open(self.path, encoding="utf-8") as handle:
+            handle.seek(self._offset)
+            text = handle.read()
+            self._offset = handle.tell()
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()  # an unfinished last line waits for the next poll
+        records = []
+        for line in lines:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+        return records
+
+    def _show(self, step: int, metrics: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = (step, now)
+        if self._bar is not None:
+            self._bar.set_postfix(
+                loss=f"{metrics['loss']:.4f}",
+                kl=f"{metrics['kl']:.4f}",
+                margin=f"{metrics['rewards/margins']:.3f}",
+                samples_s=f"{metrics['samples/s']:.1f}",
+                refresh=False,
+            )
+            self._bar.update(step - self._bar.n)
+            return
+        if step % self.log_every and step != self.total:
+            return
+        # Seconds per step since the first step seen (setup excluded); the step's own time before that.
+        done, started = step - self.first[0], self.first[1]
+        per_step = (now - started) / done if done else float(metrics.get("step_time", 0.0))
+        eta = per_step * (self.total - step)
+        print(progress_line(step, self.total, metrics, eta), file=self.stream, flush=True)
