@@ -117,6 +117,29 @@ class TrainConfig(Section):
         ),
     )
     log_every: int = Field(1, ge=1, description="Print a progress line every this many steps.")
+    eval_every: int | None = Field(
+        None,
+        ge=1,
+        description="Every this many steps (and after the last), all ranks compute `kto-ray evaluate`'s "
+        "metrics on the store's eval split (z0 over the whole split); logged as eval/... "
+        "in metrics.jsonl. null: no evaluation during training.",
+    )
+
+
+class LoraConfig(Section):
+    enabled: bool = Field(False, description="Train LoRA adapters (peft) instead of all the weights.")
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    alpha: float = Field(32.0, gt=0.0, description="LoRA alpha: the adapter's output is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter's input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="Module names (or suffixes) that get adapters; all-linear = every linear layer but "
+        "the output head, as peft defines it.",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full and saved with the adapter (e.g. [lm_head, embed_tokens]).",
+    )
 
 
 class ClusterConfig(Section):
@@ -156,6 +179,16 @@ class RunConfig(Section):
     )
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on storage.")
     export: bool = Field(True, description="Save the trained model to <run dir>/final/ in safetensors.")
+    merge_lora: bool = Field(
+        False,
+        description="With lora.enabled: also save the base with the adapter merged, to <run dir>/merged/.",
+    )
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list,
+        description="Live experiment trackers rank 0 logs every step to (optional extras: pip install "
+        "kto-ray[tensorboard|mlflow|wandb]). TensorBoard writes to <run dir>/tensorboard; MLflow and "
+        "W&B read their usual environment (MLFLOW_TRACKING_URI, WANDB_PROJECT, WANDB_MODE, ...).",
+    )
 
 
 class KTOConfig(Section):
@@ -165,6 +198,7 @@ class KTOConfig(Section):
     store: StoreConfig = Field(default_factory=StoreConfig)
     precompute: PrecomputeConfig = Field(default_factory=PrecomputeConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     run: RunConfig = Field(default_factory=RunConfig)
