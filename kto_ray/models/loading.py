@@ -6,6 +6,7 @@ Safe defaults: `trust_remote_code` off and safetensors weights only, unless the 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -65,8 +66,10 @@ def load_tokenizer(model: ModelConfig, path: str | None = None):
     return tokenizer
 
 
-def load_causal_lm(model: ModelConfig, dtype: torch.dtype, path: str | None = None):
-    """Load a causal LM for inference or training; under an active HfDeepSpeedConfig it loads sharded."""
+def load_causal_lm(model: ModelConfig, dtype: torch.dtype, path: str | None = None, **placement: Any):
+    """Load a causal LM for inference or training; under an active HfDeepSpeedConfig it loads sharded.
+
+    `placement`: transformers' device_map / max_memory, to spread one model over several GPUs."""
     from transformers import AutoModelForCausalLM
 
     path = path or model.path
@@ -79,6 +82,7 @@ def load_causal_lm(model: ModelConfig, dtype: torch.dtype, path: str | None = No
             trust_remote_code=model.trust_remote_code,
             use_safetensors=None if model.allow_pickle_weights else True,
             revision=model.revision,
+            **placement,
         )
     except OSError as err:
         raise UserError(f"cannot load model from {path}: {str(err).splitlines()[0]}") from None
