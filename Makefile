@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 CPU_TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-fast test-all lint format assets real-model clean
+.PHONY: help setup demo test test-fast test-gpu lint format assets real-model clean
 
 help:
 	@echo "make demo   - run the whole pipeline on the embedded tiny model and data"
@@ -43,6 +43,11 @@ test: setup real-model
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# On a CUDA machine: bf16 precompute and training on one GPU (NCCL), the chunked log-probs on CUDA,
+# a reference spread over 2 GPUs (when there are 2), and a short bench/gpu_mfu.py.
+test-gpu: setup real-model
+	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -3,7 +3,7 @@
 The model has Llama-3.2-1B's shape (hidden 2048, 16 layers, 32 heads / 8 KV heads, MLP 8192, vocab
 128256, tied embeddings), built from its config with random weights: no hub access needed.
 
-1. Policy step: kto-ray's `sequence_logps` (the training forward: full logits, summed completion
+1. Policy step: kto-ray's `sequence_logps` (the training forward: chunked LM head, summed completion
    log-probs) and backward of their sum, on random token ids, bf16 weights. MFU = 6 N tokens / time
    / peak, N = parameters (also shown with the causal attention FLOPs, 6 L T d per token).
 2. Precompute: `kto_ray.reference.precompute.precompute` with one GPU actor over generated arithmetic

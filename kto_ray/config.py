@@ -76,7 +76,12 @@ class StoreConfig(Section):
 
 class PrecomputeConfig(Section):
     actors: int = Field(1, ge=1, description="Reference-model actors (one model copy each).")
-    gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per actor; 0 runs on CPU.")
+    gpus_per_actor: float = Field(
+        0.0,
+        ge=0.0,
+        description="GPUs per actor; 0 runs on CPU. Above 1 (a whole number), the actor's reference is "
+        "spread over its GPUs (transformers' device_map), for references too big for one GPU.",
+    )
     cpus_per_actor: float = Field(1.0, gt=0.0, description="CPUs reserved per actor.")
     batch_rows: int = Field(16, ge=1, description="Most rows per model batch (after length bucketing).")
     batch_tokens: int | None = Field(
@@ -89,6 +94,12 @@ class PrecomputeConfig(Section):
         "auto",
         description="Reference dtype: auto = bfloat16 on GPU, float32 on CPU. Part of the fingerprint.",
     )
+
+    @model_validator(mode="after")
+    def _whole_gpus_to_spread_over(self) -> PrecomputeConfig:
+        if self.gpus_per_actor > 1 and not float(self.gpus_per_actor).is_integer():
+            raise ValueError("precompute.gpus_per_actor above 1 must be a whole number of GPUs")
+        return self
 
 
 class TrainConfig(Section):

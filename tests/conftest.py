@@ -44,6 +44,20 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def ray_local_gpu():
+    """A fresh local Ray that sees this machine's GPUs (the `gpu` tests)."""
+    import ray
+    import torch
+
+    if ray.is_initialized():
+        ray.shutdown()
+    os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9")
+    ray.init(num_cpus=4, num_gpus=torch.cuda.device_count(), include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory) -> Path:
     """The first 240 rows of the shipped data: enough rows for pairing, fast to score and train on."""

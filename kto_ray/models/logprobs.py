@@ -125,10 +125,12 @@ def _chunked_sequence_logps(
     ).last_hidden_state
     # Position t's hidden state predicts token t + 1: keep only the positions that predict completion
     # tokens, flattened over rows ([tokens, hidden]); padding and prompts never reach the head.
-    predicts_completion = batch.completion_mask[:, 1:].bool()
-    rows = predicts_completion.nonzero(as_tuple=True)[0]
-    states = hidden[:, :-1][predicts_completion]
-    targets = batch.input_ids[:, 1:][predicts_completion]
+    # A reference spread over GPUs (device_map) ends its decoder on another device than its inputs.
+    device = head.weight.device
+    predicts_completion = batch.completion_mask[:, 1:].bool().to(hidden.device)
+    rows = predicts_completion.nonzero(as_tuple=True)[0].to(device)
+    states = hidden[:, :-1][predicts_completion].to(device)
+    targets = batch.input_ids[:, 1:].to(hidden.device)[predicts_completion].to(device)
     with _forward_replaced(
         head, lambda h: _ChunkedTokenLogps.apply(h, head.weight, head.bias, targets, chunk_tokens)
     ):
@@ -142,11 +144,16 @@ def _chunked_sequence_logps(
 
 @contextmanager
 def _forward_replaced(module: torch.nn.Module, forward) -> Iterator[None]:
+    # An instance-level forward may already be there (accelerate's device hooks wrap it): restore it.
+    previous = module.__dict__.get("forward")
     module.forward = forward
     try:
         yield
     finally:
-        del module.forward  # back to the class's forward
+        if previous is None:
+            del module.forward  # back to the class's forward
+        else:
+            module.forward = previous
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):

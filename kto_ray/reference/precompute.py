@@ -39,6 +39,26 @@ from kto_ray.reference.store import (
 log = logging.getLogger(__name__)
 
 
+# Share of each GPU the spread reference's weights may take: the rest holds one model batch's
+# activations and logits (kto-ray plan sizes them) and the CUDA context.
+SPREAD_WEIGHTS_SHARE = 0.8
+
+
+def reference_placement(gpus_per_actor: float, gpu_bytes: list[int]) -> dict[str, Any]:
+    """from_pretrained arguments that place a precompute actor's reference: nothing (one device, moved
+    there after loading) for up to one GPU; above that, spread over the actor's GPUs (Ray makes exactly
+    those visible) by accelerate's balanced device_map, each capped so a batch still fits beside it."""
+    if gpus_per_actor <= 1:
+        return {}
+    gpus = int(gpus_per_actor)
+    if len(gpu_bytes) < gpus:
+        raise RuntimeError(f"precompute actor asked for {gpus} GPUs but sees {len(gpu_bytes)}")
+    return {
+        "device_map": "balanced",
+        "max_memory": {i: int(gpu_bytes[i] * SPREAD_WEIGHTS_SHARE) for i in range(gpus)},
+    }
+
+
 class ReferenceLogprobs:
     """Ray Data callable class: loads the reference model once per actor and scores batches.
 
@@ -52,13 +72,21 @@ class ReferenceLogprobs:
         path: str,
         dtype: str,
         use_gpu: bool,
+        gpus_per_actor: float,
         batch_rows: int,
         batch_tokens: int | None,
         pad_id: int,
         progress=None,
     ):
-        self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.model = load_causal_lm(model_cfg, resolve_dtype(dtype, use_gpu), path).to(self.device).eval()
+        gpu_bytes = [
+            torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())
+        ]
+        placement = reference_placement(gpus_per_actor if use_gpu else 0, gpu_bytes)
+        model = load_causal_lm(model_cfg, resolve_dtype(dtype, use_gpu), path, **placement)
+        if not placement:
+            model = model.to(torch.device("cuda" if use_gpu else "cpu"))
+        self.model = model.eval()
+        self.device = model.get_input_embeddings().weight.device  # where the input ids go
         self.batch_rows, self.batch_tokens, self.pad_id = batch_rows, batch_tokens, pad_id
         self.chunk_tokens = model_cfg.logprob_chunk_tokens
         self.progress = progress  # a _Counter actor for the driver's progress bar, or None
@@ -180,6 +208,7 @@ def precompute(cfg: KTOConfig, overwrite: bool = False) -> PrecomputeResult:
                 "path": cfg.reference_path,
                 "dtype": cfg.precompute.dtype,
                 "use_gpu": use_gpu,
+                "gpus_per_actor": cfg.precompute.gpus_per_actor,
                 "batch_rows": cfg.precompute.batch_rows,
                 "batch_tokens": cfg.precompute.batch_tokens,
                 "pad_id": tokenizer.pad_token_id,

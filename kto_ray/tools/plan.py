@@ -82,6 +82,7 @@ class Plan:
     settings: tuple[Setting, ...]
     configured: str
     precompute_gpu: float  # bytes per precompute actor (whole model on one device + its batch)
+    precompute_gpus_needed: int | None  # GPUs per actor with the reference spread over them
     precompute_fits: bool
     zero2_model_states: float  # bytes per GPU at ZeRO-2 without offload (DeepSpeed's formula)
     zero2_total: float  # the same plus reference, activations, logits and overhead
@@ -193,6 +194,21 @@ def zero2_model_states(arch: Architecture, gpus: int) -> float:
 
 def precompute_actor_bytes(cfg: KTOConfig, arch: Architecture) -> float:
     """A precompute actor holds the whole reference on one device and scores one model batch at a time."""
+    weights, batch = _precompute_parts(cfg, arch)
+    return weights + batch
+
+
+def precompute_gpus_needed(cfg: KTOConfig, arch: Architecture, budget: float, overhead: float) -> int | None:
+    """GPUs one precompute actor needs when its reference is spread over them (device_map): the
+    weights divide, the batch's activations and logits (and the overhead) sit on every GPU in turn.
+    None when even the batch alone does not fit one GPU."""
+    weights, batch = _precompute_parts(cfg, arch)
+    room = budget - batch - overhead
+    return math.ceil(weights / room) if room > 0 else None
+
+
+def _precompute_parts(cfg: KTOConfig, arch: Architecture) -> tuple[float, float]:
+    """(reference weights, one model batch's activations + logits) of a precompute actor, bytes."""
     on_gpu, seq = cfg.precompute.gpus_per_actor > 0, cfg.data.max_length
     elem = {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.precompute.dtype, 2 if on_gpu else 4)
     # Length bucketing caps a model batch at batch_rows rows and (if set) batch_tokens padded tokens.
@@ -201,8 +217,8 @@ def precompute_actor_bytes(cfg: KTOConfig, arch: Architecture) -> float:
         tokens = max(seq, min(tokens, cfg.precompute.batch_tokens))
     weights = arch.total_params * elem
     chunk = cfg.model.logprob_chunk_tokens
-    return (
-        weights + layer_activation_bytes(arch, tokens, 1, elem) + logits_bytes(arch, tokens, elem == 2, chunk)
+    return weights, layer_activation_bytes(arch, tokens, 1, elem) + logits_bytes(
+        arch, tokens, elem == 2, chunk
     )
 
 
@@ -250,6 +266,7 @@ def plan(
     ds = cfg.deepspeed
     configured = SETTINGS[2 if ds.offload_params != "none" else int(ds.offload_optimizer != "none")][0]
     pre = precompute_actor_bytes(cfg, arch) + (overhead if cfg.precompute.gpus_per_actor > 0 else 0)
+    pre_gpus = precompute_gpus_needed(cfg, arch, budget, overhead)
     zero2 = zero2_model_states(arch, gpus)
     zero2_ref = 2 * arch.total_params if online else 0  # a full frozen 16-bit copy per GPU
     advice: list[str] = []
@@ -271,7 +288,9 @@ def plan(
         settings=tuple(settings),
         configured=configured,
         precompute_gpu=pre,
-        precompute_fits=pre <= budget or cfg.precompute.gpus_per_actor == 0,
+        precompute_gpus_needed=pre_gpus,
+        precompute_fits=cfg.precompute.gpus_per_actor == 0
+        or (pre_gpus is not None and pre_gpus <= max(1, cfg.precompute.gpus_per_actor)),
         zero2_model_states=zero2,
         zero2_total=zero2 + zero2_ref + acts + logits + overhead,
         advice=advice,
@@ -324,8 +343,18 @@ def _advice(cfg: KTOConfig, p: Plan) -> list[str]:
     if cfg.precompute.gpus_per_actor == 0:
         out.append(f"precompute on CPU: ~{p.precompute_gpu / GIB:.0f} GiB of RAM per actor")
     else:
-        fit = "fits" if p.precompute_fits else "does NOT fit: lower precompute.batch_rows/batch_tokens"
+        fit = "fits" if p.precompute_fits else "does NOT fit"
         out.append(f"precompute actor (whole reference + one batch): {p.precompute_gpu / GIB:.1f} GiB, {fit}")
+        if p.precompute_gpus_needed is None:
+            out.append(
+                "precompute: one model batch alone exceeds a GPU: lower precompute.batch_rows/batch_tokens"
+            )
+        elif p.precompute_gpus_needed > max(1, cfg.precompute.gpus_per_actor):
+            n = p.precompute_gpus_needed
+            out.append(
+                f"precompute needs {n} GPUs per actor: set precompute.gpus_per_actor: {n} (the reference is "
+                f"spread over them), or lower precompute.batch_rows/batch_tokens"
+            )
     return out
 
 

@@ -144,3 +144,19 @@ def test_models_with_transformed_logits_take_the_full_path():
     assert logprobs._decoder_and_head(model) is None
     batch = _batch(vocab=64)
     torch.testing.assert_close(sequence_logps(model, batch), sequence_logps(model, batch, chunk_tokens=None))
+
+
+def test_a_head_with_accelerate_hooks_keeps_them():
+    """A reference spread by device_map has accelerate hooks on its modules (an instance-level forward):
+    the chunked path must leave them in place."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    model = _llama(tied=False, vocab=64)
+    add_hook_to_module(model.lm_head, AlignDevicesHook(execution_device="cpu"))
+    hooked_forward = model.lm_head.__dict__["forward"]
+    batch = _batch(vocab=64)
+    with torch.no_grad():
+        chunked = sequence_logps(model, batch, chunk_tokens=3)
+        full = sequence_logps(model, batch, chunk_tokens=None)
+    assert model.lm_head.__dict__["forward"] is hooked_forward
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
