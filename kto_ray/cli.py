@@ -54,6 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common(evaluate)
     evaluate.add_argument("--model", help="model folder or hub id to evaluate (default: the policy)")
     evaluate.add_argument("--json", dest="json_out", help="also write the metrics to this JSON file")
+    evaluate.add_argument(
+        "--generate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also write N eval prompts with the model's and the reference's completions, side by side, "
+        "to samples.jsonl and samples.md in the run dir",
+    )
+    evaluate.add_argument(
+        "--temperature", type=float, default=0.0, help="with --generate: 0 = greedy (default), else sampled"
+    )
+    evaluate.add_argument("--seed", type=int, default=0, help="with --generate: the sampling seed")
     _common(
         sub.add_parser(
             "pipeline", help="precompute (or reuse) the store, train, evaluate the trained model: one job"
@@ -129,6 +141,11 @@ def run(args: argparse.Namespace) -> int:
             write_json(metrics, Path(args.json_out))
         else:
             print(json.dumps(metrics))
+        if args.generate > 0:
+            from kto_ray.tools.samples import write_samples
+
+            jsonl, markdown = write_samples(cfg, args.generate, args.model, args.temperature, args.seed)
+            print(f"samples: {jsonl} and {markdown}")
     elif args.command == "pipeline":
         from kto_ray.tools.pipeline import run_pipeline
 
