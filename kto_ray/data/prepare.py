@@ -22,6 +22,7 @@ from kto_ray.data.tokenize import TRUNCATION_POLICY, tokenize_batch
 from kto_ray.models.loading import resolve_dtype
 from kto_ray.reference.fingerprint import FileStat, sha256_text, tokenizer_fingerprint, weights_fingerprint
 from kto_ray.reference.store import Store, open_store, read_manifest
+from kto_ray.storage import display
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,7 @@ def checked_store(cfg: KTOConfig, tokenizer) -> Store:
     store = open_store(cfg.store.path, expected)
     if stats is not None:
         print(
-            f"data files changed since {cfg.store.path} recorded them (same content): rerun "
+            f"data files changed since {display(cfg.store.path)} recorded them (same content): rerun "
             "`kto-ray precompute` to record them and skip re-reading the data on later runs",
             flush=True,
         )

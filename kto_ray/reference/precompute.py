@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +26,7 @@ from kto_ray.models.logprobs import length_buckets, pad_sequences, sequence_logp
 from kto_ray.raycluster import ray_session
 from kto_ray.reference.store import (
     SCHEMA,
+    StorageError,
     Store,
     StoreWriter,
     build_manifest,
@@ -35,6 +35,7 @@ from kto_ray.reference.store import (
     read_manifest,
     record_data_files,
 )
+from kto_ray.storage import Location, display, files_under, info
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +135,11 @@ class PrecomputeResult:
     reused: bool
 
 
-def _store_stats(path: Path) -> tuple[dict[str, dict[str, int]], int]:
+def _store_stats(data: Location) -> tuple[dict[str, dict[str, int]], int]:
     table = pq.read_table(
-        sorted(str(f) for f in path.glob("*.parquet")),
+        files_under(data, ".parquet"),
         columns=["prompt_ids", "completion_ids", "kl_completion_ids", "label", "split"],
+        filesystem=data.fs,
     )
     counts: dict[str, dict[str, int]] = {}
     for split in ("train", "eval"):
@@ -152,6 +154,17 @@ def _store_stats(path: Path) -> tuple[dict[str, dict[str, int]], int]:
     return counts, tokens
 
 
+def _storage_failure(writer: StoreWriter, err: Exception) -> Exception:
+    """A write that failed because the store's storage went away becomes one line naming it; any
+    other failure (a model error in an actor, say) is passed on as it is."""
+    try:
+        info(writer.location)
+    except OSError as unreachable:
+        first = str(unreachable).splitlines()[0] if str(unreachable) else type(unreachable).__name__
+        return StorageError(f"cannot write the reference store {writer.location}: {display(first)}")
+    return err
+
+
 def precompute(cfg: KTOConfig, overwrite: bool = False) -> PrecomputeResult:
     """Build (or reuse) the reference store of `cfg`; returns it opened and checked."""
     start = time.perf_counter()
@@ -163,6 +176,7 @@ def precompute(cfg: KTOConfig, overwrite: bool = False) -> PrecomputeResult:
     print(text.report.summary(), flush=True)
     fingerprint, inputs = store_fingerprint(cfg, text.data_digest, tokenizer)
 
+    where = display(cfg.store.path)
     existing = read_manifest(cfg.store.path)
     if existing is not None:
         differing = differing_components(fingerprint, existing.fingerprint)
@@ -171,13 +185,11 @@ def precompute(cfg: KTOConfig, overwrite: bool = False) -> PrecomputeResult:
                 record_data_files(cfg.store.path, data_files)
             store = open_store(cfg.store.path, fingerprint)
             rows = sum(store.count(s) for s in ("train", "eval"))
-            print(
-                f"reference store {cfg.store.path} matches the config ({rows} rows): reusing it", flush=True
-            )
+            print(f"reference store {where} matches the config ({rows} rows): reusing it", flush=True)
             return PrecomputeResult(store, reused=True)
         if not overwrite:
             raise UserError(
-                f"reference store {cfg.store.path} exists with a different {', '.join(differing)}; "
+                f"reference store {where} exists with a different {', '.join(differing)}; "
                 "pass --overwrite to replace it"
             )
 
@@ -220,17 +232,32 @@ def precompute(cfg: KTOConfig, overwrite: bool = False) -> PrecomputeResult:
             num_gpus=cfg.precompute.gpus_per_actor,
             num_cpus=cfg.precompute.cpus_per_actor,
         )
-        with RowProgress(lambda: ray.get(counter.read.remote()), len(text.table), "reference"):
-            ds.write_parquet(str(writer.tmp))
-        counts, tokens = _store_stats(writer.tmp)
+        try:
+            with RowProgress(lambda: ray.get(counter.read.remote()), len(text.table), "reference"):
+                ds.write_parquet(writer.data.path, filesystem=writer.location.fs)
+            counts, tokens = _store_stats(writer.data)
+        except Exception as err:
+            raise _storage_failure(writer, err) from None
         rows = sum(sum(c.values()) for c in counts.values())
         if rows == 0:
             raise UserError("no example has a completion token left under data.max_length; nothing to store")
         seconds = time.perf_counter() - start
-        writer.commit(build_manifest(fingerprint, inputs, counts, tokens, seconds, data_files))
+        other = writer.changed_meanwhile()
+        if other is not None:  # another precompute of this store committed while this one ran
+            if differing_components(fingerprint, other.fingerprint):
+                raise StorageError(
+                    f"another precompute committed a different reference store at {where} while this "
+                    "one ran; nothing was written: rerun (with --overwrite to replace it)"
+                )
+            print(f"reference store {where} was committed by another precompute meanwhile: reusing it")
+            return PrecomputeResult(open_store(cfg.store.path, fingerprint), reused=True)
+        try:
+            writer.commit(build_manifest(fingerprint, inputs, counts, tokens, seconds, data_files))
+        except OSError as err:
+            raise _storage_failure(writer, err) from None
     dropped = len(text.table) - rows
     print(
-        f"reference store {cfg.store.path}: {rows} rows (train {sum(counts['train'].values())}, "
+        f"reference store {where}: {rows} rows (train {sum(counts['train'].values())}, "
         f"eval {sum(counts['eval'].values())}, dropped {dropped} with no completion token left), "
         f"{tokens} tokens in {seconds:.1f}s ({tokens / seconds:,.0f} tokens/s)",
         flush=True,

@@ -1,15 +1,14 @@
-"""The reference store: Parquet files plus `manifest.json`, fingerprinted, written atomically.
+"""The reference store: Parquet files plus `manifest.json`, fingerprinted, committed atomically, in a
+local folder or at an object-storage URI (kto_ray.storage).
 
-A store is complete exactly when its folder holds `manifest.json`: precompute writes into a hidden
-temporary sibling and renames it into place only after the manifest is written.
+A store is exactly what its `manifest.json` names: the Parquet files under one `data-<id>/` prefix.
+The manifest is written last, in one atomic write, so a reader never sees a partial store.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,21 +17,30 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pyarrow.fs import FileType
 from pydantic import BaseModel
 
 from kto_ray import __version__
-from kto_ray.errors import UserError
+from kto_ray.errors import KtoRayError, UserError
 from kto_ray.reference.fingerprint import FileStat
-
-# Fingerprinting moved to its own module; re-exported for code that imports it from here.
-from kto_ray.reference.fingerprint import sha256_text as sha256_text
-from kto_ray.reference.fingerprint import tokenizer_fingerprint as tokenizer_fingerprint
-from kto_ray.reference.fingerprint import weights_fingerprint as weights_fingerprint
+from kto_ray.storage import (
+    Location,
+    children,
+    display,
+    files_under,
+    info,
+    is_uri,
+    read_text,
+    remove_tree,
+    resolve,
+    write_text_atomically,
+)
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+DATA_PREFIX = "data-"
 SPLITS = ("train", "eval")
 
 # The columns of DESIGN.md's contract, with the Arrow types training relies on.
@@ -67,6 +75,9 @@ class Manifest(BaseModel):
     # all still match, training trusts `fingerprint["data"]` without re-reading the data. None for a
     # Hugging Face dataset (nothing to stat) and in manifests written before this field existed.
     data_files: list[FileStat] | None = None
+    # The prefix (inside the store) that holds this store's Parquet files; None in the first layout,
+    # whose files sit at the top of the store folder.
+    data_dir: str | None = None
 
 
 def differing_components(expected: dict[str, str], found: dict[str, str]) -> list[str]:
@@ -75,23 +86,41 @@ def differing_components(expected: dict[str, str], found: dict[str, str]) -> lis
 
 @dataclass(frozen=True)
 class Store:
-    path: Path
+    """A committed store: its location (local folder or URI) and manifest; its rows are the Parquet
+    files under the data prefix the manifest names."""
+
+    path: str
     manifest: Manifest
 
-    def files(self) -> list[Path]:
-        return sorted(self.path.glob("*.parquet"))
+    @property
+    def location(self) -> Location:
+        return resolve(self.path)
+
+    def files(self) -> list[str]:
+        """Paths inside `location.fs` of the store's Parquet files."""
+        location = self.location
+        data = location.join(self.manifest.data_dir) if self.manifest.data_dir else location
+        found = files_under(data, ".parquet")
+        if self.manifest.data_dir is None:  # first layout: files at the top, no prefix
+            found = [f for f in found if "/" not in f[len(data.path) + 1 :]]
+        return found
 
     def read_split(self, split: str, columns: list[str] | None = None) -> pa.Table:
         """The rows of one split, ordered by id (deterministic whatever the writers' file order)."""
-        files = [str(f) for f in self.files()]
-        table = pq.read_table(files, columns=columns, filters=[("split", "=", split)], schema=SCHEMA)
+        table = pq.read_table(
+            self.files(),
+            columns=columns,
+            filters=[("split", "=", split)],
+            schema=SCHEMA,
+            filesystem=self.location.fs,
+        )
         return table.sort_by("id")
 
     def dataset(self, split: str):
         """The split as a Ray Dataset (streamed from the Parquet files)."""
         import ray.data
 
-        return ray.data.read_parquet(str(self.path), file_extensions=["parquet"]).filter(
+        return ray.data.read_parquet(self.files(), filesystem=self.location.fs).filter(
             expr=f"split == '{split}'"
         )
 
@@ -103,70 +132,104 @@ class Store:
 
 
 def read_manifest(path: str | Path) -> Manifest | None:
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"store path is a file, not a folder: {path}")
-    manifest = path / MANIFEST
-    if not manifest.is_file():
+    """The store's manifest, or None when there is no committed store at `path`."""
+    location = resolve(path)
+    try:
+        if info(location).type == FileType.File:
+            raise UserError(f"store path is a file, not a folder: {location}")
+        text = read_text(location.join(MANIFEST))
+    except OSError as err:
+        raise UserError(f"cannot read the reference store {location}: {str(err).splitlines()[0]}") from None
+    if text is None:
         return None
     try:
-        return Manifest.model_validate_json(manifest.read_text())
+        return Manifest.model_validate_json(text)
     except ValueError as err:
-        raise UserError(f"{manifest}: unreadable manifest ({str(err).splitlines()[0]})") from None
+        raise UserError(f"{location}/{MANIFEST}: unreadable manifest ({str(err).splitlines()[0]})") from None
 
 
 def open_store(path: str | Path, expected: dict[str, str] | None = None) -> Store:
     """Open a complete store; with `expected`, refuse one whose fingerprint differs, naming what."""
-    path = Path(path)
+    location = resolve(path)
     manifest = read_manifest(path)
     if manifest is None:
-        raise UserError(f"no reference store at {path} (run `kto-ray precompute` first)")
+        raise UserError(f"no reference store at {location} (run `kto-ray precompute` first)")
     if manifest.format_version != FORMAT_VERSION:
-        raise UserError(f"{path}: store format {manifest.format_version}, expected {FORMAT_VERSION}")
+        raise UserError(f"{location}: store format {manifest.format_version}, expected {FORMAT_VERSION}")
     if expected is not None:
         differing = differing_components(expected, manifest.fingerprint)
         if differing:
             raise UserError(
-                f"reference store {path} was built for a different {', '.join(differing)} "
+                f"reference store {location} was built for a different {', '.join(differing)} "
                 "(rerun `kto-ray precompute --overwrite` or point store.path elsewhere)"
             )
-    return Store(path, manifest)
+    return Store(str(path) if is_uri(str(path)) else location.path, manifest)
 
 
 class StoreWriter:
-    """Context manager: a temporary sibling folder that becomes `path` only on `commit`."""
+    """Context manager that commits a store without renames, the same way on local disk and on object
+    storage: the Parquet files go under a fresh prefix `data-<id>/`, then `manifest.json`, naming that
+    prefix, replaces the previous one in one atomic write. Readers only ever follow the manifest, so
+    a killed or failed run leaves the previous store readable and no manifest pointing at partial
+    data. After a commit, prefixes no manifest names are removed; an uncommitted writer removes its own.
+    """
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.tmp = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.location = resolve(path)
+        self.data_dir = f"{DATA_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        self.data = self.location.join(self.data_dir)
+        self.committed = False
 
     def __enter__(self) -> StoreWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Leftovers of crashed earlier runs are never complete stores; clear them.
-        for stale in self.path.parent.glob(f".{self.path.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        replaced = sorted(self.path.parent.glob(f".{self.path.name}.old-*"))
-        if replaced and not self.path.exists():
-            # A crash between commit's two renames: the previous store goes back in place.
-            os.rename(replaced.pop(), self.path)
-        for stale in replaced:
-            shutil.rmtree(stale, ignore_errors=True)
-        self.tmp.mkdir()
+        try:
+            found = info(self.location).type
+            if found == FileType.File:
+                raise UserError(f"store path is a file, not a folder: {self.location}")
+            self.created_root = found == FileType.NotFound
+            self.location.fs.create_dir(self.data.path, recursive=True)
+            self.previous = read_text(self.location.join(MANIFEST))
+        except OSError as err:
+            raise StorageError(
+                f"cannot write the reference store {self.location}: {_first_line(err)}"
+            ) from None
         return self
 
+    def changed_meanwhile(self) -> Manifest | None:
+        """The manifest another writer committed since this one started, if any."""
+        current = read_text(self.location.join(MANIFEST))
+        if current is None or current == self.previous:
+            return None
+        return Manifest.model_validate_json(current)
+
     def commit(self, manifest: Manifest) -> None:
-        (self.tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
-        old = None
-        if self.path.exists():
-            old = self.path.parent / f".{self.path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(self.path, old)
-        os.rename(self.tmp, self.path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        manifest = manifest.model_copy(update={"data_dir": self.data_dir})
+        write_text_atomically(self.location.join(MANIFEST), manifest.model_dump_json(indent=2))
+        self.committed = True
+        for entry in children(self.location):
+            name = entry.base_name
+            if entry.type == FileType.Directory and name.startswith(DATA_PREFIX) and name != self.data_dir:
+                _remove_quietly(Location(self.location.fs, entry.path, self.location.given))
+            elif entry.type == FileType.File and name.endswith(".parquet"):
+                self.location.fs.delete_file(entry.path)  # the first layout's files, now replaced
 
     def __exit__(self, *exc_info) -> None:
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        if not self.committed:
+            _remove_quietly(self.data)
+            if self.created_root and not children(self.location):
+                _remove_quietly(self.location)  # leave no empty store folder behind either
+
+
+class StorageError(KtoRayError):
+    """The store's storage failed (unreachable server, permissions); one line naming the location."""
+
+
+def _remove_quietly(location: Location) -> None:
+    with contextlib.suppress(OSError):
+        remove_tree(location)
+
+
+def _first_line(err: Exception) -> str:
+    return display(str(err).splitlines()[0] if str(err) else type(err).__name__)
 
 
 def build_manifest(
@@ -193,20 +256,16 @@ def build_manifest(
 def record_data_files(path: str | Path, data_files: list[FileStat] | None) -> None:
     """Replace the data file stats of a complete store whose content fingerprint was just rechecked.
 
-    The manifest is replaced atomically (temporary file + rename), so the store never lacks one. The
-    stats only save later runs a re-read of the data: a store that cannot be written (a read-only
-    mount) keeps its old ones, with a warning.
+    The manifest is replaced atomically, so the store never lacks one. The stats only save later runs
+    a re-read of the data: a store that cannot be written (a read-only mount) keeps its old ones, with
+    a warning.
     """
-    path = Path(path)
     manifest = read_manifest(path)
     if manifest is None:
-        raise UserError(f"no reference store at {path} (run `kto-ray precompute` first)")
+        raise UserError(f"no reference store at {resolve(path)} (run `kto-ray precompute` first)")
     updated = manifest.model_copy(update={"data_files": data_files})
-    tmp = path / f".{MANIFEST}.tmp-{uuid.uuid4().hex[:8]}"
+    target = resolve(path).join(MANIFEST)
     try:
-        tmp.write_text(updated.model_dump_json(indent=2))
-        os.replace(tmp, path / MANIFEST)
+        write_text_atomically(target, updated.model_dump_json(indent=2))
     except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        log.warning("could not record the data file stats in %s (%s)", path / MANIFEST, err)
+        log.warning("could not record the data file stats in %s (%s)", target, _first_line(err))

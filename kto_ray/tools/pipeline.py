@@ -5,6 +5,7 @@ from __future__ import annotations
 from kto_ray.config import KTOConfig
 from kto_ray.raycluster import ray_session
 from kto_ray.reference.precompute import precompute
+from kto_ray.storage import display
 from kto_ray.tools.evaluate import evaluate, format_table
 from kto_ray.training.driver import train
 
@@ -21,7 +22,7 @@ def run_pipeline(cfg: KTOConfig, *, evaluate_before: bool = False) -> dict[str, 
         table["after"] = evaluate(cfg, str(result.run_dir / "final"))
     if table:
         rows = int(next(iter(table.values()))["rows"])
-        print(f"\nheld-out eval split of {store.path} ({rows} rows):")
+        print(f"\nheld-out eval split of {display(store.path)} ({rows} rows):")
         print(format_table(table))
     print(f"trained {result.steps} steps; run dir {result.run_dir}", flush=True)
     return table

@@ -92,12 +92,12 @@ def test_manifest_records_the_data_file_stats(built_store, small_data):
 
 def test_second_run_reuses_without_model_work(built_store, capsys):
     cfg, store = built_store
-    before = (store.path / MANIFEST).read_text()
+    before = (Path(store.path) / MANIFEST).read_text()
     started = time.perf_counter()
     result = precompute(cfg)
     assert result.reused
     assert "reusing it" in capsys.readouterr().out
-    assert (store.path / MANIFEST).read_text() == before
+    assert (Path(store.path) / MANIFEST).read_text() == before
     assert time.perf_counter() - started < 20
 
 
@@ -186,7 +186,8 @@ def test_overwrite_replaces_a_mismatched_store(built_store, tmp_path):
     assert not result.reused
     assert result.store.manifest.fingerprint["pairing"] != store.manifest.fingerprint["pairing"]
     assert open_store(copy, _fingerprint(changed)).manifest == result.store.manifest
-    assert not list(tmp_path.glob(".store.*"))  # no temporary or old folder left behind
+    # The replaced store's data prefix is removed after the commit; the new manifest names the new one.
+    assert sorted(p.name for p in copy.iterdir()) == sorted([result.store.manifest.data_dir, MANIFEST])
 
 
 def test_killed_precompute_leaves_no_complete_looking_store(tiny_model, small_data, ray_local, tmp_path):
@@ -202,17 +203,17 @@ def test_killed_precompute_leaves_no_complete_looking_store(tiny_model, small_da
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 180
-    while not list(tmp_path.glob(".store.tmp-*")) and time.time() < deadline and proc.poll() is None:
+    store_dir = tmp_path / "store"
+    while not list(store_dir.glob("data-*")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert proc.poll() is None, "precompute ended before it could be killed"
     time.sleep(1.0)
     kill_process_tree(proc.pid)
     proc.wait()
-    store_dir = tmp_path / "store"
-    assert not (store_dir / MANIFEST).exists()
-    assert not store_dir.exists()
+    assert not (store_dir / MANIFEST).exists()  # partial data under a prefix, but nothing names it
     with pytest.raises(UserError, match="no reference store"):
         open_store(store_dir)
     result = precompute(cfg)  # the rerun starts clean and completes
     assert not result.reused and (store_dir / MANIFEST).exists()
-    assert not list(tmp_path.glob(".store.tmp-*"))
+    # The killed run's prefix is removed after the commit.
+    assert sorted(p.name for p in store_dir.iterdir()) == sorted([result.store.manifest.data_dir, MANIFEST])

@@ -148,8 +148,8 @@ def _poisoned_store(built_store, root: Path, step: int, rank: int, workers: int)
     """A copy of the store whose reference log-probs are NaN for exactly `rank`'s rows of `step`."""
     cfg, store = built_store
     copy = root / "poisoned"
-    copy.mkdir()
-    shutil.copy(store.path / MANIFEST, copy / MANIFEST)
+    (copy / store.manifest.data_dir).mkdir(parents=True)
+    shutil.copy(Path(store.path) / MANIFEST, copy / MANIFEST)
     train_rows = store.read_split("train")
     schedule = Schedule.for_table(train_rows, workers, 4, 1, cfg.train.seed, GROUPED)
     poisoned_ids = pa.array(train_rows["id"].take(schedule.rows_for(step - 1, rank)[0]))
@@ -159,7 +159,7 @@ def _poisoned_store(built_store, root: Path, step: int, rank: int, workers: int)
     table = table.set_column(
         table.schema.get_field_index("ref_logps"), "ref_logps", pc.if_else(hit, nan, table["ref_logps"])
     )
-    pq.write_table(table, copy / "part-0.parquet")
+    pq.write_table(table, copy / store.manifest.data_dir / "part-0.parquet")
     return copy
 
 
@@ -225,7 +225,8 @@ def test_killed_overwrite_keeps_the_previous_store(built_store, tiny_model, tmp_
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    _wait_for(lambda: list(tmp_path.glob(".store.tmp-*")), lambda: proc.poll() is None)
+    old_data = store.manifest.data_dir
+    _wait_for(lambda: len(list(path.glob("data-*"))) > 1, lambda: proc.poll() is None)  # writing
     time.sleep(1.0)
     kill_process_tree(proc.pid)
     proc.wait()
@@ -237,4 +238,6 @@ def test_killed_overwrite_keeps_the_previous_store(built_store, tiny_model, tmp_
         not result.reused
         and result.store.manifest.fingerprint["pairing"] != store.manifest.fingerprint["pairing"]
     )
-    assert not list(tmp_path.glob(".store.*"))
+    # Only the new store's data prefix is left: the killed run's and the replaced one are removed.
+    assert sorted(p.name for p in path.iterdir()) == sorted([result.store.manifest.data_dir, MANIFEST])
+    assert result.store.manifest.data_dir != old_data
