@@ -1,9 +1,13 @@
-"""The embedded feedback data: single-digit arithmetic questions with right and wrong answers.
+"""The embedded feedback data: small-number arithmetic questions with right and wrong answers.
 
 Prompts end with a newline so that prompt + completion, concatenated as KTO trainers do, reads naturally.
-Labels are objectively checkable: a desirable completion states the right result, an undesirable one a
-wrong result (off by a little, off by one group for products, or two digits swapped). Regenerate with
-`python -m kto_ray.assets.tiny_model data` (deterministic: the files come out byte-identical).
+Labels are objectively checkable. A desirable completion states the right result in digits; an
+undesirable one makes one systematic mistake: it spells the result out in words ("= seven."), which
+the answer checker (kto_ray.tools.answers) rejects. Why this mistake: KTO shifts probability between
+behaviours the reference already has, conditioned on the prompt; it cannot teach facts the reference
+lacks. So the reference knows the facts (few, small operands) and mixes a right and a wrong behaviour,
+and the feedback labels which is which. Regenerate with `python -m kto_ray.assets data`
+(deterministic: the files come out byte-identical).
 """
 
 from __future__ import annotations
@@ -16,6 +20,14 @@ from pathlib import Path
 
 # (file name, n_prompts, seed, desirable fraction); n_prompts chosen so each file holds ~3000 rows.
 DATA_FILES = (("arithmetic.jsonl", 2400, 0, 0.5), ("arithmetic_imbalanced.jsonl", 2727, 1, 0.2))
+
+MAX_OPERAND = 5
+# Spelled-out results, 0 to MAX_OPERAND ** 2 (the largest product).
+_TO_NINETEEN = (  # noqa: SIM905 (one line of words reads better than 20 quoted ones)
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen"
+).split()
+NUMBER_WORDS = (*_TO_NINETEEN, "twenty", *(f"twenty-{w}" for w in _TO_NINETEEN[1:6]))
 
 _NAMES = ("Sam", "Ana", "Lee", "Maya", "Omar", "Jo", "Priya", "Tom")
 _ITEMS = ("apples", "stamps", "marbles", "books", "coins", "shells", "cards")
@@ -50,34 +62,27 @@ _ANSWERS = (
 
 
 def _operands(rng: random.Random) -> tuple[int, str, int, int]:
-    # Single-digit facts (about 250 of them): few enough for a 100k-parameter model to learn from
-    # feedback within the demo, so held-out prompts (new phrasings of known facts) can show learning.
+    # Operands up to 5 (about 70 facts): few enough that the tiny model's warm-up learns them, so its
+    # mistakes are a behaviour KTO can shift, not missing knowledge it could not supply.
     op = rng.choices("+-*", weights=(4, 4, 2))[0]
     if op == "+":
-        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        a, b = rng.randint(1, MAX_OPERAND), rng.randint(1, MAX_OPERAND)
         return a, op, b, a + b
     if op == "-":  # results stay non-negative: simpler to check and to phrase as word problems
-        b, right = rng.randint(1, 9), rng.randint(0, 9)
+        b, right = rng.randint(1, MAX_OPERAND), rng.randint(0, MAX_OPERAND)
         return b + right, op, b, right
-    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    a, b = rng.randint(2, MAX_OPERAND), rng.randint(2, MAX_OPERAND)
     return a, op, b, a * b
 
 
-def _wrong(rng: random.Random, a: int, op: str, b: int, right: int) -> int:
-    """A plausible mistake: off by a little, off by one group (products), or two digits swapped."""
-    while True:
-        kind = rng.random()
-        if kind < 0.3 and right >= 10:
-            digits = list(str(right))
-            i, j = rng.sample(range(len(digits)), 2)
-            digits[i], digits[j] = digits[j], digits[i]
-            wrong = int("".join(digits)) if digits[0] != "0" else right
-        elif kind < 0.45 and op == "*":
-            wrong = right + rng.choice((-1, 1)) * rng.choice((a, b))
-        else:
-            wrong = right + rng.choice((-1, 1)) * rng.randint(1, 10)
-        if wrong >= 0 and wrong != right:
-            return wrong
+def _wrong(right: int) -> str:
+    """The systematic mistake: the result spelled out ("twelve"), not the digits the checker expects.
+
+    A categorical mistake on purpose: with an off-by-one mistake, KTO, pushed away from r + 1 and
+    towards r along the same numeric direction, overshot to r - 1 (one-process prototype: held-out
+    answer accuracy 0.50 -> 0.19).
+    """
+    return NUMBER_WORDS[right]
 
 
 def _prompt(rng: random.Random, a: int, op: str, b: int) -> str:
@@ -113,7 +118,7 @@ def generate_arithmetic(n_prompts: int, seed: int, desirable_fraction: float = 0
     rows: list[dict] = []
     for (prompt, (a, op, b, right)), role in zip(problems.items(), roles, strict=True):
         for label in {"both": (True, False), "good": (True,), "bad": (False,)}[role]:
-            result = right if label else _wrong(rng, a, op, b, right)
+            result = right if label else _wrong(right)
             completion = rng.choice(_ANSWERS).format(a=a, op=op, b=b, r=result)
             rows.append({"prompt": prompt, "completion": completion, "label": label})
     rng.shuffle(rows)
@@ -144,7 +149,9 @@ def heldout_problems(n: int, seed: int, exclude: Iterable[str]) -> list[dict]:
     """`n` distinct prompts {"prompt", "answer"} that are not in `exclude` (the training prompts).
 
     Same facts and phrasings as the training data, new prompt texts: the answer-accuracy evaluation
-    never sees a prompt the policy was trained on.
+    never sees a prompt the policy was trained on. With the default data's 2,400 prompts the few
+    plain-template prompts of ~70 facts are all taken, so held-out prompts are word problems with a new
+    combination of name, item, template and numbers.
     """
     rng = random.Random(seed)
     seen = set(exclude)

@@ -28,7 +28,9 @@ if TYPE_CHECKING:  # heavy imports stay lazy: `data` needs neither torch nor tra
 
 DEFAULT_DATA = Path("data/arithmetic.jsonl")
 DEFAULT_MODEL_DIR = Path("artifacts/tiny-llama")
-DEFAULT_WARMUP_STEPS = 300  # ~16 s of one CPU core: learns the answer format, not arithmetic
+# ~40 s of one CPU core: learns the ~70 facts of the data (0.89 greedy accuracy when warmed up on
+# desirable rows only), so the reference knows the answers and only its mixed behaviour is wrong.
+DEFAULT_WARMUP_STEPS = 1200
 WARMUP_BATCH, WARMUP_LR = 16, 3e-3  # batch 32 costs twice the CPU for the same reference quality
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, Llama order plus a real pad token
@@ -91,7 +93,10 @@ def _free_cores() -> int:
     return max(1, min(cores, cores - round(os.getloadavg()[0])))
 
 
-def _desirable_rows(data_path: str | Path) -> list[dict]:
+def _warmup_rows(data_path: str | Path) -> list[dict]:
+    """Every row, desirable or not: the reference imitates unfiltered data, mistakes included, so it
+    knows the facts but answers about half the prompts with the data's systematic mistake. That is the
+    improvable policy KTO is for: the labels, which the warm-up ignores, say which behaviour to keep."""
     path = Path(data_path)
     if path.is_file():
         with open(path, encoding="utf-8") as f:
@@ -101,10 +106,9 @@ def _desirable_rows(data_path: str | Path) -> list[dict]:
         rows = generate_arithmetic(n, seed, fraction)
     else:
         raise FileNotFoundError(f"warm-up data not found: {path}")
-    desirable = [row for row in rows if row["label"]]
-    if not desirable:
-        raise ValueError(f"no desirable rows to warm up on in {path}")
-    return desirable
+    if not rows:
+        raise ValueError(f"no rows to warm up on in {path}")
+    return rows
 
 
 def _sft_example(tokenizer: PreTrainedTokenizerFast, row: dict) -> tuple[list[int], list[int]]:
@@ -226,9 +230,9 @@ def build_tiny_model(
     seed: int = 0,
     force: bool = False,
 ) -> Path:
-    """Build a ~100k-parameter LlamaForCausalLM with a short SFT warm-up on the desirable rows.
+    """Build a ~100k-parameter LlamaForCausalLM with a short SFT warm-up on all rows of the data.
 
-    The warm-up teaches the answer format, not arithmetic: a sensible but improvable reference policy.
+    The warm-up teaches the facts and both answer styles, right and mistaken: an improvable reference.
     Written atomically; a no-op when `out_dir` already holds config.json and model.safetensors.
     """
     out = Path(out_dir)
@@ -248,7 +252,7 @@ def build_tiny_model(
     try:
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-        losses = _warm_up(model, tokenizer, _desirable_rows(data_path), warmup_steps, seed)
+        losses = _warm_up(model, tokenizer, _warmup_rows(data_path), warmup_steps, seed)
     finally:
         torch.set_num_threads(threads)  # leave the caller's process (pytest, a Ray worker) as it was
     _save_atomically(model, tokenizer, out)
@@ -276,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data.add_argument("--out-dir", default="data")
     model = sub.add_parser("model", help="build the tiny Llama reference model and its tokenizer")
     model.add_argument("--out", default=str(DEFAULT_MODEL_DIR))
-    model.add_argument("--data", default=str(DEFAULT_DATA), help="warm-up data (desirable rows are used)")
+    model.add_argument("--data", default=str(DEFAULT_DATA), help="warm-up data (all rows, labels ignored)")
     model.add_argument("--steps", type=int, default=DEFAULT_WARMUP_STEPS, help="warm-up optimizer steps")
     model.add_argument("--seed", type=int, default=0)
     model.add_argument("--force", action="store_true", help="rebuild even if the folder is complete")

@@ -92,7 +92,8 @@ def run_demo(cfg: KTOConfig) -> dict[str, dict[str, float]]:
     heldout = heldout_problems(HELDOUT_PROMPTS, HELDOUT_SEED, training_prompts(cfg))
     table: dict[str, dict[str, float]] = {}
     with ray_session(cfg.cluster.address):
-        precompute(cfg)
+        # A matching store is reused; one left by older embedded data or model is the demo's own: rebuild.
+        precompute(cfg, overwrite=True)
         table["before"] = evaluate(cfg)
         result = train(cfg)
     final = str(result.run_dir / "final")

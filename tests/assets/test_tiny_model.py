@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local: a netw
 
 from kto_ray.assets import arithmetic
 from kto_ray.assets import tiny_model as assets
+from kto_ray.tools.answers import arithmetic_checker
 
 REPO = Path(__file__).resolve().parents[2]
 WARMUP_STEPS = 40  # enough to clearly move the loss, a few seconds on 2 CPU cores
@@ -33,14 +34,33 @@ def expected_answer(prompt: str) -> tuple[int, str, int, int]:
 
 
 def check_rows(rows: list[dict]) -> None:
+    """Desirable rows state the right result in digits; undesirable ones make the data's one systematic
+    mistake, the right result spelled out; the answer checker's verdict is exactly the label."""
     for row in rows:
         assert set(row) == {"prompt", "completion", "label"} and isinstance(row["label"], bool)
         assert row["prompt"].endswith("\n") and row["completion"] and "\n" not in row["completion"]
         a, op, b, right = expected_answer(row["prompt"])
-        stated = int(re.findall(r"\d+", row["completion"])[-1])
-        assert (stated == right) == row["label"], row
+        assert max(a, b) <= 10 and 0 <= right <= 25, row  # small facts: the tiny model can learn them
+        claims = re.findall(r"(?:=|answer is) ([\w-]+)\.", row["completion"])
+        assert claims and len(set(claims)) == 1, row  # one result, restated consistently
+        if row["label"]:
+            assert claims[0] == str(right), row
+        else:
+            assert claims[0] == arithmetic.NUMBER_WORDS[right], row
+        assert arithmetic_checker({"answer": right}, row["completion"]) == row["label"], row
         if "=" in row["completion"]:  # a worked expression must restate the prompt's operands
             assert f"{a} {op} {b} =" in row["completion"], row
+
+
+def test_number_words() -> None:
+    words = arithmetic.NUMBER_WORDS
+    assert len(words) == 26 and (words[0], words[7], words[12], words[20]) == (
+        "zero",
+        "seven",
+        "twelve",
+        "twenty",
+    )
+    assert words[25] == "twenty-five" and arithmetic.MAX_OPERAND**2 == 25
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -24,9 +24,9 @@ def test_demo_learns(tiny_model, ray_local, tmp_path, capsys):
     table = run_demo(cfg)
     before, after = table["before"], table["after"]
     assert before["reward_accuracy"] == pytest.approx(0.5, abs=0.05)  # policy == reference: ties
-    # Measured (2 cores): accuracy 0.51 -> 0.56, reward margin 0 -> 0.35, log-prob margin 2.6 -> 6.0.
-    assert after["reward_accuracy"] >= before["reward_accuracy"] + 0.03
-    assert after["rewards/margins"] >= 0.15
+    # Measured (2 cores, beta 0.5): accuracy 0.51 -> 0.96, reward margin 0 -> 6.5.
+    assert after["reward_accuracy"] >= 0.80
+    assert after["rewards/margins"] >= 1.0
     assert after["logps/margin"] >= before["logps/margin"] + 1.5
     assert after["loss"] < before["loss"] - 0.01
     assert (tmp_path / "runs" / "demo" / "final" / "model.safetensors").is_file()
@@ -40,9 +40,8 @@ def test_demo_learns(tiny_model, ray_local, tmp_path, capsys):
         assert width >= 400 and height >= 200
     assert "| steps | 168" in report.summary.read_text()
 
-    # The issue's target: answer accuracy up by >= 20 points (asserted with slack at 10). Not reached yet
-    # (measured 2 cores: see the report in the issue); kept visible as an xfail rather than dropped.
-    gain = after["answer_accuracy"] - before["answer_accuracy"]
-    assert 0.0 <= before["answer_accuracy"] <= 1.0 and 0.0 <= after["answer_accuracy"] <= 1.0
-    if gain < 0.10:
-        pytest.xfail(f"answer accuracy {before['answer_accuracy']:.2f} -> {after['answer_accuracy']:.2f}")
+    # What the model writes: greedy answers to held-out prompts. The reference answers about half of
+    # them with the data's systematic mistake (the result spelled out); KTO must move it to digits.
+    # Measured (2 cores): 0.34 -> 0.88, +54 points; the issue's target is +20, asserted with slack.
+    assert 0.0 <= before["answer_accuracy"] <= 0.6
+    assert after["answer_accuracy"] >= before["answer_accuracy"] + 0.10
