@@ -71,7 +71,11 @@ class DataConfig(Section):
 
 
 class StoreConfig(Section):
-    path: str = Field("stores/demo", description="Folder of the reference store (Parquet + manifest.json).")
+    path: str = Field(
+        "stores/demo",
+        description="The reference store (Parquet + manifest.json): a folder, or an s3:// or gs:// URI "
+        "(endpoint and credentials from the standard AWS/GCP environment, never from the config).",
+    )
 
 
 class PrecomputeConfig(Section):
@@ -183,7 +187,11 @@ class DeepSpeedConfig(Section):
 
 class RunConfig(Section):
     name: str = Field("demo", description="Run name; rerunning with the same name resumes.")
-    dir: str = Field("runs", description="Parent folder (shared storage on multi-node clusters).")
+    dir: str = Field(
+        "runs",
+        description="Parent folder of run dirs: local or mounted (shared storage on multi-node clusters); "
+        "object-storage URIs are not supported here yet.",
+    )
     checkpoint_every: int = Field(50, ge=1, description="Checkpoint every this many optimizer steps.")
     max_failures: int = Field(
         0, ge=-1, description="Worker-group restarts from the last checkpoint (-1: no limit)."
@@ -200,6 +208,15 @@ class RunConfig(Section):
         "kto-ray[tensorboard|mlflow|wandb]). TensorBoard writes to <run dir>/tensorboard; MLflow and "
         "W&B read their usual environment (MLFLOW_TRACKING_URI, WANDB_PROJECT, WANDB_MODE, ...).",
     )
+
+    @model_validator(mode="after")
+    def _local_run_dir(self) -> RunConfig:
+        if "://" in self.dir:
+            raise ValueError(
+                "run.dir must be a local or mounted folder (object-storage run dirs are not supported yet; "
+                "the reference store can be an s3:// URI)"
+            )
+        return self
 
 
 class KTOConfig(Section):

@@ -72,3 +72,9 @@ def test_console_entry_lists_subcommands():
     ).stdout
     for command in ("demo", "precompute", "train", "evaluate"):
         assert command in out
+
+
+def test_an_object_storage_run_dir_is_refused_until_supported():
+    with pytest.raises(UserError, match="run.dir must be a local or mounted folder"):
+        load_config(None, ["run.dir=s3://bucket/runs"])
+    assert load_config(None, ["store.path=s3://bucket/stores/x"]).store.path == "s3://bucket/stores/x"

@@ -1,7 +1,7 @@
 """Stage 1: a Ray Data pipeline that computes the reference log-probs once into the reference store.
 
 text rows (driver) -> map_batches(tokenize) -> map_batches(ReferenceLogprobs, actor pool)
--> write_parquet into a temporary sibling -> manifest -> rename into place
+-> write_parquet under a fresh data-<id>/ prefix of the store -> manifest.json last (see store.py)
 """
 
 from __future__ import annotations

@@ -215,8 +215,9 @@ class StoreWriter:
     def __exit__(self, *exc_info) -> None:
         if not self.committed:
             _remove_quietly(self.data)
-            if self.created_root and not children(self.location):
-                _remove_quietly(self.location)  # leave no empty store folder behind either
+            with contextlib.suppress(OSError):  # storage may be gone: the caller reports that
+                if self.created_root and not children(self.location):
+                    _remove_quietly(self.location)  # leave no empty store folder behind either
 
 
 class StorageError(KtoRayError):
