@@ -75,6 +75,6 @@ def test_console_entry_lists_subcommands():
 
 
 def test_an_object_storage_run_dir_is_refused_until_supported():
-    with pytest.raises(UserError, match="run.dir must be a local or mounted folder"):
+    with pytest.raises(UserError, match=r"run\.dir must be a local or mounted folder"):
         load_config(None, ["run.dir=s3://bucket/runs"])
     assert load_config(None, ["store.path=s3://bucket/stores/x"]).store.path == "s3://bucket/stores/x"

@@ -23,6 +23,8 @@ def resolve_dtype(name: str, on_gpu: bool) -> torch.dtype:
 
 
 _WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+# What marks a LoRA adapter folder in PEFT's format (a LoRA run's final/).
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 def _check_exists(path: str) -> None:
@@ -38,6 +40,11 @@ def _check_exists(path: str) -> None:
 def _check_model_folder(folder: Path) -> None:
     """Refuse folders transformers would fail on with a confusing message (a slow-tokenizer conversion
     error for an empty folder, a missing-file trace for a folder without weights)."""
+    if (folder / ADAPTER_CONFIG).is_file():
+        # A LoRA export: its tokenizer is there; the model is its base + adapter (load_causal_lm).
+        if not (folder / "adapter_model.safetensors").is_file():
+            raise UserError(f"adapter folder {folder} has no adapter_model.safetensors")
+        return
     if not (folder / "config.json").is_file():
         gguf = sorted(p.name for p in folder.glob("*.gguf"))
         if gguf:
@@ -66,13 +73,40 @@ def load_tokenizer(model: ModelConfig, path: str | None = None):
     return tokenizer
 
 
+def is_adapter_folder(path: str) -> bool:
+    """A LoRA adapter saved in PEFT's format (a LoRA run's final/), not a full model."""
+    return (Path(path).expanduser() / ADAPTER_CONFIG).is_file()
+
+
+def _load_adapter(model: ModelConfig, dtype: torch.dtype, path: str, **placement: Any):
+    """Base (as `base_model_name_or_path` names it, with the same safety settings) + the adapter,
+    merged into plain weights: callers get an ordinary causal LM, as from a full export."""
+    import json
+
+    from peft import PeftModel
+
+    folder = Path(path).expanduser()
+    base_path = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base_path:
+        raise UserError(f"adapter folder {path}: {ADAPTER_CONFIG} names no base_model_name_or_path")
+    _check_model_folder(folder)
+    base = load_causal_lm(model, dtype, base_path, **placement)
+    try:
+        return PeftModel.from_pretrained(base, folder, is_trainable=False).merge_and_unload()
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the adapter in {path}: {str(err).splitlines()[0]}") from None
+
+
 def load_causal_lm(model: ModelConfig, dtype: torch.dtype, path: str | None = None, **placement: Any):
     """Load a causal LM for inference or training; under an active HfDeepSpeedConfig it loads sharded.
+    A LoRA adapter folder loads as its base with the adapter merged (safetensors only, always).
 
     `placement`: transformers' device_map / max_memory, to spread one model over several GPUs."""
     from transformers import AutoModelForCausalLM
 
     path = path or model.path
+    if is_adapter_folder(path):
+        return _load_adapter(model, dtype, path, **placement)
     _check_exists(path)
     try:
         return AutoModelForCausalLM.from_pretrained(

@@ -1,4 +1,8 @@
-"""Offline report of a run dir: PNG curves and summary.md from metrics.jsonl; optional TensorBoard replay."""
+"""Offline report of a run dir: PNG curves and summary.md from metrics.jsonl; optional TensorBoard replay.
+
+With `train.eval_every`, the `eval/...` metrics are drawn over the training curves, eval.png shows the
+implied-reward accuracy, and summary.md gets an Eval section.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +29,10 @@ FIGURES = (
 )
 Lines = list[tuple[str, list[float]]]  # (legend label, values per step)
 TRAINING_PANELS = (("learning_rate", "learning rate"), ("grad_norm", "grad norm"), ("samples/s", "samples/s"))
+# train.eval_every: `eval/<key>` on the steps that evaluated, drawn over the training curve of <key>.
+EVAL_PREFIX = "eval/"
+EVAL_COLORS = ("tab:purple", "tab:orange", "tab:olive")
+EVAL_SUMMARY_KEYS = ("loss", "kl", "reward_accuracy", "rewards/chosen", "rewards/rejected", "rewards/margins")
 
 
 @dataclass(frozen=True)
@@ -91,11 +99,32 @@ def _draw(ax: Any, steps: list[int], lines: Lines, bounds: list[int], smooth: bo
     ax.legend(loc="best", fontsize="small")
 
 
+def _eval_points(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of `eval/<key>` where it was computed (every train.eval_every steps)."""
+    points = [(int(r["step"]), v) for r, v in zip(records, _series(records, EVAL_PREFIX + key))]
+    return [s for s, v in points if math.isfinite(v)], [v for _, v in points if math.isfinite(v)]
+
+
+def _draw_eval(ax: Any, records: list[dict[str, Any]], keys: tuple[str, ...]) -> bool:
+    """Held-out points over the training curves (no EMA: evaluations are few and not noisy per row)."""
+    drawn = False
+    for color, key in zip(EVAL_COLORS, keys):
+        steps, values = _eval_points(records, key)
+        if steps:
+            label = f"eval {key.split('/')[-1]}"
+            ax.plot(steps, values, color=color, ls="--", lw=1.5, marker="s", ms=4, label=label)
+            drawn = True
+    if drawn:
+        ax.legend(loc="best", fontsize="small")
+    return drawn
+
+
 def _plot(records: list[dict[str, Any]], out_dir: Path, name: str) -> list[Path]:
     try:
         # Figure + the Agg canvas directly, no pyplot: no display, no global figure registry to leak into.
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError as err:
         raise UserError("matplotlib is not installed: pip install 'kto-ray[report]'") from err
     steps = [int(r["step"]) for r in records]
@@ -106,6 +135,7 @@ def _plot(records: list[dict[str, Any]], out_dir: Path, name: str) -> list[Path]
         fig = FigureCanvasAgg(Figure(figsize=(8, 4.5), dpi=100, layout="tight")).figure
         ax = fig.add_subplot()
         _draw(ax, steps, [(key.split("/")[-1], _series(records, key)) for key in keys], bounds)
+        _draw_eval(ax, records, keys)
         if stem in ("rewards", "margins"):
             ax.axhline(0.0, color="black", lw=0.8)
         ax.set(title=f"{name}: {title}", ylabel=ylabel)
@@ -119,6 +149,17 @@ def _plot(records: list[dict[str, Any]], out_dir: Path, name: str) -> list[Path]
         ax.set(title=f"{name}: {label}", ylabel=label)
     paths.append(out_dir / "training.png")
     fig.savefig(paths[-1])
+    if _eval_points(records, "reward_accuracy")[0]:
+        # Only evaluations have an accuracy: its own figure, with the 0.5 of a model that learned nothing.
+        fig = FigureCanvasAgg(Figure(figsize=(8, 4.5), dpi=100, layout="tight")).figure
+        ax = fig.add_subplot()
+        _draw_eval(ax, records, ("reward_accuracy",))
+        ax.axhline(0.5, color="black", lw=0.8)
+        ax.set(title=f"{name}: eval implied-reward accuracy", ylabel="accuracy", xlabel="optimizer step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        paths.append(out_dir / "eval.png")
+        fig.savefig(paths[-1])
     return paths
 
 
@@ -137,6 +178,25 @@ def _config_rows(run_dir: Path) -> list[tuple[str, str]]:
             value = value.get(part) if isinstance(value, dict) else None
         rows.append((dotted, "—" if value is None else str(value)))
     return rows
+
+
+def _eval_summary(records: list[dict[str, Any]]) -> list[str]:
+    """The held-out metrics at the first and the last evaluation (none without train.eval_every)."""
+    evaluated = [r for r in records if isinstance(r.get(EVAL_PREFIX + "loss"), (int, float))]
+    if not evaluated:
+        return []
+    first, last = evaluated[0], evaluated[-1]
+    lines = [
+        "",
+        f"## Eval ({len(evaluated)} evaluations on the eval split)",
+        "",
+        f"| metric | first (step {first['step']}) | last (step {last['step']}) |",
+        "|---|---|---|",
+    ]
+    for key in EVAL_SUMMARY_KEYS:
+        values = [_series([r], EVAL_PREFIX + key)[0] for r in (first, last)]
+        lines.append(f"| eval/{key} | {_fmt(values[0])} | {_fmt(values[1])} |")
+    return lines
 
 
 def _summary(run_dir: Path, records: list[dict[str, Any]], figures: list[Path]) -> str:
@@ -172,6 +232,7 @@ def _summary(run_dir: Path, records: list[dict[str, Any]], figures: list[Path]) 
         values = _series(records, key)
         label = "kl (z0)" if key == "kl" else key
         lines.append(f"| {label} | {_fmt(values[-1])} | {_fmt(_mean(values[-tail:]))} |")
+    lines += _eval_summary(records)
     config = _config_rows(run_dir)
     if config:
         lines += ["", "## Config", "", "| key | value |", "|---|---|"]

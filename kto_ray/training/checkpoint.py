@@ -29,10 +29,17 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
+def _has_frozen_parameters(engine) -> bool:
+    return any(not p.requires_grad for p in engine.module.parameters())
+
+
 def save_and_report(engine, step: int, rank: int, metrics: dict) -> None:
-    """Collective: all ranks write their shard, then all report the folder (Ray merges them)."""
+    """Collective: all ranks write their shard, then all report the folder (Ray merges them).
+
+    Frozen weights (the base under LoRA) are left out: they never change and every (re)start loads
+    them from the model files, so a LoRA checkpoint holds only the adapters and their optimizer state."""
     with tempfile.TemporaryDirectory(prefix="kto-ckpt-") as tmp:
-        engine.save_checkpoint(tmp, tag=TAG)
+        engine.save_checkpoint(tmp, tag=TAG, exclude_frozen_parameters=_has_frozen_parameters(engine))
         torch.save(_rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
         if rank == 0:
             (Path(tmp) / STATE_FILE).write_text(json.dumps({"step": step}))
@@ -50,7 +57,15 @@ def restore(engine, rank: int) -> int:
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as folder:
-        engine.load_checkpoint(folder, tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+        engine.load_checkpoint(
+            folder,
+            tag=TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+            # The saved module state lacks the frozen weights (see save_and_report): they keep the
+            # values just loaded from the model files.
+            load_module_strict=not _has_frozen_parameters(engine),
+        )
         rng_file = Path(folder) / f"rng_rank{rank}.pt"
         if rng_file.exists():
             # Our own file, written by save_and_report above (RNG states are not plain tensors).

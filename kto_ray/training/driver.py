@@ -1,7 +1,8 @@
 """Stage 2 on the driver: check the store, size the run, launch the Ray Train TorchTrainer.
 
-The driver reads the store's train split (token ids and two floats per row) once and hands it to the
-workers through the object store, so workers need no access to the store's file system.
+The driver reads the store's train split (token ids and two floats per row) once, and the eval split
+when `train.eval_every` is set, and hands them to the workers through the object store, so workers need
+no access to the store's file system. It also checks `run.report_to`'s trackers before launching.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from kto_ray.models.loading import check_context_length, load_tokenizer
 from kto_ray.raycluster import ray_session
 from kto_ray.reference.store import SCHEMA
 from kto_ray.training.batching import Schedule
+from kto_ray.training.tracking import prepare_tracking
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +39,18 @@ class TrainResult:
 
 def train_table(cfg: KTOConfig, split: str = "train") -> pa.Table:
     """The rows to train on: from the checked store (offline) or tokenized here (online, no log-probs)."""
+    return split_tables(cfg, (split,))[split]
+
+
+def split_tables(cfg: KTOConfig, splits: tuple[str, ...]) -> dict[str, pa.Table]:
+    """`train_table` of several splits, checking the store (or tokenizing) once for all of them."""
     tokenizer = load_tokenizer(cfg.model)
     check_context_length(cfg.model, cfg.data.max_length)
     if cfg.reference.mode == "offline":
         # The store holds everything training needs (ids, labels, splits, log-probs): the raw data is
         # only re-read when its files' stats no longer match the ones the store recorded.
-        return checked_store(cfg, tokenizer).read_split(split)
+        store = checked_store(cfg, tokenizer)
+        return {split: store.read_split(split) for split in splits}
     text = prepare_text(cfg, tokenizer)
     columns = tokenize_rows(
         text.table.to_pydict(), tokenizer, cfg.data.max_length, cfg.data.max_prompt_length
@@ -50,7 +58,7 @@ def train_table(cfg: KTOConfig, split: str = "train") -> pa.Table:
     nan = [float("nan")] * len(columns["id"])
     columns.update(ref_logps=nan, ref_kl_logps=nan)
     table = pa.table({f.name: pa.array(columns[f.name], f.type) for f in SCHEMA}, schema=SCHEMA)
-    return table.filter(pa.compute.equal(table["split"], split))
+    return {split: table.filter(pa.compute.equal(table["split"], split)) for split in splits}
 
 
 def desirable_weight(cfg: KTOConfig, table: pa.Table, warn: bool = True) -> float:
@@ -85,12 +93,17 @@ def total_steps(cfg: KTOConfig, rows: int) -> int:
 
 def train(cfg: KTOConfig) -> TrainResult:
     """Check the store (or tokenize, online), size the run and fit it on Ray Train."""
-    table = train_table(cfg)
-    return fit(cfg, table, total_steps(cfg, len(table)), desirable_weight(cfg, table))
+    tables = split_tables(cfg, ("train", "eval") if cfg.train.eval_every else ("train",))
+    table = tables["train"]
+    steps = total_steps(cfg, len(table))
+    return fit(cfg, table, steps, desirable_weight(cfg, table), eval_table=tables.get("eval"))
 
 
-def fit(cfg: KTOConfig, table: pa.Table, steps: int, lam_d: float) -> TrainResult:
-    """Launch the TorchTrainer on `table` (store columns) for `steps` optimizer steps."""
+def fit(
+    cfg: KTOConfig, table: pa.Table, steps: int, lam_d: float, eval_table: pa.Table | None = None
+) -> TrainResult:
+    """Launch the TorchTrainer on `table` (store columns) for `steps` optimizer steps; with
+    `train.eval_every`, the workers also evaluate on `eval_table` (the store's eval split)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -98,7 +111,14 @@ def fit(cfg: KTOConfig, table: pa.Table, steps: int, lam_d: float) -> TrainResul
     from kto_ray.training.worker import train_loop
 
     cfg = with_absolute_paths(cfg)
+    if cfg.train.eval_every and (eval_table is None or len(eval_table) == 0):
+        raise UserError(
+            "train.eval_every is set but the eval split is empty: raise data.eval_fraction "
+            "or set train.eval_every: null"
+        )
     run_dir = cfg.run_dir
+    # Before anything is launched: a tracker that cannot start fails here, in one line.
+    tracking_env = prepare_tracking(cfg.run.report_to, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     print(
@@ -113,6 +133,9 @@ def fit(cfg: KTOConfig, table: pa.Table, steps: int, lam_d: float) -> TrainResul
             train_loop_config={
                 "config": cfg.model_dump(mode="json"),
                 "table": ray.put(table),
+                "eval_table": ray.put(eval_table) if cfg.train.eval_every else None,
+                # MLFLOW_* / WANDB_*, resolved: workers of a joined cluster do not get the driver's env.
+                "tracking_env": tracking_env,
                 "total_steps": steps,
                 "desirable_weight": lam_d,
             },

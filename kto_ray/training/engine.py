@@ -10,7 +10,15 @@ from typing import Any
 import torch
 
 from kto_ray.config import KTOConfig
-from kto_ray.models.loading import load_causal_lm, resolve_dtype
+from kto_ray.models.loading import hidden_size_of, load_causal_lm, resolve_dtype
+from kto_ray.models.logprobs import sequence_logps
+from kto_ray.training.lora import (
+    adapter_disabled_reference,
+    export_adapter,
+    trainable_parameters,
+    wrap_policy,
+)
+from kto_ray.training.step import ReferenceFn
 
 
 def _offload(device: str, nvme_path: str) -> dict[str, Any]:
@@ -106,20 +114,24 @@ def build_policy_engine(cfg: KTOConfig, ds_config: dict[str, Any], total_steps: 
 
     keep_alive = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
     model = load_causal_lm(cfg.model, resolve_dtype(cfg.model.dtype, cfg.cluster.use_gpu))
+    if cfg.lora.enabled:
+        model = wrap_policy(model, cfg)  # under ZeRO-3: around the partitioned base, see lora.py
     if cfg.deepspeed.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    # Only what trains gets optimizer state: all the weights, or with LoRA the adapters alone.
+    params = trainable_parameters(model)
     optimizer = None
     if "optimizer" not in ds_config:
         optimizer = torch.optim.AdamW(
-            model.parameters(),
+            params,
             lr=cfg.train.lr,
             betas=cfg.train.adam_betas,
             weight_decay=cfg.train.weight_decay,
         )
     engine, *_ = deepspeed.initialize(
         model=model,
-        model_parameters=model.parameters() if optimizer is None else None,
+        model_parameters=params if optimizer is None else None,
         optimizer=optimizer,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps)),
         config=ds_config,
@@ -167,3 +179,30 @@ def export_hf_model(engine, tokenizer, out_dir: Path, rank: int) -> None:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
+
+
+def online_reference(cfg: KTOConfig, engine, world_size: int) -> ReferenceFn | None:
+    """The reference of `reference.mode: online` (None offline: the store has its log-probs). With
+    LoRA and the policy's own initial weights as the reference, it is the policy with its adapters
+    disabled, so no reference model is built; otherwise a frozen copy of the reference weights."""
+    if cfg.reference.mode != "online":
+        return None
+    chunk = cfg.model.logprob_chunk_tokens
+    if cfg.lora.enabled and cfg.reference_path == cfg.model.path:
+        return adapter_disabled_reference(engine.module, chunk)
+    ref_model = build_reference_engine(cfg, world_size, hidden_size_of(cfg.model, cfg.reference_path))
+
+    def reference(mb):
+        return sequence_logps(ref_model, mb.policy, chunk), sequence_logps(ref_model, mb.kl, chunk)
+
+    return reference
+
+
+def export_final(engine, tokenizer, cfg: KTOConfig, rank: int) -> None:
+    """`<run dir>/final/`: the full model, or with LoRA the adapter (and `merged/` with run.merge_lora).
+    A collective: every rank calls it."""
+    if cfg.lora.enabled:  # not an isinstance check: importing peft costs ~110 MiB per worker
+        merged = cfg.run_dir / "merged" if cfg.run.merge_lora else None
+        export_adapter(engine, tokenizer, cfg, cfg.run_dir / "final", rank, merged)
+    else:
+        export_hf_model(engine, tokenizer, cfg.run_dir / "final", rank)

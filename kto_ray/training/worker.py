@@ -15,18 +15,14 @@ import torch
 
 from kto_ray.config import KTOConfig
 from kto_ray.models.loading import hidden_size_of, load_tokenizer
-from kto_ray.models.logprobs import sequence_logps
 from kto_ray.training.batching import Schedule, collate
 from kto_ray.training.checkpoint import restore, save_and_report
 from kto_ray.training.distributed import all_reduce_sum
-from kto_ray.training.engine import (
-    build_policy_engine,
-    build_reference_engine,
-    deepspeed_config,
-    export_hf_model,
-)
+from kto_ray.training.engine import build_policy_engine, deepspeed_config, export_final, online_reference
+from kto_ray.training.eval_step import eval_metrics
 from kto_ray.training.metrics import MetricsLog
 from kto_ray.training.step import LossSettings, NonFiniteError, train_step
+from kto_ray.training.tracking import start_trackers
 
 
 def _device(cfg: KTOConfig) -> torch.device:
@@ -58,17 +54,20 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     tokenizer = load_tokenizer(cfg.model)
     hidden_size = hidden_size_of(cfg.model)
     engine = build_policy_engine(cfg, deepspeed_config(cfg, world, hidden_size=hidden_size), total_steps)
-    reference = None
-    if cfg.reference.mode == "online":
-        ref_model = build_reference_engine(cfg, world, hidden_size_of(cfg.model, cfg.reference_path))
-
-        def reference(mb):
-            chunk = cfg.model.logprob_chunk_tokens
-            return sequence_logps(ref_model, mb.policy, chunk), sequence_logps(ref_model, mb.kl, chunk)
+    reference = online_reference(cfg, engine, world)  # with LoRA: the policy, adapters disabled
 
     start_step = restore(engine, rank)
     settings = LossSettings(cfg.train.beta, loop_config["desirable_weight"], cfg.train.undesirable_weight)
     log = MetricsLog(cfg.run_dir / "metrics.jsonl", start_step) if rank == 0 else None
+    # train.eval_every: the driver put the eval split in the object store (no store access needed here).
+    eval_table = ray.get(loop_config["eval_table"]) if loop_config.get("eval_table") is not None else None
+    trackers = (
+        start_trackers(
+            cfg.run.report_to, loop_config["config"], cfg.run_dir, start_step, loop_config["tracking_env"]
+        )
+        if rank == 0 and cfg.run.report_to
+        else []
+    )
 
     engine.train()
     for step in range(start_step, total_steps):
@@ -99,10 +98,30 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 "tokens/s": metrics["tokens"] / seconds,
             }
         )
+        if eval_table is not None and ((step + 1) % cfg.train.eval_every == 0 or step + 1 == total_steps):
+            # Every rank, the same forwards (ZeRO-3); z0 over the whole eval split; after the update.
+            scores = eval_metrics(
+                engine.module,
+                eval_table,
+                rank,
+                world,
+                cfg.train.micro_batch_size,
+                tokenizer.pad_token_id,
+                settings,
+                all_reduce_sum,
+                reference,
+                device,
+                chunk_tokens=cfg.model.logprob_chunk_tokens,
+            )
+            metrics.update({f"eval/{key}": value for key, value in scores.items()})
         if log is not None:
             log.write(metrics)
+        for tracker in trackers:  # rank 0 only: live, the same record as metrics.jsonl
+            tracker.log(step + 1, metrics)
         if (step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == total_steps:
             save_and_report(engine, step + 1, rank, metrics)
 
+    for tracker in trackers:
+        tracker.finish()
     if cfg.run.export:
-        export_hf_model(engine, tokenizer, cfg.run_dir / "final", rank)
+        export_final(engine, tokenizer, cfg, rank)  # the full model, or the LoRA adapter (+ merged)

@@ -144,3 +144,44 @@ def test_cli_report(run_dir: Path, capsys) -> None:
     assert main(["report", str(run_dir)]) == 0
     assert str(run_dir / "report" / "summary.md") in capsys.readouterr().out
     _check_png(run_dir / "report" / "loss.png")
+
+
+def _with_eval(step: int) -> dict:
+    """A run with train.eval_every 10: eval/... keys on every 10th step's line."""
+    record = _record(step)
+    if step % 10 == 0:
+        record |= {
+            "eval/loss": 0.55 - 0.002 * step,
+            "eval/kl": 0.03,
+            "eval/reward_accuracy": 0.5 + 0.005 * step,
+            "eval/rewards/chosen": 0.01 * step,
+            "eval/rewards/rejected": -0.01 * step,
+            "eval/rewards/margins": 0.02 * step,
+        }
+    return record
+
+
+def test_report_draws_eval_metrics(run_dir: Path, tmp_path: Path) -> None:
+    from matplotlib.image import imread
+
+    plain = write_report(run_dir, tmp_path / "plain")
+    assert "eval.png" not in {p.name for p in plain.figures}
+    assert "## Eval" not in plain.summary.read_text()
+
+    (run_dir / "metrics.jsonl").write_text(
+        "".join(json.dumps(_with_eval(s)) + "\n" for s in range(1, STEPS + 1))
+    )
+    result = write_report(run_dir, tmp_path / "eval")
+    names = {p.name for p in result.figures}
+    assert {"loss.png", "kl.png", "rewards.png", "margins.png", "training.png", "eval.png"} == names
+    for path in result.figures:
+        _check_png(path)
+    # The eval points are drawn over the training curves: the same figure, other pixels.
+    for stem in ("loss", "kl", "rewards", "margins"):
+        assert (imread(tmp_path / "plain" / f"{stem}.png") != imread(tmp_path / "eval" / f"{stem}.png")).any()
+    summary = result.summary.read_text()
+    assert "## Eval (6 evaluations on the eval split)" in summary
+    assert "| metric | first (step 10) | last (step 60) |" in summary
+    assert f"| eval/loss | {0.55 - 0.02:.4f} | {0.55 - 0.12:.4f} |" in summary
+    assert f"| eval/reward_accuracy | {0.55:.4f} | {0.8:.4f} |" in summary
+    assert "![eval](eval.png)" in summary

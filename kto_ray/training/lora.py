@@ -1,0 +1,132 @@
+"""LoRA with peft: wrap the policy, the online reference as the policy with its adapters disabled, and
+the export of the adapter (PEFT's format) and, optionally, of the merged model.
+
+The wrapping happens before DeepSpeed initializes the model: under ZeRO-3 the base weights are already
+partitioned by zero.Init (peft reads a layer's shape from its in/out features, never from its weight),
+and the adapters peft adds are ordinary tensors that deepspeed.initialize converts to ZeRO parameters,
+broadcasting rank 0's values. Their initialization is still seeded identically on every rank, so it does
+not depend on the number of workers nor on the worker's own (per-rank) random stream.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from kto_ray.config import KTOConfig, LoraConfig
+from kto_ray.models.logprobs import sequence_logps
+from kto_ray.training.step import ReferenceFn
+
+
+def peft_config(lora: LoraConfig):
+    """peft's LoraConfig for the `lora` section (task CAUSAL_LM, so PeftModelForCausalLM)."""
+    import peft
+
+    return peft.LoraConfig(
+        task_type="CAUSAL_LM",
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        modules_to_save=list(lora.modules_to_save) or None,
+    )
+
+
+def wrap_policy(model: torch.nn.Module, cfg: KTOConfig) -> torch.nn.Module:
+    """The policy as a PeftModel: base weights frozen, only the adapters (and modules_to_save) train."""
+    import peft
+
+    # fork_rng restores the worker's CPU stream afterwards; seeding only the CPU generator (where peft
+    # creates the adapter weights) leaves any CUDA stream untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(cfg.train.seed)
+        return peft.get_peft_model(model, peft_config(cfg.lora))
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """What the optimizer gets: with LoRA the adapters only, so no optimizer state for frozen weights."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def adapter_disabled_reference(policy: torch.nn.Module, chunk_tokens: int | None) -> ReferenceFn:
+    """`reference.mode: online` with LoRA: the reference is the frozen base, i.e. the policy itself
+    with its adapters switched off for the forward; no second model is loaded anywhere."""
+
+    def reference(mb):
+        with _adapters_disabled(policy):
+            return (
+                sequence_logps(policy, mb.policy, chunk_tokens),
+                sequence_logps(policy, mb.kl, chunk_tokens),
+            )
+
+    return reference
+
+
+@contextmanager
+def _adapters_disabled(policy: torch.nn.Module) -> Iterator[None]:
+    # The reference is a fixed function of the base weights: no gradient, no adapter dropout.
+    with torch.no_grad(), policy.disable_adapter():
+        yield
+
+
+def _gathered_trainable_state(model: torch.nn.Module, rank: int) -> dict[str, torch.Tensor]:
+    """The trainable tensors (adapters, modules_to_save) gathered from their ZeRO-3 partitions (a
+    collective: every rank must call it), as CPU copies on rank 0 only."""
+    import deepspeed
+
+    state: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            if rank == 0:
+                state[name] = param.detach().to("cpu", copy=True).contiguous()
+    return state
+
+
+def _replace(tmp: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+
+
+def export_adapter(
+    engine, tokenizer, cfg: KTOConfig, out_dir: Path, rank: int, merged_dir: Path | None = None
+) -> None:
+    """Save the adapter in PEFT's format (adapter_config.json + adapter_model.safetensors, the base
+    recorded as `base_model_name_or_path`) with the tokenizer; with `merged_dir`, also the base with
+    the adapter merged, as a plain Hugging Face model. Each folder is written beside and renamed in."""
+    model = engine.module
+    state = _gathered_trainable_state(model, rank)
+    if rank != 0:
+        return
+    tmp = out_dir.parent / f".{out_dir.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    # save_embedding_layers=False: peft's "auto" would inspect the (partitioned) embedding and the base
+    # config; embeddings trained via modules_to_save are saved with the adapter anyway.
+    model.save_pretrained(tmp, state_dict=state, safe_serialization=True, save_embedding_layers=False)
+    tokenizer.save_pretrained(tmp)
+    _replace(tmp, out_dir)
+    if merged_dir is not None:
+        export_merged(cfg, out_dir, merged_dir, tokenizer)
+
+
+def export_merged(cfg: KTOConfig, adapter_dir: Path, merged_dir: Path, tokenizer) -> None:
+    """Base + adapter merged into plain weights. The base is frozen during training, so it is read from
+    its files (float32 for the merge, saved in the training dtype) rather than gathered from the ranks."""
+    from peft import PeftModel
+
+    from kto_ray.models.loading import load_causal_lm, resolve_dtype
+
+    base = load_causal_lm(cfg.model, torch.float32)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged = merged.to(resolve_dtype(cfg.model.dtype, cfg.cluster.use_gpu))
+    tmp = merged_dir.parent / f".{merged_dir.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    _replace(tmp, merged_dir)

@@ -1,0 +1,265 @@
+"""Live experiment tracking (`run.report_to`): rank 0 logs every step to TensorBoard, MLflow and W&B.
+
+One small class per tracker behind one interface: `start(config)` (the resolved config as the run's
+parameters), `log(step, metrics)` (the metrics.jsonl record, TRL's names), `finish()`. The driver calls
+`prepare_tracking` before it launches anything: a tracker that is not installed or cannot reach its
+store fails there, as a UserError naming `run.report_to`, not on a worker after the model has loaded.
+It also returns the environment the workers need: Ray Train workers neither inherit the driver's
+environment on a cluster joined through RAY_ADDRESS nor share its working directory, so MLflow's URI
+and W&B's directory are made absolute and passed in the loop config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+from kto_ray.console import is_verbose
+from kto_ray.errors import UserError
+
+PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+DEFAULT_PROJECT = "kto-ray"  # MLflow experiment and W&B project when the environment names none
+_HOST_LOCAL = {"WANDB_SERVICE"}
+_PARAM_CHARS = 500  # MLflow's limit on a parameter value in its oldest supported versions
+
+
+class Tracker(Protocol):
+    def start(self, config: Mapping[str, Any]) -> None: ...
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None: ...
+    def finish(self) -> None: ...
+
+
+def scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers of a metrics record, without its step (the trackers take the step separately)."""
+    return {
+        key: float(value)
+        for key, value in metrics.items()
+        if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str | int | float | bool]:
+    """Nested config -> {"train.beta": 0.1, ...}; lists and None become strings (hparams' value types)."""
+    out: dict[str, str | int | float | bool] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out |= flatten(value, f"{name}.")
+        elif isinstance(value, (str, int, float, bool)):
+            out[name] = value
+        else:
+            out[name] = json.dumps(value)
+    return out
+
+
+def _quiet_libraries() -> None:
+    # MLflow's sqlite store and alembic log every table migration at INFO on first use.
+    if not is_verbose():
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class TensorBoardTracker:
+    """Event files in `log_dir` (<run dir>/tensorboard); `tensorboard --logdir` shows them live."""
+
+    def __init__(self, log_dir: Path, resume_step: int = 0):
+        self.log_dir, self.resume_step = Path(log_dir), resume_step
+        self.writer: Any = None
+
+    def start(self, config: Mapping[str, Any]) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
+
+        # purge_step: TensorBoard hides what an earlier attempt logged past the step this one resumes from.
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=self.resume_step + 1)
+        params = flatten(config)
+        # The HParams tab: written into this run's own event file (add_hparams would make a subfolder).
+        for summary in hparams(params, {}):
+            self.writer.file_writer.add_summary(summary)
+        self.writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in params.items()))
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        for key, value in scalars(metrics).items():
+            self.writer.add_scalar(key, value, global_step=step)
+        self.writer.flush()  # live: a step is visible as soon as it is logged
+
+    def finish(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class MlflowTracker:
+    """One MLflow run (named `run.name`) in the experiment MLFLOW_EXPERIMENT_NAME (default kto-ray)."""
+
+    def __init__(self, tracking_uri: str, run_name: str, experiment: str | None = None):
+        self.tracking_uri, self.run_name = tracking_uri, run_name
+        self.experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_PROJECT
+        self.client: Any = None
+        self.run_id: str | None = None
+
+    def start(self, config: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        _quiet_libraries()
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        found = self.client.get_experiment_by_name(self.experiment)
+        experiment_id = found.experiment_id if found else self.client.create_experiment(self.experiment)
+        self.run_id = self.client.create_run(experiment_id, run_name=self.run_name).info.run_id
+        params = [Param(k, str(v)[:_PARAM_CHARS]) for k, v in flatten(config).items()]
+        for i in range(0, len(params), 100):  # log_batch takes at most 100 params per call
+            self.client.log_batch(self.run_id, params=params[i : i + 100])
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, v, now, step) for k, v in scalars(metrics).items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def finish(self) -> None:
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id)
+
+
+class WandbTracker:
+    """One W&B run in WANDB_PROJECT (default kto-ray); WANDB_MODE=offline keeps it on disk in `dir`."""
+
+    def __init__(self, run_name: str, directory: Path, project: str | None = None):
+        self.run_name, self.directory = run_name, Path(directory)
+        self.project = project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT
+        self.run: Any = None
+
+    def start(self, config: Mapping[str, Any]) -> None:
+        import wandb
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=self.project, name=self.run_name, config=dict(config), dir=str(self.directory)
+        )
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        # W&B drops a step lower than one it has seen (a step redone after a resume): it warns, no error.
+        self.run.log({k: v for k, v in scalars(metrics).items() if math.isfinite(v)}, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.finish()
+            # finish() returns before wandb-core has written the run's last records; teardown waits for
+            # the service to exit, so the .wandb file is complete before the worker process goes away.
+            wandb.teardown()
+
+
+def build_trackers(names: Iterable[str], run_dir: Path, run_name: str, resume_step: int = 0) -> list[Tracker]:
+    """The trackers of `run.report_to`, not started. Reads the environment `prepare_tracking` made."""
+    trackers: list[Tracker] = []
+    for name in names:
+        if name == "tensorboard":
+            trackers.append(TensorBoardTracker(Path(run_dir) / "tensorboard", resume_step))
+        elif name == "mlflow":
+            trackers.append(MlflowTracker(os.environ["MLFLOW_TRACKING_URI"], run_name))
+        elif name == "wandb":
+            trackers.append(WandbTracker(run_name, Path(os.environ.get("WANDB_DIR") or run_dir)))
+        else:
+            raise ValueError(f"unknown tracker {name!r}")
+    return trackers
+
+
+def start_trackers(
+    names: Iterable[str],
+    config: Mapping[str, Any],
+    run_dir: Path,
+    resume_step: int,
+    env: Mapping[str, str],
+) -> list[Tracker]:
+    """On rank 0: set the environment `prepare_tracking` resolved (the process is the worker's own), then
+    build and start the trackers with the resolved config as the run's parameters."""
+    os.environ.update(env)
+    trackers = build_trackers(names, run_dir, str(config["run"]["name"]), resume_step)
+    for tracker in trackers:
+        tracker.start(config)
+    return trackers
+
+
+def _absolute_mlflow_uri(uri: str | None, run_dir: Path) -> str:
+    """A tracking URI valid on any worker: local paths made absolute (workers run in another directory)."""
+    if not uri:
+        # MLflow's own default is sqlite:///mlflow.db in the working directory; next to the runs instead.
+        return f"sqlite:///{Path(run_dir).parent.resolve() / 'mlflow.db'}"
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite" and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
+    if parsed.scheme in ("", "file"):
+        path = parsed.path if parsed.scheme == "file" else uri
+        return Path(path).resolve().as_uri()
+    return uri
+
+
+def _check_mlflow(uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    _quiet_libraries()
+    # One short request, no retries: a wrong host fails in seconds, not after MLflow's minutes of backoff.
+    overrides = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    try:
+        with environment(overrides):
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise UserError(f"run.report_to: mlflow cannot use MLFLOW_TRACKING_URI={uri}: {first}") from None
+
+
+def prepare_tracking(names: Iterable[str], run_dir: Path) -> dict[str, str]:
+    """On the driver, before training: check each tracker can start; returns the environment that rank 0
+    sets before it builds them (the driver's MLFLOW_* and WANDB_* variables, resolved)."""
+    names = list(names)
+    for name in names:
+        if importlib.util.find_spec(PACKAGES[name]) is None:
+            raise UserError(
+                f"run.report_to: {name} is not installed (pip install 'kto-ray[{name}]', "
+                f"or remove it from run.report_to)"
+            )
+    # Not WANDB_SERVICE: wandb sets it to its service's socket on this host, which a worker cannot use.
+    env = {
+        k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_", "WANDB_")) and k not in _HOST_LOCAL
+    }
+    if "mlflow" in names:
+        env["MLFLOW_TRACKING_URI"] = _absolute_mlflow_uri(env.get("MLFLOW_TRACKING_URI"), run_dir)
+        if env["MLFLOW_TRACKING_URI"].startswith("sqlite:///"):  # sqlite creates the file, not its folder
+            Path(env["MLFLOW_TRACKING_URI"][len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        _check_mlflow(env["MLFLOW_TRACKING_URI"])
+    if "wandb" in names:
+        mode = env.get("WANDB_MODE", "online").strip().lower()
+        if mode not in ("online", "offline", "disabled", "dryrun", "run", "shared"):
+            raise UserError(f"run.report_to: wandb: WANDB_MODE={mode!r} is not a W&B mode")
+        # wandb writes ./wandb in the working directory by default, which on a worker is Ray's.
+        env["WANDB_DIR"] = str(Path(env.get("WANDB_DIR") or run_dir).resolve())
+        if not is_verbose():
+            env.setdefault("WANDB_SILENT", "true")  # W&B prints banners and a summary table otherwise
+    return env
+
+
+@contextlib.contextmanager
+def environment(env: Mapping[str, str]):
+    """Set `env` in this process for a block, restoring what was there."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

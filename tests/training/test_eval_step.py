@@ -1,0 +1,151 @@
+"""Eval during training with stand-ins (a plain module, gloo process groups): no Ray, no DeepSpeed.
+
+The split sizes are chosen so the shards are uneven (9 rows over 2 ranks x micro-batch 4: one rank runs a
+dummy micro-batch) and so that one rank has no row at all (1 row over 2 ranks): the 2-rank metrics must
+equal the 1-rank ones, and every rank must have run the same number of forwards (ZeRO-3 hangs otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from kto_ray.loss import kl_z0, kto_loss
+from kto_ray.models.logprobs import pad_sequences, sequence_logps
+from kto_ray.training.distributed import all_reduce_sum
+from kto_ray.training.eval_step import eval_metrics, shard_batches
+from tests.training.test_step import SETTINGS, _model, _table
+
+CASES = {"uneven": 9, "one-row": 1, "even": 8}
+
+
+def _eval(rows: int, rank: int, world: int, reduce=lambda t: t) -> tuple[dict, int]:
+    """The metrics and the number of forwards this rank ran."""
+    model = _model()
+    forwards = []
+    # The decoder, not the LM: chunked log-probs call the decoder and the head, not model.forward.
+    model.get_decoder().register_forward_hook(lambda *_: forwards.append(1))
+    metrics = eval_metrics(model, _table(rows), rank, world, 4, 0, SETTINGS, reduce)
+    assert model.training  # the mode is restored for the next training step
+    return metrics, len(forwards)
+
+
+def _worker(rank: int, init_file: str, out: dict):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        for case, rows in CASES.items():
+            out[(case, rank)] = _eval(rows, rank, 2, all_reduce_sum)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory) -> dict:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    init_file = tmp_path_factory.mktemp("pg") / "init"
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.start_processes(_worker, args=(str(init_file), out), nprocs=2, start_method="spawn")
+        return dict(out)
+
+
+def test_shards_cover_every_row_once_with_the_same_batch_count_on_every_rank():
+    lengths = np.array([5, 9, 2, 7, 7, 1, 3, 8, 4])
+    shards = [shard_batches(9, rank, 2, 4, lengths) for rank in (0, 1)]
+    assert [len(s) for s in shards] == [2, 2]
+    assert [len(b) for b in shards[1]] == [4, 0]  # rank 1 pads with an empty (dummy) batch
+    rows = np.concatenate([b for s in shards for b in s])
+    assert sorted(rows.tolist()) == list(range(9))
+    assert [len(shard_batches(1, rank, 2, 4, lengths[:1])) for rank in (0, 1)] == [1, 1]
+
+
+def test_one_rank_matches_the_loss_module_on_the_whole_split():
+    table = _table(9)
+    metrics, _ = _eval(9, 0, 1)
+    part = table.to_pydict()
+    model = _model().eval()
+    with torch.no_grad():
+        policy = sequence_logps(model, pad_sequences(part["prompt_ids"], part["completion_ids"], 0))
+        policy_kl = sequence_logps(model, pad_sequences(part["prompt_ids"], part["kl_completion_ids"], 0))
+    ref, desirable = torch.tensor(part["ref_logps"]), torch.tensor(part["label"])
+    z0 = kl_z0(policy_kl, torch.tensor(part["ref_kl_logps"]))
+    expected = kto_loss(policy, ref, desirable, z0, beta=0.5, desirable_weight=1.3, undesirable_weight=0.8)
+    assert z0.item() > 0  # random weights vs random reference log-probs: the clamp is not hiding z0
+    assert metrics["rows"] == 9
+    assert metrics["kl"] == pytest.approx(z0.item(), abs=1e-5)
+    assert metrics["loss"] == pytest.approx(expected.loss.item(), abs=1e-5)
+    chosen = expected.rewards[desirable].mean() - expected.rewards[~desirable].mean()
+    assert metrics["rewards/margins"] == pytest.approx(chosen.item(), abs=1e-5)
+    assert metrics["logps/chosen"] == pytest.approx(policy[desirable].mean().item(), abs=1e-4)
+    signed = torch.where(desirable, policy - ref - z0, z0 - (policy - ref))
+    assert metrics["reward_accuracy"] == pytest.approx((signed > 0).float().mean().item())
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_match_one_rank_with_the_same_number_of_forwards(two_rank_results, case):
+    one, _ = _eval(CASES[case], 0, 1)
+    (two, forwards_0), (two_1, forwards_1) = two_rank_results[(case, 0)], two_rank_results[(case, 1)]
+    assert forwards_0 == forwards_1 > 0
+    assert two == two_1  # every rank gets the global metrics
+    assert two.keys() == one.keys()
+    assert two["rows"] == one["rows"] == CASES[case]
+    for key in one:
+        assert two[key] == pytest.approx(one[key], abs=1e-5), key
+
+
+def test_eval_every_without_an_eval_split_is_refused_before_training(tiny_model, small_data, tmp_path):
+    from kto_ray.errors import UserError
+    from kto_ray.training.driver import train
+    from tests.conftest import make_config
+
+    # Online reference: the driver only tokenizes (no store, no Ray) before it checks.
+    cfg = make_config(
+        tiny_model,
+        small_data,
+        tmp_path,
+        reference={"mode": "online"},
+        data={"eval_fraction": 0.0},
+        train={"eval_every": 5},
+    )
+    with pytest.raises(UserError, match=r"train\.eval_every is set but the eval split is empty"):
+        train(cfg)
+    assert not (tmp_path / "runs").exists()
+
+
+# --- one real run: 2 Ray Train workers under ZeRO-3 against `kto-ray evaluate` -------------------
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local")
+def test_ray_train_eval_equals_kto_ray_evaluate_of_the_export(tiny_model, small_data, tmp_path):
+    from kto_ray.reference.precompute import precompute
+    from kto_ray.tools.evaluate import evaluate
+    from kto_ray.training.driver import train
+    from tests.conftest import make_config, read_metrics
+
+    micro = 5
+    cfg = make_config(
+        tiny_model,
+        small_data,
+        tmp_path,
+        data={"eval_fraction": 0.0875},  # 21 eval rows: shards of 11 and 10 rows
+        train={"max_steps": 2, "micro_batch_size": micro, "lr": 1e-3, "warmup_ratio": 0.0, "eval_every": 1},
+        run={"name": "evaluated", "checkpoint_every": 100},
+    )
+    rows = precompute(cfg).store.read_split("eval").num_rows
+    assert rows % (2 * micro) and rows % 2  # uneven shards: rank 1 runs a dummy micro-batch
+    assert [len(b) for b in shard_batches(rows, 1, 2, micro, np.ones(rows))][-1] == 0
+    result = train(cfg)
+    records = read_metrics(result.run_dir)
+    assert [r["step"] for r in records] == [1, 2] and all("eval/loss" in r for r in records)
+    # Step 1 evaluates the updated policy: it moved away from the reference (z0 and rewards non-zero).
+    assert records[0]["eval/rows"] == rows and abs(records[0]["eval/rewards/margins"]) > 0
+    expected = evaluate(cfg, str(result.run_dir / "final"))
+    final = records[-1]
+    for key, value in expected.items():
+        assert final[f"eval/{key}"] == pytest.approx(value, abs=1e-4), key
