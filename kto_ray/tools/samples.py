@@ -1,5 +1,6 @@
 """`kto-ray evaluate --generate N`: the trained model's and the reference's completions of eval prompts,
-side by side, in `samples.jsonl` and `samples.md` of the run dir.
+side by side, in `samples.jsonl` and `samples.md` of the run dir. Generation runs in the calling process,
+batched, on its GPU when it has one (bf16), else on its CPU; not on the training workers.
 
 The prompts are the store's eval-split token ids, so they are rendered (chat template with the
 generation prompt) and truncated (the last `data.max_prompt_length` tokens) exactly as in training;
@@ -52,8 +53,9 @@ def generate_from_ids(
         for start in range(0, len(prompts), settings.batch_size):
             rows = [list(p) for p in prompts[start : start + settings.batch_size]]
             width = max(len(r) for r in rows)
-            input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+            device = model.get_input_embeddings().weight.device
+            input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
             new = model.generate(
                 input_ids=input_ids,
                 attention_mask=mask,
@@ -90,8 +92,10 @@ def write_samples(
         max_new_tokens=max(1, cfg.data.max_length - longest_prompt), temperature=temperature, seed=seed
     )
     completions = {}
+    on_gpu = torch.cuda.is_available()  # one GPU when the calling machine has one, else this CPU
     for role, path in (("reference", cfg.reference_path), ("trained", trained_path)):
-        model = load_causal_lm(cfg.model, resolve_dtype("float32", False), path).eval()
+        model = load_causal_lm(cfg.model, resolve_dtype("auto", on_gpu), path)
+        model = model.to("cuda" if on_gpu else "cpu").eval()
         completions[role] = generate_from_ids(model, tokenizer, part["prompt_ids"], settings)
         del model
     samples = [
