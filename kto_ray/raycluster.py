@@ -21,13 +21,32 @@ def ray_session(address: str | None = None) -> Iterator[None]:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **ray_init_options())
-    else:
-        # Ray Train's placement-group cleaner finds the state API through /tmp/ray/ray_current_cluster,
-        # the Ray started last on this host: another Ray there would make it remove our placement group
-        # mid-run. This Ray has no API server, so point the lookup nowhere.
-        os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9")
+        try:
+            yield
+        finally:
+            ray.shutdown()
+        return
+    with no_state_api_lookup():
         ray.init(include_dashboard=False, dashboard_host="127.0.0.1", **ray_init_options())
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+@contextmanager
+def no_state_api_lookup() -> Iterator[None]:
+    """For a local Ray without a dashboard, started inside: Ray Train's placement-group cleaner finds
+    the state API through /tmp/ray/ray_current_cluster, the Ray started last on this host, so another
+    Ray there would make it remove our placement group mid-run (and, with none, it warns every few
+    seconds). Point the lookup nowhere while this Ray starts (its processes inherit it), then restore
+    the environment, so later clients in this process (`ray job ...`) find real API servers."""
+    previous = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = "http://127.0.0.1:9"
     try:
         yield
     finally:
-        ray.shutdown()
+        if previous is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = previous

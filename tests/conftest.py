@@ -36,10 +36,12 @@ def ray_local():
 
     if ray.is_initialized():
         ray.shutdown()
+    from kto_ray.raycluster import no_state_api_lookup
+
     # As kto_ray.raycluster does for a local Ray: Ray Train's placement-group cleaner would otherwise ask
     # the Ray started last on this host (another test run's) about our controller, and remove our group.
-    os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    with no_state_api_lookup():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
 
@@ -52,8 +54,10 @@ def ray_local_gpu():
 
     if ray.is_initialized():
         ray.shutdown()
-    os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9")
-    ray.init(num_cpus=4, num_gpus=torch.cuda.device_count(), include_dashboard=False)
+    from kto_ray.raycluster import no_state_api_lookup
+
+    with no_state_api_lookup():
+        ray.init(num_cpus=4, num_gpus=torch.cuda.device_count(), include_dashboard=False)
     yield ray
     ray.shutdown()
 
@@ -77,6 +81,9 @@ def make_config(tiny_model: Path, data: Path, root: Path, /, **sections):
     tree["store"]["path"] = str(root / "store")
     tree["run"]["dir"] = str(root / "runs")
     tree["precompute"]["bucket_rows"] = 128
+    # The tests' numbers (step-0 loss 0.5, equal weights across worker counts) assume lambda_D = 1; the
+    # demo config's `auto` would weigh each class by the small data's counts.
+    tree["train"]["desirable_weight"] = 1.0
     for section, values in sections.items():
         tree[section].update(values)
     return config_from_dict(tree)

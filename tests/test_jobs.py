@@ -42,6 +42,7 @@ def ray_head():
         "RAY_AUTH_TOKEN": secrets.token_hex(32),
     }
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_API_SERVER_ADDRESS", None)  # the `ray job` client must find this head's API server
     temp_dir = tempfile.mkdtemp(prefix="kto-ray-head-", dir="/tmp")  # short: Ray's socket paths are capped
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from kto_ray.errors import UserError
+from kto_ray.raycluster import no_state_api_lookup
 from kto_ray.reference.precompute import precompute
 from kto_ray.reference.store import MANIFEST, open_store
 from kto_ray.storage import files_under, resolve
@@ -43,8 +44,8 @@ def ray_with_s3(s3):
 
     if ray.is_initialized():
         ray.shutdown()
-    os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9")
-    ray.init(num_cpus=2, include_dashboard=False)
+    with no_state_api_lookup():
+        ray.init(num_cpus=2, include_dashboard=False)
     yield ray
     ray.shutdown()
 
