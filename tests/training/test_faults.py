@@ -129,8 +129,15 @@ def test_killed_driver_resumes_on_rerun(built_store, uninterrupted, tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    # A checkpoint counts once Ray Train has registered it (its snapshot file), not when its folder appears.
-    _wait_for(lambda: _registered_steps(cfg.run_dir), lambda: driver.poll() is None)
+    # A checkpoint counts once Ray Train has registered it (its snapshot file), not when its folder
+    # appears; kill once a step after it is logged too, so the rerun has logged work to redo.
+    _wait_for(
+        lambda: (
+            _registered_steps(cfg.run_dir)
+            and _steps_logged(cfg.run_dir) > max(_registered_steps(cfg.run_dir))
+        ),
+        lambda: driver.poll() is None,
+    )
     kill_process_tree(driver.pid)
     driver.wait()
     before, resume_step = read_metrics(cfg.run_dir), max(_registered_steps(cfg.run_dir))
