@@ -14,8 +14,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from kto_ray.data.tokenize import tokenize_batch
 
 Checker = Callable[[Mapping[str, Any], str], bool]
@@ -62,28 +60,16 @@ def generate(
     batch_size: int = 64,
 ) -> list[str]:
     """Greedy completions (decoded text, special tokens dropped) of rendered prompts, in order."""
+    from kto_ray.tools.samples import GenerationSettings, generate_from_ids
+
     ids = prompt_ids(tokenizer, prompts, max_prompt_length)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # Batches of similar length waste less compute on padding; results go back to their prompt's slot.
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    texts = generate_from_ids(model, tokenizer, [ids[i] for i in order], settings)
     out = [""] * len(ids)
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            width = max(len(ids[i]) for i in rows)
-            # Left padding: every row's last prompt token sits at the end, where generation continues.
-            input_ids = torch.tensor([[pad] * (width - len(ids[i])) + ids[i] for i in rows])
-            mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in rows])
-            new = model.generate(
-                input_ids=input_ids,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
-            )[:, width:]
-            for i, tokens in zip(rows, new, strict=True):
-                out[i] = tokenizer.decode(tokens, skip_special_tokens=True)
+    for i, text in zip(order, texts, strict=True):
+        out[i] = text
     return out
 
 

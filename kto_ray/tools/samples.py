@@ -47,7 +47,8 @@ def generate_from_ids(
     options = {"do_sample": sampling}
     if sampling:
         options |= {"temperature": settings.temperature, "top_p": settings.top_p}
-    torch.manual_seed(settings.seed)
+    if sampling:
+        torch.manual_seed(settings.seed)
     out: list[str] = []
     with torch.inference_mode():
         for start in range(0, len(prompts), settings.batch_size):
