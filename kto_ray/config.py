@@ -164,6 +164,11 @@ class ClusterConfig(Section):
         0.5, gt=0.0, description="CPUs per worker; fractional on small CPU boxes so Ray Data is not starved."
     )
     address: str | None = Field(None, description="Ray address; null starts or joins a local Ray.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK",
+        description="How Ray places the workers' bundles: PACK fills nodes first (fewest cross-node "
+        "links); STRICT_SPREAD puts every worker on a different node.",
+    )
 
 
 class DeepSpeedConfig(Section):

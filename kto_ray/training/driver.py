@@ -144,6 +144,7 @@ def fit(
                 use_gpu=cfg.cluster.use_gpu,
                 resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}
                 | ({"GPU": 1} if cfg.cluster.use_gpu else {}),
+                placement_strategy=cfg.cluster.placement_strategy,
             ),
             run_config=RunConfig(
                 name="checkpoints",
