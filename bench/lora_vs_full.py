@@ -28,7 +28,7 @@ def run_one(cfg, name: str, lora: bool, skip: int) -> tuple[common.Steady, float
     cfg.lora.enabled = lora
     with common.PeakMemory() as memory, common.timed() as wall:
         result = train(cfg)
-    return common.steady_state(common.read_metrics(result.run_dir), skip), memory.max_mib, wall[0]
+    return common.steady_state(common.read_metrics(result.run_dir.local_path), skip), memory.max_mib, wall[0]
 
 
 def main() -> None:

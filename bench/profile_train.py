@@ -117,7 +117,7 @@ def main() -> None:
 
     def profile() -> None:
         pid = find_worker()
-        wait_for_step(cfg.run_dir / "metrics.jsonl", args.warmup)
+        wait_for_step(cfg.run_dir.local_path / "metrics.jsonl", args.warmup)
         record(pid, args.seconds, raw)
 
     thread = threading.Thread(target=profile)

@@ -84,7 +84,7 @@ def train_run(cfg, workers: int, skip: int, n_params: int) -> tuple[float, float
     cfg.cluster.workers = workers
     cfg.cluster.cpus_per_worker = 1.0 if workers == 1 else 0.5
     cfg.train.micro_batch_size //= workers
-    metrics = common.read_metrics(train(cfg).run_dir)
+    metrics = common.read_metrics(train(cfg).run_dir.local_path)
     tokens = step_tokens(cfg, workers, len(metrics))
     assert all(p + k == m["tokens"] for (p, k), m in zip(tokens, metrics)), "token counts differ from metrics"
     flops = sum(6 * n_params * p + 2 * n_params * k for p, k in tokens[skip:])

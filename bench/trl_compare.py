@@ -282,7 +282,7 @@ def train_kto_ray(cfg, workers: int, batch: int, skip: int) -> tuple[common.Stea
     cfg.train.micro_batch_size = batch // workers
     with common.PeakMemory() as memory, common.timed() as wall:
         result = train(cfg)
-    return common.steady_state(common.read_metrics(result.run_dir), skip), wall[0], memory.max_mib
+    return common.steady_state(common.read_metrics(result.run_dir.local_path), skip), wall[0], memory.max_mib
 
 
 HEADERS = [

@@ -39,7 +39,7 @@ def main() -> None:
                 run={"name": f"stage{stage}-{r}"},
             )
             precompute(cfg)
-            steady = common.steady_state(common.read_metrics(train(cfg).run_dir), args.skip)
+            steady = common.steady_state(common.read_metrics(train(cfg).run_dir.local_path), args.skip)
             rates[stage].append(steady.samples_per_s)
             median = statistics.median(steady.step_times)
             table.append([f"ZeRO-{stage} #{r + 1}", steady.samples_per_s, median])

@@ -10,6 +10,7 @@ from pathlib import Path
 from kto_ray import console
 from kto_ray.config import load_config
 from kto_ray.errors import KtoRayError
+from kto_ray.rundir import RunDir
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "report":
         from kto_ray.tools.report import write_report, write_tensorboard
 
-        run_dir = Path(args.run_dir) if args.run_dir else cfg.run_dir
+        run_dir = RunDir(args.run_dir) if args.run_dir else cfg.run_dir
         result = write_report(run_dir, Path(args.out) if args.out else None)
         print(f"report of {run_dir}: {result.summary}")
         if args.tensorboard:

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kto_ray.errors import UserError
+from kto_ray.rundir import RunDir
 
 
 class Section(BaseModel):
@@ -194,8 +195,8 @@ class RunConfig(Section):
     name: str = Field("demo", description="Run name; rerunning with the same name resumes.")
     dir: str = Field(
         "runs",
-        description="Parent folder of run dirs: local or mounted (shared storage on multi-node clusters); "
-        "object-storage URIs are not supported here yet.",
+        description="Parent of run dirs: a local or mounted folder, or an s3:// / gs:// URI (multi-node "
+        "clusters need one every node reaches: object storage or a shared mount).",
     )
     checkpoint_every: int = Field(50, ge=1, description="Checkpoint every this many optimizer steps.")
     max_failures: int = Field(
@@ -215,11 +216,11 @@ class RunConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _local_run_dir(self) -> RunConfig:
-        if "://" in self.dir:
+    def _tensorboard_needs_a_folder(self) -> RunConfig:
+        if "://" in self.dir and "tensorboard" in self.report_to:
             raise ValueError(
-                "run.dir must be a local or mounted folder (object-storage run dirs are not supported yet; "
-                "the reference store can be an s3:// URI)"
+                "run.report_to: tensorboard writes event files to a local folder and run.dir is a URI: "
+                "use mlflow or wandb, or `kto-ray report --tensorboard DIR` after the run"
             )
         return self
 
@@ -241,8 +242,8 @@ class KTOConfig(Section):
         return self.reference.path or self.model.path
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.run.dir) / self.run.name
+    def run_dir(self) -> RunDir:
+        return RunDir(f"{self.run.dir.rstrip('/')}/{self.run.name}")
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -5,21 +5,21 @@ output to the driver and logs at error level, Ray Data draws no per-operator bar
 draws no weight-loading bars and logs errors only. `-v/--verbose`, or `KTO_RAY_VERBOSE=1` in the
 environment (the way to ask for it under `ray job submit`), brings all of it back.
 
-Training progress is drawn on the driver from `metrics.jsonl`, which rank 0 appends to every step: a
+Training progress is drawn on the driver from `metrics.jsonl`, which rank 0 rewrites every step: a
 tqdm bar on a terminal, a plain line every `train.log_every` steps otherwise (CI, `ray job logs`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import threading
 import time
 import warnings
-from pathlib import Path
 from typing import Any, TextIO
+
+from kto_ray.rundir import RunDir
 
 VERBOSE_ENV = "KTO_RAY_VERBOSE"
 
@@ -153,20 +153,22 @@ class TrainingProgress:
 
     def __init__(
         self,
-        metrics_path: Path,
+        run_dir: RunDir,
         total_steps: int,
         log_every: int,
         *,
         interactive: bool | None = None,
         stream: TextIO | None = None,
-        poll_s: float = 0.5,
+        poll_s: float | None = None,
     ):
-        self.path, self.total, self.log_every, self.poll_s = metrics_path, total_steps, log_every, poll_s
+        self.run_dir, self.total, self.log_every = run_dir, total_steps, log_every
+        # Object storage: one GET of the whole file per poll, so less often.
+        self.poll_s = poll_s if poll_s is not None else (5.0 if run_dir.is_remote else 0.5)
         self.stream = stream or sys.stdout
         self.interactive = is_interactive(self.stream) if interactive is None else interactive
         self.shown = 0  # highest step shown
         self.first: tuple[int, float] | None = None  # (first step seen, when)
-        self._offset, self._partial = 0, ""
+        self._seen_chars = 0
         self._stop = threading.Event()
         self._lock = threading.Lock()  # poll() runs in the thread and once more at exit
         self._bar = None
@@ -204,27 +206,17 @@ class TrainingProgress:
                 self.shown = step
 
     def _new_records(self) -> list[dict[str, Any]]:
+        # The file is replaced whole each step; a shorter one means a resumed run dropped steps.
+        from kto_ray.training.metrics import METRICS_FILE, parse_metrics
+
         try:
-            size = self.path.stat().st_size
-        except OSError:
+            text = self.run_dir.read_text(METRICS_FILE)
+        except OSError:  # storage unreachable for a moment: the next poll tries again
             return []
-        if size < self._offset:  # rewritten on resume
-            self._offset, self._partial = 0, ""
-        if size == self._offset:
+        if text is None or len(text) == self._seen_chars:
             return []
-        with open(self.path, encoding="utf-8") as handle:
-            handle.seek(self._offset)
-            text = handle.read()
-            self._offset = handle.tell()
-        lines = (self._partial + text).split("\n")
-        self._partial = lines.pop()  # an unfinished last line waits for the next poll
-        records = []
-        for line in lines:
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
-        return records
+        self._seen_chars = len(text)
+        return parse_metrics(text)
 
     def _show(self, step: int, metrics: dict[str, Any]) -> None:
         now = time.monotonic()

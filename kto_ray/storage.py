@@ -86,6 +86,11 @@ def _s3() -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**options)
 
 
+def first_line(err: Exception) -> str:
+    """An I/O error as one line fit for a user: its first line, with no credentials in it."""
+    return display(str(err).splitlines()[0] if str(err) else type(err).__name__)
+
+
 def info(location: Location) -> pafs.FileInfo:
     return location.fs.get_file_info(location.path)
 

@@ -115,3 +115,31 @@ def built_store(tiny_model, small_data, tmp_path_factory):
     result = precompute(cfg)
     assert not result.reused
     return cfg, result.store
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3 server (moto) on loopback for the module, its endpoint and fake credentials in the
+    environment, with a bucket `kto`."""
+    from tests.s3server import s3_server
+
+    with s3_server() as server, pytest.MonkeyPatch.context() as patch:
+        for key, value in server.environment().items():
+            patch.setenv(key, value)
+        server.create_bucket("kto")
+        yield server
+
+
+@pytest.fixture(scope="module")
+def ray_with_s3(s3):
+    """A local Ray started after the endpoint is in the environment, so its workers inherit it."""
+    import ray
+
+    from kto_ray.raycluster import no_state_api_lookup
+
+    if ray.is_initialized():
+        ray.shutdown()
+    with no_state_api_lookup():
+        ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()

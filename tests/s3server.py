@@ -47,6 +47,8 @@ class Relay:
     target: int
     port: int = field(default_factory=free_port)
     _listener: socket.socket | None = None
+    # When a client sends bytes containing this (e.g. a key in a request line), cut at once.
+    cut_on: bytes | None = None
     _open: set[socket.socket] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -93,6 +95,10 @@ class Relay:
                 for key, _ in selector.select(timeout=1.0):
                     data = key.fileobj.recv(65536)
                     if not data:
+                        return
+                    if self.cut_on is not None and key.fileobj is a and self.cut_on in data:
+                        self.cut_on = None
+                        self.cut()  # the request never reaches the server
                         return
                     key.data.sendall(data)
         except OSError:

@@ -74,7 +74,12 @@ def test_console_entry_lists_subcommands():
         assert command in out
 
 
-def test_an_object_storage_run_dir_is_refused_until_supported():
-    with pytest.raises(UserError, match=r"run\.dir must be a local or mounted folder"):
-        load_config(None, ["run.dir=s3://bucket/runs"])
-    assert load_config(None, ["store.path=s3://bucket/stores/x"]).store.path == "s3://bucket/stores/x"
+def test_object_storage_run_dirs_and_stores():
+    cfg = load_config(None, ["run.dir=s3://bucket/runs/", "run.name=r1", "store.path=s3://bucket/stores/x"])
+    assert cfg.store.path == "s3://bucket/stores/x"
+    assert cfg.run_dir.is_remote and str(cfg.run_dir) == "s3://bucket/runs/r1"
+    assert cfg.run_dir.child("final") == "s3://bucket/runs/r1/final"
+    assert cfg.run_dir.folder is None
+    # TensorBoard writes local event files: refused in one line with what to do instead.
+    with pytest.raises(UserError, match=r"tensorboard writes event files to a local folder"):
+        load_config(None, ["run.dir=s3://bucket/runs", "run.report_to=[tensorboard]"])

@@ -11,6 +11,7 @@ import pytest
 
 from kto_ray import console
 from kto_ray.console import TrainingProgress
+from kto_ray.rundir import RunDir
 
 
 def _record(step: int) -> str:
@@ -20,7 +21,9 @@ def _record(step: int) -> str:
 
 def test_plain_lines_every_log_every_steps_and_the_last(tmp_path):
     path, out = tmp_path / "metrics.jsonl", io.StringIO()
-    progress = TrainingProgress(path, total_steps=7, log_every=3, interactive=False, stream=out, poll_s=0.01)
+    progress = TrainingProgress(
+        RunDir(tmp_path), total_steps=7, log_every=3, interactive=False, stream=out, poll_s=0.01
+    )
     with progress, open(path, "a") as handle:
         for step in range(1, 8):
             handle.write(_record(step))
@@ -33,7 +36,7 @@ def test_plain_lines_every_log_every_steps_and_the_last(tmp_path):
 
 def test_a_line_cut_mid_write_waits_for_its_end(tmp_path):
     path, out = tmp_path / "metrics.jsonl", io.StringIO()
-    progress = TrainingProgress(path, total_steps=2, log_every=1, interactive=False, stream=out)
+    progress = TrainingProgress(RunDir(tmp_path), total_steps=2, log_every=1, interactive=False, stream=out)
     record = _record(1)
     path.write_text(record[:10])
     progress.poll()
@@ -45,7 +48,7 @@ def test_a_line_cut_mid_write_waits_for_its_end(tmp_path):
 
 def test_a_resume_rewrites_the_file_and_no_step_is_shown_twice(tmp_path):
     path, out = tmp_path / "metrics.jsonl", io.StringIO()
-    progress = TrainingProgress(path, total_steps=6, log_every=1, interactive=False, stream=out)
+    progress = TrainingProgress(RunDir(tmp_path), total_steps=6, log_every=1, interactive=False, stream=out)
     path.write_text("".join(_record(s) for s in (1, 2, 3, 4)))
     progress.poll()
     path.write_text("".join(_record(s) for s in (1, 2)))  # resumed from the step-2 checkpoint
@@ -57,7 +60,9 @@ def test_a_resume_rewrites_the_file_and_no_step_is_shown_twice(tmp_path):
 
 def test_bar_on_a_terminal(tmp_path):
     path, out = tmp_path / "metrics.jsonl", io.StringIO()
-    with TrainingProgress(path, total_steps=4, log_every=1, interactive=True, stream=out, poll_s=0.01):
+    with TrainingProgress(
+        RunDir(tmp_path), total_steps=4, log_every=1, interactive=True, stream=out, poll_s=0.01
+    ):
         path.write_text("".join(_record(s) for s in (1, 2, 3, 4)))
     text = out.getvalue()
     assert "train: 100%" in text and "4/4" in text and "loss=0.4600" in text

@@ -12,6 +12,8 @@ import torch
 
 from kto_ray.config import ModelConfig
 from kto_ray.errors import UserError
+from kto_ray.rundir import fetch_folder
+from kto_ray.storage import display, first_line, is_uri
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -25,6 +27,20 @@ def resolve_dtype(name: str, on_gpu: bool) -> torch.dtype:
 _WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 # What marks a LoRA adapter folder in PEFT's format (a LoRA run's final/).
 ADAPTER_CONFIG = "adapter_config.json"
+
+
+def local_model_path(path: str) -> str:
+    """A model folder at an object-storage URI (a run's final/ on s3://) as a local copy, fetched once
+    per content into the kto-ray cache; local paths and hub ids pass through."""
+    if not is_uri(path) or path.startswith("file://"):
+        return path
+    try:
+        folder = fetch_folder(path)
+    except OSError as err:
+        raise UserError(f"cannot fetch the model folder {display(path)}: {first_line(err)}") from None
+    if not any(folder.iterdir()):
+        raise UserError(f"model path not found: {display(path)}")
+    return str(folder)
 
 
 def _check_exists(path: str) -> None:
@@ -60,7 +76,7 @@ def _check_model_folder(folder: Path) -> None:
 def load_tokenizer(model: ModelConfig, path: str | None = None):
     from transformers import AutoTokenizer
 
-    path = path or model.path
+    path = local_model_path(path or model.path)
     _check_exists(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
@@ -75,7 +91,7 @@ def load_tokenizer(model: ModelConfig, path: str | None = None):
 
 def is_adapter_folder(path: str) -> bool:
     """A LoRA adapter saved in PEFT's format (a LoRA run's final/), not a full model."""
-    return (Path(path).expanduser() / ADAPTER_CONFIG).is_file()
+    return (Path(local_model_path(path)).expanduser() / ADAPTER_CONFIG).is_file()
 
 
 def _load_adapter(model: ModelConfig, dtype: torch.dtype, path: str, **placement: Any):
@@ -104,7 +120,7 @@ def load_causal_lm(model: ModelConfig, dtype: torch.dtype, path: str | None = No
     `placement`: transformers' device_map / max_memory, to spread one model over several GPUs."""
     from transformers import AutoModelForCausalLM
 
-    path = path or model.path
+    path = local_model_path(path or model.path)
     if is_adapter_folder(path):
         return _load_adapter(model, dtype, path, **placement)
     _check_exists(path)
@@ -125,7 +141,7 @@ def load_causal_lm(model: ModelConfig, dtype: torch.dtype, path: str | None = No
 def load_model_config(model: ModelConfig, path: str | None = None):
     from transformers import AutoConfig
 
-    path = path or model.path
+    path = local_model_path(path or model.path)
     _check_exists(path)
     try:
         return AutoConfig.from_pretrained(

@@ -7,13 +7,13 @@ The reference is the initial model, so "before" is the reference and "after" is 
 
 from __future__ import annotations
 
-import shutil
 import time
 from typing import Any
 
 from kto_ray.assets.arithmetic import heldout_problems
 from kto_ray.assets.tiny_model import ensure_tiny_model
 from kto_ray.config import KTOConfig
+from kto_ray.storage import remove_tree
 from kto_ray.tools.answers import Answer, AnswerScore, arithmetic_checker, score_answers
 
 HELDOUT_PROMPTS = 300  # ~3 points of standard error on an accuracy near 0.5
@@ -87,7 +87,7 @@ def run_demo(cfg: KTOConfig) -> dict[str, dict[str, float]]:
     print(f"embedded model and tokenizer: {model_dir}; data: {', '.join(cfg.data.paths)}", flush=True)
     if cfg.run_dir.exists():
         # The demo always trains from the start; real runs resume instead (same run.name).
-        shutil.rmtree(cfg.run_dir)
+        remove_tree(cfg.run_dir.location)
     # New prompts only: the answer check never sees a prompt of the training data (or its eval split).
     heldout = heldout_problems(HELDOUT_PROMPTS, HELDOUT_SEED, training_prompts(cfg))
     table: dict[str, dict[str, float]] = {}
@@ -96,7 +96,7 @@ def run_demo(cfg: KTOConfig) -> dict[str, dict[str, float]]:
         precompute(cfg, overwrite=True)
         table["before"] = evaluate(cfg)
         result = train(cfg)
-    final = str(result.run_dir / "final")
+    final = result.run_dir.child("final")
     table["after"] = evaluate(cfg, final)
     before, after = answer_score(cfg, heldout, cfg.reference_path), answer_score(cfg, heldout, final)
     table["before"]["answer_accuracy"], table["after"]["answer_accuracy"] = before.accuracy, after.accuracy

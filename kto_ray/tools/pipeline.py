@@ -19,7 +19,7 @@ def run_pipeline(cfg: KTOConfig, *, evaluate_before: bool = False) -> dict[str, 
             table["before"] = evaluate(cfg)
         result = train(cfg)
     if cfg.run.export:
-        table["after"] = evaluate(cfg, str(result.run_dir / "final"))
+        table["after"] = evaluate(cfg, result.run_dir.child("final"))
     if table:
         rows = int(next(iter(table.values()))["rows"])
         print(f"\nheld-out eval split of {display(store.path)} ({rows} rows):")

@@ -17,6 +17,9 @@ from typing import Any
 import yaml
 
 from kto_ray.errors import UserError
+from kto_ray.rundir import WORKERS_FILE, RunDir
+from kto_ray.storage import first_line
+from kto_ray.training.metrics import METRICS_FILE
 
 SMOOTH_MIN_STEPS = 20  # below this an EMA hides nothing and just doubles the lines
 CONFIG_KEYS = "model.path train.beta train.lr train.micro_batch_size train.grad_accumulation cluster.workers"
@@ -41,13 +44,26 @@ class ReportResult:
     summary: Path
 
 
-def load_metrics(run_dir: Path) -> list[dict[str, Any]]:
+def _run_dir(run_dir: str | Path | RunDir) -> RunDir:
+    return run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+
+
+def _read(run_dir: RunDir, name: str) -> str | None:
+    try:
+        return run_dir.read_text(name)
+    except OSError as err:
+        raise UserError(f"cannot read {run_dir.child(name)}: {first_line(err)}") from None
+
+
+def load_metrics(run_dir: str | Path | RunDir) -> list[dict[str, Any]]:
     """Records sorted by step; lines cut by a crash are skipped, a repeated step keeps its last line."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+    run_dir = _run_dir(run_dir)
+    text = _read(run_dir, METRICS_FILE)
+    path = run_dir.child(METRICS_FILE)
+    if text is None:
         raise UserError(f"{path}: not found (is {run_dir} a training run directory?)")
     by_step: dict[int, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             record = json.loads(line)
             by_step[int(record["step"])] = record
@@ -163,12 +179,12 @@ def _plot(records: list[dict[str, Any]], out_dir: Path, name: str) -> list[Path]
     return paths
 
 
-def _config_rows(run_dir: Path) -> list[tuple[str, str]]:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
+def _config_rows(run_dir: RunDir) -> list[tuple[str, str]]:
+    text = _read(run_dir, "config.yaml")
+    if text is None:
         return []
     try:
-        config = yaml.safe_load(path.read_text())
+        config = yaml.safe_load(text)
     except yaml.YAMLError:
         return [("config.yaml", "unreadable")]
     rows = []
@@ -199,7 +215,27 @@ def _eval_summary(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _summary(run_dir: Path, records: list[dict[str, Any]], figures: list[Path]) -> str:
+def _worker_rows(run_dir: RunDir) -> list[str]:
+    """Where each rank ran (workers.json, written by rank 0 at the start of the last attempt)."""
+    text = _read(run_dir, WORKERS_FILE)
+    try:
+        workers = json.loads(text) if text else []
+    except ValueError:
+        return []
+    if not workers:
+        return []
+    nodes = {w.get("node_id") for w in workers}
+    lines = ["", f"## Workers ({len(workers)} ranks on {len(nodes)} node{'s' * (len(nodes) != 1)})", ""]
+    lines += ["| rank | node | node IP | host | pid |", "|---|---|---|---|---|"]
+    for w in workers:
+        node = str(w.get("node_id", "—"))[:12]
+        lines.append(
+            f"| {w.get('rank')} | {node} | {w.get('node_ip')} | {w.get('hostname')} | {w.get('pid')} |"
+        )
+    return lines
+
+
+def _summary(run_dir: RunDir, records: list[dict[str, Any]], figures: list[Path]) -> str:
     n = len(records)
     tail = max(1, math.ceil(n / 10))  # the last 10% of steps, at least one
     loss = _series(records, "loss")
@@ -208,9 +244,9 @@ def _summary(run_dir: Path, records: list[dict[str, Any]], figures: list[Path]) 
     steady = records[1:] or records  # the first step pays for warm-up (allocations, compilation)
     seconds = sum(v for v in _series(records, "step_time") if math.isfinite(v))
     epochs = {r["epoch"] for r in records if "epoch" in r}
-    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir())
+    checkpoints = run_dir.checkpoint_names()
     lines = [
-        f"# KTO run report: {run_dir.resolve().name}",
+        f"# KTO run report: {run_name(run_dir)}",
         "",
         "| | |",
         "|---|---|",
@@ -221,7 +257,7 @@ def _summary(run_dir: Path, records: list[dict[str, Any]], figures: list[Path]) 
         f"| mean tokens/s (steady state) | {_mean(_series(steady, 'tokens/s')):.1f} |",
         f"| training time (sum of step_time) | {seconds:.1f} s ({timedelta(seconds=round(seconds))}) |",
         f"| checkpoints | {', '.join(checkpoints) or 'none'} |",
-        f"| final/ exported | {'yes' if (run_dir / 'final').is_dir() else 'no'} |",
+        f"| final/ exported | {'yes' if run_dir.exists('final') else 'no'} |",
         "",
         "## Final values",
         "",
@@ -233,6 +269,7 @@ def _summary(run_dir: Path, records: list[dict[str, Any]], figures: list[Path]) 
         label = "kl (z0)" if key == "kl" else key
         lines.append(f"| {label} | {_fmt(values[-1])} | {_fmt(_mean(values[-tail:]))} |")
     lines += _eval_summary(records)
+    lines += _worker_rows(run_dir)
     config = _config_rows(run_dir)
     if config:
         lines += ["", "## Config", "", "| key | value |", "|---|---|"]
@@ -242,25 +279,35 @@ def _summary(run_dir: Path, records: list[dict[str, Any]], figures: list[Path]) 
     return "\n".join(lines)
 
 
-def write_report(run_dir: Path, out_dir: Path | None = None) -> ReportResult:
-    """Write the PNG curves and summary.md for `run_dir` into `out_dir` (default run_dir/report)."""
-    run_dir = Path(run_dir)
+def run_name(run_dir: RunDir) -> str:
+    return run_dir.location.path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def default_out_dir(run_dir: RunDir) -> Path:
+    """<run dir>/report for a local run; ./<run name>-report for one on object storage (to look at here)."""
+    return run_dir.folder / "report" if run_dir.folder else Path(f"{run_name(run_dir)}-report").absolute()
+
+
+def write_report(run_dir: str | Path | RunDir, out_dir: Path | None = None) -> ReportResult:
+    """Write the PNG curves and summary.md for `run_dir` (a local folder or a URI) into `out_dir`
+    (default: `default_out_dir`)."""
+    run_dir = _run_dir(run_dir)
     records = load_metrics(run_dir)
-    out_dir = run_dir / "report" if out_dir is None else Path(out_dir)
+    out_dir = default_out_dir(run_dir) if out_dir is None else Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    figures = _plot(records, out_dir, run_dir.resolve().name)
+    figures = _plot(records, out_dir, run_name(run_dir))
     summary = out_dir / "summary.md"
     summary.write_text(_summary(run_dir, records, figures))
     return ReportResult(figures=figures, summary=summary)
 
 
-def write_tensorboard(run_dir: Path, log_dir: Path) -> Path:
+def write_tensorboard(run_dir: str | Path | RunDir, log_dir: Path) -> Path:
     """Replay metrics.jsonl as TensorBoard scalars (same names as the JSON keys) into `log_dir`."""
     if importlib.util.find_spec("tensorboard") is None:
         raise UserError("tensorboard is not installed: pip install tensorboard")
     from torch.utils.tensorboard import SummaryWriter
 
-    records = load_metrics(Path(run_dir))
+    records = load_metrics(run_dir)
     writer = SummaryWriter(log_dir=str(log_dir))
     try:
         for record in records:

@@ -86,8 +86,9 @@ def write_samples(
     tokenizer = load_tokenizer(cfg.model)
     part = checked_store(cfg, tokenizer).read_split("eval", columns=["id", "prompt_ids", "label"])
     part = part.slice(0, n).to_pydict()
-    final = cfg.run_dir / "final"
-    trained_path = model_path or (str(final) if final.is_dir() else cfg.model.path)
+    trained_path = model_path or (
+        cfg.run_dir.child("final") if cfg.run_dir.exists("final") else cfg.model.path
+    )
     longest_prompt = max((len(p) for p in part["prompt_ids"]), default=0)
     settings = GenerationSettings(
         max_new_tokens=max(1, cfg.data.max_length - longest_prompt), temperature=temperature, seed=seed
@@ -109,7 +110,8 @@ def write_samples(
         )
         for i, (row_id, ids, label) in enumerate(zip(part["id"], part["prompt_ids"], part["label"]))
     ]
-    out_dir = out_dir or cfg.run_dir
+    # A run on object storage: the samples are written here, in ./<run name>-samples.
+    out_dir = out_dir or cfg.run_dir.folder or Path(f"{cfg.run.name}-samples").absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     jsonl, markdown = out_dir / "samples.jsonl", out_dir / "samples.md"
     jsonl.write_text("".join(json.dumps(asdict(s)) + "\n" for s in samples))

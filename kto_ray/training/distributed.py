@@ -20,3 +20,12 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every rank's `obj`, in rank order (just `[obj]` without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -11,7 +11,6 @@ import logging
 import re
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 
@@ -21,18 +20,22 @@ from kto_ray.data.prepare import checked_store, prepare_text, tokenize_rows
 from kto_ray.errors import TrainingStopped, UserError
 from kto_ray.models.loading import check_context_length, load_tokenizer
 from kto_ray.raycluster import ray_session
-from kto_ray.reference.store import SCHEMA
+from kto_ray.reference.store import SCHEMA, StorageError
+from kto_ray.rundir import CHECKPOINTS, RunDir
+from kto_ray.storage import first_line
 from kto_ray.training.batching import Schedule
 from kto_ray.training.tracking import prepare_tracking
 
 log = logging.getLogger(__name__)
 
+# Failures a worker raises on purpose, each naming its step: a non-finite loss, a checkpoint write.
 _NON_FINITE = re.compile(r"(step \d+: non-finite [^\n]*)")
+_CHECKPOINT_WRITE = re.compile(r"(step \d+: the checkpoint \S+ could not be written [^\n]*)")
 
 
 @dataclass(frozen=True)
 class TrainResult:
-    run_dir: Path
+    run_dir: RunDir
     steps: int
     metrics: dict
 
@@ -118,9 +121,12 @@ def fit(
         )
     run_dir = cfg.run_dir
     # Before anything is launched: a tracker that cannot start fails here, in one line.
-    tracking_env = prepare_tracking(cfg.run.report_to, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    tracking_env = prepare_tracking(cfg.run.report_to, run_dir.folder)
+    try:
+        run_dir.make()
+        run_dir.write_text("config.yaml", dump_config(cfg))
+    except OSError as err:
+        raise StorageError(f"cannot write the run dir {run_dir}: {first_line(err)}") from None
     print(
         f"training {cfg.model.path} on {len(table)} rows for {steps} steps "
         f"({cfg.cluster.workers} workers, ZeRO-{cfg.deepspeed.stage}, reference {cfg.reference.mode})"
@@ -147,31 +153,46 @@ def fit(
                 placement_strategy=cfg.cluster.placement_strategy,
             ),
             run_config=RunConfig(
-                name="checkpoints",
-                storage_path=str(run_dir),
+                name=CHECKPOINTS,
+                **run_dir.ray_storage(),
                 failure_config=FailureConfig(max_failures=cfg.run.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             ),
         )
         try:
-            with TrainingProgress(run_dir / "metrics.jsonl", steps, cfg.train.log_every):
+            with TrainingProgress(run_dir, steps, cfg.train.log_every):
                 result = trainer.fit()
         except ray.train.TrainingFailedError as err:
-            stopped = _stopped_by_non_finite(err, run_dir)
+            stopped = _stopped_by_non_finite(err, run_dir) or _stopped_by_storage(err, run_dir)
             if stopped is None:
                 raise
             raise stopped from None
     return TrainResult(run_dir, steps, dict(result.metrics or {}))
 
 
-def _stopped_by_non_finite(err: Exception, run_dir: Path) -> TrainingStopped | None:
-    """A worker's NonFiniteError as one line naming the step and the checkpoint a rerun resumes from."""
+def _worker_failure(err: Exception, pattern: re.Pattern) -> re.Match | None:
     failures = getattr(err, "worker_failures", {}) or {}
-    found = (_NON_FINITE.search(str(e)) for e in [err, *failures.values()])
-    match = next((m for m in found if m), None)
+    found = (pattern.search(str(e)) for e in [err, *failures.values()])
+    return next((m for m in found if m), None)
+
+
+def _stopped_by_storage(err: Exception, run_dir: RunDir) -> StorageError | None:
+    """A checkpoint that could not be written, as one line naming the step and the run dir."""
+    match = _worker_failure(err, _CHECKPOINT_WRITE)
     if match is None:
         return None
-    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    return StorageError(
+        f"training stopped at {match.group(1)} (run dir {run_dir}); rerun to resume once the storage "
+        "is reachable"
+    )
+
+
+def _stopped_by_non_finite(err: Exception, run_dir: RunDir) -> TrainingStopped | None:
+    """A worker's NonFiniteError as one line naming the step and the checkpoint a rerun resumes from."""
+    match = _worker_failure(err, _NON_FINITE)
+    if match is None:
+        return None
+    saved = run_dir.checkpoint_names()
     last = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was written"
     return TrainingStopped(
         f"training stopped at {match.group(1)}; nothing after it was saved and {last}. "

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import shutil
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,6 +10,7 @@ import torch
 from kto_ray.config import KTOConfig
 from kto_ray.models.loading import hidden_size_of, load_causal_lm, resolve_dtype
 from kto_ray.models.logprobs import sequence_logps
+from kto_ray.rundir import RunDir
 from kto_ray.training.lora import (
     adapter_disabled_reference,
     export_adapter,
@@ -159,9 +158,9 @@ def build_reference_engine(cfg: KTOConfig, world_size: int, hidden_size: int | N
     return engine.module
 
 
-def export_hf_model(engine, tokenizer, out_dir: Path, rank: int) -> None:
+def export_hf_model(engine, tokenizer, run_dir: RunDir, rank: int) -> None:
     """Gather the full weights parameter by parameter (a collective) and save them on rank 0 as a
-    Hugging Face model in safetensors, written to a sibling folder and renamed into place."""
+    Hugging Face model in safetensors at `<run dir>/final/` (staged, then published whole)."""
     import deepspeed
 
     model = engine.module
@@ -172,13 +171,9 @@ def export_hf_model(engine, tokenizer, out_dir: Path, rank: int) -> None:
                 state[name] = param.detach().to("cpu", copy=True).contiguous()
     if rank != 0:
         return
-    tmp = out_dir.parent / f".{out_dir.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with run_dir.staging("final") as staged:
+        model.save_pretrained(staged, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(staged)
 
 
 def online_reference(cfg: KTOConfig, engine, world_size: int) -> ReferenceFn | None:
@@ -202,7 +197,6 @@ def export_final(engine, tokenizer, cfg: KTOConfig, rank: int) -> None:
     """`<run dir>/final/`: the full model, or with LoRA the adapter (and `merged/` with run.merge_lora).
     A collective: every rank calls it."""
     if cfg.lora.enabled:  # not an isinstance check: importing peft costs ~110 MiB per worker
-        merged = cfg.run_dir / "merged" if cfg.run.merge_lora else None
-        export_adapter(engine, tokenizer, cfg, cfg.run_dir / "final", rank, merged)
+        export_adapter(engine, tokenizer, cfg, cfg.run_dir, rank)
     else:
-        export_hf_model(engine, tokenizer, cfg.run_dir / "final", rank)
+        export_hf_model(engine, tokenizer, cfg.run_dir, rank)

@@ -10,7 +10,6 @@ not depend on the number of workers nor on the worker's own (per-rank) random st
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 from kto_ray.config import KTOConfig, LoraConfig
 from kto_ray.models.logprobs import sequence_logps
+from kto_ray.rundir import RunDir
 from kto_ray.training.step import ReferenceFn
 
 
@@ -88,36 +88,31 @@ def _gathered_trainable_state(model: torch.nn.Module, rank: int) -> dict[str, to
     return state
 
 
-def _replace(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-
-
-def export_adapter(
-    engine, tokenizer, cfg: KTOConfig, out_dir: Path, rank: int, merged_dir: Path | None = None
-) -> None:
-    """Save the adapter in PEFT's format (adapter_config.json + adapter_model.safetensors, the base
-    recorded as `base_model_name_or_path`) with the tokenizer; with `merged_dir`, also the base with
-    the adapter merged, as a plain Hugging Face model. Each folder is written beside and renamed in."""
+def export_adapter(engine, tokenizer, cfg: KTOConfig, run_dir: RunDir, rank: int) -> None:
+    """`<run dir>/final/`: the adapter in PEFT's format (adapter_config.json + adapter_model.safetensors,
+    the base recorded as `base_model_name_or_path`) with the tokenizer; with run.merge_lora, also
+    `<run dir>/merged/`, the base with the adapter merged, as a plain Hugging Face model. A collective
+    (the trainable weights are gathered); rank 0 writes each folder through RunDir.staging."""
     model = engine.module
     state = _gathered_trainable_state(model, rank)
     if rank != 0:
         return
-    tmp = out_dir.parent / f".{out_dir.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    # save_embedding_layers=False: peft's "auto" would inspect the (partitioned) embedding and the base
-    # config; embeddings trained via modules_to_save are saved with the adapter anyway.
-    model.save_pretrained(tmp, state_dict=state, safe_serialization=True, save_embedding_layers=False)
-    tokenizer.save_pretrained(tmp)
-    _replace(tmp, out_dir)
-    if merged_dir is not None:
-        export_merged(cfg, out_dir, merged_dir, tokenizer)
+    with run_dir.staging("final") as adapter_dir:
+        # save_embedding_layers=False: peft's "auto" would inspect the (partitioned) embedding and the
+        # base config; embeddings trained via modules_to_save are saved with the adapter anyway.
+        model.save_pretrained(
+            adapter_dir, state_dict=state, safe_serialization=True, save_embedding_layers=False
+        )
+        tokenizer.save_pretrained(adapter_dir)
+        if cfg.run.merge_lora:
+            with run_dir.staging("merged") as merged_dir:
+                export_merged(cfg, adapter_dir, merged_dir, tokenizer)
 
 
 def export_merged(cfg: KTOConfig, adapter_dir: Path, merged_dir: Path, tokenizer) -> None:
-    """Base + adapter merged into plain weights. The base is frozen during training, so it is read from
-    its files (float32 for the merge, saved in the training dtype) rather than gathered from the ranks."""
+    """Base + adapter merged into plain weights, saved in `merged_dir`. The base is frozen during
+    training, so it is read from its files (float32 for the merge, saved in the training dtype) rather
+    than gathered from the ranks."""
     from peft import PeftModel
 
     from kto_ray.models.loading import load_causal_lm, resolve_dtype
@@ -125,8 +120,5 @@ def export_merged(cfg: KTOConfig, adapter_dir: Path, merged_dir: Path, tokenizer
     base = load_causal_lm(cfg.model, torch.float32)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged = merged.to(resolve_dtype(cfg.model.dtype, cfg.cluster.use_gpu))
-    tmp = merged_dir.parent / f".{merged_dir.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    _replace(tmp, merged_dir)
+    merged.save_pretrained(merged_dir, safe_serialization=True)
+    tokenizer.save_pretrained(merged_dir)

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -161,16 +162,21 @@ class WandbTracker:
             wandb.teardown()
 
 
-def build_trackers(names: Iterable[str], run_dir: Path, run_name: str, resume_step: int = 0) -> list[Tracker]:
-    """The trackers of `run.report_to`, not started. Reads the environment `prepare_tracking` made."""
+def build_trackers(
+    names: Iterable[str], run_dir: Path | None, run_name: str, resume_step: int = 0
+) -> list[Tracker]:
+    """The trackers of `run.report_to`, not started. Reads the environment `prepare_tracking` made.
+    `run_dir` is the run's local folder (None when it is on object storage)."""
     trackers: list[Tracker] = []
     for name in names:
         if name == "tensorboard":
+            if run_dir is None:  # config validation refuses this; a clear error if called directly
+                raise ValueError("tensorboard needs a local run dir")
             trackers.append(TensorBoardTracker(Path(run_dir) / "tensorboard", resume_step))
         elif name == "mlflow":
             trackers.append(MlflowTracker(os.environ["MLFLOW_TRACKING_URI"], run_name))
         elif name == "wandb":
-            trackers.append(WandbTracker(run_name, Path(os.environ.get("WANDB_DIR") or run_dir)))
+            trackers.append(WandbTracker(run_name, Path(os.environ.get("WANDB_DIR") or _wandb_dir(run_dir))))
         else:
             raise ValueError(f"unknown tracker {name!r}")
     return trackers
@@ -179,7 +185,7 @@ def build_trackers(names: Iterable[str], run_dir: Path, run_name: str, resume_st
 def start_trackers(
     names: Iterable[str],
     config: Mapping[str, Any],
-    run_dir: Path,
+    run_dir: Path | None,
     resume_step: int,
     env: Mapping[str, str],
 ) -> list[Tracker]:
@@ -192,8 +198,18 @@ def start_trackers(
     return trackers
 
 
-def _absolute_mlflow_uri(uri: str | None, run_dir: Path) -> str:
+def _wandb_dir(run_dir: Path | None) -> Path:
+    # W&B writes local files; next to a local run, else in this machine's temp folder.
+    return run_dir if run_dir is not None else Path(tempfile.gettempdir()) / "kto-ray-wandb"
+
+
+def _absolute_mlflow_uri(uri: str | None, run_dir: Path | None) -> str:
     """A tracking URI valid on any worker: local paths made absolute (workers run in another directory)."""
+    if not uri and run_dir is None:
+        raise UserError(
+            "run.report_to: mlflow needs MLFLOW_TRACKING_URI when run.dir is a URI "
+            "(its default, a sqlite file next to the run dirs, needs a local folder)"
+        )
     if not uri:
         # MLflow's own default is sqlite:///mlflow.db in the working directory; next to the runs instead.
         return f"sqlite:///{Path(run_dir).parent.resolve() / 'mlflow.db'}"
@@ -220,9 +236,10 @@ def _check_mlflow(uri: str) -> None:
         raise UserError(f"run.report_to: mlflow cannot use MLFLOW_TRACKING_URI={uri}: {first}") from None
 
 
-def prepare_tracking(names: Iterable[str], run_dir: Path) -> dict[str, str]:
+def prepare_tracking(names: Iterable[str], run_dir: Path | None) -> dict[str, str]:
     """On the driver, before training: check each tracker can start; returns the environment that rank 0
-    sets before it builds them (the driver's MLFLOW_* and WANDB_* variables, resolved)."""
+    sets before it builds them (the driver's MLFLOW_* and WANDB_* variables, resolved). `run_dir` is
+    the run's local folder, None when it is on object storage."""
     names = list(names)
     for name in names:
         if importlib.util.find_spec(PACKAGES[name]) is None:
@@ -244,7 +261,7 @@ def prepare_tracking(names: Iterable[str], run_dir: Path) -> dict[str, str]:
         if mode not in ("online", "offline", "disabled", "dryrun", "run", "shared"):
             raise UserError(f"run.report_to: wandb: WANDB_MODE={mode!r} is not a W&B mode")
         # wandb writes ./wandb in the working directory by default, which on a worker is Ray's.
-        env["WANDB_DIR"] = str(Path(env.get("WANDB_DIR") or run_dir).resolve())
+        env["WANDB_DIR"] = str(Path(env.get("WANDB_DIR") or _wandb_dir(run_dir)).resolve())
         if not is_verbose():
             env.setdefault("WANDB_SILENT", "true")  # W&B prints banners and a summary table otherwise
     return env

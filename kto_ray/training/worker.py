@@ -6,6 +6,9 @@ as an object ref, the step count), never through globals or the ambient environm
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import time
 from typing import Any
 
@@ -15,9 +18,10 @@ import torch
 
 from kto_ray.config import KTOConfig
 from kto_ray.models.loading import hidden_size_of, load_tokenizer
+from kto_ray.rundir import WORKERS_FILE
 from kto_ray.training.batching import Schedule, collate
 from kto_ray.training.checkpoint import restore, save_and_report
-from kto_ray.training.distributed import all_reduce_sum
+from kto_ray.training.distributed import all_reduce_sum, gather_objects
 from kto_ray.training.engine import build_policy_engine, deepspeed_config, export_final, online_reference
 from kto_ray.training.eval_step import eval_metrics
 from kto_ray.training.metrics import MetricsLog
@@ -29,6 +33,18 @@ def _device(cfg: KTOConfig) -> torch.device:
     if cfg.cluster.use_gpu:
         return torch.device("cuda", ray.train.torch.get_device().index or 0)
     return torch.device("cpu")
+
+
+def _where_am_i(rank: int) -> dict[str, Any]:
+    context = ray.get_runtime_context()
+    return {
+        "rank": rank,
+        "node_id": context.get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "gpus": [str(g) for g in context.get_accelerator_ids().get("GPU", [])],
+    }
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -57,19 +73,27 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     reference = online_reference(cfg, engine, world)  # with LoRA: the policy, adapters disabled
 
     start_step = restore(engine, rank)
+    placement = gather_objects(_where_am_i(rank))  # a collective: every rank
+    if rank == 0:
+        cfg.run_dir.write_text(WORKERS_FILE, json.dumps(placement, indent=2) + "\n")
     settings = LossSettings(cfg.train.beta, loop_config["desirable_weight"], cfg.train.undesirable_weight)
-    log = MetricsLog(cfg.run_dir / "metrics.jsonl", start_step) if rank == 0 else None
+    log = MetricsLog(cfg.run_dir, start_step) if rank == 0 else None
     # train.eval_every: the driver put the eval split in the object store (no store access needed here).
     eval_table = ray.get(loop_config["eval_table"]) if loop_config.get("eval_table") is not None else None
     trackers = (
         start_trackers(
-            cfg.run.report_to, loop_config["config"], cfg.run_dir, start_step, loop_config["tracking_env"]
+            cfg.run.report_to,
+            loop_config["config"],
+            cfg.run_dir.folder,
+            start_step,
+            loop_config["tracking_env"],
         )
         if rank == 0 and cfg.run.report_to
         else []
     )
 
     engine.train()
+    last_checkpoint = start_step
     for step in range(start_step, total_steps):
         began = time.perf_counter()
         learning_rate = engine.get_lr()[0]  # the rate this step applies
@@ -119,7 +143,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         for tracker in trackers:  # rank 0 only: live, the same record as metrics.jsonl
             tracker.log(step + 1, metrics)
         if (step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == total_steps:
-            save_and_report(engine, step + 1, rank, metrics)
+            save_and_report(engine, step + 1, rank, metrics, previous=last_checkpoint)
+            last_checkpoint = step + 1
 
     for tracker in trackers:
         tracker.finish()

@@ -89,11 +89,11 @@ def test_bf16_precompute_and_training_on_one_gpu(tiny_model, small_data, tmp_pat
     store = precompute(cfg).store
     assert store.manifest.fingerprint_inputs["dtype"] == "bfloat16"
     result = train(cfg)
-    metrics = read_metrics(result.run_dir)
+    metrics = read_metrics(result.run_dir.local_path)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     # Step 1: policy == reference, both bf16 on the same GPU kernels: rewards ~0.
     assert abs(metrics[0]["rewards/chosen"]) < 0.05 and abs(metrics[0]["rewards/rejected"]) < 0.05
-    assert (result.run_dir / "final" / "model.safetensors").is_file()
+    assert (result.run_dir.local_path / "final" / "model.safetensors").is_file()
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")

@@ -135,7 +135,7 @@ def real_run(real_store) -> Path:
     cfg, _store = real_store
     result = train(cfg)
     assert result.steps == 3
-    return result.run_dir
+    return result.run_dir.local_path
 
 
 def _jsonl_rows() -> list[dict]:

@@ -16,38 +16,14 @@ import pytest
 import yaml
 
 from kto_ray.errors import UserError
-from kto_ray.raycluster import no_state_api_lookup
 from kto_ray.reference.precompute import precompute
 from kto_ray.reference.store import MANIFEST, open_store
 from kto_ray.storage import files_under, resolve
 from tests.conftest import REPO, make_config
-from tests.s3server import s3_server
 
 pytestmark = pytest.mark.slow
 
 URI = "s3://kto/stores/small"
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with s3_server() as server, pytest.MonkeyPatch.context() as patch:
-        for key, value in server.environment().items():
-            patch.setenv(key, value)
-        server.create_bucket("kto")
-        yield server
-
-
-@pytest.fixture(scope="module")
-def ray_with_s3(s3):
-    """A local Ray started after the endpoint is in the environment, so its workers inherit it."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    with no_state_api_lookup():
-        ray.init(num_cpus=2, include_dashboard=False)
-    yield ray
-    ray.shutdown()
 
 
 def _objects(uri: str) -> list[str]:

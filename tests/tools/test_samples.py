@@ -67,9 +67,9 @@ def test_cli_writes_samples_to_the_run_dir_and_sampling_is_seeded(store_with_a_l
     outputs = []
     for _ in range(2):
         assert main([*args, "--temperature", "1.0", "--seed", "7"]) == 0
-        outputs.append((cfg.run_dir / "samples.jsonl").read_text())
+        outputs.append((cfg.run_dir.local_path / "samples.jsonl").read_text())
     assert outputs[0] == outputs[1]  # seeded sampling repeats
     assert len(outputs[0].splitlines()) == 3
     assert "samples: " in capsys.readouterr().out
-    assert "sampled (temperature 1.0, seed 7)" in (cfg.run_dir / "samples.md").read_text()
+    assert "sampled (temperature 1.0, seed 7)" in (cfg.run_dir.local_path / "samples.md").read_text()
     assert yaml.safe_load(config.read_text())["run"]["dir"] == str(tmp_path / "runs")

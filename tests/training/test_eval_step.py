@@ -141,11 +141,11 @@ def test_ray_train_eval_equals_kto_ray_evaluate_of_the_export(tiny_model, small_
     assert rows % (2 * micro) and rows % 2  # uneven shards: rank 1 runs a dummy micro-batch
     assert [len(b) for b in shard_batches(rows, 1, 2, micro, np.ones(rows))][-1] == 0
     result = train(cfg)
-    records = read_metrics(result.run_dir)
+    records = read_metrics(result.run_dir.local_path)
     assert [r["step"] for r in records] == [1, 2] and all("eval/loss" in r for r in records)
     # Step 1 evaluates the updated policy: it moved away from the reference (z0 and rewards non-zero).
     assert records[0]["eval/rows"] == rows and abs(records[0]["eval/rewards/margins"]) > 0
-    expected = evaluate(cfg, str(result.run_dir / "final"))
+    expected = evaluate(cfg, str(result.run_dir.local_path / "final"))
     final = records[-1]
     for key, value in expected.items():
         assert final[f"eval/{key}"] == pytest.approx(value, abs=1e-4), key

@@ -98,7 +98,7 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def uninterrupted(built_store, tmp_path_factory):
-    return train(_config(built_store, tmp_path_factory.mktemp("steady"), "steady")).run_dir
+    return train(_config(built_store, tmp_path_factory.mktemp("steady"), "steady")).run_dir.local_path
 
 
 def test_sigkilled_worker_restarts_from_the_checkpoint_and_matches(built_store, uninterrupted, tmp_path):
@@ -106,16 +106,18 @@ def test_sigkilled_worker_restarts_from_the_checkpoint_and_matches(built_store, 
     outcome: dict = {}
     driver = threading.Thread(target=lambda: outcome.update(result=train(cfg)), daemon=True)
     driver.start()
-    _wait_for(lambda: _steps_logged(cfg.run_dir) >= 5, driver.is_alive)  # past the step-4 checkpoint
+    _wait_for(
+        lambda: _steps_logged(cfg.run_dir.local_path) >= 5, driver.is_alive
+    )  # past the step-4 checkpoint
     workers = _descendants_named("RayTrainWorker")
     assert len(workers) == 2, workers
     os.kill(max(workers), signal.SIGKILL)
     driver.join(timeout=600)
     assert outcome["result"].steps == STEPS
 
-    steps = [m["step"] for m in read_metrics(cfg.run_dir)]
+    steps = [m["step"] for m in read_metrics(cfg.run_dir.local_path)]
     assert steps == list(range(1, STEPS + 1))  # nothing repeated, nothing missing
-    _assert_same_weights(cfg.run_dir / "final", uninterrupted / "final")
+    _assert_same_weights(cfg.run_dir.local_path / "final", uninterrupted / "final")
 
 
 def test_killed_driver_resumes_on_rerun(built_store, uninterrupted, tmp_path):
@@ -133,22 +135,22 @@ def test_killed_driver_resumes_on_rerun(built_store, uninterrupted, tmp_path):
     # appears; kill once a step after it is logged too, so the rerun has logged work to redo.
     _wait_for(
         lambda: (
-            _registered_steps(cfg.run_dir)
-            and _steps_logged(cfg.run_dir) > max(_registered_steps(cfg.run_dir))
+            _registered_steps(cfg.run_dir.local_path)
+            and _steps_logged(cfg.run_dir.local_path) > max(_registered_steps(cfg.run_dir.local_path))
         ),
         lambda: driver.poll() is None,
     )
     kill_process_tree(driver.pid)
     driver.wait()
-    before, resume_step = read_metrics(cfg.run_dir), max(_registered_steps(cfg.run_dir))
+    before, resume_step = read_metrics(cfg.run_dir.local_path), max(_registered_steps(cfg.run_dir.local_path))
     assert resume_step < STEPS, "the run finished before it could be killed"
 
     result = train(cfg)  # the same command again
-    after = read_metrics(result.run_dir)
+    after = read_metrics(result.run_dir.local_path)
     assert [m["step"] for m in after] == list(range(1, STEPS + 1))
     assert after[:resume_step] == before[:resume_step]  # resumed from the checkpoint, not from scratch
     assert after[resume_step]["step_time"] != before[resume_step]["step_time"]  # and redid what followed
-    _assert_same_weights(result.run_dir / "final", uninterrupted / "final")
+    _assert_same_weights(result.run_dir.local_path / "final", uninterrupted / "final")
 
 
 def _poisoned_store(built_store, root: Path, step: int, rank: int, workers: int) -> Path:
@@ -182,36 +184,36 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(bui
     with pytest.raises(TrainingStopped, match=r"step 3: non-finite loss.*step_00000002") as stopped:
         train(cfg)  # only rank 1 sees the NaN: both ranks must stop, neither may hang
     assert "\n" not in str(stopped.value)
-    assert [m["step"] for m in read_metrics(cfg.run_dir)] == [1, 2]
-    assert sorted(p.name for p in (cfg.run_dir / "checkpoints").glob("step_*")) == [
+    assert [m["step"] for m in read_metrics(cfg.run_dir.local_path)] == [1, 2]
+    assert sorted(p.name for p in (cfg.run_dir.local_path / "checkpoints").glob("step_*")) == [
         "step_00000001",
         "step_00000002",
     ]
-    assert not (cfg.run_dir / "final").exists()
+    assert not (cfg.run_dir.local_path / "final").exists()
     resumed = cfg.model_copy(deep=True)
     resumed.store.path = built_store[0].store.path  # the clean store: the rerun resumes from step 2
     resumed.train.max_steps = 3
-    assert [m["step"] for m in read_metrics(train(resumed).run_dir)] == [1, 2, 3]
+    assert [m["step"] for m in read_metrics(train(resumed).run_dir.local_path)] == [1, 2, 3]
 
 
 def test_failed_checkpoint_write_keeps_the_previous_checkpoint(built_store, tmp_path):
     cfg = _config(built_store, tmp_path, "disk", train={"max_steps": 8}, run={"max_failures": 0})
-    checkpoints = cfg.run_dir / "checkpoints"
+    checkpoints = cfg.run_dir.local_path / "checkpoints"
     checkpoints.mkdir(parents=True)
     blocker = checkpoints / "step_00000008"
     blocker.write_text("a file where the step-8 checkpoint folder must go: writing it fails part-way")
 
     with pytest.raises(Exception, match="step_00000008"):
         train(cfg)
-    before = read_metrics(cfg.run_dir)
-    assert _registered_steps(cfg.run_dir) == [4]
+    before = read_metrics(cfg.run_dir.local_path)
+    assert _registered_steps(cfg.run_dir.local_path) == [4]
     assert {p.name for p in (checkpoints / "step_00000004").iterdir()} >= {"zero", "trainer_state.json"}
 
     blocker.unlink()  # the disk is writable again: the rerun resumes from the intact step-4 checkpoint
-    after = read_metrics(train(cfg).run_dir)
+    after = read_metrics(train(cfg).run_dir.local_path)
     assert [m["step"] for m in after] == list(range(1, 9))
     assert after[:4] == before[:4]
-    assert (cfg.run_dir / "final" / "model.safetensors").is_file()
+    assert (cfg.run_dir.local_path / "final" / "model.safetensors").is_file()
 
 
 def test_killed_overwrite_keeps_the_previous_store(built_store, tiny_model, tmp_path):

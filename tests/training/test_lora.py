@@ -77,11 +77,11 @@ def lora_runs(ray_local, built_store, tmp_path_factory):
     """4 steps on 2 ZeRO-3 workers; the same run stopped after 2 steps (its adapter kept) and rerun to 4;
     2 steps with the online reference on 2 ZeRO-2 workers."""
     root = tmp_path_factory.mktemp("lora")
-    full = train(_config(built_store, root, "full")).run_dir
+    full = train(_config(built_store, root, "full")).run_dir.local_path
     first = train(_config(built_store, root, "resumed", train={"max_steps": 2}, run={"merge_lora": False}))
     after_two = root / "after_two"
-    shutil.copytree(first.run_dir / "final", after_two)
-    resumed = train(_config(built_store, root, "resumed", run={"merge_lora": False})).run_dir
+    shutil.copytree(first.run_dir.local_path / "final", after_two)
+    resumed = train(_config(built_store, root, "resumed", run={"merge_lora": False})).run_dir.local_path
     online = train(
         _config(
             built_store,
@@ -92,7 +92,7 @@ def lora_runs(ray_local, built_store, tmp_path_factory):
             deepspeed={"stage": 2},
             run={"merge_lora": False},
         )
-    ).run_dir
+    ).run_dir.local_path
     return {"full": full, "after_two": after_two, "resumed": resumed, "online": online}
 
 
@@ -299,7 +299,7 @@ def test_real_model_lora_with_the_online_reference_trains_and_exports(real_model
         run={"name": "real", "checkpoint_every": 2},
     )
     cfg = config_from_dict(cfg.model_dump(mode="json") | {"lora": LORA})
-    run_dir = train(cfg).run_dir
+    run_dir = train(cfg).run_dir.local_path
     first, second = read_metrics(run_dir)
     assert first["loss"] == pytest.approx(0.5, abs=1e-5) and abs(first["kl"]) < 1e-5
     assert second["rewards/margins"] != pytest.approx(0.0, abs=1e-6)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from kto_ray.errors import UserError
+from kto_ray.rundir import RunDir
 from kto_ray.training import tracking
 from kto_ray.training.metrics import MetricsLog
 from kto_ray.training.tracking import (
@@ -61,7 +62,7 @@ def _record(step: int) -> dict:
 @pytest.fixture
 def logged(tmp_path: Path) -> list[dict]:
     """The records as metrics.jsonl holds them: what each tracker must have received."""
-    log = MetricsLog(tmp_path / "metrics.jsonl", 0)
+    log = MetricsLog(RunDir(tmp_path), 0)
     for step in range(1, STEPS + 1):
         log.write(_record(step))
     return read_metrics(tmp_path)
@@ -277,17 +278,19 @@ def test_ray_run_reports_every_step_to_all_trackers(built_store, tmp_path, monke
         "report_to": ["tensorboard", "mlflow", "wandb"],
     }
     result = train(cfg.model_validate(tree))
-    records = read_metrics(result.run_dir)
+    records = read_metrics(result.run_dir.local_path)
     assert [r["step"] for r in records] == [1, 2, 3]
     expected, expected_eval = _losses(records), _losses(records, "eval/loss")
     assert sorted(expected_eval) == [2, 3]
-    assert tensorboard_scalars(result.run_dir / "tensorboard", "loss") == pytest.approx(expected)
-    assert tensorboard_scalars(result.run_dir / "tensorboard", "eval/loss") == pytest.approx(expected_eval)
+    assert tensorboard_scalars(result.run_dir.local_path / "tensorboard", "loss") == pytest.approx(expected)
+    assert tensorboard_scalars(result.run_dir.local_path / "tensorboard", "eval/loss") == pytest.approx(
+        expected_eval
+    )
     history, params = mlflow_history(uri, "tracked", "loss")
     assert history == pytest.approx(expected)
     assert mlflow_history(uri, "tracked", "eval/loss")[0] == pytest.approx(expected_eval)
     assert params["run.name"] == "tracked" and params["train.eval_every"] == "2"
-    history, config = wandb_history(result.run_dir, "loss")
+    history, config = wandb_history(result.run_dir.local_path, "loss")
     assert history == pytest.approx(expected)
-    assert wandb_history(result.run_dir, "eval/loss")[0] == pytest.approx(expected_eval)
+    assert wandb_history(result.run_dir.local_path, "eval/loss")[0] == pytest.approx(expected_eval)
     assert config["train"]["max_steps"] == 3

@@ -32,7 +32,7 @@ def offline_runs(built_store, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     one = train(_config(built_store, root, "one", cluster={"workers": 1}, train={"micro_batch_size": 8}))
     two = train(_config(built_store, root, "two", cluster={"workers": 2}))
-    return one.run_dir, two.run_dir
+    return one.run_dir.local_path, two.run_dir.local_path
 
 
 def test_step_zero_has_zero_rewards_and_kl(offline_runs):
@@ -72,7 +72,7 @@ def test_online_reference_gives_the_offline_first_step_loss(offline_runs, built_
         _config(built_store, tmp_path, "online", reference={"mode": "online"}, run={"export": False})
     )
     offline_first = read_metrics(offline_runs[1])[0]
-    online_first = read_metrics(online.run_dir)[0]
+    online_first = read_metrics(online.run_dir.local_path)[0]
     assert online_first["loss"] == pytest.approx(offline_first["loss"], abs=1e-5)
     assert online_first["kl"] == pytest.approx(offline_first["kl"], abs=1e-5)
     assert online_first["grad_norm"] == pytest.approx(offline_first["grad_norm"], rel=1e-3)

@@ -1,0 +1,170 @@
+"""A run dir on s3://, against a real S3 server (moto's, on 127.0.0.1): 2-worker training, a killed
+driver and a rerun that resumes exactly, evaluate and report reading the URI, nothing of the run on
+local disk; the server cut while a checkpoint uploads fails naming the step, and the rerun resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from kto_ray.reference.precompute import precompute
+from kto_ray.reference.store import StorageError
+from kto_ray.rundir import RunDir, fetch_folder
+from kto_ray.storage import files_under
+from kto_ray.tools.evaluate import evaluate
+from kto_ray.tools.report import write_report
+from kto_ray.training.driver import train
+from kto_ray.training.metrics import METRICS_FILE, parse_metrics
+from tests.conftest import REPO, kill_process_tree, make_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_with_s3")]
+
+STEPS = 8
+RUNS = "s3://kto/runs"
+
+
+@pytest.fixture(scope="module")
+def s3_cfg(ray_with_s3, tiny_model, small_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("s3run")
+    os.environ["KTO_RAY_CACHE"] = str(tmp_path_factory.mktemp("cache"))  # fetched model folders
+    cfg = make_config(
+        tiny_model,
+        small_data,
+        root,
+        store={"path": "s3://kto/stores/for-runs"},
+        train={"max_steps": STEPS, "micro_batch_size": 4, "lr": 1e-3, "warmup_ratio": 0.0},
+        run={"dir": RUNS, "name": "unset", "checkpoint_every": 4, "max_failures": 0},
+    )
+    precompute(cfg)
+    return cfg, root
+
+
+def _named(cfg, name: str, run_dir: str = RUNS):
+    out = cfg.model_copy(deep=True)
+    out.run.name, out.run.dir = name, run_dir
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(s3_cfg, tmp_path_factory) -> Path:
+    """The same run, uninterrupted, with a local run dir: the weights every resumed run must match."""
+    cfg, _ = s3_cfg
+    local = _named(cfg, "steady", str(tmp_path_factory.mktemp("local-runs")))
+    return train(local).run_dir.local_path / "final"
+
+
+def _metrics(run_dir: RunDir) -> list[dict]:
+    return parse_metrics(run_dir.read_text(METRICS_FILE))
+
+
+def _registered_steps(run_dir: RunDir) -> list[int]:
+    try:
+        text = run_dir.read_text("checkpoints/checkpoint_manager_snapshot.json")
+        results = json.loads(text or "{}")["checkpoint_results"]
+    except (OSError, ValueError, KeyError):
+        return []
+    return [int(r["checkpoint_dir_name"].removeprefix("step_")) for r in results]
+
+
+def _assert_same_weights(final: Path, expected: Path) -> None:
+    left, right = load_file(final / "model.safetensors"), load_file(expected / "model.safetensors")
+    assert left.keys() == right.keys()
+    for key in left:
+        torch.testing.assert_close(left[key], right[key], atol=1e-5, rtol=1e-4)
+
+
+def _wait_for(condition, alive, timeout: float = 400) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError("the run ended (or timed out) before the condition held")
+
+
+def test_run_dir_on_s3_survives_a_killed_driver(s3_cfg, uninterrupted, tmp_path):
+    cfg, root = s3_cfg
+    cfg = _named(cfg, "driver")
+    run_dir = cfg.run_dir
+    config_file = tmp_path / "cfg.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "kto_ray", "train", "--config", str(config_file)],
+        env=dict(os.environ, RAY_ADDRESS="local"),  # its own Ray, killed with it like a lost job
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    # Killed once Ray Train has registered the step-4 checkpoint and a later step is logged.
+    _wait_for(
+        lambda: _registered_steps(run_dir) and len(_metrics(run_dir)) > max(_registered_steps(run_dir)),
+        lambda: driver.poll() is None,
+    )
+    kill_process_tree(driver.pid)
+    driver.wait()
+    before, resume_step = _metrics(run_dir), max(_registered_steps(run_dir))
+    assert resume_step < STEPS, "the run finished before it could be killed"
+
+    result = train(cfg)  # the same command again: resumes from the checkpoint on the server
+    after = _metrics(result.run_dir)
+    assert [m["step"] for m in after] == list(range(1, STEPS + 1))
+    assert after[:resume_step] == before[:resume_step]
+    assert after[resume_step]["step_time"] != before[resume_step]["step_time"]  # redone, not kept
+    final = fetch_folder(run_dir.child("final"))
+    _assert_same_weights(final, uninterrupted)
+
+    # The run's files are objects on the server: config, metrics, where each rank ran, checkpoints.
+    prefix = run_dir.location
+    objects = {path[len(prefix.path) + 1 :] for path in files_under(prefix, "")}
+    assert {"config.yaml", METRICS_FILE, "workers.json", "final/model.safetensors"} <= objects
+    assert any(o.startswith("checkpoints/step_00000008/") for o in objects)
+    workers = json.loads(run_dir.read_text("workers.json"))
+    assert [w["rank"] for w in workers] == [0, 1]
+
+    # evaluate and report read the URI (the model folder is fetched into the local cache).
+    metrics = evaluate(cfg, run_dir.child("final"))
+    assert metrics["rows"] > 0 and all(v == v for v in metrics.values())
+    report = write_report(str(run_dir), tmp_path / "report")
+    summary = report.summary.read_text()
+    assert "step_00000004, step_00000008" in summary and "| final/ exported | yes |" in summary
+    assert "## Workers (2 ranks on 1 node)" in summary
+
+    # Nothing of the store or the run on local disk (only the config file this test wrote).
+    assert sorted(p.name for p in root.rglob("*")) == []
+    assert {p.name for p in tmp_path.iterdir()} == {"cfg.yaml", "report"}
+    assert not (REPO / "s3:").exists() and not Path("s3:").exists()
+
+
+def test_server_cut_during_a_checkpoint_upload_fails_naming_the_step(s3, s3_cfg, uninterrupted):
+    cfg, _ = s3_cfg
+    cfg = _named(cfg, "cut")
+    s3.relay.cut_on = b"/checkpoints/step_00000008/"  # the first request of the step-8 upload
+    try:
+        with pytest.raises(StorageError, match=r"step 8: the checkpoint step_00000008 could not") as err:
+            train(cfg)
+    finally:
+        s3.relay.cut_on = None
+        if s3.relay._listener is None:
+            s3.relay.restore()
+    message = str(err.value)
+    assert "\n" not in message and "step_00000004" in message and RUNS in message
+    assert "kto-ray-test-secret" not in message
+
+    run_dir = cfg.run_dir
+    assert _registered_steps(run_dir) == [4]  # the previous checkpoint is intact and registered
+    before = _metrics(run_dir)
+    result = train(cfg)  # storage is back: the rerun resumes from step 4
+    after = _metrics(result.run_dir)
+    assert [m["step"] for m in after] == list(range(1, STEPS + 1))
+    assert after[:4] == before[:4]
+    _assert_same_weights(fetch_folder(run_dir.child("final")), uninterrupted)
