@@ -22,6 +22,7 @@ from pydantic import BaseModel
 
 from kto_ray import __version__
 from kto_ray.errors import KtoRayError, UserError
+from kto_ray.lease import Lease, LeaseHeld
 from kto_ray.reference.fingerprint import FileStat
 from kto_ray.storage import (
     Location,
@@ -42,6 +43,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DATA_PREFIX = "data-"
 SPLITS = ("train", "eval")
+_UNSEEN: Any = object()  # StoreWriter without `seen`
 
 # The columns of DESIGN.md's contract, with the Arrow types training relies on.
 SCHEMA = pa.schema(
@@ -171,57 +173,105 @@ class StoreWriter:
     storage: the Parquet files go under a fresh prefix `data-<id>/`, then `manifest.json`, naming that
     prefix, replaces the previous one in one atomic write. Readers only ever follow the manifest, so
     a killed or failed run leaves the previous store readable and no manifest pointing at partial
-    data. After a commit, prefixes no manifest names are removed; an uncommitted writer removes its own.
+    data. After a commit, prefixes no manifest names and older than this writer are removed; an
+    uncommitted writer removes its own.
+
+    One writer at a time: the store's lease (kto_ray.lease) is held from `__enter__` to `__exit__`, so
+    a second precompute of the same store fails in one line naming the first (host, pid, since).
+    `seen` is the manifest the caller decided on (None: there was none), so `changed_meanwhile`
+    reports a commit made between that look and this writer's start too; without it, the one found
+    at `__enter__` is the baseline.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, seen: Manifest | object | None = _UNSEEN, **lease_timing: float):
         self.location = resolve(path)
-        self.data_dir = f"{DATA_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        self.data = self.location.join(self.data_dir)
+        self.seen, self.lease_timing = seen, lease_timing
         self.committed = False
 
     def __enter__(self) -> StoreWriter:
+        self.lease = None
         try:
             found = info(self.location).type
             if found == FileType.File:
                 raise UserError(f"store path is a file, not a folder: {self.location}")
             self.created_root = found == FileType.NotFound
+            self.lease = Lease(self.location, "precompute", **self.lease_timing).acquire()
+            # Named after the lease is taken, in UTC: every prefix named earlier is no live writer's.
+            self.data_dir = f"{DATA_PREFIX}{_utc_stamp()}-{uuid.uuid4().hex[:8]}"
+            self.data = self.location.join(self.data_dir)
             self.location.fs.create_dir(self.data.path, recursive=True)
             self.previous = read_text(self.location.join(MANIFEST))
-        except OSError as err:
+        except (OSError, LeaseHeld) as err:
+            self._release()
+            if isinstance(err, LeaseHeld):
+                raise
             raise StorageError(
                 f"cannot write the reference store {self.location}: {_first_line(err)}"
             ) from None
         return self
 
     def changed_meanwhile(self) -> Manifest | None:
-        """The manifest another writer committed since this one started, if any."""
+        """The manifest another writer committed since the caller looked (`seen`) or, without
+        `seen`, since this writer started; None when the store is as it was."""
         current = read_text(self.location.join(MANIFEST))
+        if self.seen is not _UNSEEN:
+            found = None if current is None else Manifest.model_validate_json(current)
+            return None if found == self.seen else found
         if current is None or current == self.previous:
             return None
         return Manifest.model_validate_json(current)
 
     def commit(self, manifest: Manifest) -> None:
+        self.lease.check()  # taken over (we looked dead to another writer): commit nothing
         manifest = manifest.model_copy(update={"data_dir": self.data_dir})
         write_text_atomically(self.location.join(MANIFEST), manifest.model_dump_json(indent=2))
         self.committed = True
+        keep = {self.data_dir}
+        with contextlib.suppress(OSError):  # whatever manifest is there now keeps its files
+            keep.add(_data_dir(read_text(self.location.join(MANIFEST))))
+        replaced = _data_dir(self.previous)
         for entry in children(self.location):
             name = entry.base_name
-            if entry.type == FileType.Directory and name.startswith(DATA_PREFIX) and name != self.data_dir:
-                _remove_quietly(Location(self.location.fs, entry.path, self.location.given))
+            if entry.type == FileType.Directory and name.startswith(DATA_PREFIX) and name not in keep:
+                # The replaced store's, and prefixes named before this writer's own, which it named
+                # once it held the lease: a dead writer's (a killed run's). A later one may be live.
+                if name == replaced or _stamp(name) < _stamp(self.data_dir):
+                    _remove_quietly(Location(self.location.fs, entry.path, self.location.given))
             elif entry.type == FileType.File and name.endswith(".parquet"):
                 self.location.fs.delete_file(entry.path)  # the first layout's files, now replaced
 
     def __exit__(self, *exc_info) -> None:
         if not self.committed:
             _remove_quietly(self.data)
-            with contextlib.suppress(OSError):  # storage may be gone: the caller reports that
-                if self.created_root and not children(self.location):
-                    _remove_quietly(self.location)  # leave no empty store folder behind either
+        self._release()
+        with contextlib.suppress(OSError):  # storage may be gone: the caller reports that
+            if self.created_root and not children(self.location):
+                _remove_quietly(self.location)  # leave no empty store folder behind either
+
+    def _release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
 
 
 class StorageError(KtoRayError):
     """The store's storage failed (unreachable server, permissions); one line naming the location."""
+
+
+def _utc_stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+
+
+def _data_dir(manifest_text: str | None) -> str | None:
+    """The prefix a manifest's text names (None: no manifest, the first layout, or unreadable)."""
+    with contextlib.suppress(ValueError):
+        return Manifest.model_validate_json(manifest_text).data_dir if manifest_text else None
+    return None
+
+
+def _stamp(prefix: str) -> str:
+    """The time in a `data-<%Y%m%d-%H%M%S>-<id>` name (UTC; local time in stores written before)."""
+    return prefix[len(DATA_PREFIX) : len(DATA_PREFIX) + 15]
 
 
 def _remove_quietly(location: Location) -> None:

@@ -1,0 +1,161 @@
+"""A lease on a location (local folder or object-storage prefix): one job at a time writes there.
+
+Object storage has no atomic create-if-absent through pyarrow.fs, so the lease is a small JSON object,
+`<location>/.lease.json`, taken by "write, wait, re-read": the last writer wins and every writer
+re-reads after a settle time, so at most one proceeds. The holder refreshes its heartbeat from a
+daemon thread and deletes the object on release. A lease whose heartbeat is older than the TTL, or
+whose holder's pid is gone on this host, is stale and taken over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+from kto_ray.errors import UserError
+from kto_ray.storage import Location, display, read_text, write_text_atomically
+
+log = logging.getLogger(__name__)
+
+LEASE = ".lease.json"
+TTL_S, HEARTBEAT_S, SETTLE_S = 60.0, 5.0, 2.0
+
+
+class LeaseHeld(UserError):
+    """Another live job holds the location's lease; one line naming it, its host, pid and start."""
+
+
+@dataclass(frozen=True)
+class Holder:
+    token: str
+    host: str
+    pid: int
+    what: str
+    started: float
+    heartbeat: float
+
+    def live(self, ttl: float) -> bool:
+        if self.host == socket.gethostname() and not _pid_alive(self.pid):
+            return False  # crashed on this host: no need to wait for the TTL
+        return time.time() - self.heartbeat < ttl
+
+
+class Lease:
+    """`acquire()` takes the lease or raises `LeaseHeld`; `release()` deletes it (storage errors are
+    passed on from acquire, swallowed on release). `check()` raises when another job took it over."""
+
+    def __init__(
+        self, location: Location, what: str, *, ttl: float = TTL_S, heartbeat: float = HEARTBEAT_S,
+        settle: float = SETTLE_S,
+    ):  # fmt: skip
+        self.location, self.target = location, location.join(LEASE)
+        self.ttl, self.interval, self.settle = ttl, heartbeat, settle
+        now = time.time()
+        self.mine = Holder(uuid.uuid4().hex, socket.gethostname(), os.getpid(), what, now, now)
+        self.lost = False
+        self._stop, self._lock = threading.Event(), threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> Lease:
+        for _ in range(3):
+            self._refuse_if_held()
+            self._write()
+            time.sleep(self.settle)
+            if self._ours():
+                break
+            self._refuse_if_held()  # another writer wrote after us: it wins, we refuse
+        else:  # ours vanished each time (a release racing ours): refuse rather than guess
+            raise LeaseHeld(f"could not take the lease on {self._where()}: it keeps changing; retry")
+        self._thread = threading.Thread(target=self._beat, name=f"lease {self.location}", daemon=True)
+        self._thread.start()
+        return self
+
+    def check(self) -> None:
+        """Raise `LeaseHeld` unless the lease is still ours (call right before committing)."""
+        if self.lost or not self._ours():
+            self._refuse_if_held()
+            raise LeaseHeld(
+                f"lost the lease on {self._where()} to another job while this {self.mine.what} ran"
+            )
+
+    def release(self) -> None:
+        self._stop.set()
+        with self._lock, contextlib.suppress(OSError):  # no heartbeat write lands after the delete
+            if self._ours():
+                self.target.fs.delete_file(self.target.path)
+
+    def holder(self) -> Holder | None:
+        """The lease as stored (None when absent or unreadable)."""
+        text = read_text(self.target)
+        try:
+            return Holder(**json.loads(text)) if text else None
+        except (ValueError, TypeError):
+            log.warning("%s/%s is unreadable: taking it over", self.location, LEASE)
+            return None
+
+    def _ours(self) -> bool:
+        holder = self.holder()
+        return holder is not None and holder.token == self.mine.token
+
+    def _where(self) -> str:
+        return display(self.location.given)
+
+    def _refuse_if_held(self) -> None:
+        other = self.holder()
+        if other is None or other.token == self.mine.token or not other.live(self.ttl):
+            return
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(other.started))
+        raise LeaseHeld(
+            f"{self._where()} is in use by another {other.what} (host {other.host}, "
+            f"pid {other.pid}, since {since}); retry when it has finished"
+        )
+
+    def _write(self) -> None:
+        beat = Holder(**(asdict(self.mine) | {"heartbeat": time.time()}))
+        write_text_atomically(self.target, json.dumps(asdict(beat)))
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            with self._lock:
+                if self._stop.is_set():
+                    return
+                try:
+                    if not self._ours():
+                        self.lost = True  # taken over (we looked stale): never overwrite the new holder
+                        return
+                    self._write()
+                except OSError as err:  # storage away for a moment: the next beat retries
+                    log.debug("lease heartbeat on %s failed: %s", self.location, err)
+
+
+@contextlib.contextmanager
+def hold_lease(
+    location: Location, what: str, *, ttl: float = TTL_S, heartbeat: float = HEARTBEAT_S,
+    settle: float = SETTLE_S,
+) -> Iterator[Lease]:  # fmt: skip
+    """Hold the lease on `location` for the block: raises `LeaseHeld` (a UserError, one line) when a
+    live job holds it; `what` names this job in the refusal others get ("precompute", "training run").
+    """
+    lease = Lease(location, what, ttl=ttl, heartbeat=heartbeat, settle=settle).acquire()
+    try:
+        yield lease
+    finally:
+        lease.release()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
