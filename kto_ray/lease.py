@@ -56,35 +56,31 @@ class Lease:
         self, location: Location, what: str, *, ttl: float = TTL_S, heartbeat: float = HEARTBEAT_S,
         settle: float = SETTLE_S,
     ):  # fmt: skip
-        self.location, self.target = location, location.join(LEASE)
+        self.location, self.target, self.where = location, location.join(LEASE), display(location.given)
         self.ttl, self.interval, self.settle = ttl, heartbeat, settle
         now = time.time()
         self.mine = Holder(uuid.uuid4().hex, socket.gethostname(), os.getpid(), what, now, now)
         self.lost = False
         self._stop, self._lock = threading.Event(), threading.Lock()
-        self._thread: threading.Thread | None = None
 
     def acquire(self) -> Lease:
         for _ in range(3):
-            self._refuse_if_held()
+            self.refuse_if_held()
             self._write()
             time.sleep(self.settle)
             if self._ours():
                 break
-            self._refuse_if_held()  # another writer wrote after us: it wins, we refuse
+            self.refuse_if_held()  # another writer wrote after us: it wins, we refuse
         else:  # ours vanished each time (a release racing ours): refuse rather than guess
-            raise LeaseHeld(f"could not take the lease on {self._where()}: it keeps changing; retry")
-        self._thread = threading.Thread(target=self._beat, name=f"lease {self.location}", daemon=True)
-        self._thread.start()
+            raise LeaseHeld(f"could not take the lease on {self.where}: it keeps changing; retry")
+        threading.Thread(target=self._beat, name=f"lease {self.where}", daemon=True).start()
         return self
 
     def check(self) -> None:
         """Raise `LeaseHeld` unless the lease is still ours (call right before committing)."""
         if self.lost or not self._ours():
-            self._refuse_if_held()
-            raise LeaseHeld(
-                f"lost the lease on {self._where()} to another job while this {self.mine.what} ran"
-            )
+            self.refuse_if_held()
+            raise LeaseHeld(f"lost the lease on {self.where} to another job while this {self.mine.what} ran")
 
     def release(self) -> None:
         self._stop.set()
@@ -102,19 +98,16 @@ class Lease:
             return None
 
     def _ours(self) -> bool:
-        holder = self.holder()
-        return holder is not None and holder.token == self.mine.token
+        return getattr(self.holder(), "token", None) == self.mine.token
 
-    def _where(self) -> str:
-        return display(self.location.given)
-
-    def _refuse_if_held(self) -> None:
+    def refuse_if_held(self) -> None:
+        """Raise `LeaseHeld`, one line, when another live job holds the lease."""
         other = self.holder()
         if other is None or other.token == self.mine.token or not other.live(self.ttl):
             return
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(other.started))
         raise LeaseHeld(
-            f"{self._where()} is in use by another {other.what} (host {other.host}, "
+            f"{self.where} is in use by another {other.what} (host {other.host}, "
             f"pid {other.pid}, since {since}); retry when it has finished"
         )
 
@@ -151,11 +144,16 @@ def hold_lease(
         lease.release()
 
 
+def ensure_free(location: Location, ttl: float = TTL_S) -> None:
+    """Raise `LeaseHeld` when a live job holds `location`'s lease (a cheap early look, taking nothing)."""
+    Lease(location, "check", ttl=ttl).refuse_if_held()
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's process (or no pid we can test): trust the heartbeat
     return True

@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from kto_ray.lease import LEASE, Lease, LeaseHeld, hold_lease
+from kto_ray.lease import LEASE, Lease, LeaseHeld, ensure_free, hold_lease
 from kto_ray.storage import Location, read_text, resolve, write_text_atomically
 from tests.s3server import s3_server
 
@@ -48,7 +48,10 @@ def _plant(where: Location, **fields) -> None:
 
 
 def test_second_holder_is_refused_in_one_line_naming_the_first(where):
+    ensure_free(where)  # nothing there yet
     with hold_lease(where, "precompute", **FAST) as first:
+        with pytest.raises(LeaseHeld, match="in use by another precompute"):
+            ensure_free(where)  # the early look, taking nothing
         with pytest.raises(LeaseHeld) as refused:
             Lease(where, "precompute", **FAST).acquire()
         message = str(refused.value)
@@ -72,6 +75,9 @@ def test_live_lease_of_another_host_refuses_and_a_stale_one_is_taken_over(where)
 
 
 def test_dead_holder_on_this_host_is_taken_over_at_once(where):
+    _plant(where, host=socket.gethostname(), pid=1)  # pid 1 lives (not ours to signal): still held
+    with pytest.raises(LeaseHeld, match=r"pid 1, since"):
+        Lease(where, "precompute", **FAST).acquire()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     _plant(where, host=socket.gethostname(), pid=dead.pid)  # fresh heartbeat, but its pid is gone
