@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 LEASE = ".lease.json"
 TTL_S, HEARTBEAT_S, SETTLE_S = 60.0, 5.0, 2.0
+# Tokens of the leases this process holds now: a lease file naming this process but none of these is
+# one it failed to delete (storage was away at release), so it is stale.
+_HELD: set[str] = set()
 
 
 class LeaseHeld(UserError):
@@ -45,6 +48,8 @@ class Holder:
     def live(self, ttl: float) -> bool:
         if self.host == socket.gethostname() and not _pid_alive(self.pid):
             return False  # crashed on this host: no need to wait for the TTL
+        if self.host == socket.gethostname() and self.pid == os.getpid() and self.token not in _HELD:
+            return False  # ours from an earlier job in this process that could not delete it
         return time.time() - self.heartbeat < ttl
 
 
@@ -73,6 +78,7 @@ class Lease:
             self.refuse_if_held()  # another writer wrote after us: it wins, we refuse
         else:  # ours vanished each time (a release racing ours): refuse rather than guess
             raise LeaseHeld(f"could not take the lease on {self.where}: it keeps changing; retry")
+        _HELD.add(self.mine.token)
         threading.Thread(target=self._beat, name=f"lease {self.where}", daemon=True).start()
         return self
 
@@ -84,6 +90,7 @@ class Lease:
 
     def release(self) -> None:
         self._stop.set()
+        _HELD.discard(self.mine.token)
         with self._lock, contextlib.suppress(OSError):  # no heartbeat write lands after the delete
             if self._ours():
                 self.target.fs.delete_file(self.target.path)

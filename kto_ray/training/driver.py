@@ -7,6 +7,7 @@ no access to the store's file system. It also checks `run.report_to`'s trackers 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import warnings
@@ -18,6 +19,7 @@ from kto_ray.config import KTOConfig, dump_config, with_absolute_paths
 from kto_ray.console import TrainingProgress
 from kto_ray.data.prepare import checked_store, prepare_text, tokenize_rows
 from kto_ray.errors import TrainingStopped, UserError
+from kto_ray.lease import Lease
 from kto_ray.models.loading import check_context_length, load_tokenizer
 from kto_ray.raycluster import ray_session
 from kto_ray.reference.store import SCHEMA, StorageError
@@ -108,10 +110,6 @@ def fit(
     """Launch the TorchTrainer on `table` (store columns) for `steps` optimizer steps; with
     `train.eval_every`, the workers also evaluate on `eval_table` (the store's eval split)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from kto_ray.training.worker import train_loop
 
     cfg = with_absolute_paths(cfg)
     if cfg.train.eval_every and (eval_table is None or len(eval_table) == 0):
@@ -122,21 +120,20 @@ def fit(
     run_dir = cfg.run_dir
     # Before anything is launched: a tracker that cannot start fails here, in one line.
     tracking_env = prepare_tracking(cfg.run.report_to, run_dir.folder)
+    # One live run per run dir: a second `train` with the same run.name refuses in one line.
+    with _storage_errors(run_dir):
+        lease = Lease(run_dir.location, "training run").acquire()
     try:
-        run_dir.make()
-        run_dir.write_text("config.yaml", dump_config(cfg))
-    except OSError as err:
-        raise StorageError(f"cannot write the run dir {run_dir}: {first_line(err)}") from None
-    print(
-        f"training {cfg.model.path} on {len(table)} rows for {steps} steps "
-        f"({cfg.cluster.workers} workers, ZeRO-{cfg.deepspeed.stage}, reference {cfg.reference.mode})"
-        f" -> {run_dir}",
-        flush=True,
-    )
-    with ray_session(cfg.cluster.address):
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config={
+        with _storage_errors(run_dir):
+            run_dir.write_text("config.yaml", dump_config(cfg))
+        print(
+            f"training {cfg.model.path} on {len(table)} rows for {steps} steps "
+            f"({cfg.cluster.workers} workers, ZeRO-{cfg.deepspeed.stage}, reference {cfg.reference.mode})"
+            f" -> {run_dir}",
+            flush=True,
+        )
+        with ray_session(cfg.cluster.address):
+            loop_config = {
                 "config": cfg.model_dump(mode="json"),
                 "table": ray.put(table),
                 "eval_table": ray.put(eval_table) if cfg.train.eval_every else None,
@@ -144,30 +141,52 @@ def fit(
                 "tracking_env": tracking_env,
                 "total_steps": steps,
                 "desirable_weight": lam_d,
-            },
-            scaling_config=ScalingConfig(
-                num_workers=cfg.cluster.workers,
-                use_gpu=cfg.cluster.use_gpu,
-                resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}
-                | ({"GPU": 1} if cfg.cluster.use_gpu else {}),
-                placement_strategy=cfg.cluster.placement_strategy,
-            ),
-            run_config=RunConfig(
-                name=CHECKPOINTS,
-                **run_dir.ray_storage(),
-                failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-            ),
-        )
-        try:
-            with TrainingProgress(run_dir, steps, cfg.train.log_every):
-                result = trainer.fit()
-        except ray.train.TrainingFailedError as err:
-            stopped = _stopped_by_non_finite(err, run_dir) or _stopped_by_storage(err, run_dir)
-            if stopped is None:
-                raise
-            raise stopped from None
+            }
+            try:
+                with TrainingProgress(run_dir, steps, cfg.train.log_every):
+                    result = _trainer(cfg, loop_config).fit()
+            except ray.train.TrainingFailedError as err:
+                stopped = _stopped_by_non_finite(err, run_dir) or _stopped_by_storage(err, run_dir)
+                if stopped is None:
+                    raise
+                raise stopped from None
+    finally:
+        lease.release()
     return TrainResult(run_dir, steps, dict(result.metrics or {}))
+
+
+def _trainer(cfg: KTOConfig, loop_config: dict):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from kto_ray.training.worker import train_loop
+
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.cluster.workers,
+            use_gpu=cfg.cluster.use_gpu,
+            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}
+            | ({"GPU": 1} if cfg.cluster.use_gpu else {}),
+            placement_strategy=cfg.cluster.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=CHECKPOINTS,
+            **cfg.run_dir.ray_storage(),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+        ),
+    )
+
+
+@contextlib.contextmanager
+def _storage_errors(run_dir: RunDir):
+    """The run dir's storage failing outside the workers (config, lease): one line naming it."""
+    try:
+        yield
+    except OSError as err:
+        raise StorageError(f"cannot write the run dir {run_dir}: {first_line(err)}") from None
 
 
 def _worker_failure(err: Exception, pattern: re.Pattern) -> re.Match | None:
