@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 
 LEASE = ".lease.json"
 TTL_S, HEARTBEAT_S, SETTLE_S = 60.0, 5.0, 2.0
-# Tokens of the leases this process holds now: a lease file naming this process but none of these is
-# one it failed to delete (storage was away at release), so it is stale.
+# Tokens of the leases this process holds or is taking now: a lease file naming this process but none
+# of these is one it failed to delete (storage was away at release), so it is stale.
 _HELD: set[str] = set()
 
 
@@ -69,16 +69,20 @@ class Lease:
         self._stop, self._lock = threading.Event(), threading.Lock()
 
     def acquire(self) -> Lease:
-        for _ in range(3):
-            self.refuse_if_held()
-            self._write()
-            time.sleep(self.settle)
-            if self._ours():
-                break
-            self.refuse_if_held()  # another writer wrote after us: it wins, we refuse
-        else:  # ours vanished each time (a release racing ours): refuse rather than guess
-            raise LeaseHeld(f"could not take the lease on {self.where}: it keeps changing; retry")
-        _HELD.add(self.mine.token)
+        _HELD.add(self.mine.token)  # from the first write on: ours to this process, not stale
+        try:
+            for _ in range(3):
+                self.refuse_if_held()
+                self._write()
+                time.sleep(self.settle)
+                if self._ours():
+                    break
+                self.refuse_if_held()  # another writer wrote after us: it wins, we refuse
+            else:  # ours vanished each time (a release racing ours): refuse rather than guess
+                raise LeaseHeld(f"could not take the lease on {self.where}: it keeps changing; retry")
+        except BaseException:
+            _HELD.discard(self.mine.token)
+            raise
         threading.Thread(target=self._beat, name=f"lease {self.where}", daemon=True).start()
         return self
 

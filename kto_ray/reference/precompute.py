@@ -21,6 +21,7 @@ from kto_ray.config import KTOConfig, ModelConfig, with_absolute_paths
 from kto_ray.console import RowProgress, configure_ray_data
 from kto_ray.data.prepare import data_file_stats, prepare_text, store_fingerprint, tokenize_rows
 from kto_ray.errors import UserError
+from kto_ray.lease import ensure_free
 from kto_ray.models.loading import check_context_length, load_causal_lm, load_tokenizer, resolve_dtype
 from kto_ray.models.logprobs import length_buckets, pad_sequences, sequence_logps
 from kto_ray.raycluster import ray_session
@@ -35,7 +36,7 @@ from kto_ray.reference.store import (
     read_manifest,
     record_data_files,
 )
-from kto_ray.storage import Location, display, files_under, info
+from kto_ray.storage import Location, display, files_under, info, resolve
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,23 @@ def _storage_failure(writer: StoreWriter, err: Exception) -> Exception:
     return err
 
 
+def _committed_meanwhile(
+    writer: StoreWriter, fingerprint: dict[str, str], where: str
+) -> PrecomputeResult | None:
+    """Another precompute's store, committed since this one looked: reused when it has our fingerprint,
+    else a one-line error (nothing of ours is committed)."""
+    other = writer.changed_meanwhile()
+    if other is None:
+        return None
+    if differing_components(fingerprint, other.fingerprint):
+        raise StorageError(
+            f"another precompute committed a different reference store at {where} while this "
+            "one ran; nothing was written: rerun (with --overwrite to replace it)"
+        )
+    print(f"reference store {where} was committed by another precompute meanwhile: reusing it")
+    return PrecomputeResult(open_store(writer.location.given, fingerprint), reused=True)
+
+
 def precompute(cfg: KTOConfig, overwrite: bool = False) -> PrecomputeResult:
     """Build (or reuse) the reference store of `cfg`; returns it opened and checked."""
     start = time.perf_counter()
@@ -204,7 +222,12 @@ def precompute(cfg: KTOConfig, overwrite: bool = False) -> PrecomputeResult:
             )
 
     use_gpu = cfg.precompute.gpus_per_actor > 0
-    with ray_session(cfg.cluster.address), StoreWriter(cfg.store.path) as writer:
+    ensure_free(resolve(cfg.store.path))  # another precompute writing this store: one line, before Ray
+    with ray_session(cfg.cluster.address), StoreWriter(cfg.store.path, seen=existing) as writer:
+        # The other one may have committed between our look above and taking the store's lease.
+        committed = _committed_meanwhile(writer, fingerprint, where)
+        if committed is not None:
+            return committed
         import ray.data
 
         configure_ray_data()
@@ -254,15 +277,9 @@ def precompute(cfg: KTOConfig, overwrite: bool = False) -> PrecomputeResult:
         if rows == 0:
             raise UserError("no example has a completion token left under data.max_length; nothing to store")
         seconds = time.perf_counter() - start
-        other = writer.changed_meanwhile()
-        if other is not None:  # another precompute of this store committed while this one ran
-            if differing_components(fingerprint, other.fingerprint):
-                raise StorageError(
-                    f"another precompute committed a different reference store at {where} while this "
-                    "one ran; nothing was written: rerun (with --overwrite to replace it)"
-                )
-            print(f"reference store {where} was committed by another precompute meanwhile: reusing it")
-            return PrecomputeResult(open_store(cfg.store.path, fingerprint), reused=True)
+        committed = _committed_meanwhile(writer, fingerprint, where)
+        if committed is not None:
+            return committed
         try:
             writer.commit(build_manifest(fingerprint, inputs, counts, tokens, seconds, data_files))
         except OSError as err:

@@ -42,7 +42,8 @@ def evaluate(cfg: KTOConfig, model_path: str | None = None, split: str = "eval")
     desirable = torch.tensor(part["label"], dtype=torch.bool)
     z0 = kl_z0(policy_kl, ref_kl)
     # The weight training used: `auto` comes from the train split's label counts, not this split's.
-    lam_d = desirable_weight(cfg, store.read_split("train", columns=["id", "label"]), warn=False)
+    labels = store.read_split("train", columns=["id", "label"])["label"].to_numpy(zero_copy_only=False)
+    lam_d = desirable_weight(cfg, labels, warn=False)
     out = kto_loss(
         policy,
         ref,

@@ -1,8 +1,11 @@
 """Stage 2 on the driver: check the store, size the run, launch the Ray Train TorchTrainer.
 
-The driver reads the store's train split (token ids and two floats per row) once, and the eval split
-when `train.eval_every` is set, and hands them to the workers through the object store, so workers need
-no access to the store's file system. It also checks `run.report_to`'s trackers before launching.
+Offline, the driver indexes the store's train split (and eval split with `train.eval_every`): a few
+bytes per row, streamed one row group at a time (`training/rows.py`). The index goes to the workers in
+the loop config and each worker reads its own micro-batches' rows from the store, so the store must be
+where every worker can read it (object storage or a shared mount). Online there is no store: the
+driver tokenizes the data and hands the table to the workers through the object store. The driver
+also checks `run.report_to`'s trackers and takes the run dir's lease before launching.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import re
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 
 from kto_ray.config import KTOConfig, dump_config, with_absolute_paths
@@ -24,11 +28,14 @@ from kto_ray.models.loading import check_context_length, load_tokenizer
 from kto_ray.raycluster import ray_session
 from kto_ray.reference.store import SCHEMA, StorageError
 from kto_ray.rundir import CHECKPOINTS, RunDir
-from kto_ray.storage import first_line
+from kto_ray.storage import endpoint_env, first_line
 from kto_ray.training.batching import Schedule
+from kto_ray.training.rows import SplitIndex
 from kto_ray.training.tracking import prepare_tracking
 
 log = logging.getLogger(__name__)
+
+Rows = SplitIndex | pa.Table  # a split as the workers get it: see split_rows
 
 # Failures a worker raises on purpose, each naming its step: a non-finite loss, a checkpoint write.
 _NON_FINITE = re.compile(r"(step \d+: non-finite [^\n]*)")
@@ -45,6 +52,25 @@ class TrainResult:
 def train_table(cfg: KTOConfig, split: str = "train") -> pa.Table:
     """The rows to train on: from the checked store (offline) or tokenized here (online, no log-probs)."""
     return split_tables(cfg, (split,))[split]
+
+
+def split_rows(cfg: KTOConfig, splits: tuple[str, ...]) -> dict[str, Rows]:
+    """What the workers train on. Offline: an index of each split of the checked store (each worker
+    reads its own rows from the store: nothing O(dataset) on the driver or in the object store).
+    Online: the tokenized table (there is no store), which goes through the object store."""
+    if cfg.reference.mode != "offline":
+        return split_tables(cfg, splits)
+    check_context_length(cfg.model, cfg.data.max_length)
+    store = checked_store(cfg, load_tokenizer(cfg.model))
+    return {split: SplitIndex.build(store, split) for split in splits}
+
+
+def row_count(rows: Rows) -> int:
+    return rows.rows if isinstance(rows, SplitIndex) else len(rows)
+
+
+def row_labels(rows: Rows) -> np.ndarray:
+    return rows.labels if isinstance(rows, SplitIndex) else rows["label"].to_numpy(zero_copy_only=False)
 
 
 def split_tables(cfg: KTOConfig, splits: tuple[str, ...]) -> dict[str, pa.Table]:
@@ -66,10 +92,10 @@ def split_tables(cfg: KTOConfig, splits: tuple[str, ...]) -> dict[str, pa.Table]
     return {split: table.filter(pa.compute.equal(table["split"], split)) for split in splits}
 
 
-def desirable_weight(cfg: KTOConfig, table: pa.Table, warn: bool = True) -> float:
+def desirable_weight(cfg: KTOConfig, labels: np.ndarray, warn: bool = True) -> float:
     """lambda_D, from the config or (`auto`) from the label counts; warns outside the paper's range."""
-    n_desirable = int(pa.compute.sum(table["label"]).as_py() or 0)
-    n_undesirable = len(table) - n_desirable
+    n_desirable = int(np.count_nonzero(labels))
+    n_undesirable = len(labels) - n_desirable
     lam_u = cfg.train.undesirable_weight
     if cfg.train.desirable_weight == "auto":
         return lam_u * n_undesirable / n_desirable if n_desirable and n_undesirable else 1.0
@@ -98,21 +124,22 @@ def total_steps(cfg: KTOConfig, rows: int) -> int:
 
 def train(cfg: KTOConfig) -> TrainResult:
     """Check the store (or tokenize, online), size the run and fit it on Ray Train."""
-    tables = split_tables(cfg, ("train", "eval") if cfg.train.eval_every else ("train",))
-    table = tables["train"]
-    steps = total_steps(cfg, len(table))
-    return fit(cfg, table, steps, desirable_weight(cfg, table), eval_table=tables.get("eval"))
+    rows = split_rows(cfg, ("train", "eval") if cfg.train.eval_every else ("train",))
+    train_rows = rows["train"]
+    steps = total_steps(cfg, row_count(train_rows))
+    lam_d = desirable_weight(cfg, row_labels(train_rows))
+    return fit(cfg, train_rows, steps, lam_d, eval_rows=rows.get("eval"))
 
 
 def fit(
-    cfg: KTOConfig, table: pa.Table, steps: int, lam_d: float, eval_table: pa.Table | None = None
+    cfg: KTOConfig, train_rows: Rows, steps: int, lam_d: float, eval_rows: Rows | None = None
 ) -> TrainResult:
-    """Launch the TorchTrainer on `table` (store columns) for `steps` optimizer steps; with
-    `train.eval_every`, the workers also evaluate on `eval_table` (the store's eval split)."""
+    """Launch the TorchTrainer on `train_rows` for `steps` optimizer steps; with `train.eval_every`,
+    the workers also evaluate on `eval_rows` (the store's eval split)."""
     import ray
 
     cfg = with_absolute_paths(cfg)
-    if cfg.train.eval_every and (eval_table is None or len(eval_table) == 0):
+    if cfg.train.eval_every and (eval_rows is None or row_count(eval_rows) == 0):
         raise UserError(
             "train.eval_every is set but the eval split is empty: raise data.eval_fraction "
             "or set train.eval_every: null"
@@ -127,7 +154,7 @@ def fit(
         with _storage_errors(run_dir):
             run_dir.write_text("config.yaml", dump_config(cfg))
         print(
-            f"training {cfg.model.path} on {len(table)} rows for {steps} steps "
+            f"training {cfg.model.path} on {row_count(train_rows)} rows for {steps} steps "
             f"({cfg.cluster.workers} workers, ZeRO-{cfg.deepspeed.stage}, reference {cfg.reference.mode})"
             f" -> {run_dir}",
             flush=True,
@@ -135,10 +162,11 @@ def fit(
         with ray_session(cfg.cluster.address):
             loop_config = {
                 "config": cfg.model_dump(mode="json"),
-                "table": ray.put(table),
-                "eval_table": ray.put(eval_table) if cfg.train.eval_every else None,
+                "train_rows": _shipped(train_rows),
+                "eval_rows": _shipped(eval_rows) if cfg.train.eval_every else None,
                 # MLFLOW_* / WANDB_*, resolved: workers of a joined cluster do not get the driver's env.
                 "tracking_env": tracking_env,
+                "storage_env": endpoint_env(),  # the S3 endpoint the store's rows are read from
                 "total_steps": steps,
                 "desirable_weight": lam_d,
             }
@@ -153,6 +181,14 @@ def fit(
     finally:
         lease.release()
     return TrainResult(run_dir, steps, dict(result.metrics or {}))
+
+
+def _shipped(rows: Rows):
+    """An index travels in the loop config itself (a few bytes per row); a table once through the
+    object store."""
+    import ray
+
+    return rows if isinstance(rows, SplitIndex) else ray.put(rows)
 
 
 def _trainer(cfg: KTOConfig, loop_config: dict):

@@ -1,7 +1,9 @@
 """The Ray Train worker loop: build the DeepSpeed engine, restore, step, log, checkpoint, export.
 
-Everything a worker needs arrives in the loop config (the validated config as a dict, the train table
-as an object ref, the step count), never through globals or the ambient environment.
+Everything a worker needs arrives in the loop config (the validated config as a dict, the train split
+as a store index or, online, a table's object ref, the step count), never through globals or the
+ambient environment. Each worker reads only its own micro-batches' rows, the next step's while the
+current one computes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import socket
 import time
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import ray
 import ray.train
 import torch
@@ -25,6 +29,7 @@ from kto_ray.training.distributed import all_reduce_sum, gather_objects
 from kto_ray.training.engine import build_policy_engine, deepspeed_config, export_final, online_reference
 from kto_ray.training.eval_step import eval_metrics
 from kto_ray.training.metrics import MetricsLog
+from kto_ray.training.rows import RowReader, SplitIndex, TableRows
 from kto_ray.training.step import LossSettings, NonFiniteError, train_step
 from kto_ray.training.tracking import start_trackers
 
@@ -33,6 +38,25 @@ def _device(cfg: KTOConfig) -> torch.device:
     if cfg.cluster.use_gpu:
         return torch.device("cuda", ray.train.torch.get_device().index or 0)
     return torch.device("cpu")
+
+
+def _open_rows(source, cfg: KTOConfig, world: int) -> tuple[RowReader | TableRows, Schedule]:
+    """This worker's view of the train split and the step schedule over it: a store index, read by
+    row group (offline), or a table the driver put in the object store (online)."""
+    train = cfg.train
+    settings = (world, train.micro_batch_size, train.grad_accumulation, train.seed, train.group_by_length)
+    if isinstance(source, SplitIndex):
+        return RowReader(source), source.schedule(*settings)
+    table = ray.get(source)
+    return TableRows(table), Schedule.for_table(table, *settings)
+
+
+def _whole(source) -> pa.Table:
+    """A whole split (the eval split): read from the store, or fetched from the object store."""
+    if isinstance(source, SplitIndex):
+        with RowReader(source) as reader:
+            return reader.take(np.arange(source.rows))
+    return ray.get(source)
 
 
 def _where_am_i(rank: int) -> dict[str, Any]:
@@ -57,15 +81,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     deepspeed.init_distributed()
     device = _device(cfg)
 
-    table = ray.get(loop_config["table"])
-    schedule = Schedule.for_table(
-        table,
-        workers=world,
-        micro_batch_size=cfg.train.micro_batch_size,
-        grad_accumulation=cfg.train.grad_accumulation,
-        seed=cfg.train.seed,
-        group=cfg.train.group_by_length,
-    )
+    os.environ.update(loop_config.get("storage_env") or {})  # before the store is opened here
+    reader, schedule = _open_rows(loop_config["train_rows"], cfg, world)
     total_steps = loop_config["total_steps"]
     tokenizer = load_tokenizer(cfg.model)
     hidden_size = hidden_size_of(cfg.model)
@@ -78,8 +95,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         cfg.run_dir.write_text(WORKERS_FILE, json.dumps(placement, indent=2) + "\n")
     settings = LossSettings(cfg.train.beta, loop_config["desirable_weight"], cfg.train.undesirable_weight)
     log = MetricsLog(cfg.run_dir, start_step) if rank == 0 else None
-    # train.eval_every: the driver put the eval split in the object store (no store access needed here).
-    eval_table = ray.get(loop_config["eval_table"]) if loop_config.get("eval_table") is not None else None
+    # train.eval_every: the whole eval split, on every rank (eval_metrics shards it over the ranks).
+    eval_table = _whole(loop_config["eval_rows"]) if loop_config.get("eval_rows") is not None else None
     trackers = (
         start_trackers(
             cfg.run.report_to,
@@ -94,10 +111,17 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     engine.train()
     last_checkpoint = start_step
+    if start_step < total_steps:
+        for rows in schedule.rows_for(start_step, rank):
+            reader.prefetch(rows)
     for step in range(start_step, total_steps):
         began = time.perf_counter()
         learning_rate = engine.get_lr()[0]  # the rate this step applies
-        batches = [collate(table, rows, tokenizer.pad_token_id) for rows in schedule.rows_for(step, rank)]
+        parts = [reader.take(rows) for rows in schedule.rows_for(step, rank)]
+        if step + 1 < total_steps:  # read the next step's rows while this one computes
+            for rows in schedule.rows_for(step + 1, rank):
+                reader.prefetch(rows)
+        batches = [collate(part, np.arange(len(part)), tokenizer.pad_token_id) for part in parts]
         try:
             metrics = train_step(
                 engine,
@@ -146,6 +170,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             save_and_report(engine, step + 1, rank, metrics, previous=last_checkpoint)
             last_checkpoint = step + 1
 
+    reader.close()
     for tracker in trackers:
         tracker.finish()
     if cfg.run.export:
