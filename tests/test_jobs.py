@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -42,7 +43,10 @@ def ray_head():
         "RAY_AUTH_TOKEN": secrets.token_hex(32),
     }
     env.pop("RAY_ADDRESS", None)
-    env.pop("RAY_API_SERVER_ADDRESS", None)  # the `ray job` client must find this head's API server
+    # Every process of this cluster (and the `ray job` client) asks this head's API server: on a host
+    # with several Rays, the default lookup may find another one's (Ray Train's placement-group
+    # cleaner would then ask it about our controller).
+    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
     temp_dir = tempfile.mkdtemp(prefix="kto-ray-head-", dir="/tmp")  # short: Ray's socket paths are capped
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
@@ -69,6 +73,7 @@ def ray_head():
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.parametrize("script", ["precompute_ref.py", "train_kto.py", "pipeline.py"])
