@@ -235,7 +235,7 @@ def ray_init() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 
 
 # -------------------------------------------------------------------------------------- metrics/timing

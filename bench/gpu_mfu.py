@@ -150,7 +150,12 @@ def precompute_rate(
             "dtype": "bfloat16",
         },
     )
-    ray.init(num_cpus=min(8, os.cpu_count() or 1), num_gpus=1 if use_gpu else 0, include_dashboard=False)
+    ray.init(
+        address="local",
+        num_cpus=min(8, os.cpu_count() or 1),
+        num_gpus=1 if use_gpu else 0,
+        include_dashboard=False,
+    )
     try:
         with common.timed() as wall:
             store = precompute(cfg).store

@@ -12,14 +12,17 @@ from kto_ray.console import ray_init_options
 @contextmanager
 def ray_session(address: str | None = None) -> Iterator[None]:
     """Use a running Ray (already initialized, RAY_ADDRESS of `ray job submit`, or `address`), else
-    start a local one whose dashboard is off; shut down only what this call started."""
+    start a private local one whose dashboard is off; shut down only what this call started.
+
+    "Else" includes `local` and no address at all: never Ray's own fallback of joining whatever
+    `ray start` cluster last ran on this host, which is not the cluster anyone asked for."""
     import ray
 
     if ray.is_initialized():
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address != "local":
         ray.init(address=address, **ray_init_options())
         try:
             yield
@@ -27,7 +30,7 @@ def ray_session(address: str | None = None) -> Iterator[None]:
             ray.shutdown()
         return
     with no_state_api_lookup():
-        ray.init(include_dashboard=False, dashboard_host="127.0.0.1", **ray_init_options())
+        ray.init(address="local", include_dashboard=False, dashboard_host="127.0.0.1", **ray_init_options())
         try:
             yield
         finally:

@@ -41,7 +41,7 @@ def ray_local():
     # As kto_ray.raycluster does for a local Ray: Ray Train's placement-group cleaner would otherwise ask
     # the Ray started last on this host (another test run's) about our controller, and remove our group.
     with no_state_api_lookup():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
 
@@ -57,7 +57,7 @@ def ray_local_gpu():
     from kto_ray.raycluster import no_state_api_lookup
 
     with no_state_api_lookup():
-        ray.init(num_cpus=4, num_gpus=torch.cuda.device_count(), include_dashboard=False)
+        ray.init(address="local", num_cpus=4, num_gpus=torch.cuda.device_count(), include_dashboard=False)
     yield ray
     ray.shutdown()
 
@@ -140,6 +140,6 @@ def ray_with_s3(s3):
     if ray.is_initialized():
         ray.shutdown()
     with no_state_api_lookup():
-        ray.init(num_cpus=2, include_dashboard=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
     yield ray
     ray.shutdown()
