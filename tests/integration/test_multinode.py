@@ -21,7 +21,6 @@ from kto_ray.storage import info, read_text, resolve
 from kto_ray.tools.report import write_report
 from tests.conftest import REPO
 from tests.nodes import BIN, Cluster, ray_cluster
-from tests.s3server import s3_server
 
 pytestmark = pytest.mark.slow
 
@@ -38,18 +37,7 @@ def run_root(tmp: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def s3():
-    """The S3 server, with its endpoint and credentials in this process's environment (the reads below)
-    and, through the cluster's environment, in every Ray process on both nodes."""
-    with s3_server() as server, pytest.MonkeyPatch.context() as patch:
-        for key, value in server.environment().items():
-            patch.setenv(key, value)
-        server.create_bucket(BUCKET)
-        yield server
-
-
-@pytest.fixture(scope="module")
-def cluster(s3, tmp_path_factory):
+def cluster(s3, tmp_path_factory):  # s3: tests/conftest.py, bucket `kto`
     """head (2 CPUs: the job driver, Ray Data, one training worker) + node2 (1 CPU: one worker). The
     nodes' Ray logs are kept in the pytest temp dir `ray-logs*`."""
     logs = tmp_path_factory.mktemp("ray-logs")
