@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import shutil
 import tempfile
 import uuid
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from kto_ray.reference.fingerprint import cache_dir
 from kto_ray.storage import (
     Location,
     children,
@@ -77,9 +77,6 @@ class RunDir:
     def exists(self, *parts: str) -> bool:
         return info(self.join(*parts) if parts else self.location).type != pafs.FileType.NotFound
 
-    def make(self) -> None:
-        self.location.fs.create_dir(self.location.path, recursive=True)
-
     def read_text(self, name: str) -> str | None:
         return read_text(self.join(name))
 
@@ -134,10 +131,6 @@ class RunDir:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("KTO_RAY_CACHE") or Path.home() / ".cache" / "kto-ray")
-
-
 def fetch_folder(uri: str) -> Path:
     """A local copy of a model folder at a URI (cached by URI and the files' sizes), or the path itself
     when it is local. Copies go to a temporary folder renamed into place, so processes that fetch the
@@ -150,7 +143,7 @@ def fetch_folder(uri: str) -> Path:
     found = location.fs.get_file_info(pafs.FileSelector(location.path, recursive=True, allow_not_found=True))
     files = sorted((f.path, f.size) for f in found if f.type == pafs.FileType.File)
     key = hashlib.sha256(repr((display(uri), files)).encode()).hexdigest()[:16]
-    target = cache_root() / "folders" / key
+    target = cache_dir() / "folders" / key
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
