@@ -101,6 +101,42 @@ def kill_process_tree(pid: int) -> None:
     psutil.wait_procs([root], timeout=30)
 
 
+def registered_steps(run_dir) -> list[int]:
+    """Checkpoints Ray Train has registered (its snapshot file), not folders that merely appeared;
+    `run_dir` a local folder or a URI."""
+    from kto_ray.rundir import RunDir
+
+    try:
+        text = RunDir(run_dir).read_text("checkpoints/checkpoint_manager_snapshot.json")
+        results = json.loads(text or "{}")["checkpoint_results"]
+    except (OSError, ValueError, KeyError):
+        return []
+    return [int(r["checkpoint_dir_name"].removeprefix("step_")) for r in results]
+
+
+def assert_same_weights(final: Path, expected: Path) -> None:
+    """Two exported model folders hold the same weights (1e-5)."""
+    import torch
+    from safetensors.torch import load_file
+
+    left, right = load_file(final / "model.safetensors"), load_file(expected / "model.safetensors")
+    assert left.keys() == right.keys()
+    for key in left:
+        torch.testing.assert_close(left[key], right[key], atol=1e-5, rtol=1e-4)
+
+
+def wait_for(condition, alive, timeout: float = 300, interval: float = 0.05) -> None:
+    """Poll `condition` while `alive()`; fail when the run ends or the time is up first."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        if condition():
+            return
+        time.sleep(interval)
+    raise AssertionError("the run ended (or timed out) before the condition held")
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

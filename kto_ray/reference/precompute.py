@@ -20,14 +20,13 @@ import torch
 from kto_ray.config import KTOConfig, ModelConfig, with_absolute_paths
 from kto_ray.console import RowProgress, configure_ray_data
 from kto_ray.data.prepare import data_file_stats, prepare_text, store_fingerprint, tokenize_rows
-from kto_ray.errors import UserError
+from kto_ray.errors import StorageError, UserError
 from kto_ray.lease import ensure_free
 from kto_ray.models.loading import check_context_length, load_causal_lm, load_tokenizer, resolve_dtype
 from kto_ray.models.logprobs import length_buckets, pad_sequences, sequence_logps
 from kto_ray.raycluster import ray_session
 from kto_ray.reference.store import (
     SCHEMA,
-    StorageError,
     Store,
     StoreWriter,
     build_manifest,
@@ -36,7 +35,7 @@ from kto_ray.reference.store import (
     read_manifest,
     record_data_files,
 )
-from kto_ray.storage import Location, display, files_under, info, resolve
+from kto_ray.storage import Location, display, files_under, first_line, info, resolve
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +170,7 @@ def _storage_failure(writer: StoreWriter, err: Exception) -> Exception:
     try:
         info(writer.location)
     except OSError as unreachable:
-        first = str(unreachable).splitlines()[0] if str(unreachable) else type(unreachable).__name__
-        return StorageError(f"cannot write the reference store {writer.location}: {display(first)}")
+        return StorageError(f"cannot write the reference store {writer.location}: {first_line(unreachable)}")
     return err
 
 

@@ -21,14 +21,14 @@ from pyarrow.fs import FileType
 from pydantic import BaseModel
 
 from kto_ray import __version__
-from kto_ray.errors import KtoRayError, UserError
+from kto_ray.errors import StorageError, UserError
 from kto_ray.lease import Lease, LeaseHeld
 from kto_ray.reference.fingerprint import FileStat
 from kto_ray.storage import (
     Location,
     children,
-    display,
     files_under,
+    first_line,
     info,
     is_uri,
     read_text,
@@ -206,7 +206,7 @@ class StoreWriter:
             if isinstance(err, LeaseHeld):
                 raise
             raise StorageError(
-                f"cannot write the reference store {self.location}: {_first_line(err)}"
+                f"cannot write the reference store {self.location}: {first_line(err)}"
             ) from None
         return self
 
@@ -254,10 +254,6 @@ class StoreWriter:
             self.lease = None
 
 
-class StorageError(KtoRayError):
-    """The store's storage failed (unreachable server, permissions); one line naming the location."""
-
-
 def _utc_stamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime())
 
@@ -277,10 +273,6 @@ def _stamp(prefix: str) -> str:
 def _remove_quietly(location: Location) -> None:
     with contextlib.suppress(OSError):
         remove_tree(location)
-
-
-def _first_line(err: Exception) -> str:
-    return display(str(err).splitlines()[0] if str(err) else type(err).__name__)
 
 
 def build_manifest(
@@ -319,4 +311,4 @@ def record_data_files(path: str | Path, data_files: list[FileStat] | None) -> No
     try:
         write_text_atomically(target, updated.model_dump_json(indent=2))
     except OSError as err:
-        log.warning("could not record the data file stats in %s (%s)", target, _first_line(err))
+        log.warning("could not record the data file stats in %s (%s)", target, first_line(err))

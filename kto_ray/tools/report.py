@@ -19,7 +19,7 @@ import yaml
 from kto_ray.errors import UserError
 from kto_ray.rundir import WORKERS_FILE, RunDir
 from kto_ray.storage import first_line
-from kto_ray.training.metrics import METRICS_FILE
+from kto_ray.training.metrics import METRICS_FILE, parse_metrics
 
 SMOOTH_MIN_STEPS = 20  # below this an EMA hides nothing and just doubles the lines
 CONFIG_KEYS = "model.path train.beta train.lr train.micro_batch_size train.grad_accumulation cluster.workers"
@@ -63,11 +63,10 @@ def load_metrics(run_dir: str | Path | RunDir) -> list[dict[str, Any]]:
     if text is None:
         raise UserError(f"{path}: not found (is {run_dir} a training run directory?)")
     by_step: dict[int, dict[str, Any]] = {}
-    for line in text.splitlines():
+    for record in parse_metrics(text):
         try:
-            record = json.loads(line)
             by_step[int(record["step"])] = record
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, TypeError):
             continue
     if not by_step:
         raise UserError(f"{path}: no parsable metric lines")

@@ -22,11 +22,11 @@ import pyarrow as pa
 from kto_ray.config import KTOConfig, dump_config, with_absolute_paths
 from kto_ray.console import TrainingProgress
 from kto_ray.data.prepare import checked_store, prepare_text, tokenize_rows
-from kto_ray.errors import TrainingStopped, UserError
+from kto_ray.errors import StorageError, TrainingStopped, UserError
 from kto_ray.lease import Lease
 from kto_ray.models.loading import check_context_length, load_tokenizer
 from kto_ray.raycluster import ray_session
-from kto_ray.reference.store import SCHEMA, StorageError
+from kto_ray.reference.store import SCHEMA
 from kto_ray.rundir import CHECKPOINTS, RunDir
 from kto_ray.storage import endpoint_env, first_line
 from kto_ray.training.batching import Schedule
@@ -170,11 +170,16 @@ def fit(
                 "total_steps": steps,
                 "desirable_weight": lam_d,
             }
+            progress = TrainingProgress(run_dir, steps, cfg.train.log_every)
             try:
-                with TrainingProgress(run_dir, steps, cfg.train.log_every):
+                with progress:
                     result = _trainer(cfg, loop_config).fit()
             except ray.train.TrainingFailedError as err:
-                stopped = _stopped_by_non_finite(err, run_dir) or _stopped_by_storage(err, run_dir)
+                stopped = (
+                    _stopped_by_non_finite(err, run_dir)
+                    or _stopped_by_storage(err, run_dir)
+                    or _controller_storage_failure(err, run_dir, progress.shown)
+                )
                 if stopped is None:
                     raise
                 raise stopped from None
@@ -238,6 +243,19 @@ def _stopped_by_storage(err: Exception, run_dir: RunDir) -> StorageError | None:
         return None
     return StorageError(
         f"training stopped at {match.group(1)} (run dir {run_dir}); rerun to resume once the storage "
+        "is reachable"
+    )
+
+
+def _controller_storage_failure(err: Exception, run_dir: RunDir, last_step: int) -> StorageError | None:
+    """Ray Train's controller failing to write its own state to the run dir (its checkpoint record):
+    when storage goes away during a checkpoint, this can surface before the workers' own error."""
+    failure = getattr(err, "controller_failure", None)
+    if not isinstance(failure, OSError):
+        return None
+    return StorageError(
+        f"training stopped (last step seen: {last_step}): Ray Train could not write to the run dir "
+        f"{run_dir} ({first_line(failure)}); rerun to resume from its last checkpoint once the storage "
         "is reachable"
     )
 

@@ -25,8 +25,9 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from kto_ray.reference.store import SCHEMA, StorageError, Store
-from kto_ray.storage import display, resolve
+from kto_ray.errors import StorageError
+from kto_ray.reference.store import SCHEMA, Store
+from kto_ray.storage import display, first_line, resolve
 from kto_ray.training.batching import Schedule, sequence_lengths
 
 _INDEX_COLUMNS = ["id", "split", "label", "prompt_ids", "completion_ids"]
@@ -244,10 +245,9 @@ class RowReader:
                 int(self.index.group_index[group]), columns=self.schema.names, use_threads=False
             )
         except OSError as err:
-            first = str(err).splitlines()[0] if str(err) else type(err).__name__
             raise StorageError(
                 f"cannot read the {self.index.split} rows of {display(self.index.path)} "
-                f"({path.rsplit('/', 1)[-1]}): {display(first)}"
+                f"({path.rsplit('/', 1)[-1]}): {first_line(err)}"
             ) from err
         # read_split's exact types (it reads with the store's SCHEMA): list fields named `item`, not
         # the `element` some writers record; a cast of equal types copies no data.

@@ -19,7 +19,7 @@ from safetensors.torch import load as load_safetensors
 
 from kto_ray.storage import info, read_text, resolve
 from kto_ray.tools.report import write_report
-from tests.conftest import REPO
+from tests.conftest import REPO, registered_steps
 from tests.nodes import BIN, Cluster, ray_cluster
 
 pytestmark = pytest.mark.slow
@@ -118,15 +118,6 @@ def _steps(run: str) -> list[int]:
     return [json.loads(line)["step"] for line in (_read(run, "metrics.jsonl") or "").splitlines()]
 
 
-def _registered_steps(run: str) -> list[int]:
-    """Checkpoints Ray Train has registered (its snapshot file), not folders that merely appeared."""
-    try:
-        results = json.loads(_read(run, "checkpoints", "checkpoint_manager_snapshot.json") or "")
-        return [int(r["checkpoint_dir_name"].removeprefix("step_")) for r in results["checkpoint_results"]]
-    except (ValueError, KeyError):
-        return []
-
-
 def _weights(run: str) -> dict[str, torch.Tensor]:
     location = resolve(run).join("final", "model.safetensors")
     with location.fs.open_input_stream(location.path) as stream:
@@ -162,7 +153,7 @@ def test_pipeline_job_trains_one_worker_per_node(steady, cluster, tmp_path):
     manifest = json.loads(_read(STORE, "manifest.json"))
     assert sum(manifest["counts"]["train"].values()) > 0
     assert _steps(run) == list(range(1, STEPS + 1))
-    registered = _registered_steps(run)
+    registered = registered_steps(run)
     assert (
         registered
         and registered[-1] == STEPS
@@ -190,11 +181,11 @@ def test_lost_node_is_replaced_and_the_run_matches(steady, cluster, tiny_model, 
     # Lose the node once Ray Train registered a checkpoint and a later step was logged: the work after
     # the checkpoint is lost with it and must be redone, once.
     _wait_for(
-        lambda: _registered_steps(run) and _steps(run)[-1:] > [max(_registered_steps(run))],
+        lambda: registered_steps(run) and _steps(run)[-1:] > [max(registered_steps(run))],
         job,
         "a registered checkpoint and a step after it",
     )
-    resume_step, before = max(_registered_steps(run)), _read(run, "metrics.jsonl")
+    resume_step, before = max(registered_steps(run)), _read(run, "metrics.jsonl")
     assert resume_step < STEPS, "the run finished before the node could be lost"
     assert cluster.nodes["node2"].processes_titled("RayTrainWorker"), "no training worker on node2"
     lost_id = next(i for i, name in cluster.alive_nodes().items() if name == "node2")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -16,15 +15,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-import torch
 import yaml
-from safetensors.torch import load_file
 
 from kto_ray.errors import TrainingStopped
 from kto_ray.reference.store import MANIFEST
 from kto_ray.training.batching import Schedule
 from kto_ray.training.driver import train
-from tests.conftest import kill_process_tree, read_metrics
+from tests.conftest import assert_same_weights, kill_process_tree, read_metrics, registered_steps, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
@@ -45,27 +42,9 @@ def _config(built_store, root: Path, name: str, **sections):
     return cfg.model_validate(tree)
 
 
-def _wait_for(condition, alive, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and alive():
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError("the run ended (or timed out) before the condition held")
-
-
 def _steps_logged(run_dir: Path) -> int:
     metrics = run_dir / "metrics.jsonl"
     return len(metrics.read_text().splitlines()) if metrics.exists() else 0
-
-
-def _registered_steps(run_dir: Path) -> list[int]:
-    snapshot = run_dir / "checkpoints" / "checkpoint_manager_snapshot.json"
-    try:
-        results = json.loads(snapshot.read_text())["checkpoint_results"]
-    except (OSError, ValueError, KeyError):
-        return []
-    return [int(r["checkpoint_dir_name"].removeprefix("step_")) for r in results]
 
 
 def _descendants_named(name: str) -> list[int]:
@@ -89,13 +68,6 @@ def _descendants_named(name: str) -> list[int]:
     return found
 
 
-def _assert_same_weights(a: Path, b: Path) -> None:
-    left, right = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-    assert left.keys() == right.keys()
-    for key in left:
-        torch.testing.assert_close(left[key], right[key], atol=1e-5, rtol=1e-4)
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(built_store, tmp_path_factory):
     return train(_config(built_store, tmp_path_factory.mktemp("steady"), "steady")).run_dir.local_path
@@ -106,7 +78,7 @@ def test_sigkilled_worker_restarts_from_the_checkpoint_and_matches(built_store, 
     outcome: dict = {}
     driver = threading.Thread(target=lambda: outcome.update(result=train(cfg)), daemon=True)
     driver.start()
-    _wait_for(
+    wait_for(
         lambda: _steps_logged(cfg.run_dir.local_path) >= 5, driver.is_alive
     )  # past the step-4 checkpoint
     workers = _descendants_named("RayTrainWorker")
@@ -117,7 +89,7 @@ def test_sigkilled_worker_restarts_from_the_checkpoint_and_matches(built_store, 
 
     steps = [m["step"] for m in read_metrics(cfg.run_dir.local_path)]
     assert steps == list(range(1, STEPS + 1))  # nothing repeated, nothing missing
-    _assert_same_weights(cfg.run_dir.local_path / "final", uninterrupted / "final")
+    assert_same_weights(cfg.run_dir.local_path / "final", uninterrupted / "final")
 
 
 def test_killed_driver_resumes_on_rerun(built_store, uninterrupted, tmp_path):
@@ -133,16 +105,16 @@ def test_killed_driver_resumes_on_rerun(built_store, uninterrupted, tmp_path):
     )
     # A checkpoint counts once Ray Train has registered it (its snapshot file), not when its folder
     # appears; kill once a step after it is logged too, so the rerun has logged work to redo.
-    _wait_for(
+    wait_for(
         lambda: (
-            _registered_steps(cfg.run_dir.local_path)
-            and _steps_logged(cfg.run_dir.local_path) > max(_registered_steps(cfg.run_dir.local_path))
+            registered_steps(cfg.run_dir.local_path)
+            and _steps_logged(cfg.run_dir.local_path) > max(registered_steps(cfg.run_dir.local_path))
         ),
         lambda: driver.poll() is None,
     )
     kill_process_tree(driver.pid)
     driver.wait()
-    before, resume_step = read_metrics(cfg.run_dir.local_path), max(_registered_steps(cfg.run_dir.local_path))
+    before, resume_step = read_metrics(cfg.run_dir.local_path), max(registered_steps(cfg.run_dir.local_path))
     assert resume_step < STEPS, "the run finished before it could be killed"
 
     result = train(cfg)  # the same command again
@@ -150,7 +122,7 @@ def test_killed_driver_resumes_on_rerun(built_store, uninterrupted, tmp_path):
     assert [m["step"] for m in after] == list(range(1, STEPS + 1))
     assert after[:resume_step] == before[:resume_step]  # resumed from the checkpoint, not from scratch
     assert after[resume_step]["step_time"] != before[resume_step]["step_time"]  # and redid what followed
-    _assert_same_weights(result.run_dir.local_path / "final", uninterrupted / "final")
+    assert_same_weights(result.run_dir.local_path / "final", uninterrupted / "final")
 
 
 def _poisoned_store(built_store, root: Path, step: int, rank: int, workers: int) -> Path:
@@ -206,7 +178,7 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoint(built_store, tmp_
     with pytest.raises(Exception, match="step_00000008"):
         train(cfg)
     before = read_metrics(cfg.run_dir.local_path)
-    assert _registered_steps(cfg.run_dir.local_path) == [4]
+    assert registered_steps(cfg.run_dir.local_path) == [4]
     assert {p.name for p in (checkpoints / "step_00000004").iterdir()} >= {"zero", "trainer_state.json"}
 
     blocker.unlink()  # the disk is writable again: the rerun resumes from the intact step-4 checkpoint
@@ -235,7 +207,7 @@ def test_killed_overwrite_keeps_the_previous_store(built_store, tiny_model, tmp_
         stderr=subprocess.DEVNULL,
     )
     old_data = store.manifest.data_dir
-    _wait_for(lambda: len(list(path.glob("data-*"))) > 1, lambda: proc.poll() is None)  # writing
+    wait_for(lambda: len(list(path.glob("data-*"))) > 1, lambda: proc.poll() is None)  # writing
     time.sleep(1.0)
     kill_process_tree(proc.pid)
     proc.wait()
