@@ -106,10 +106,10 @@ def registered_steps(run_dir) -> list[int]:
     `run_dir` a local folder or a URI."""
     from kto_ray.rundir import RunDir
 
+    text = RunDir(run_dir).read_text("checkpoints/checkpoint_manager_snapshot.json")  # None: no file
     try:
-        text = RunDir(run_dir).read_text("checkpoints/checkpoint_manager_snapshot.json")
         results = json.loads(text or "{}")["checkpoint_results"]
-    except (OSError, ValueError, KeyError):
+    except (ValueError, KeyError):  # not written yet, or caught mid-write on local disk
         return []
     return [int(r["checkpoint_dir_name"].removeprefix("step_")) for r in results]
 

@@ -137,6 +137,7 @@ class Cluster:
     logs_dir: Path | None = None
     nodes: dict[str, Node] = field(default_factory=dict)
     names: set[str] = field(default_factory=lambda: {"head"})  # every node name ever started
+    last_listing: subprocess.CompletedProcess | None = None
 
     @property
     def address(self) -> str:
@@ -184,11 +185,14 @@ class Cluster:
         """Node id -> name (its custom resource) of every node the head has seen (or only live ones)."""
         state = ["--filter", "state=ALIVE"] if alive else []
         listed = self.ray("list", "nodes", "--address", self.address, *state, "--format", "json", "--detail")
-        if listed.returncode != 0:  # the head's API server is still starting
-            return {}
+        self.last_listing = listed  # for the message when a wait runs out
+        try:
+            nodes = json.loads(listed.stdout) if listed.returncode == 0 else []
+        except ValueError:  # an empty list prints "No resource in the cluster", whatever the format
+            nodes = []
         return {
             node["node_id"]: name
-            for node in json.loads(listed.stdout)
+            for node in nodes
             for name in node.get("resources_total", {})
             if name in self.names
         }
@@ -203,12 +207,19 @@ class Cluster:
         assert listed.returncode == 0, listed.stderr
         return [actor["node_id"] for actor in json.loads(listed.stdout)]
 
+    def _last_words(self) -> str:
+        listed = self.last_listing
+        if listed is None:
+            return "no node listing yet"
+        out, err = listed.stdout[-500:], listed.stderr[-1500:]
+        return f"the last `ray list nodes`: rc {listed.returncode}, stdout {out!r}, stderr {err!r}"
+
     def wait_until(self, condition, what: str, node: Node | None = None, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout  # a loaded 2-core machine can take minutes
         while not condition():
             assert self.head.alive(), "the head's ray start exited"
             assert node is None or node.alive(), f"ray start of {node.name} exited"
-            assert time.monotonic() < deadline, f"waited {timeout:.0f} s for {what}"
+            assert time.monotonic() < deadline, f"waited {timeout:.0f} s for {what}; {self._last_words()}"
             time.sleep(1)
 
 
@@ -273,6 +284,7 @@ def ray_cluster(
             lambda: cluster.ray("job", "list", "--address", cluster.address).returncode == 0,
             "the job server",
         )
+        cluster.wait_until(lambda: "head" in cluster.alive_nodes().values(), "the head in the node list")
         yield cluster
     finally:
         for node in [*cluster.nodes.values(), cluster.head]:

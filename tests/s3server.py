@@ -47,12 +47,17 @@ class Relay:
     target: int
     port: int = field(default_factory=free_port)
     _listener: socket.socket | None = None
-    # When a client sends bytes containing this (e.g. a key in a request line), cut at once.
-    cut_on: bytes | None = None
+    # A request holding these bytes (e.g. a key in its request line) is held, never forwarded, until
+    # `cut()`: the test decides when the storage goes, while that client is in the middle of its write.
+    hold_on: bytes | None = None
+    holding: threading.Event = field(default_factory=threading.Event)
+    _cut: threading.Event = field(default_factory=threading.Event)
     _open: set[socket.socket] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def restore(self) -> None:
+        self._cut.clear()
+        self.holding.clear()
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
@@ -61,6 +66,7 @@ class Relay:
         threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
 
     def cut(self) -> None:
+        self._cut.set()
         listener, self._listener = self._listener, None
         if listener is not None:
             listener.close()
@@ -96,9 +102,9 @@ class Relay:
                     data = key.fileobj.recv(65536)
                     if not data:
                         return
-                    if self.cut_on is not None and key.fileobj is a and self.cut_on in data:
-                        self.cut_on = None
-                        self.cut()  # the request never reaches the server
+                    if self.hold_on is not None and key.fileobj is a and self.hold_on in data:
+                        self.holding.set()
+                        self._cut.wait()  # the request never reaches the server
                         return
                     key.data.sendall(data)
         except OSError:

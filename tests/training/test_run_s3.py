@@ -4,10 +4,12 @@ local disk; the server cut while a checkpoint uploads fails naming the step, and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -131,27 +133,44 @@ _CUT = (
 )
 
 
-def test_server_cut_during_a_checkpoint_upload_fails_naming_the_step(s3, s3_cfg, uninterrupted):
-    cfg, _ = s3_cfg
-    cfg = _named(cfg, "cut")
-    s3.relay.cut_on = b"/checkpoints/step_00000008/"  # the first request of the step-8 upload
+def test_server_cut_during_a_checkpoint_upload_fails_naming_the_step(s3, s3_cfg, uninterrupted, monkeypatch):
+    cfg = _named(s3_cfg[0], "cut")
+    run_dir = cfg.run_dir
+    # Ray Train's controller registers a reported checkpoint at its next poll of the workers, while
+    # they train on: step 8's upload can start before step 4 is registered. The relay holds the step-8
+    # upload (its client retries for about 11 s) until the snapshot lists step 4, then the storage
+    # goes away with that upload in flight. A faster poll keeps the wait short on a loaded machine.
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    s3.relay.hold_on = b"/checkpoints/step_00000008/"
+    run_over, seen = threading.Event(), {}
+
+    def cut_once_step_4_is_registered() -> None:
+        while not run_over.wait(0.1):
+            with contextlib.suppress(OSError):
+                if s3.relay.holding.is_set() and registered_steps(run_dir) == [4]:
+                    seen["registered first"] = True
+                    break
+        s3.relay.cut()
+
+    watcher = threading.Thread(target=cut_once_step_4_is_registered, daemon=True)
+    watcher.start()
     try:
-        # The workers' upload error names the step; when Ray Train's controller fails first, writing
-        # its own checkpoint record, the line names the run dir and the last step the driver saw.
         with pytest.raises(StorageError, match=_CUT) as err:
             train(cfg)
     finally:
-        s3.relay.cut_on = None
-        if s3.relay._listener is None:
-            s3.relay.restore()
+        run_over.set()
+        watcher.join()
+        s3.relay.hold_on = None
+        s3.relay.restore()
+    assert seen, "the run ended before step 4 was registered with step 8's upload held"
     message = str(err.value)
     assert "\n" not in message and RUNS in message
     if "step 8: the checkpoint" in message:
         assert "the last one written is step_00000004" in message
     assert "kto-ray-test-secret" not in message
 
-    run_dir = cfg.run_dir
-    assert registered_steps(run_dir) == [4]  # the previous checkpoint is intact and registered
+    # The previous checkpoint is intact and registered.
+    assert registered_steps(run_dir) == [4], (message, run_dir.checkpoint_names())
     before = _metrics(run_dir)
     result = train(cfg)  # storage is back: the rerun resumes from step 4
     after = _metrics(result.run_dir)
