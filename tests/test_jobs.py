@@ -3,77 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
 import pytest
 
 from .conftest import REPO, read_metrics
-
-BIN = Path(sys.executable).parent
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
+from .nodes import BIN, ray_cluster
 
 
 @pytest.fixture
 def ray_head():
-    """`ray start --head --block` in its own temp dir and ports; SIGTERM stops exactly what it started."""
-    gcs, dashboard, agent, metrics, client = _free_ports(5)
-    # Token auth as on a real cluster: head, job driver and the `ray job` client share one secret.
-    env = os.environ | {
-        "PATH": f"{BIN}:{os.environ['PATH']}",
-        "HF_HUB_OFFLINE": "1",
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(32),
-    }
-    env.pop("RAY_ADDRESS", None)
-    # Every process of this cluster (and the `ray job` client) asks this head's API server: on a host
-    # with several Rays, the default lookup may find another one's (Ray Train's placement-group
-    # cleaner would then ask it about our controller).
-    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
-    temp_dir = tempfile.mkdtemp(prefix="kto-ray-head-", dir="/tmp")  # short: Ray's socket paths are capped
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--dashboard-agent-listen-port={agent}", f"--metrics-export-port={metrics}",
-         f"--ray-client-server-port={client}", f"--temp-dir={temp_dir}"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )  # fmt: skip
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        deadline = time.monotonic() + 300  # a loaded 2-core machine can take minutes
-        while subprocess.run([BIN / "ray", "job", "list", "--address", address], env=env,
-                             capture_output=True).returncode != 0:  # fmt: skip
-            assert head.poll() is None, "ray start --head exited"
-            assert time.monotonic() < deadline, "the job server did not come up in 300 s"
-            time.sleep(2)
-        yield address, env
-    finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    """A Ray head of its own (tests/nodes.py: own temp dir and ports, token auth, stopped by pid), with
+    the job server: (its address, the environment its clients use)."""
+    with ray_cluster(head_cpus=2) as cluster:
+        yield cluster.address, cluster.env
 
 
 @pytest.mark.parametrize("script", ["precompute_ref.py", "train_kto.py", "pipeline.py"])
