@@ -253,8 +253,10 @@ def _controller_storage_failure(err: Exception, run_dir: RunDir, last_step: int)
     failure = getattr(err, "controller_failure", None)
     if not isinstance(failure, OSError):
         return None
+    # The step the progress follower last read (it lags by up to one poll): said only when there is one.
+    seen = f" (last step seen: {last_step})" if last_step else ""
     return StorageError(
-        f"training stopped (last step seen: {last_step}): Ray Train could not write to the run dir "
+        f"training stopped{seen}: Ray Train could not write to the run dir "
         f"{run_dir} ({first_line(failure)}); rerun to resume from its last checkpoint once the storage "
         "is reachable"
     )
