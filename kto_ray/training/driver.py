@@ -155,7 +155,8 @@ def fit(
             run_dir.write_text("config.yaml", dump_config(cfg))
         print(
             f"training {cfg.model.path} on {row_count(train_rows)} rows for {steps} steps "
-            f"({cfg.cluster.workers} workers, ZeRO-{cfg.deepspeed.stage}, reference {cfg.reference.mode})"
+            f"({cfg.cluster.workers} worker{'s' if cfg.cluster.workers != 1 else ''}, "
+            f"ZeRO-{cfg.deepspeed.stage}, reference {cfg.reference.mode})"
             f" -> {run_dir}",
             flush=True,
         )
