@@ -286,14 +286,35 @@ def timed() -> Iterator[list[float]]:
         out.append(time.perf_counter() - start)
 
 
-def _status_kib(pid: int, key: str) -> int:
+def status_kib(pid: int | str, keys: tuple[str, ...]) -> dict[str, int]:
+    """Fields of /proc/<pid>/status (VmRSS, VmHWM, RssAnon, ...) in KiB; 0 for those not found."""
+    found = dict.fromkeys(keys, 0)
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except (OSError, ValueError):
+            key = line.split(":", 1)[0]
+            if key in found:
+                found[key] = int(line.split()[1])
+    except (OSError, ValueError, IndexError):
         pass
-    return 0
+    return found
+
+
+def marked_descendants(marker: str):
+    """This process's descendants whose command line holds `marker` (Ray titles an actor's process
+    "ray::RayTrainWorker..."); ones that exit meanwhile are skipped."""
+    import psutil
+
+    try:
+        children = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    for child in children:
+        try:
+            title = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if marker in title:
+            yield child
 
 
 @dataclass
@@ -308,27 +329,18 @@ class PeakMemory:
 
     marker: str = "RayTrainWorker"
     interval: float = 0.25
-    peaks: dict[int, int] = field(default_factory=dict)
+    peaks: dict[int, Any] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def _poll(self) -> None:
-        import psutil
-
-        me = psutil.Process()
         while not self._stop.is_set():
-            try:
-                children = me.children(recursive=True)
-            except psutil.Error:
-                children = []
-            for child in children:
-                try:
-                    title = " ".join(child.cmdline())
-                except psutil.Error:
-                    continue
-                if self.marker in title:
-                    rss = _status_kib(child.pid, "VmRSS")
-                    self.peaks[child.pid] = max(self.peaks.get(child.pid, 0), rss)
+            for child in marked_descendants(self.marker):
+                self._sample(child)
             self._stop.wait(self.interval)
+
+    def _sample(self, child) -> None:
+        rss = status_kib(child.pid, ("VmRSS",))["VmRSS"]
+        self.peaks[child.pid] = max(self.peaks.get(child.pid, 0), rss)
 
     def __enter__(self) -> PeakMemory:
         self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -346,7 +358,7 @@ class PeakMemory:
 
 def self_peak_mib() -> float:
     """Peak RSS of this process so far (VmHWM), MiB."""
-    return _status_kib(os.getpid(), "VmHWM") / 1024
+    return status_kib(os.getpid(), ("VmHWM",))["VmHWM"] / 1024
 
 
 class PlainEngine:

@@ -50,7 +50,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -155,66 +154,28 @@ def make_config(store: str, run_root: Path, name: str, steps: int):
 # -------------------------------------------------------------------------------------- the child
 
 
-def _status_kib(pid: int | str, keys: tuple[str, ...]) -> dict[str, int]:
-    found = dict.fromkeys(keys, 0)
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key = line.split(":", 1)[0]
-            if key in found:
-                found[key] = int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return found
-
-
-class WorkerPeaks:
-    """Every `interval` s: VmRSS (and its RssAnon / RssShmem) of this process's descendants whose
-    command line names RayTrainWorker; keeps each one's highest-VmRSS sample. Descendants only: the Ray
-    of another process on this machine is not counted."""
+class WorkerPeaks(common.PeakMemory):
+    """`common.PeakMemory`, keeping per worker the sample of highest VmRSS with its RssAnon and
+    RssShmem, the worker's parent pid and its CPU time so far."""
 
     KEYS = ("VmRSS", "RssAnon", "RssShmem")
 
     def __init__(self, marker: str = "RayTrainWorker", interval: float = 0.2):
-        self.marker, self.interval = marker, interval
-        self.peaks: dict[int, dict[str, Any]] = {}
-        self._stop = threading.Event()
+        super().__init__(marker, interval)
 
-    def _poll(self) -> None:
+    def _sample(self, child) -> None:
         import psutil
 
-        me = psutil.Process()
-        while not self._stop.is_set():
-            try:
-                children = me.children(recursive=True)
-            except psutil.Error:
-                children = []
-            for child in children:
-                try:
-                    title = " ".join(child.cmdline())
-                except psutil.Error:
-                    continue
-                if self.marker not in title:
-                    continue
-                sample: dict[str, Any] = _status_kib(child.pid, self.KEYS)
-                try:
-                    cpu = sum(child.cpu_times()[:2])  # user + system, this process only
-                    ppid = child.ppid()
-                except psutil.Error:
-                    continue
-                peak = self.peaks.setdefault(child.pid, {"VmRSS": 0, "ppid": ppid})
-                peak["cpu_s"] = max(peak.get("cpu_s", 0.0), cpu)
-                if sample["VmRSS"] > peak["VmRSS"]:
-                    peak.update(sample)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> WorkerPeaks:
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        sample: dict[str, Any] = common.status_kib(child.pid, self.KEYS)
+        try:
+            cpu = sum(child.cpu_times()[:2])  # user + system, this process only
+            ppid = child.ppid()
+        except psutil.Error:
+            return
+        peak = self.peaks.setdefault(child.pid, {"VmRSS": 0, "ppid": ppid})
+        peak["cpu_s"] = max(peak.get("cpu_s", 0.0), cpu)
+        if sample["VmRSS"] > peak["VmRSS"]:
+            peak.update(sample)
 
 
 def _groups_per_step(index, cfg, steps: int) -> float:
@@ -246,7 +207,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = make_config(spec["store"], Path(spec["run_root"]), spec["name"], spec["steps"])
     store = open_store(spec["store"])
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the case's own peak from here
-    before = _status_kib("self", ("VmRSS",))["VmRSS"] / 1024
+    before = common.status_kib("self", ("VmRSS",))["VmRSS"] / 1024
     began = time.perf_counter()
     if spec["demo"]:  # the product's own readers: the store checked against the config
         read = split_rows if spec["path"] == "index" else split_tables
@@ -265,7 +226,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         began = time.perf_counter()
         result = fit(cfg, train_rows, spec["steps"], lam_d)
         fit_s = time.perf_counter() - began
-    driver = _status_kib("self", ("VmHWM",))["VmHWM"] / 1024
+    driver = common.status_kib("self", ("VmHWM",))["VmHWM"] / 1024
     records = parse_metrics(RunDir(result.run_dir.local_path).read_text("metrics.jsonl"))
     steady = [float(r["step_time"]) for r in records[spec["skip"] :]]
     return {
