@@ -114,15 +114,20 @@ def registered_steps(run_dir) -> list[int]:
     return [int(r["checkpoint_dir_name"].removeprefix("step_")) for r in results]
 
 
-def assert_same_weights(final: Path, expected: Path) -> None:
-    """Two exported model folders hold the same weights (1e-5)."""
+def assert_same_tensors(left: dict, right: dict) -> None:
+    """Two state dicts hold the same tensors (1e-5)."""
     import torch
-    from safetensors.torch import load_file
 
-    left, right = load_file(final / "model.safetensors"), load_file(expected / "model.safetensors")
     assert left.keys() == right.keys()
     for key in left:
         torch.testing.assert_close(left[key], right[key], atol=1e-5, rtol=1e-4)
+
+
+def assert_same_weights(final: Path, expected: Path) -> None:
+    """Two exported model folders hold the same weights (1e-5)."""
+    from safetensors.torch import load_file
+
+    assert_same_tensors(load_file(final / "model.safetensors"), load_file(expected / "model.safetensors"))
 
 
 def wait_for(condition, alive, timeout: float = 300, interval: float = 0.05) -> None:

@@ -19,7 +19,7 @@ from safetensors.torch import load as load_safetensors
 
 from kto_ray.storage import info, read_text, resolve
 from kto_ray.tools.report import write_report
-from tests.conftest import REPO, registered_steps
+from tests.conftest import REPO, assert_same_tensors, registered_steps
 from tests.nodes import BIN, Cluster, ray_cluster
 
 pytestmark = pytest.mark.slow
@@ -207,10 +207,7 @@ def test_lost_node_is_replaced_and_the_run_matches(steady, cluster, tiny_model, 
     workers = json.loads(_read(run, "workers.json"))  # the last attempt's
     assert sorted(names[w["node_id"]] for w in workers) == ["head", "node2"]
     assert lost_id not in {w["node_id"] for w in workers}
-    ours, theirs = _weights(run), _weights(steady_run)
-    assert ours.keys() == theirs.keys()
-    for key in ours:
-        torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=1e-4)
+    assert_same_tensors(_weights(run), _weights(steady_run))
     print(
         f"node2 lost after step {resume_step}'s checkpoint; a new node2 joined {joined_in:.0f} s and the "
         f"job finished {finished_in:.0f} s later"
