@@ -49,6 +49,11 @@ def configure(verbose: bool | None = None) -> bool:
     # their constructor arguments in the object store); real failures reach us as Python exceptions.
     # Ray announces the setting in one line, which is the price of the alarming ones it removes.
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    # Without CUDA DeepSpeed falls back to its CPU accelerator with a warning that asks whether a GPU
+    # went undetected; naming the accelerator (its documented DS_ACCELERATOR override) is the same
+    # choice, made without the warning. Inherited by the Ray workers this process starts.
+    if "DS_ACCELERATOR" not in os.environ and not _has_cuda():
+        os.environ["DS_ACCELERATOR"] = "cpu"
     for name in ("ray", "ray.data", "ray.train", "ray.tune", "DeepSpeed", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.ERROR)
     if "transformers" in sys.modules:  # already imported: its env settings were read before ours
@@ -61,6 +66,12 @@ def configure(verbose: bool | None = None) -> bool:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.formatwarning = _one_line_warning
     return False
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.device_count() > 0 and torch.cuda.is_available()
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
