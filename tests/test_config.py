@@ -1,4 +1,5 @@
-"""Configs: every shipped YAML validates; user errors exit 2 with one line; overrides are typed."""
+"""Configs: every shipped YAML validates and round-trips, the real-model ones fit their GPUs according to
+the planner; user errors exit 2 with one line; overrides are typed."""
 
 from __future__ import annotations
 
@@ -7,18 +8,52 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from kto_ray.cli import main
-from kto_ray.config import KTOConfig, load_config
+from kto_ray.config import KTOConfig, config_from_dict, dump_config, load_config
 from kto_ray.errors import UserError
+from kto_ray.tools.plan import plan
+from tests.tools.test_plan import save_llama_8b, save_qwen_32b
 
 REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+# Real-model configs -> an offline architecture with the public dimensions (no hub access in tests).
+REAL = {"llama3-8b.yaml": save_llama_8b, "qwen2.5-32b.yaml": save_qwen_32b}
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_config_validates(path):
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates_and_round_trips(path):
+    # Loading refuses unknown keys and bad values; what the run dir records must load back the same.
     cfg = load_config(path)
-    assert isinstance(cfg, KTOConfig)
+    assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
+
+
+def test_real_model_configs_are_shipped():
+    assert set(REAL) <= {p.name for p in CONFIGS.glob("*.yaml")}
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_model_config_fits_its_cluster(name, tmp_path):
+    cfg = load_config(CONFIGS / name)
+    p = plan(cfg, model_config=str(REAL[name](tmp_path)))
+    setting = p.setting(p.configured)
+    assert setting.fits, f"{name}: {setting.gpu_total / 2**30:.1f} GiB per GPU"
+    assert p.precompute_fits
+    # The configured offload is the planner's advice: the fastest setting that fits.
+    assert p.configured == next(s.name for s in p.settings if s.fits)
+    # GPU training, ZeRO-3, bf16, the paper's hyperparameters and a global batch of 32-64.
+    assert cfg.cluster.use_gpu and cfg.deepspeed.stage == 3 and cfg.deepspeed.bf16 is True
+    assert (cfg.train.beta, cfg.train.lr, cfg.train.warmup_ratio) == (0.1, 5e-6, 0.1)
+    assert 32 <= cfg.cluster.workers * cfg.train.micro_batch_size * cfg.train.grad_accumulation <= 64
+    # Store and run dir on storage every node shares (the store is a local-filesystem folder).
+    assert cfg.store.path.startswith("/mnt/shared/") and cfg.run.dir.startswith("/mnt/shared/")
+    assert all(path.startswith("/mnt/shared/") for path in cfg.data.paths)
+
+
+def test_the_32b_config_spans_several_nodes():
+    cfg = load_config(CONFIGS / "qwen2.5-32b.yaml")
+    assert cfg.cluster.workers >= 16 and cfg.precompute.gpus_per_actor >= 1
 
 
 def test_every_field_is_documented():
