@@ -1,10 +1,13 @@
 """A lease on a location (local folder or object-storage prefix): one job at a time writes there.
 
-Object storage has no atomic create-if-absent through pyarrow.fs, so the lease is a small JSON object,
-`<location>/.lease.json`, taken by "write, wait, re-read": the last writer wins and every writer
-re-reads after a settle time, so at most one proceeds. The holder refreshes its heartbeat from a
-daemon thread and deletes the object on release. A lease whose heartbeat is older than the TTL, or
-whose holder's pid is gone on this host, is stale and taken over.
+The lease is a small JSON object, `<location>/.lease.json`. Where the storage has conditional writes
+(local disk and shared mounts, S3: kto_ray.conditional) it is created only if absent, taken over only
+if still the stale version read, refreshed only if still ours and deleted only if still ours: of
+several writers at once exactly one succeeds, with no waiting. Elsewhere (GCS, other file systems) it
+is taken by "write, wait, re-read": the last writer wins and every writer re-reads after a settle
+time, so at most one proceeds. The holder refreshes its heartbeat from a daemon thread and deletes the
+object on release. A lease whose heartbeat is older than the TTL, or whose holder's pid is gone on this
+host, is stale and taken over.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
+from kto_ray.conditional import ConditionsIgnored, Versioned, conditional_file
 from kto_ray.errors import UserError
 from kto_ray.storage import Location, display, read_text, write_text_atomically
 
@@ -66,6 +70,9 @@ class Lease:
         now = time.time()
         self.mine = Holder(uuid.uuid4().hex, socket.gethostname(), os.getpid(), what, now, now)
         self.lost = False
+        # Conditional writes where the storage has them (None: settle by write, wait, re-read), and
+        # the version of the lease we last wrote, which the next conditional write expects.
+        self.file, self.version = conditional_file(self.target), None
         self._stop, self._lock = threading.Event(), threading.Lock()
 
     def acquire(self) -> Lease:
@@ -73,11 +80,9 @@ class Lease:
         try:
             for _ in range(3):
                 self.refuse_if_held()
-                self._write()
-                time.sleep(self.settle)
-                if self._ours():
+                if self._take():
                     break
-                self.refuse_if_held()  # another writer wrote after us: it wins, we refuse
+                self.refuse_if_held()  # another writer came first (or wrote after us): it wins, we refuse
             else:  # ours vanished each time (a release racing ours): refuse rather than guess
                 raise LeaseHeld(f"could not take the lease on {self.where}: it keeps changing; retry")
         except BaseException:
@@ -85,6 +90,24 @@ class Lease:
             raise
         threading.Thread(target=self._beat, name=f"lease {self.where}", daemon=True).start()
         return self
+
+    def _take(self) -> bool:
+        """One attempt to write our lease over nothing or a stale one: True when it is ours."""
+        if self.file is None:
+            self._write()
+            time.sleep(self.settle)
+            return self._ours()
+        seen = self.file.read()
+        if seen is not None and self._other_live(self._parse(seen)):
+            return False
+        try:
+            text = self._text()
+            self.version = self.file.create(text) if seen is None else self.file.replace(text, seen.version)
+        except ConditionsIgnored as err:
+            log.warning("lease on %s: %s; settling by write, wait and re-read", self.where, err)
+            self.file = None
+            return self._take()
+        return self.version is not None
 
     def check(self) -> None:
         """Raise `LeaseHeld` unless the lease is still ours (call right before committing)."""
@@ -96,12 +119,24 @@ class Lease:
         self._stop.set()
         _HELD.discard(self.mine.token)
         with self._lock, contextlib.suppress(OSError):  # no heartbeat write lands after the delete
-            if self._ours():
-                self.target.fs.delete_file(self.target.path)
+            if self.file is None:
+                if self._ours():
+                    self.target.fs.delete_file(self.target.path)
+                return
+            seen = self.file.read()  # its version, not ours: a write whose reply was lost landed
+            if seen is not None and getattr(self._parse(seen), "token", None) == self.mine.token:
+                self.file.delete(seen.version)  # only if no one took it over meanwhile
 
     def holder(self) -> Holder | None:
         """The lease as stored (None when absent or unreadable)."""
-        text = read_text(self.target)
+        if self.file is not None:
+            return self._parse(self.file.read())
+        return self._parse_text(read_text(self.target))
+
+    def _parse(self, seen: Versioned | None) -> Holder | None:
+        return self._parse_text(seen.text if seen else None)
+
+    def _parse_text(self, text: str | None) -> Holder | None:
         try:
             return Holder(**json.loads(text)) if text else None
         except (ValueError, TypeError):
@@ -111,10 +146,13 @@ class Lease:
     def _ours(self) -> bool:
         return getattr(self.holder(), "token", None) == self.mine.token
 
+    def _other_live(self, other: Holder | None) -> bool:
+        return other is not None and other.token != self.mine.token and other.live(self.ttl)
+
     def refuse_if_held(self) -> None:
         """Raise `LeaseHeld`, one line, when another live job holds the lease."""
         other = self.holder()
-        if other is None or other.token == self.mine.token or not other.live(self.ttl):
+        if not self._other_live(other):
             return
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(other.started))
         raise LeaseHeld(
@@ -122,9 +160,27 @@ class Lease:
             f"pid {other.pid}, since {since}); retry when it has finished"
         )
 
+    def _text(self) -> str:
+        return json.dumps(asdict(self.mine) | {"heartbeat": time.time()})
+
     def _write(self) -> None:
-        beat = Holder(**(asdict(self.mine) | {"heartbeat": time.time()}))
-        write_text_atomically(self.target, json.dumps(asdict(beat)))
+        write_text_atomically(self.target, self._text())
+
+    def _refresh(self) -> bool:
+        """Write a fresh heartbeat if the lease is still ours: False when another job took it over."""
+        if self.file is None:
+            if not self._ours():
+                return False
+            self._write()
+            return True
+        version = self.file.refresh(self._text(), self.version)
+        if version is None:  # changed: still ours if it was our own write whose reply was lost
+            seen = self.file.read()
+            if seen is None or getattr(self._parse(seen), "token", None) != self.mine.token:
+                return False
+            version = seen.version
+        self.version = version
+        return True
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval):
@@ -132,10 +188,9 @@ class Lease:
                 if self._stop.is_set():
                     return
                 try:
-                    if not self._ours():
+                    if not self._refresh():
                         self.lost = True  # taken over (we looked stale): never overwrite the new holder
                         return
-                    self._write()
                 except OSError as err:  # storage away for a moment: the next beat retries
                     log.debug("lease heartbeat on %s failed: %s", self.location, err)
 

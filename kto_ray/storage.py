@@ -82,15 +82,24 @@ def endpoint_env() -> dict[str, str]:
     return {name: os.environ[name] for name in ENDPOINT_ENV if os.environ.get(name)}
 
 
+def s3_endpoint() -> str | None:
+    """The S3-compatible endpoint set in the environment (None: AWS's own), for every S3 client here."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def s3_region() -> str | None:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+
+
 def _s3() -> pafs.S3FileSystem:
     # The endpoint is put into the file system object (not left to the SDK's environment lookup) so
     # that a pickled copy, as Ray Data ships to its write tasks, talks to the same server.
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = s3_endpoint()
     options = {}
     if endpoint:
         options["endpoint_override"] = endpoint
         options["scheme"] = "https" if endpoint.startswith("https") else "http"
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    region = s3_region()
     if region:
         options["region"] = region
     return pafs.S3FileSystem(**options)

@@ -15,6 +15,7 @@ import uuid
 
 import pytest
 
+from kto_ray.conditional import _s3_client, conditional_file
 from kto_ray.lease import LEASE, Lease, LeaseHeld, ensure_free, hold_lease
 from kto_ray.storage import Location, read_text, resolve, write_text_atomically
 from tests.s3server import s3_server
@@ -113,14 +114,14 @@ def test_heartbeat_refreshes_and_a_taken_over_holder_notices(where):
     assert lease.holder().token == "theirs"  # release deletes only our own lease
 
 
-def _race(where: Location, n: int) -> tuple[list[Lease], list[str]]:
+def _race(where: Location, n: int, timing: dict | None = None) -> tuple[list[Lease], list[str]]:
     """`n` threads acquire at the same moment: the leases taken and the refusals."""
     start = threading.Barrier(n)
     won: list[Lease] = []
     refused: list[str] = []
 
     def acquire() -> None:
-        lease = Lease(where, "precompute", settle=0.5, heartbeat=0.1)
+        lease = Lease(where, "precompute", **(timing or {"settle": 0.5, "heartbeat": 0.1}))
         start.wait()
         try:
             won.append(lease.acquire())
@@ -141,5 +142,111 @@ def test_of_several_acquiring_at_the_same_moment_exactly_one_wins(where):
         assert len(won) == 1 and len(refused) == 3, refused
         assert all("is in use by another precompute" in m and "\n" not in m for m in refused)
         assert won[0].holder().token == won[0].mine.token
+        won[0].release()
+        assert read_text(where.join(LEASE)) is None
+
+
+# --- conditional writes: no settle wait where the storage has them (kto_ray.conditional) -----------
+
+NO_SETTLE = {"settle": 30.0, "heartbeat": 0.1}  # a settle wait would show as a 30 s acquire
+
+
+def test_racing_creators_with_no_wait_exactly_one_wins(where):
+    assert conditional_file(where.join(LEASE)) is not None
+    for _ in range(3):
+        started = time.monotonic()
+        won, refused = _race(where, 4, NO_SETTLE)
+        assert time.monotonic() - started < 10.0  # settled by the storage, not by waiting
+        assert len(won) == 1 and len(refused) == 3, refused
+        assert all("is in use by another precompute" in m for m in refused)
+        assert won[0].holder().token == won[0].mine.token
+        won[0].release()
+        assert read_text(where.join(LEASE)) is None
+
+
+def test_racing_takers_of_a_stale_lease_exactly_one_wins(where):
+    for _ in range(3):
+        _plant(where, heartbeat=time.time() - 61)
+        won, refused = _race(where, 4, NO_SETTLE)
+        assert len(won) == 1 and len(refused) == 3, refused
+        assert won[0].holder().token == won[0].mine.token
+        won[0].release()
+        assert read_text(where.join(LEASE)) is None
+
+
+_CONTENDER = """
+import sys, time
+from kto_ray.lease import Lease, LeaseHeld
+from kto_ray.storage import resolve
+lease = Lease(resolve(sys.argv[1]), "precompute", settle=30.0, heartbeat=0.1)
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+try:
+    lease.acquire()
+except LeaseHeld:
+    print("refused")
+else:
+    print("won")
+    time.sleep(1.0)  # hold it while the others look
+    lease.release()
+"""
+
+
+def test_racing_processes_on_local_disk_exactly_one_wins(tmp_path):
+    store = tmp_path / "store"
+    at = time.time() + 3.0  # all past their imports by then
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CONTENDER, str(store), str(at)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
+    outcomes = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+    assert outcomes == ["refused", "refused", "refused", "won"]
+    assert not (store / LEASE).exists() and sorted(p.name for p in store.iterdir()) == []
+
+
+def test_a_stale_holder_back_after_a_takeover_never_overwrites_it(where):
+    with hold_lease(where, "precompute", **FAST) as first:
+        first._stop.set()  # its beats stop (a stalled job) ...
+        time.sleep(0.3)
+        taker = Lease(where, "training run", ttl=0.2, **FAST).acquire()  # ... and it looks stale
+        try:
+            assert not first._refresh()  # back: its conditional beat fails instead of overwriting
+            assert taker.holder().token == taker.mine.token
+            with pytest.raises(LeaseHeld, match="in use by another training run"):
+                first.check()
+        finally:
+            taker.release()
+        assert read_text(where.join(LEASE)) is None
+
+
+def test_without_boto3_s3_settles_by_write_wait_and_reread(s3, monkeypatch):
+    """Installed without boto3 (pip --no-deps): no conditional writes, the settle path."""
+    monkeypatch.setitem(sys.modules, "boto3", None)  # import boto3 raises ImportError
+    _s3_client.cache_clear()
+    try:
+        where = resolve(f"s3://leases/{uuid.uuid4().hex[:8]}/store")
+        assert conditional_file(where.join(LEASE)) is None
+        won, refused = _race(where, 4, {"settle": 0.5, "heartbeat": 0.1})
+        assert len(won) == 1 and len(refused) == 3, refused
+        assert won[0].file is None and won[0].holder().token == won[0].mine.token
+        won[0].release()
+        assert read_text(where.join(LEASE)) is None
+    finally:
+        _s3_client.cache_clear()
+
+
+def test_a_server_ignoring_conditions_is_found_and_the_lease_settles_instead(caplog):
+    with s3_server() as server, pytest.MonkeyPatch.context() as patch:
+        for key, value in server.environment().items():
+            patch.setenv(key, value)
+        server.create_bucket("leases")
+        server.relay.ignore_conditions = True
+        where = resolve(f"s3://leases/{uuid.uuid4().hex[:8]}/store")
+        with caplog.at_level("WARNING", logger="kto_ray.lease"):
+            won, refused = _race(where, 4, {"settle": 0.5, "heartbeat": 0.1})
+        assert len(won) == 1 and len(refused) == 3, refused
+        assert won[0].file is None  # fell back to write, wait, re-read
+        assert "the S3 endpoint ignores IfNoneMatch on PUT; settling by write" in caplog.text
         won[0].release()
         assert read_text(where.join(LEASE)) is None

@@ -1,0 +1,287 @@
+"""Conditional writes of one small file: create it only when absent, replace or delete it only while it
+is still the version last read. The lease (kto_ray/lease.py) settles races with these wherever the
+storage has them; `conditional_file` returns None where it has not, and the lease then settles by
+write, wait and re-read.
+
+- Local disk and shared mounts: the new content is written whole to a temporary file, then
+  `os.link`ed to the name (atomic, fails when the name exists: create-if-absent, and readers never see
+  a part). Replace and delete first `os.rename` the file to a name of the caller's own (of several
+  renaming it at once exactly one gets it), compare its content with the version read, then create or
+  delete; a changed one is linked back.
+- S3: PUT with `If-None-Match: *` (create) or `If-Match: <ETag>` (replace), DELETE with `If-Match`;
+  412 means someone else wrote first. pyarrow.fs cannot send these headers, so this goes through boto3,
+  to the same endpoint and region as pyarrow's S3 (kto_ray.storage) and the usual credential chain. A
+  server that ignores the headers is found by one probe per bucket and process (a second create of the
+  file just written must fail), and the lease then falls back.
+- GCS and other pyarrow file systems: none yet (GCS's `ifGenerationMatch` needs a client this project
+  does not have).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import hashlib
+import os
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from kto_ray.storage import Location, s3_endpoint, s3_region
+
+# S3's answers to a condition that does not hold: 412, or 409 while another conditional write of the
+# same key is in flight (AWS), or no such key for If-Match on a deleted object.
+_CHANGED = {"PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404"}
+_UNSUPPORTED = {"NotImplemented", "501"}
+_NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
+
+
+class ConditionsIgnored(OSError):
+    """The storage accepted a conditional write whose condition did not hold, or refused the header."""
+
+
+@dataclass(frozen=True)
+class Versioned:
+    text: str
+    version: str  # opaque: a content digest locally, the ETag on S3
+
+
+class ConditionalFile(ABC):
+    @abstractmethod
+    def read(self) -> Versioned | None:
+        """The file's text and version, or None when there is no such file."""
+
+    @abstractmethod
+    def create(self, text: str) -> str | None:
+        """Write the file if there is none: its version, or None when one exists."""
+
+    @abstractmethod
+    def replace(self, text: str, version: str) -> str | None:
+        """Overwrite the file if it is still at `version`: the new version, or None when it changed."""
+
+    def refresh(self, text: str, version: str) -> str | None:
+        """A heartbeat: `replace` where the storage has nothing cheaper."""
+        return self.replace(text, version)
+
+    @abstractmethod
+    def delete(self, version: str) -> bool:
+        """Delete the file if it is still at `version`: False when it changed or is gone."""
+
+
+def conditional_file(location: Location) -> ConditionalFile | None:
+    """The conditional writes `location`'s storage has, or None (then only plain writes)."""
+    if location.is_local:
+        return LocalFile(Path(location.path))
+    if isinstance(location.fs, pafs.S3FileSystem):
+        client = _s3_client(s3_endpoint(), s3_region())
+        if client is not None:
+            bucket, _, key = location.path.partition("/")
+            return S3File(client, bucket, key)
+    return None
+
+
+def _local_version(fd: int) -> Versioned:
+    """The content of an open file and its version (a digest: every lease written differs)."""
+    with os.fdopen(os.dup(fd), "rb") as stream:
+        data = stream.read()
+    return Versioned(data.decode("utf-8"), hashlib.sha256(data).hexdigest())
+
+
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[int | None]:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        yield None
+        return
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+class LocalFile(ConditionalFile):
+    """Created by `os.link` of a whole temporary file, refreshed by `os.replace`: a live lease is
+    never absent or partly written for a reader."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def read(self) -> Versioned | None:
+        with _opened(self.path) as fd:
+            return None if fd is None else _local_version(fd)
+
+    def create(self, text: str) -> str | None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        staged = self._aside("tmp")
+        try:
+            staged.write_bytes(text.encode("utf-8"))
+            with _opened(staged) as fd:
+                version = _local_version(fd).version
+            os.link(staged, self.path)
+        except FileExistsError:
+            return None
+        except OSError as err:
+            if err.errno not in _NO_LINKS:
+                raise
+            return self._create_exclusive(text.encode("utf-8"))
+        finally:
+            staged.unlink(missing_ok=True)
+        return version
+
+    def _create_exclusive(self, data: bytes) -> str | None:
+        """For file systems without hard links: O_EXCL creates atomically, but a reader may see the
+        file before its content (it then looks unreadable, and a taker's claim finds it changed)."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return None
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+            return _local_version(fd).version
+        finally:
+            os.close(fd)
+
+    def replace(self, text: str, version: str) -> str | None:
+        claimed = self._claim(version)
+        if claimed is None:
+            return None
+        try:
+            return self.create(text)  # None when a newcomer created it in the moment it was away
+        finally:
+            claimed.unlink(missing_ok=True)
+
+    def refresh(self, text: str, version: str) -> str | None:
+        """Check, then replace: a claim would leave the name absent for a moment, in which a newcomer
+        would win over a live holder. The cost: a taker acting between the check and the replace (it
+        judged this holder stale, 60 s without a beat) is overwritten, and finds that at its next beat."""
+        if getattr(self.read(), "version", None) != version:
+            return None
+        data = text.encode("utf-8")
+        staged = self._aside("tmp")
+        try:
+            staged.write_bytes(data)
+            os.replace(staged, self.path)
+        finally:
+            staged.unlink(missing_ok=True)
+        return hashlib.sha256(data).hexdigest()
+
+    def delete(self, version: str) -> bool:
+        claimed = self._claim(version)
+        if claimed is not None:
+            claimed.unlink(missing_ok=True)
+        return claimed is not None
+
+    def _claim(self, version: str) -> Path | None:
+        """Move the file aside if it is at `version` (the moved file), else leave it (None)."""
+        claimed = self._aside("claim")
+        try:
+            os.rename(self.path, claimed)
+        except FileNotFoundError:
+            return None
+        with _opened(claimed) as fd:
+            if fd is not None and _local_version(fd).version == version:
+                return claimed
+        # Another writer's newer file: put it back. Should a third have created the name meanwhile,
+        # theirs stays and the one moved aside is lost; its holder finds that at its next write.
+        try:
+            os.link(claimed, self.path)
+        except FileExistsError:
+            pass
+        finally:
+            claimed.unlink(missing_ok=True)
+        return None
+
+    def _aside(self, kind: str) -> Path:
+        return self.path.parent / f".{self.path.name}.{kind}-{uuid.uuid4().hex[:8]}"
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_client(endpoint: str | None, region: str | None):
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:  # installed without boto3 (pip --no-deps): plain writes only
+        return None
+    config = Config(connect_timeout=10, read_timeout=30, retries={"mode": "standard", "max_attempts": 3})
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+
+
+# (endpoint, bucket) pairs whose server was seen to enforce both conditions, in this process.
+_ENFORCED: set[tuple[str | None, str]] = set()
+
+
+class S3File(ConditionalFile):
+    def __init__(self, client, bucket: str, key: str):
+        self.client, self.bucket, self.key = client, bucket, key
+
+    def read(self) -> Versioned | None:
+        try:
+            reply = self._call(self.client.get_object, Bucket=self.bucket, Key=self.key)
+        except _Changed:
+            return None
+        return Versioned(reply["Body"].read().decode("utf-8"), reply["ETag"])
+
+    def create(self, text: str) -> str | None:
+        return self._put(text, IfNoneMatch="*")
+
+    def replace(self, text: str, version: str) -> str | None:
+        return self._put(text, IfMatch=version)
+
+    def delete(self, version: str) -> bool:
+        try:
+            self._call(self.client.delete_object, Bucket=self.bucket, Key=self.key, IfMatch=version)
+        except _Changed:
+            return False
+        return True
+
+    def _put(self, text: str, **condition: str) -> str | None:
+        body = text.encode("utf-8")
+        try:
+            reply = self._call(
+                self.client.put_object, Bucket=self.bucket, Key=self.key, Body=body, **condition
+            )
+        except _Changed:
+            return None
+        self._probe(body)
+        return reply["ETag"]
+
+    def _probe(self, body: bytes) -> None:
+        """Once per bucket: the file exists now, so a create and a replace of another version must both
+        fail. (Where they do not, they rewrote our own content: harmless.)"""
+        where = (self.client.meta.endpoint_url, self.bucket)
+        if where in _ENFORCED:
+            return
+        for condition in ({"IfNoneMatch": "*"}, {"IfMatch": '"kto-ray-probe"'}):
+            try:
+                self._call(self.client.put_object, Bucket=self.bucket, Key=self.key, Body=body, **condition)
+            except _Changed:
+                continue
+            raise ConditionsIgnored(f"the S3 endpoint ignores {next(iter(condition))} on PUT")
+        _ENFORCED.add(where)
+
+    def _call(self, operation, **params):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return operation(**params)
+        except ClientError as err:
+            code = str(err.response.get("Error", {}).get("Code", ""))
+            status = str(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+            if code in _CHANGED or status in ("404", "412"):
+                raise _Changed from None
+            if code in _UNSUPPORTED or status == "501":
+                raise ConditionsIgnored(f"the S3 endpoint refuses conditional requests ({code})") from None
+            raise OSError(f"s3://{self.bucket}/{self.key}: {code or status}: {err}") from None
+        except BotoCoreError as err:  # no connection, timeouts: what pyarrow.fs raises as OSError
+            raise OSError(f"s3://{self.bucket}/{self.key}: {err}") from None
+
+
+class _Changed(Exception):
+    """The condition did not hold (or, on read, there is no such file)."""
