@@ -5,7 +5,8 @@
     desirable:   lambda_D * (1 - sigmoid(beta * (r - z0)))
     undesirable: lambda_U * (1 - sigmoid(beta * (z0 - r)))
 
-The distributed z0 (an all-reduce of sum and count) lives in `kto_ray.training.distributed` and is passed in.
+The distributed z0 (one all-reduce of sum and count, `kto_ray.training.distributed.global_z0`) is
+computed there and passed in; the metrics built from these outputs are in `kto_ray.kto_metrics`.
 """
 
 from __future__ import annotations

@@ -10,10 +10,12 @@ import torch
 
 from kto_ray.config import KTOConfig, with_absolute_paths
 from kto_ray.data.prepare import checked_store
-from kto_ray.loss import kl_z0, kto_loss
+from kto_ray.kto_metrics import EVAL_KEYS, KTOSums
+from kto_ray.loss import kl_z0
 from kto_ray.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
 from kto_ray.models.logprobs import length_buckets, pad_sequences, sequence_logps
 from kto_ray.training.driver import desirable_weight
+from kto_ray.training.step import LossSettings
 
 
 def _score(
@@ -44,36 +46,10 @@ def evaluate(cfg: KTOConfig, model_path: str | None = None, split: str = "eval")
     # The weight training used: `auto` comes from the train split's label counts, not this split's.
     labels = store.read_split("train", columns=["id", "label"])["label"].to_numpy(zero_copy_only=False)
     lam_d = desirable_weight(cfg, labels, warn=False)
-    out = kto_loss(
-        policy,
-        ref,
-        desirable,
-        z0,
-        beta=cfg.train.beta,
-        desirable_weight=lam_d,
-        undesirable_weight=cfg.train.undesirable_weight,
-    )
-    # Implied-reward accuracy: desirable rows above the reference point, undesirable below; ties half.
-    r = policy - ref
-    signed = torch.where(desirable, r - z0, z0 - r)
-    accuracy = ((signed > 0).float() + 0.5 * (signed == 0).float()).mean()
-    chosen, rejected = desirable, ~desirable
-    return {
-        "rows": len(desirable),
-        "loss": out.loss.item(),
-        "kl": z0.item(),
-        "reward_accuracy": accuracy.item(),
-        "rewards/chosen": out.rewards[chosen].mean().item() if chosen.any() else 0.0,
-        "rewards/rejected": out.rewards[rejected].mean().item() if rejected.any() else 0.0,
-        "rewards/margins": (out.rewards[chosen].mean() - out.rewards[rejected].mean()).item()
-        if chosen.any() and rejected.any()
-        else 0.0,
-        "logps/chosen": policy[chosen].mean().item() if chosen.any() else 0.0,
-        "logps/rejected": policy[rejected].mean().item() if rejected.any() else 0.0,
-        "logps/margin": (policy[chosen].mean() - policy[rejected].mean()).item()
-        if chosen.any() and rejected.any()
-        else 0.0,
-    }
+    out = LossSettings(cfg.train.beta, lam_d, cfg.train.undesirable_weight).loss(policy, ref, desirable, z0)
+    sums = KTOSums.zeros()  # the same sums and metric definitions as eval during training
+    sums.add(out, policy, ref, desirable, z0)
+    return sums.to_metrics(z0.item(), EVAL_KEYS)
 
 
 def format_table(columns: dict[str, dict[str, float]]) -> str:

@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from kto_ray.loss import z0_from_sum
+
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -16,6 +18,15 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+def global_z0(kl_sum: torch.Tensor, kl_count: int, reduce: Reduce) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z0, global KL-pair count) over every rank's KL pairs, from ONE `reduce` of [sum, count].
+
+    A collective: every rank calls it, a rank without KL pairs with a zero sum and count. The training
+    step and eval during training take z0 (and the step its row count: one KL pair per row) from here."""
+    totals = reduce(torch.stack([kl_sum.float(), torch.tensor(float(kl_count), device=kl_sum.device)]))
+    return z0_from_sum(totals[0], totals[1]), totals[1]
 
 
 def world_size() -> int:

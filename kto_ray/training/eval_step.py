@@ -5,35 +5,24 @@ DeepSpeed). The split is sorted by length (little padding), rank r takes rows r,
 every rank then runs the SAME number of micro-batches, because under ZeRO-3 a forward is a collective
 (each layer's parameters are all-gathered): a rank with fewer rows runs a dummy micro-batch (one real
 row whose results are dropped) rather than skip a forward its peers are waiting in. The collectives
-are fixed too: one all-reduce of [KL sum, count] for the global z0 (as the training step), one of the
-metric sums; a rank without rows contributes zeros.
+are fixed too: one all-reduce of [KL sum, count] for the global z0 (`distributed.global_z0`, as the
+training step), one of the metric sums (`kto_ray.kto_metrics.KTOSums`); a rank without rows adds zeros.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from kto_ray.loss import kto_loss, z0_from_sum
+from kto_ray.kto_metrics import EVAL_KEYS, KTOSums
 from kto_ray.models.logprobs import DEFAULT_CHUNK_TOKENS, sequence_logps
 from kto_ray.training.batching import collate, sequence_lengths
-from kto_ray.training.distributed import Reduce
+from kto_ray.training.distributed import Reduce, global_z0
 from kto_ray.training.step import LossSettings, ReferenceFn
-
-# Index of each global sum in the metrics all-reduce.
-_SUMS = (
-    "loss",
-    "accuracy",
-    "chosen_rewards",
-    "rejected_rewards",
-    "chosen_logps",
-    "rejected_logps",
-    "chosen",
-    "rejected",
-)
 
 
 def shard_batches(rows: int, rank: int, world: int, micro_batch_size: int, lengths: np.ndarray) -> list:
@@ -63,75 +52,53 @@ def eval_metrics(
     `table`; every rank must call it with the same table. Restores the model's train/eval mode."""
     if len(table) == 0:
         raise ValueError("the eval split is empty")
+    batches = shard_batches(len(table), rank, world, micro_batch_size, sequence_lengths(table))
     was_training = model.training
     model.eval()  # no dropout: the same numbers `kto-ray evaluate` gets from the exported model
     try:
-        policy, ref, desirable = [], [], []
-        kl_sum = torch.zeros((), dtype=torch.float32, device=device)
-        kl_count = 0
-        for rows in shard_batches(len(table), rank, world, micro_batch_size, sequence_lengths(table)):
-            real = len(rows)
-            mb = collate(table, rows if real else np.zeros(1, dtype=np.int64), pad_id).to(device)
-            ref_y, ref_kl = reference(mb) if reference is not None else (mb.ref_logps, mb.ref_kl_logps)
-            logps = sequence_logps(model, mb.policy, chunk_tokens).float()
-            kl_logps = sequence_logps(model, mb.kl, chunk_tokens).float()
-            if real:  # a dummy batch only keeps the forwards in step with the other ranks
-                policy.append(logps)
-                ref.append(ref_y.float())
-                desirable.append(mb.desirable)
-                kl_sum += (kl_logps - ref_kl.float()).sum()
-                kl_count += real
+        shard = _score_shard(model, table, batches, pad_id, reference, device, chunk_tokens)
     finally:
         model.train(was_training)
-    totals = reduce(torch.stack([kl_sum, torch.tensor(float(kl_count), device=device)]))
-    z0 = z0_from_sum(totals[0], totals[1])
+    z0, _ = global_z0(shard.kl_sum, len(shard.desirable), reduce)
+    out = settings.loss(shard.policy, shard.ref, shard.desirable, z0)
+    sums = KTOSums.zeros(device)
+    sums.add(out, shard.policy, shard.ref, shard.desirable, z0)  # a rank without rows adds zeros
+    return sums.reduce(reduce).to_metrics(z0.item(), EVAL_KEYS)
 
-    sums = torch.zeros(len(_SUMS), dtype=torch.float32, device=device)
-    if policy:
-        logps, ref_logps, labels = torch.cat(policy), torch.cat(ref), torch.cat(desirable)
-        out = kto_loss(
-            logps,
-            ref_logps,
-            labels,
-            z0,
-            beta=settings.beta,
-            desirable_weight=settings.desirable_weight,
-            undesirable_weight=settings.undesirable_weight,
-        )
-        # Implied-reward accuracy as evaluate: desirable above the reference point, undesirable below.
-        r = logps - ref_logps
-        signed = torch.where(labels, r - z0, z0 - r)
-        chosen, rejected = labels, ~labels
-        sums += torch.stack(
-            [
-                out.losses.sum(),
-                ((signed > 0).float() + 0.5 * (signed == 0).float()).sum(),
-                out.rewards[chosen].sum(),
-                out.rewards[rejected].sum(),
-                logps[chosen].sum(),
-                logps[rejected].sum(),
-                chosen.sum().float(),
-                rejected.sum().float(),
-            ]
-        )
-    g = dict(zip(_SUMS, reduce(sums).tolist()))
-    rows = g["chosen"] + g["rejected"]
 
-    def mean(key: str, count: str) -> float:
-        return g[key] / g[count] if g[count] else 0.0
+@dataclass(frozen=True)
+class _ShardScores:
+    """One rank's real eval rows: policy and reference log-probs, labels, and its KL-pair log-ratio sum."""
 
-    both = g["chosen"] > 0 and g["rejected"] > 0
-    return {
-        "rows": int(rows),
-        "loss": g["loss"] / rows,
-        "kl": z0.item(),
-        "reward_accuracy": g["accuracy"] / rows,
-        "rewards/chosen": mean("chosen_rewards", "chosen"),
-        "rewards/rejected": mean("rejected_rewards", "rejected"),
-        "rewards/margins": mean("chosen_rewards", "chosen") - mean("rejected_rewards", "rejected")
-        if both
-        else 0.0,
-        "logps/chosen": mean("chosen_logps", "chosen"),
-        "logps/rejected": mean("rejected_logps", "rejected"),
-        "logps/margin": mean("chosen_logps", "chosen") - mean("rejected_logps", "rejected") if both else 0.0,
-    }
+    policy: torch.Tensor
+    ref: torch.Tensor
+    desirable: torch.Tensor
+    kl_sum: torch.Tensor
+
+
+def _score_shard(
+    model: torch.nn.Module,
+    table: pa.Table,
+    batches: list,
+    pad_id: int,
+    reference: ReferenceFn | None,
+    device: torch.device | str,
+    chunk_tokens: int | None,
+) -> _ShardScores:
+    policy, ref, desirable = [], [], []
+    kl_sum = torch.zeros((), dtype=torch.float32, device=device)
+    for rows in batches:
+        real = len(rows)
+        mb = collate(table, rows if real else np.zeros(1, dtype=np.int64), pad_id).to(device)
+        ref_y, ref_kl = reference(mb) if reference is not None else (mb.ref_logps, mb.ref_kl_logps)
+        logps = sequence_logps(model, mb.policy, chunk_tokens).float()
+        kl_logps = sequence_logps(model, mb.kl, chunk_tokens).float()
+        if real:  # a dummy batch only keeps the forwards in step with the other ranks
+            policy.append(logps)
+            ref.append(ref_y.float())
+            desirable.append(mb.desirable)
+            kl_sum += (kl_logps - ref_kl.float()).sum()
+    if not policy:
+        empty = torch.zeros(0, dtype=torch.float32, device=device)
+        return _ShardScores(empty, empty, torch.zeros(0, dtype=torch.bool, device=device), kl_sum)
+    return _ShardScores(torch.cat(policy), torch.cat(ref), torch.cat(desirable), kl_sum)

@@ -86,6 +86,17 @@ def test_one_rank_matches_the_loss_module_on_the_whole_split():
     assert metrics["reward_accuracy"] == pytest.approx((signed > 0).float().mean().item())
 
 
+def test_eval_calls_the_same_two_collectives_on_a_rank_with_rows_and_one_without():
+    # 1 row over 2 ranks: [KL sum, count] for z0, then the metric sums, on both ranks alike.
+    calls = {0: [], 1: []}
+    for rank in calls:
+        eval_metrics(
+            _model(), _table(1), rank, 2, 4, 0, SETTINGS, lambda t, c=calls[rank]: c.append(t.shape) or t
+        )
+    assert calls[0] == calls[1]
+    assert len(calls[0]) == 2 and calls[0][0] == (2,) and calls[0][1][0] > 2
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_ranks_match_one_rank_with_the_same_number_of_forwards(two_rank_results, case):
     one, _ = _eval(CASES[case], 0, 1)

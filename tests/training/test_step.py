@@ -133,6 +133,35 @@ def test_micro_batch_times_accumulation_gives_the_same_update():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_one_class_step_reports_no_margin():
+    # All 8 rows desirable: the rejected mean is 0 by definition and the margin is 0.0, not chosen - 0
+    # (`kto_ray.kto_metrics`, the same definition as eval and `kto-ray evaluate`).
+    table = _table(labels=[True] * 8)
+    metrics, _ = _run(table, workers=1, rank=0, micro=4, accumulation=2)
+    part = table.to_pydict()
+    with torch.no_grad():
+        policy = sequence_logps(_model(), pad_sequences(part["prompt_ids"], part["completion_ids"], 0))
+    rewards = 0.5 * (policy - torch.tensor(part["ref_logps"]))
+    assert (metrics["count/chosen"], metrics["count/rejected"]) == (8, 0)
+    assert metrics["rewards/chosen"] == pytest.approx(rewards.mean().item(), abs=1e-5)
+    assert abs(metrics["rewards/chosen"]) > 0.1  # so a margin of chosen - 0 would show
+    assert metrics["rewards/rejected"] == metrics["logps/rejected"] == 0.0
+    assert metrics["rewards/margins"] == 0.0
+
+
+def test_every_rank_calls_the_same_collectives_in_order():
+    # ZeRO-3 hangs if ranks disagree: [KL sum, count], one non-finite flag per micro-batch, the sums.
+    calls = []
+
+    def recording(tensor):
+        calls.append(tuple(tensor.shape))
+        return tensor
+
+    _run(_table(), workers=1, rank=0, micro=2, accumulation=4, reduce=recording)
+    assert calls[:5] == [(2,), (1,), (1,), (1,), (1,)]
+    assert len(calls) == 6 and len(calls[5]) == 1 and calls[5][0] > 1
+
+
 def _case_table(case: str) -> pa.Table:
     if case == "mixed":
         return _table()

@@ -1,0 +1,149 @@
+"""The KTO metrics as additive sums: one definition for the training step, eval during training and
+`kto-ray evaluate` (DESIGN.md, "The run dir contract", `metrics.jsonl`).
+
+A `KTOSums` accumulates micro-batches (`add`), is summed over the ranks with one all-reduce of its
+stacked values (`reduce`), and then turns into metrics (`to_metrics`). Sums, not means, so a result
+does not depend on how rows were split over micro-batches and ranks; a rank without rows adds zeros.
+
+When a class is absent (no desirable or no undesirable row in the global batch or split):
+- `rewards/<class>` and `logps/<class>` of the absent class are 0.0 (the mean of no rows);
+- `rewards/margins` and `logps/margin` are 0.0 when EITHER class is absent: a margin against a class
+  that has no rows means nothing;
+- `loss` and `reward_accuracy` are over all rows, 0.0 when there are none; counts are plain sums.
+
+Implied-reward accuracy: a desirable row counts when r > z0, an undesirable one when r < z0, a tie
+r = z0 counts half (r = logp_policy - logp_ref). Pure tensors, no process group: the reduce function
+is passed in (`kto_ray.training.distributed.all_reduce_sum`, or the identity on one process).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+
+import torch
+
+from kto_ray.loss import KTOLossOutput
+
+# What a training step reports (TRL's names; `grad_norm` comes from the engine), in this order.
+TRAIN_KEYS = (
+    "loss",
+    "kl",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "count/chosen",
+    "count/rejected",
+    "grad_norm",
+    "tokens",
+    "rows",
+)
+# What `kto-ray evaluate` and eval during training report, in this order.
+EVAL_KEYS = (
+    "rows",
+    "loss",
+    "kl",
+    "reward_accuracy",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logps/margin",
+)
+
+
+@dataclass
+class KTOSums:
+    """Sums over rows (float32 scalar tensors on one device); `chosen` = desirable rows."""
+
+    loss: torch.Tensor
+    accuracy: torch.Tensor
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
+    tokens: torch.Tensor
+
+    @classmethod
+    def zeros(cls, device: torch.device | str = "cpu") -> KTOSums:
+        return cls.from_stacked(torch.zeros(len(fields(cls)), dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_stacked(cls, values: torch.Tensor) -> KTOSums:
+        return cls(*values.unbind())
+
+    def stacked(self) -> torch.Tensor:
+        return torch.stack([getattr(self, f.name) for f in fields(self)])
+
+    def add(
+        self,
+        out: KTOLossOutput,
+        policy_logps: torch.Tensor,
+        ref_logps: torch.Tensor,
+        desirable: torch.Tensor,
+        z0: torch.Tensor | float,
+        tokens: torch.Tensor | int = 0,
+    ) -> None:
+        """Accumulate one micro-batch: `out` is `kto_loss` of these rows at `z0`; `tokens` its padded
+        sequence tokens (policy and KL), when counted."""
+        policy = policy_logps.detach().float()
+        log_ratio = policy - ref_logps.detach().float()
+        z0 = torch.as_tensor(z0, dtype=log_ratio.dtype, device=log_ratio.device).detach()
+        chosen = desirable.to(device=policy.device, dtype=torch.bool)
+        rejected = ~chosen
+        signed = torch.where(chosen, log_ratio - z0, z0 - log_ratio)
+        rewards = out.rewards.detach().float()
+        added = torch.stack(
+            [
+                out.losses.detach().float().sum(),
+                ((signed > 0).float() + 0.5 * (signed == 0).float()).sum(),
+                chosen.sum().float(),
+                rejected.sum().float(),
+                rewards[chosen].sum(),
+                rewards[rejected].sum(),
+                policy[chosen].sum(),
+                policy[rejected].sum(),
+                torch.as_tensor(tokens, device=policy.device).float(),
+            ]
+        )
+        for f, value in zip(fields(self), (self.stacked() + added).unbind()):
+            setattr(self, f.name, value)
+
+    def reduce(self, reduce_fn: Callable[[torch.Tensor], torch.Tensor]) -> KTOSums:
+        """The sums over all ranks: ONE call of `reduce_fn` (a collective: every rank must call it)."""
+        return KTOSums.from_stacked(reduce_fn(self.stacked()))
+
+    def to_metrics(self, kl: float, keys: Sequence[str] = EVAL_KEYS, **others: float) -> dict[str, float]:
+        """The metrics named in `keys`, in that order; `kl` is z0, `others` the ones not made from
+        sums (the training step's `grad_norm`)."""
+        s = dict(zip((f.name for f in fields(self)), self.stacked().tolist()))
+        rows = s["chosen"] + s["rejected"]
+        both = s["chosen"] > 0 and s["rejected"] > 0
+
+        def mean(total: float, count: float) -> float:
+            return total / count if count else 0.0
+
+        rewards = mean(s["chosen_rewards"], s["chosen"]), mean(s["rejected_rewards"], s["rejected"])
+        logps = mean(s["chosen_logps"], s["chosen"]), mean(s["rejected_logps"], s["rejected"])
+        metrics = {
+            "rows": int(rows),
+            "loss": mean(s["loss"], rows),
+            "kl": kl,
+            "reward_accuracy": mean(s["accuracy"], rows),
+            "rewards/chosen": rewards[0],
+            "rewards/rejected": rewards[1],
+            "rewards/margins": rewards[0] - rewards[1] if both else 0.0,
+            "logps/chosen": logps[0],
+            "logps/rejected": logps[1],
+            "logps/margin": logps[0] - logps[1] if both else 0.0,
+            "count/chosen": int(s["chosen"]),
+            "count/rejected": int(s["rejected"]),
+            "tokens": int(s["tokens"]),
+            **others,
+        }
+        return {key: metrics[key] for key in keys}
