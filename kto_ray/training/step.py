@@ -48,6 +48,7 @@ class LossSettings:
     def loss(
         self, policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, z0: torch.Tensor
     ) -> KTOLossOutput:
+        """`kto_loss` of these rows with these settings (the step, eval and `evaluate` alike)."""
         return kto_loss(
             policy_logps,
             ref_logps,
