@@ -26,9 +26,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-# This checkout's kto_ray and the helpers the tests share with the benchmarks (tests/helpers.py).
+# The helpers the tests share with the benchmarks (tests/helpers.py). Appended, not prepended: kto_ray
+# still comes from PYTHONPATH or the installed package (driver_overhead.py points PYTHONPATH elsewhere).
 if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+    sys.path.append(str(REPO))
 from tests.helpers import PlainEngine, make_config, write_store  # noqa: E402
 
 __all__ = ["PlainEngine", "make_config", "write_store"]  # re-exported: the benchmarks use common.X

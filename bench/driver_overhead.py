@@ -59,9 +59,9 @@ def child(config: str) -> None:
     prepare.weights_fingerprint = timed("weights_fingerprint", prepare.weights_fingerprint)
     prepare.read_examples = timed("data_read", prepare.read_examples)
 
-    def launch(cfg, table, steps, lam_d):
+    def launch(cfg, table, steps, lam_d, **_):  # and fit's keywords (eval_rows=)
         phases["to_launch"] = time.perf_counter() - started
-        phases["rows"] = len(table)
+        phases["rows"] = driver.row_count(table)  # a table or a SplitIndex
         return driver.TrainResult(Path(cfg.run.dir), steps, {})
 
     driver.fit = launch

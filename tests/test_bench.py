@@ -3,7 +3,8 @@ script's real code path) as a subprocess exits 0 and prints its table.
 
 The smoke runs mostly wait on process and Ray start-up, not on the CPU, so they run a few at a time: the
 first test of the module starts every selected bench (slowest first, `SMOKE_PARALLEL` at once) and each
-test waits for its own. Wall time of the module on 2 idle cores: see `BENCHES` (seconds measured alone).
+test waits for its own (KTO_BENCH_SMOKE_PARALLEL sets how many at once). All but the two shortest are
+`slow`: each starts at least one local Ray.
 """
 
 from __future__ import annotations
