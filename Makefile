@@ -69,12 +69,11 @@ clean:
 	rm -rf $(VENV) artifacts runs stores .pytest_cache .ruff_cache
 
 # Benchmarks (bench/, figures and method in BENCHMARKS.md): every CPU benchmark in turn, each printing
-# its table; ~20 minutes on 2 idle cores. TRL is a benchmark-only dependency (it brings accelerate and
-# datasets): installed into .venv here, never a runtime dependency of kto-ray. bench/gpu_mfu.py needs a
-# CUDA machine and is run by hand there.
+# its table; ~20 minutes on 2 idle cores. TRL (bench/trl_compare.py) is in the dev extra, never a runtime
+# dependency of kto-ray. bench/gpu_mfu.py needs a CUDA machine and is run by hand there. Every bench's
+# `--smoke` mode (seconds, no figures) runs in `make test` (tests/test_bench.py).
 .PHONY: bench
 bench: setup
-	@$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/python -m pip install -q "trl>=1.16,<2"
 	$(BIN)/python bench/offline_vs_online.py
 	$(BIN)/python bench/trl_compare.py
 	$(BIN)/python bench/precompute_throughput.py

@@ -7,10 +7,12 @@ artifacts/bench/ (git-ignored); stores and run dirs go to a temporary folder per
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -24,6 +26,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+# The helpers the tests share with the benchmarks (tests/helpers.py). Appended, not prepended: kto_ray
+# still comes from PYTHONPATH or the installed package (driver_overhead.py points PYTHONPATH elsewhere).
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))
+from tests.helpers import PlainEngine, make_config, write_store  # noqa: E402
+
+__all__ = ["PlainEngine", "make_config", "write_store"]  # re-exported: the benchmarks use common.X
 # Ray's raylet starts its worker processes at nice 15 (its `worker_niceness` default). A loop that is
 # compared with Ray workers runs at the same niceness, or on a shared machine the CPU scheduler would
 # favour it over them (and over the neighbours they share the cores with).
@@ -58,7 +67,9 @@ class ModelSpec:
 SMALL = ModelSpec("llama-7m", hidden=320, layers=6, intermediate=864, heads=5, kv_heads=5)
 # ~21M parameters: the TRL comparison's larger option (--model medium).
 MEDIUM = ModelSpec("llama-21m", hidden=512, layers=7, intermediate=1376, heads=8, kv_heads=8)
-SPECS = {"small": SMALL, "medium": MEDIUM}
+# ~60k parameters: the smoke runs (`--smoke`), which check a benchmark's code path, not its figures.
+TINY = ModelSpec("llama-tiny", hidden=32, layers=1, intermediate=64, heads=2, kv_heads=2)
+SPECS = {"tiny": TINY, "small": SMALL, "medium": MEDIUM}
 
 
 def build_model(spec: ModelSpec, seed: int = 0, noise: float = 0.0, tag: str = "") -> Path:
@@ -97,7 +108,14 @@ def build_model(spec: ModelSpec, seed: int = 0, noise: float = 0.0, tag: str = "
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another benchmark built it meanwhile (a folder is not replaced when not empty)
+        if not (out / "model.safetensors").is_file():
+            raise
+        import shutil
+
+        shutil.rmtree(tmp)
     return out
 
 
@@ -190,22 +208,19 @@ def scratch_dir(prefix: str) -> Path:
     return path
 
 
-def make_config(model: Path, data: Path, root: Path, **sections: dict[str, Any]):
-    """A CPU config like tests/conftest.py's: configs/demo.yaml with the model, data and paths replaced."""
-    from kto_ray.config import config_from_dict, load_config
+# What every benchmark run sets on top of configs/demo.yaml: room for the longest generated rows, no eval
+# split, no checkpoint but the final one (not part of the figures), no export, no step logs, a constant lr.
+BENCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "data": {"max_length": 512, "max_prompt_length": 256, "eval_fraction": 0.0},
+    "run": {"checkpoint_every": 10**6, "export": False},
+    "train": {"log_every": 10**6, "warmup_ratio": 0.0, "schedule": "constant"},
+}
 
-    tree = load_config(REPO / "configs" / "demo.yaml").model_dump(mode="json")
-    tree["model"]["path"] = str(model)
-    tree["data"]["paths"] = [str(data)]
-    tree["data"].update(max_length=512, max_prompt_length=256, eval_fraction=0.0)
-    tree["store"]["path"] = str(root / "store")
-    tree["run"]["dir"] = str(root / "runs")
-    tree["run"]["checkpoint_every"] = 10**6  # only the final checkpoint: not part of the figures
-    tree["run"]["export"] = False
-    tree["train"].update(log_every=10**6, warmup_ratio=0.0, schedule="constant")
-    for section, values in sections.items():
-        tree[section].update(values)
-    return config_from_dict(tree)
+
+def bench_config(model: Path, data: Path, root: Path, /, **sections: dict[str, Any]):
+    """tests.helpers.make_config (configs/demo.yaml with the model, data and paths replaced) with the
+    benchmarks' defaults instead of the tests'; `sections` override them key by key."""
+    return make_config(model, data, root, defaults=BENCH_DEFAULTS, **sections)
 
 
 def shared_store(model: Path, data: Path) -> dict[str, str]:
@@ -230,12 +245,31 @@ def run_like_a_worker(fn: Any, *args: Any) -> Any:
         return pool.submit(fn, *args).result()
 
 
-def ray_init() -> None:
-    """One local Ray per benchmark process: 2 CPUs, no dashboard, workers' logs kept off the table."""
+def ray_init(**options: Any) -> None:
+    """One local Ray per benchmark process: 2 CPUs, no dashboard, workers' logs kept off the table.
+    Started as kto_ray.raycluster starts one: Ray Train's placement-group cleaner must not find another
+    Ray on this host (tests or benchmarks running beside us) and remove our group."""
     import ray
 
+    from kto_ray.raycluster import no_state_api_lookup
+
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        with no_state_api_lookup():
+            ray.init(
+                **{"address": "local", "num_cpus": 2, "include_dashboard": False, "log_to_driver": False}
+                | options
+            )
+
+
+def parse_args(parser: argparse.ArgumentParser, smoke: dict[str, Any]) -> argparse.Namespace:
+    """`parser`'s arguments and `--smoke`, whose `smoke` values replace the parsed ones: the smallest run
+    through the benchmark's real code path, seconds long, that prints its tables (tests/test_bench.py
+    runs it). Its figures mean nothing."""
+    parser.add_argument("--smoke", action="store_true", help="a few seconds through the real code path")
+    args = parser.parse_args()
+    if args.smoke:
+        vars(args).update(smoke)
+    return args
 
 
 # -------------------------------------------------------------------------------------- metrics/timing
@@ -359,30 +393,6 @@ class PeakMemory:
 def self_peak_mib() -> float:
     """Peak RSS of this process so far (VmHWM), MiB."""
     return status_kib(os.getpid(), ("VmHWM",))["VmHWM"] / 1024
-
-
-class PlainEngine:
-    """What kto_ray.training.step.train_step needs of a DeepSpeed engine, on a plain module in this process:
-    backward, then (when an optimizer is given) clip + step at every call of `step`."""
-
-    def __init__(self, module: Any, optimizer: Any = None, max_grad_norm: float = 1.0):
-        self.module, self.optimizer, self.max_grad_norm = module, optimizer, max_grad_norm
-        self._norm: float | None = None
-
-    def backward(self, loss: Any, scale_wrt_gas: bool = True) -> None:
-        loss.backward()
-
-    def step(self) -> None:
-        if self.optimizer is None:
-            return
-        import torch
-
-        self._norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def get_global_grad_norm(self) -> float | None:
-        return self._norm
 
 
 # ----------------------------------------------------------------------------------------------- output

@@ -14,7 +14,7 @@ everything before the launch is timed and nothing after it runs. Three codes are
 - after, cold: this checkout with an empty digest cache (a first run, or a new model);
 - after, warm: this checkout again, with the cache the cold run left (every rerun).
 
-    .venv/bin/python bench/driver_overhead.py [--size-gib 5] [--repeats 3]
+    .venv/bin/python bench/driver_overhead.py [--size-gib 5] [--repeats 3] [--smoke]
 """
 
 from __future__ import annotations
@@ -59,9 +59,9 @@ def child(config: str) -> None:
     prepare.weights_fingerprint = timed("weights_fingerprint", prepare.weights_fingerprint)
     prepare.read_examples = timed("data_read", prepare.read_examples)
 
-    def launch(cfg, table, steps, lam_d):
+    def launch(cfg, table, steps, lam_d, **_):  # and fit's keywords (eval_rows=)
         phases["to_launch"] = time.perf_counter() - started
-        phases["rows"] = len(table)
+        phases["rows"] = driver.row_count(table)  # a table or a SplitIndex
         return driver.TrainResult(Path(cfg.run.dir), steps, {})
 
     driver.fit = launch
@@ -80,7 +80,7 @@ def _measure(config: Path, env: dict[str, str]) -> dict:
     return json.loads(line.removeprefix(MARK))
 
 
-def main(size_gib: int, repeats: int) -> None:
+def main(size_gib: float, repeats: int, rows: int | None) -> None:
     import yaml
 
     from kto_ray.assets.tiny_model import ensure_tiny_model
@@ -89,14 +89,18 @@ def main(size_gib: int, repeats: int) -> None:
     model = scratch / "model"
     shutil.copytree(ensure_tiny_model(common.REPO / "artifacts" / "tiny-llama"), model)
     with open(model / "extra-00002.safetensors", "wb") as f:
-        f.truncate(size_gib << 30)  # sparse: no disk used
+        f.truncate(int(size_gib * 2**30))  # sparse: no disk used
     data = common.REPO / "data" / "arithmetic.jsonl"
-    cfg = common.make_config(model, data, scratch)
+    if rows is not None:
+        data = scratch / "data.jsonl"
+        lines = (common.REPO / "data" / "arithmetic.jsonl").read_text().splitlines(keepends=True)
+        data.write_text("".join(lines[:rows]))
+    cfg = common.bench_config(model, data, scratch)
     config = scratch / "config.yaml"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
 
     env = dict(os.environ, KTO_RAY_CACHE=str(scratch / "cache-build"), RAY_ADDRESS="local")
-    print(f"building the store ({data.name}, model folder {size_gib} GiB + tiny model) ...", flush=True)
+    print(f"building the store ({data.name}, model folder {size_gib:g} GiB + tiny model) ...", flush=True)
     subprocess.run(
         [sys.executable, "-m", "kto_ray", "precompute", "--config", str(config)], env=env, check=True
     )
@@ -138,11 +142,12 @@ def main(size_gib: int, repeats: int) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-gib", type=int, default=5)
+    parser.add_argument("--size-gib", type=float, default=5)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=None, help="the first rows of the shipped data (all)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = common.parse_args(parser, smoke={"size_gib": 0.01, "repeats": 1, "rows": 240})
     if args.child:
         child(args.child)
     else:
-        main(args.size_gib, args.repeats)
+        main(args.size_gib, args.repeats, args.rows)

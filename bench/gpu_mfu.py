@@ -14,7 +14,7 @@ Peak dense bf16 FLOP/s comes from the device name (H100/H200 SXM 989 TFLOP/s, H1
 L40S 362, L4 121) or --peak-tflops. Needs a CUDA machine:
 
     python bench/gpu_mfu.py [--batch 8] [--seq 2048] [--rows 8192]
-    python bench/gpu_mfu.py --smoke      # tiny model on CPU: checks the code paths only, no figures
+    python bench/gpu_mfu.py --smoke      # tiny model (on CPU without a GPU): the code paths, no figures
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def precompute_rate(
     from kto_ray.reference.precompute import precompute
 
     data = common.write_dataset("uniform", rows)
-    cfg = common.make_config(
+    cfg = common.bench_config(
         model_dir,
         data,
         root,
@@ -150,12 +150,7 @@ def precompute_rate(
             "dtype": "bfloat16",
         },
     )
-    ray.init(
-        address="local",
-        num_cpus=min(8, os.cpu_count() or 1),
-        num_gpus=1 if use_gpu else 0,
-        include_dashboard=False,
-    )
+    common.ray_init(num_cpus=min(8, os.cpu_count() or 1), num_gpus=1 if use_gpu else 0)
     try:
         with common.timed() as wall:
             store = precompute(cfg).store
@@ -168,9 +163,9 @@ def precompute_rate(
 def main() -> None:
     import torch
 
-    if args.smoke:
-        device, shape = torch.device("cpu"), TINY
-        args.batch, args.seq, args.steps, args.rows = 2, 64, 2, 64
+    if args.smoke:  # the tiny model, on the GPU when there is one
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        shape = TINY
     else:
         if not torch.cuda.is_available():
             raise SystemExit(
@@ -178,7 +173,8 @@ def main() -> None:
             )
         device, shape = torch.device("cuda", 0), LLAMA_1B
     peak = peak_flops(device, args.peak_tflops)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke)"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    name += " (smoke: figures mean nothing)" if args.smoke else ""
     print(f"device: {name}, peak {peak / 1e12:.0f} TFLOP/s dense bf16; torch {torch.__version__}")
     root = common.scratch_dir("bench-gpu-")
     model_dir = build(shape, root / "model", torch.bfloat16)
@@ -206,6 +202,5 @@ if __name__ == "__main__":
     parser.add_argument("--rows", type=int, default=8192, help="precompute rows (uniform arithmetic data)")
     parser.add_argument("--batch-rows", type=int, default=64, help="precompute.batch_rows")
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak, TFLOP/s")
-    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU: code paths only")
-    args = parser.parse_args()
+    args = common.parse_args(parser, smoke={"batch": 2, "seq": 64, "steps": 2, "rows": 64})
     main()

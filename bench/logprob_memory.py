@@ -7,6 +7,7 @@ set high-water mark above its level just before the forward (reset through /proc
 CUDA, torch.cuda.max_memory_allocated above the allocated memory before the forward.
 
     .venv/bin/python bench/logprob_memory.py [--device cpu|cuda] [--chunks 512 1024 2048] [--repeats 3]
+    .venv/bin/python bench/logprob_memory.py --smoke
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def _rss_kib(key: str) -> int:
     raise RuntimeError(key)
 
 
-def measure(device: str, chunk: int | None, repeats: int) -> dict[str, float]:
+def measure(device: str, chunk: int | None, repeats: int, vocab: int, completion: int) -> dict[str, float]:
     """In this process: peak memory of the first forward + backward, median time of `repeats`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -43,7 +44,7 @@ def measure(device: str, chunk: int | None, repeats: int) -> dict[str, float]:
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
     config = LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         hidden_size=256,
         intermediate_size=688,
         num_hidden_layers=2,
@@ -55,7 +56,7 @@ def measure(device: str, chunk: int | None, repeats: int) -> dict[str, float]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
     gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(4, VOCAB, (PROMPT + COMPLETION,), generator=gen).tolist()
+    ids = torch.randint(4, vocab, (PROMPT + completion,), generator=gen).tolist()
     batch = pad_sequences([ids[:PROMPT]], [ids[PROMPT:]], pad_id=0).to(device)
 
     def once() -> float:
@@ -89,19 +90,22 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--chunks", type=int, nargs="+", default=[512, 1024, 2048])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--vocab", type=int, default=VOCAB)
+    parser.add_argument("--completion", type=int, default=COMPLETION, help="completion tokens of the row")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = common.parse_args(parser, smoke={"vocab": 4096, "completion": 256, "chunks": [64], "repeats": 1})
     if args.child is not None:
         chunk = None if args.child == "full" else int(args.child)
-        print(json.dumps(measure(args.device, chunk, args.repeats)))
+        print(json.dumps(measure(args.device, chunk, args.repeats, args.vocab, args.completion)))
         return
 
     print(f"machine: {common.machine_line()}")
-    tokens = f"{PROMPT + COMPLETION:,} tokens ({COMPLETION:,} completion)"
-    print(f"vocab {VOCAB:,}, one row of {tokens}, {args.device}")
+    tokens = f"{PROMPT + args.completion:,} tokens ({args.completion:,} completion)"
+    print(f"vocab {args.vocab:,}, one row of {tokens}, {args.device}")
     results = {}
     for setting in ["full", *map(str, args.chunks)]:
         command = [sys.executable, __file__, "--device", args.device, "--repeats", str(args.repeats)]
+        command += ["--vocab", str(args.vocab), "--completion", str(args.completion)]
         out = subprocess.run([*command, "--child", setting], capture_output=True, text=True, check=True)
         results[setting] = json.loads(out.stdout.strip().splitlines()[-1])
     full = results["full"]

@@ -9,7 +9,7 @@ What LoRA changes per worker (N base parameters, n adapter parameters, fp32 Adam
   compute: the backward skips the base weights' gradients (about a third of a step's FLOPs) but adds
           the adapters' small matmuls, so samples/s gains less than memory.
 
-    .venv/bin/python bench/lora_vs_full.py [--rounds 2] [--steps 8] [--workers 2] [--rank 16]
+    .venv/bin/python bench/lora_vs_full.py [--rounds 2] [--steps 8] [--workers 2] [--rank 16] [--smoke]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main() -> None:
     data = common.write_dataset("uniform", rows)
     workers = args.workers
     root = common.scratch_dir("bench-lora-")
-    cfg = common.make_config(
+    cfg = common.bench_config(
         model,
         data,
         root,
@@ -103,5 +103,6 @@ if __name__ == "__main__":
     # these activations outweigh the optimizer state LoRA saves (0 isolates the model-state saving).
     parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (lora.dropout)")
     parser.add_argument("--model", default="medium", choices=sorted(common.SPECS))
-    args = parser.parse_args()
+    smoke = {"rounds": 1, "steps": 3, "skip": 1, "batch": 4, "workers": 1, "rank": 4, "model": "tiny"}
+    args = common.parse_args(parser, smoke)
     main()

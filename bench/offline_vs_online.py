@@ -8,7 +8,7 @@ Theory, per row with T policy tokens and T_kl KL tokens (N parameters):
   offline: 2N T_kl (KL forward) + 6N T (policy forward + backward)
   online:  the same + 2N T + 2N T_kl (reference forwards)      -> ratio 12/8 = 1.5 when T = T_kl.
 
-    .venv/bin/python bench/offline_vs_online.py [--rounds 2] [--steps 10] [--workers 1]
+    .venv/bin/python bench/offline_vs_online.py [--rounds 2] [--steps 10] [--workers 1] [--smoke]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main() -> None:
     data = common.write_dataset("uniform", rows)
     workers = args.workers
     root = common.scratch_dir("bench-ovo-")
-    cfg = common.make_config(
+    cfg = common.bench_config(
         model,
         data,
         root,
@@ -104,5 +104,5 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=16, help="global batch (rows per optimizer step)")
     parser.add_argument("--workers", type=int, default=1, choices=(1, 2))
     parser.add_argument("--model", default="small", choices=sorted(common.SPECS))
-    args = parser.parse_args()
+    args = common.parse_args(parser, smoke={"rounds": 1, "steps": 3, "skip": 1, "batch": 4, "model": "tiny"})
     main()

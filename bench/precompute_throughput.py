@@ -9,7 +9,7 @@ beforehand and not counted). Compute is matched: 1 precompute actor with 1 CPU (
 torch thread) vs the naive loop on 1 thread (`--actors 2` compares 2 actors with 2 threads). The naive
 loop runs in its own process at the niceness Ray gives its workers (15), like the precompute actors.
 
-    .venv/bin/python bench/precompute_throughput.py [--rows 512] [--batch 16] [--rounds 1]
+    .venv/bin/python bench/precompute_throughput.py [--rows 512] [--batch 16] [--rounds 1] [--smoke]
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def main() -> None:
     model = common.build_model(spec)
     data = common.write_dataset("skewed", args.rows)
     root = common.scratch_dir("bench-pre-")
-    cfg = common.make_config(
+    cfg = common.bench_config(
         model,
         data,
         root,
@@ -137,5 +137,6 @@ if __name__ == "__main__":
     parser.add_argument("--actors", type=int, default=1, choices=(1, 2))
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--model", default="small", choices=sorted(common.SPECS))
-    args = parser.parse_args()
+    smoke = {"rows": 64, "batch": 8, "bucket_rows": 64, "rounds": 1, "model": "tiny"}
+    args = common.parse_args(parser, smoke)
     main()

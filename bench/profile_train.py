@@ -5,7 +5,7 @@ warm-up steps, records it with `py-spy record` for a fixed time and prints the f
 most samples, inclusive (anywhere on the stack) and by leaf frame. The raw collapsed stacks are kept
 for a flame graph (e.g. https://www.speedscope.app or inferno).
 
-    .venv/bin/python bench/profile_train.py [--mode offline|online] [--seconds 20] [--workers 1]
+    .venv/bin/python bench/profile_train.py [--mode offline|online] [--seconds 20] [--workers 1] [--smoke]
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def main() -> None:
     data = common.write_dataset("uniform", rows)
     root = common.scratch_dir("bench-prof-")
     workers = args.workers
-    cfg = common.make_config(
+    cfg = common.bench_config(
         model,
         data,
         root,
@@ -140,5 +140,7 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--model", default="small", choices=sorted(common.SPECS))
-    args = parser.parse_args()
+    # Enough steps of the tiny model (~0.03 s each) that the worker outlives the recording.
+    smoke = {"steps": 150, "warmup": 2, "seconds": 1, "batch": 4, "workers": 1, "top": 5, "model": "tiny"}
+    args = common.parse_args(parser, smoke)
     main()

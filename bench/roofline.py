@@ -12,7 +12,7 @@ and 2 workers (0.5 CPU each, 1 thread each) against the 2-thread peak. The same 
 module (kto_ray.training.step.train_step, torch AdamW, no Ray, no DeepSpeed; in a process of its own at the
 niceness Ray gives its workers) shows what the framework costs.
 
-    .venv/bin/python bench/roofline.py [--steps 8] [--batch 16]
+    .venv/bin/python bench/roofline.py [--steps 8] [--batch 16] [--smoke]
 """
 
 from __future__ import annotations
@@ -44,13 +44,13 @@ def matmul_flops(m: int, k: int, n: int, threads: int, seconds: float = 1.5, rep
         torch.set_num_threads(previous)
 
 
-def linear_peak(spec: common.ModelSpec, tokens: int, threads: int) -> float:
+def linear_peak(spec: common.ModelSpec, tokens: int, threads: int, seconds: float) -> float:
     """FLOP/s of one decoder layer's Linear GEMMs at `tokens` rows (q, k, v, o; gate, up; down)."""
     h, i = spec.hidden, spec.intermediate
     shapes = {(tokens, h, h): 4, (tokens, h, i): 2, (tokens, i, h): 1}
     flops = {s: 2 * s[0] * s[1] * s[2] * n for s, n in shapes.items()}
-    seconds = sum(f / matmul_flops(*s, threads, seconds=0.6) for s, f in flops.items())
-    return sum(flops.values()) / seconds
+    spent = sum(f / matmul_flops(*s, threads, seconds=seconds) for s, f in flops.items())
+    return sum(flops.values()) / spent
 
 
 def step_tokens(cfg, workers: int, steps: int) -> list[tuple[int, int]]:
@@ -109,7 +109,7 @@ def plain_run(cfg, steps: int, skip: int, n_params: int) -> tuple[float, float]:
     model.config.use_cache = False
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=0.0)
-    engine = common.PlainEngine(model, optimizer, cfg.train.max_grad_norm)
+    engine = common.PlainEngine(model, optimizer, max_grad_norm=cfg.train.max_grad_norm)
     schedule = Schedule(len(table), 1, cfg.train.micro_batch_size, 1, cfg.train.seed)
     settings = LossSettings(cfg.train.beta, 1.0, 1.0)
     times = []
@@ -125,8 +125,9 @@ def plain_run(cfg, steps: int, skip: int, n_params: int) -> tuple[float, float]:
 
 def measure_peaks(spec: common.ModelSpec, tokens: int) -> tuple[dict[int, float], dict[int, float]]:
     """Large-matmul and model-GEMM FLOP/s on 1 and 2 threads."""
-    peaks = {t: matmul_flops(2048, 2048, 2048, t) for t in (1, 2)}
-    return peaks, {t: linear_peak(spec, tokens, t) for t in (1, 2)}
+    size = args.peak_size
+    peaks = {t: matmul_flops(size, size, size, t, seconds=args.peak_seconds) for t in (1, 2)}
+    return peaks, {t: linear_peak(spec, tokens, t, seconds=0.4 * args.peak_seconds) for t in (1, 2)}
 
 
 def _flops(achieved: float, peak: float, model_peak: float) -> list[float]:
@@ -141,7 +142,7 @@ def main() -> None:
     n_params = common.count_parameters(model)
     data = common.write_dataset("uniform", args.steps * args.batch + args.batch)
     root = common.scratch_dir("bench-roof-")
-    cfg = common.make_config(
+    cfg = common.bench_config(
         model,
         data,
         root,
@@ -157,7 +158,7 @@ def main() -> None:
     common.ray_init()
     precompute(cfg)
     runs = []  # (name, threads, samples/s, achieved FLOP/s)
-    for workers in (1, 2):
+    for workers in args.workers:
         achieved, samples = train_run(cfg, workers, args.skip, n_params)
         runs.append((f"kto-ray, {workers} worker(s)", workers, samples, achieved))
     achieved, samples = common.run_like_a_worker(plain_run, cfg, args.steps, args.skip, n_params)
@@ -176,7 +177,7 @@ def main() -> None:
         rows,
         title=(
             f"roofline: {spec.name}, batch {args.batch}, uniform data, steps {args.skip + 1}-{args.steps}; "
-            f"peak = 2048^3 fp32 matmul; model-GEMM peak = its Linear GEMMs at {tokens} tokens "
+            f"peak = {args.peak_size}^3 fp32 matmul; model-GEMM peak = its Linear GEMMs at {tokens} tokens "
             f"({model_peak[1] / 1e9:.0f} / {model_peak[2] / 1e9:.0f} GFLOP/s on 1 / 2 threads)"
         ),
     )
@@ -189,5 +190,9 @@ if __name__ == "__main__":
     parser.add_argument("--skip", type=int, default=2)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--model", default="small", choices=sorted(common.SPECS))
-    args = parser.parse_args()
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], choices=(1, 2))
+    parser.add_argument("--peak-size", type=int, default=2048, help="the peak's square matmul size")
+    parser.add_argument("--peak-seconds", type=float, default=1.5, help="time per peak measurement")
+    smoke = {"steps": 3, "skip": 1, "batch": 4, "model": "tiny", "workers": [1]}
+    args = common.parse_args(parser, smoke | {"peak_size": 256, "peak_seconds": 0.1})
     main()

@@ -1,8 +1,8 @@
 """Peak memory of getting the train split to the workers: the whole table (today) vs a row index plus
 rows read by position (kto_ray/training/rows.py), on synthetic stores of 20k and 200k rows.
 
-The stores are written here with pyarrow (no model): three token lists of 20-60 int32 each per row,
-90% train, ids shuffled across files of 1,024 rows in row groups of 256 (precompute's layout). Each
+The stores are written with tests.helpers.write_store (no model): three token lists of 20-60 int32 each
+per row, 90% train, ids shuffled across files of 1,024 rows in row groups of 256 (precompute's layout). Each
 case runs in a fresh process; the figure is its resident-set high-water mark (VmHWM), reset through
 /proc/self/clear_refs after the imports, so "above imports" is what the case itself costs.
 - old driver: `Store.read_split("train")`, lambda_D's label counts, the step count, and the table
@@ -16,6 +16,7 @@ case runs in a fresh process; the figure is its resident-set high-water mark (Vm
   micro-batches taken and collated. Its data wait is the time `take` blocked per step.
 
     .venv/bin/python bench/row_memory.py [--rows 20000 200000] [--steps 50] [--cache-mib 16] [--step-ms 100]
+    .venv/bin/python bench/row_memory.py --smoke
 """
 
 from __future__ import annotations
@@ -32,58 +33,27 @@ from pathlib import Path
 import common
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 MARK = "ROW_MEMORY "
 WORKERS, MICRO_BATCH, ACCUMULATION, SEED = 2, 16, 2, 0
 ROWS_PER_FILE, GROUP_ROWS = 1024, 256
 
 
-def _tokens(rng: np.random.Generator, n: int) -> pa.Array:
-    lengths = rng.integers(20, 61, n)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    values = rng.integers(0, 32_000, int(offsets[-1])).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
-
-
 def write_store(root: Path, rows: int) -> str:
     """A committed store of `rows` synthetic rows (manifest + data-<id>/ files), as precompute lays out."""
-    from kto_ray.reference.store import COMPONENTS, MANIFEST, SCHEMA, build_manifest
-    from kto_ray.storage import resolve, write_text_atomically
-
-    rng = np.random.default_rng(rows)
-    location = resolve(root / f"store-{rows}")
-    data = location.join("data-bench")
-    location.fs.create_dir(data.path, recursive=True)
-    ids = rng.permutation(rows)
-    train = desirable = 0
-    for number, start in enumerate(range(0, rows, ROWS_PER_FILE)):
-        part = ids[start : start + ROWS_PER_FILE]
-        n = len(part)
-        label, split = rng.random(n) < 0.5, np.where(rng.random(n) < 0.9, "train", "eval")
-        train, desirable = (
-            train + int((split == "train").sum()),
-            desirable + int((label & (split == "train")).sum()),
-        )
-        columns = {
-            "id": pa.array(part, pa.int64()),
-            "prompt_ids": _tokens(rng, n),
-            "completion_ids": _tokens(rng, n),
-            "kl_completion_ids": _tokens(rng, n),
-            "kl_id": pa.array(rng.permutation(part), pa.int64()),
-            "label": pa.array(label),
-            "ref_logps": pa.array(rng.normal(-40, 5, n).astype(np.float32)),
-            "ref_kl_logps": pa.array(rng.normal(-50, 5, n).astype(np.float32)),
-            "split": pa.array(split),
-        }
-        table = pa.table([columns[f.name].cast(f.type) for f in SCHEMA], schema=SCHEMA)
-        pq.write_table(table, data.join(f"part-{number:05d}.parquet").path, row_group_size=GROUP_ROWS)
-    counts = {"train": {"desirable": desirable, "undesirable": train - desirable}, "eval": {}}
-    manifest = build_manifest({c: "bench" for c in COMPONENTS}, {}, counts, 0, 0.0)
-    write_text_atomically(
-        location.join(MANIFEST), manifest.model_copy(update={"data_dir": "data-bench"}).model_dump_json()
+    files = -(-rows // ROWS_PER_FILE)
+    path = root / f"store-{rows}"
+    common.write_store(
+        path,
+        [GROUP_ROWS] * files,
+        ROWS_PER_FILE,
+        seed=rows,
+        rows=rows,
+        lengths=((20, 61), (20, 61), (20, 61)),
+        vocab=range(32_000),
+        train_fraction=0.9,
     )
-    return location.path
+    return str(path)
 
 
 # --------------------------------------------------------------------------------------- the cases
@@ -167,7 +137,7 @@ def main() -> None:
     parser.add_argument("--cache-mib", type=float, default=16, help="RowReader's row-group cache")
     parser.add_argument("--step-ms", type=float, default=100, help="compute time of a step (a sleep)")
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = common.parse_args(parser, smoke={"rows": [1024], "steps": 3, "step_ms": 1.0})
     if args.child:
         case, store, handoff, steps, cache_mib, step_ms = args.child
         result = child(case, store, handoff, int(steps), float(cache_mib), float(step_ms))

@@ -23,10 +23,10 @@ x 0.5 CPU, ZeRO-3, micro-batch 16; no checkpoint before the final one, no export
   holding rank 0's rows of a step (what its reader reads per step when nothing is cached);
 - load: the 1-minute load average when the run ended.
 
-Synthetic stores (cached under --out/stores/, reused by later runs): rows with 20-60 prompt and 20-60
-completion tokens of the tiny model's vocabulary, ref log-probs uniform in [-30, -5], labels 50/50,
-90% train, the KL completion another row's, ids shuffled across files of 1,024 rows in row groups of
-256 (precompute's), committed with `StoreWriter` under a `data-...` prefix.
+Synthetic stores (tests.helpers.write_store, cached under --out/stores/, reused by later runs): rows with
+20-60 prompt, completion and KL completion tokens of the tiny model's vocabulary, random reference
+log-probs, 60% desirable, 90% train, ids shuffled across files of 1,024 rows in row groups of 256
+(precompute's), laid out as StoreWriter commits a store.
 
 `--demo`: the demo config's own store (configs/demo.yaml, tiny model, built by `precompute` under
 --out/demo-store/ and reused), both paths alternating (table, index, table, index, ...) with the same
@@ -38,6 +38,7 @@ in --out/logs/<case>.log.
 
     .venv/bin/python bench/train_rows.py [--rows 20000 200000] [--steps 30] [--paths table index]
     .venv/bin/python bench/train_rows.py --demo [--steps 60] [--repeats 2]
+    .venv/bin/python bench/train_rows.py --smoke
 """
 
 from __future__ import annotations
@@ -67,69 +68,26 @@ TINY_MODEL = common.REPO / "artifacts" / "tiny-llama"
 # ------------------------------------------------------------------------------------ synthetic stores
 
 
-def _token_lists(rng: np.random.Generator, n: int, vocab: range):
-    import pyarrow as pa
-
-    lengths = rng.integers(20, 61, n)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    values = rng.integers(vocab.start, vocab.stop, int(offsets[-1])).astype(np.int32)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
-
-
 def synthetic_store(root: Path, rows: int) -> str:
     """A committed store of `rows` synthetic rows at root/stores/rows-<n> (built once, then reused)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from kto_ray.assets.tiny_model import ALPHABET, SPECIAL_TOKENS
-    from kto_ray.reference.store import (
-        COMPONENTS,
-        SCHEMA,
-        StoreWriter,
-        build_manifest,
-        open_store,
-        read_manifest,
-    )
+    from kto_ray.reference.store import open_store, read_manifest
 
     path = root / "stores" / f"rows-{rows}"
     if read_manifest(path) is not None:  # committed by an earlier run: reuse it
         return str(open_store(path).path)
     started = time.perf_counter()
-    vocab = range(len(SPECIAL_TOKENS), len(SPECIAL_TOKENS) + len(ALPHABET))  # no special tokens
-    rng = np.random.default_rng(rows)
-    ids = rng.permutation(rows)
-    counts = {s: {"desirable": 0, "undesirable": 0} for s in ("train", "eval")}
-    tokens = 0
-    with StoreWriter(path) as writer:
-        for number, start in enumerate(range(0, rows, ROWS_PER_FILE)):
-            part = ids[start : start + ROWS_PER_FILE]
-            n = len(part)
-            label = rng.random(n) < 0.5
-            split = np.where(rng.random(n) < 0.9, "train", "eval")
-            prompt, completion = _token_lists(rng, n, vocab), _token_lists(rng, n, vocab)
-            other = np.roll(np.arange(n), 1)  # each row's KL completion: the previous row's
-            for s in ("train", "eval"):
-                counts[s]["desirable"] += int((label & (split == s)).sum())
-                counts[s]["undesirable"] += int((~label & (split == s)).sum())
-            tokens += int(pa.compute.sum(pa.compute.list_value_length(prompt)).as_py())
-            tokens += int(pa.compute.sum(pa.compute.list_value_length(completion)).as_py())
-            columns = {
-                "id": pa.array(part, pa.int64()),
-                "prompt_ids": prompt,
-                "completion_ids": completion,
-                "kl_completion_ids": completion.take(pa.array(other)),
-                "kl_id": pa.array(part[other], pa.int64()),
-                "label": pa.array(label),
-                "ref_logps": pa.array(rng.uniform(-30, -5, n).astype(np.float32)),
-                "ref_kl_logps": pa.array(rng.uniform(-30, -5, n).astype(np.float32)),
-                "split": pa.array(split),
-            }
-            table = pa.table([columns[f.name].cast(f.type) for f in SCHEMA], schema=SCHEMA)
-            target = writer.data.join(f"part-{number:05d}.parquet").path
-            pq.write_table(table, target, filesystem=writer.location.fs, row_group_size=GROUP_ROWS)
-        fingerprint = {c: f"bench-rows-{rows}" for c in COMPONENTS}
-        seconds = time.perf_counter() - started
-        writer.commit(build_manifest(fingerprint, {"bench": "train_rows"}, counts, tokens, seconds))
+    files = -(-rows // ROWS_PER_FILE)
+    common.write_store(
+        path,
+        [GROUP_ROWS] * files,
+        ROWS_PER_FILE,
+        seed=rows,
+        rows=rows,
+        lengths=((20, 61), (20, 61), (20, 61)),
+        vocab=range(len(SPECIAL_TOKENS), len(SPECIAL_TOKENS) + len(ALPHABET)),  # no special tokens
+        train_fraction=0.9,
+    )
     print(f"built {path}: {rows:,} rows in {time.perf_counter() - started:.1f}s", flush=True)
     return str(path)
 
@@ -137,18 +95,18 @@ def synthetic_store(root: Path, rows: int) -> str:
 # ------------------------------------------------------------------------------------------- configs
 
 
-def make_config(store: str, run_root: Path, name: str, steps: int):
+def run_config(store: str, run_root: Path, name: str, steps: int):
     """configs/demo.yaml with the tiny model, the given store and run dir, `steps` steps, 2 workers."""
-    from kto_ray.config import config_from_dict, load_config
-
-    tree = load_config(common.REPO / "configs" / "demo.yaml").model_dump(mode="json")
-    tree["model"]["path"] = str(TINY_MODEL)
-    tree["data"]["paths"] = [str(common.REPO / "data" / "arithmetic.jsonl")]
-    tree["store"]["path"] = store
-    tree["run"].update(dir=str(run_root), name=name, checkpoint_every=steps + 10**6, export=False)
-    tree["cluster"].update(workers=WORKERS, cpus_per_worker=CPUS_PER_WORKER, address=None)
-    tree["train"].update(micro_batch_size=MICRO_BATCH, max_steps=steps, log_every=10)
-    return config_from_dict(tree)
+    return common.make_config(
+        TINY_MODEL,
+        common.REPO / "data" / "arithmetic.jsonl",
+        run_root,
+        defaults={},
+        store={"path": store},
+        run={"dir": str(run_root), "name": name, "checkpoint_every": steps + 10**6, "export": False},
+        cluster={"workers": WORKERS, "cpus_per_worker": CPUS_PER_WORKER, "address": None},
+        train={"micro_batch_size": MICRO_BATCH, "max_steps": steps, "log_every": 10},
+    )
 
 
 # -------------------------------------------------------------------------------------- the child
@@ -204,7 +162,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     from kto_ray.training.metrics import parse_metrics
     from kto_ray.training.rows import SplitIndex
 
-    cfg = make_config(spec["store"], Path(spec["run_root"]), spec["name"], spec["steps"])
+    cfg = run_config(spec["store"], Path(spec["run_root"]), spec["name"], spec["steps"])
     store = open_store(spec["store"])
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the case's own peak from here
     before = common.status_kib("self", ("VmRSS",))["VmRSS"] / 1024
@@ -477,7 +435,7 @@ def demo_mode(args: argparse.Namespace) -> None:
 def _precompute_child(store: str) -> None:
     from kto_ray.reference.precompute import precompute
 
-    cfg = make_config(store, common.REPO / "runs", "unused", 1)
+    cfg = run_config(store, common.REPO / "runs", "unused", 1)
     precompute(cfg)
 
 
@@ -505,7 +463,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the run dirs under --out/runs")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--precompute", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    smoke = {"rows": [2048], "steps": 3, "skip": 1, "out": str(common.CACHE / "train-rows-smoke")}
+    args = common.parse_args(parser, smoke)
     if args.child:
         print(MARK + json.dumps(child(json.loads(args.child))), flush=True)
         return

@@ -11,7 +11,7 @@
    row counts once whatever order a system visits rows in. Wall times are the whole `train()` /
    `trainer.train()` call, setup is the reference pass.
 
-    .venv/bin/python bench/trl_compare.py [--steps 6] [--batch 16] [--model small]
+    .venv/bin/python bench/trl_compare.py [--steps 6] [--batch 16] [--model small] [--smoke]
 """
 
 from __future__ import annotations
@@ -298,7 +298,14 @@ HEADERS = [
 ]
 
 
-def speed(spec: common.ModelSpec, skews: list[common.Skew], steps: int, batch: int, root: Path):
+def speed(
+    spec: common.ModelSpec,
+    skews: list[common.Skew],
+    steps: int,
+    batch: int,
+    root: Path,
+    worker_counts: list[int],
+):
     model = common.build_model(spec)
     table = []
     train = {"max_steps": 2 * steps, "micro_batch_size": batch, "group_by_length": True}
@@ -306,9 +313,9 @@ def speed(spec: common.ModelSpec, skews: list[common.Skew], steps: int, batch: i
         data = common.write_dataset(skew, steps * batch)  # one epoch = `steps` steps
         print(f"{skew}: {common.length_summary(data)}", flush=True)
         rows_by_id = [json.loads(line) for line in data.read_text().splitlines()]
-        cfg = common.make_config(model, data, root / skew, train=train)
+        cfg = common.bench_config(model, data, root / skew, train=train)
         setup, rows_file = kto_ray_runs(cfg, batch, rows_by_id, root)
-        for workers in (1, 2):
+        for workers in worker_counts:
             trl = run_trl(model, rows_file, workers, 2 * steps, batch, root / f"trl-{skew}-{workers}")
             times = trl["step_times"][steps:]
             trl_rate = batch * len(times) / sum(times)
@@ -357,7 +364,7 @@ def main() -> None:
     print(f"model {spec.name}: {common.count_parameters(common.build_model(spec)):,} parameters")
     same_loss_check(spec, args.batch, root)
     common.ray_init()
-    speed(spec, args.datasets, args.steps, args.batch, root)
+    speed(spec, args.datasets, args.steps, args.batch, root, args.workers)
 
 
 if __name__ == "__main__":
@@ -369,5 +376,7 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--model", default="small", choices=sorted(common.SPECS))
     parser.add_argument("--datasets", nargs="+", default=["uniform", "skewed"], choices=["uniform", "skewed"])
-    args = parser.parse_args()
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], choices=(1, 2))
+    smoke = {"steps": 2, "batch": 4, "model": "tiny", "datasets": ["uniform"], "workers": [1]}
+    args = common.parse_args(parser, smoke)
     main()

@@ -3,7 +3,7 @@
 Same model, uniform data, 2 workers x 0.5 CPU, global batch 16; runs alternate stage 3 and stage 2 in
 one Ray session. Not part of `make bench` (it is the measurement behind `kto-ray plan`'s stage-2 advice).
 
-    .venv/bin/python bench/zero_stage.py [--rounds 2] [--steps 8]
+    .venv/bin/python bench/zero_stage.py [--rounds 2] [--steps 8] [--smoke]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def main() -> None:
     table, rates = [], {3: [], 2: []}
     for r in range(args.rounds):
         for stage in (3, 2):
-            cfg = common.make_config(
+            cfg = common.bench_config(
                 model,
                 data,
                 root,
@@ -59,5 +59,5 @@ if __name__ == "__main__":
     parser.add_argument("--skip", type=int, default=2, help="warm-up steps left out of the figure")
     parser.add_argument("--batch", type=int, default=16, help="global batch (rows per optimizer step)")
     parser.add_argument("--model", default="small", choices=sorted(common.SPECS))
-    args = parser.parse_args()
+    args = common.parse_args(parser, smoke={"rounds": 1, "steps": 3, "skip": 1, "batch": 4, "model": "tiny"})
     main()

@@ -1,4 +1,7 @@
-"""Shared fixtures: the embedded tiny model (built once per checkout), a local Ray, small configs."""
+"""Shared fixtures: the embedded tiny model (built once per checkout), a local Ray, small configs.
+
+`make_config` lives in tests/helpers.py (shared with bench/); it is imported here so that
+`from tests.conftest import make_config` keeps working."""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import make_config
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a hub
@@ -69,24 +74,6 @@ def small_data(tmp_path_factory) -> Path:
     lines = (REPO / "data" / "arithmetic.jsonl").read_text().splitlines()[:240]
     out.write_text("\n".join(lines) + "\n")
     return out
-
-
-def make_config(tiny_model: Path, data: Path, root: Path, /, **sections):
-    """A small CPU config rooted in `root`; `sections` override whole keys, e.g. train={"max_steps": 1}."""
-    from kto_ray.config import config_from_dict, load_config
-
-    tree = load_config(REPO / "configs" / "demo.yaml").model_dump(mode="json")
-    tree["model"]["path"] = str(tiny_model)
-    tree["data"]["paths"] = [str(data)]
-    tree["store"]["path"] = str(root / "store")
-    tree["run"]["dir"] = str(root / "runs")
-    tree["precompute"]["bucket_rows"] = 128
-    # The tests' numbers (step-0 loss 0.5, equal weights across worker counts) assume lambda_D = 1; the
-    # demo config's `auto` would weigh each class by the small data's counts.
-    tree["train"]["desirable_weight"] = 1.0
-    for section, values in sections.items():
-        tree[section].update(values)
-    return config_from_dict(tree)
 
 
 def kill_process_tree(pid: int) -> None:

@@ -13,7 +13,7 @@ from kto_ray.config import dump_config
 from kto_ray.models.loading import load_tokenizer
 from kto_ray.reference.precompute import precompute
 from kto_ray.tools.samples import write_samples
-from tests.conftest import make_config
+from tests.helpers import make_config
 
 pytestmark = pytest.mark.slow
 

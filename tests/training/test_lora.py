@@ -287,7 +287,7 @@ def test_real_model_lora_with_the_online_reference_trains_and_exports(real_model
     being the policy with its adapters off; the adapter export loads (base + adapter) and moved."""
     from kto_ray.config import config_from_dict
     from kto_ray.models.loading import load_causal_lm, load_tokenizer
-    from tests.conftest import REPO, make_config
+    from tests.helpers import REPO, make_config
 
     cfg = make_config(
         real_model,

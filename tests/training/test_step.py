@@ -1,4 +1,5 @@
-"""The train step with stand-ins (a plain module + SGD engine, gloo process groups): no Ray, no DeepSpeed.
+"""The train step with stand-ins (a plain module + SGD in tests.helpers.PlainEngine, gloo process groups):
+no Ray, no DeepSpeed.
 
 SGD is used because its update is proportional to the gradient, so any loss-scaling error shows.
 """
@@ -20,36 +21,9 @@ from kto_ray.reference.store import SCHEMA
 from kto_ray.training.batching import Schedule, collate
 from kto_ray.training.distributed import all_reduce_sum
 from kto_ray.training.step import LossSettings, train_step
+from tests.helpers import PlainEngine
 
 SETTINGS = LossSettings(beta=0.5, desirable_weight=1.3, undesirable_weight=0.8)
-
-
-class PlainEngine:
-    """What DeepSpeed does for the step, in plain torch: average gradients over ranks, then step."""
-
-    def __init__(self, module: torch.nn.Module, accumulation: int):
-        self.module = module
-        self.optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
-        self.accumulation, self.micro_steps, self.norm = accumulation, 0, None
-
-    def backward(self, loss, scale_wrt_gas=True):
-        (loss / (self.accumulation if scale_wrt_gas else 1)).backward()
-
-    def step(self):
-        self.micro_steps += 1
-        if self.micro_steps % self.accumulation:
-            return
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        for p in self.module.parameters():
-            if dist.is_initialized():
-                dist.all_reduce(p.grad)
-            p.grad /= world
-        self.norm = torch.norm(torch.stack([p.grad.norm() for p in self.module.parameters()])).item()
-        self.optimizer.step()
-        self.optimizer.zero_grad()
-
-    def get_global_grad_norm(self):
-        return self.norm
 
 
 def _model() -> LlamaForCausalLM:
@@ -92,7 +66,8 @@ def _table(rows: int = 8, labels: list[bool] | None = None) -> pa.Table:
 
 
 def _run(table, workers, rank, micro, accumulation, reduce=lambda t: t):
-    engine = PlainEngine(_model(), accumulation)
+    model = _model()
+    engine = PlainEngine(model, torch.optim.SGD(model.parameters(), lr=1.0), accumulation)
     schedule = Schedule(len(table), workers, micro, accumulation, seed=0)
     batches = [collate(table, rows, pad_id=0) for rows in schedule.rows_for(0, rank)]
     metrics = train_step(engine, batches, SETTINGS, reduce, workers)

@@ -239,7 +239,7 @@ def test_cli_train_with_an_unreachable_tracker_exits_2_before_training(
 ):
     from kto_ray.cli import main
     from kto_ray.config import dump_config
-    from tests.conftest import make_config
+    from tests.helpers import make_config
 
     # Online reference: the driver only tokenizes (no store, no Ray) before it checks the trackers.
     cfg = make_config(tiny_model, small_data, tmp_path, reference={"mode": "online"})
