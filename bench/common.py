@@ -276,7 +276,10 @@ def parse_args(parser: argparse.ArgumentParser, smoke: dict[str, Any]) -> argpar
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The run's metrics records through kto-ray's own reader."""
+    from kto_ray.training.metrics import read_metrics as read
+
+    return read(run_dir)
 
 
 @dataclass(frozen=True)

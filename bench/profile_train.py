@@ -44,7 +44,7 @@ def find_worker(timeout: float = 120.0) -> int:
 def wait_for_step(metrics: Path, step: int, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= step:
+        if len(common.read_metrics(metrics.parent)) >= step:
             return
         time.sleep(0.2)
     raise RuntimeError(f"{metrics} never reached step {step}")

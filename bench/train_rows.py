@@ -157,9 +157,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     import ray.train.torch  # noqa: F401 - imported before the baseline: what every driver loads
 
     from kto_ray.reference.store import open_store
-    from kto_ray.rundir import RunDir
     from kto_ray.training.driver import desirable_weight, fit, row_count, row_labels, split_rows, split_tables
-    from kto_ray.training.metrics import parse_metrics
     from kto_ray.training.rows import SplitIndex
 
     cfg = run_config(spec["store"], Path(spec["run_root"]), spec["name"], spec["steps"])
@@ -185,7 +183,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         result = fit(cfg, train_rows, spec["steps"], lam_d)
         fit_s = time.perf_counter() - began
     driver = common.status_kib("self", ("VmHWM",))["VmHWM"] / 1024
-    records = parse_metrics(RunDir(result.run_dir.local_path).read_text("metrics.jsonl"))
+    records = common.read_metrics(result.run_dir.local_path)
     steady = [float(r["step_time"]) for r in records[spec["skip"] :]]
     return {
         "rows": row_count(train_rows),

@@ -1,7 +1,8 @@
 """A run dir in a local folder or under an object-storage URI (s3://, gs://), through kto_ray.storage.
 
-What lives there: `config.yaml`, `metrics.jsonl` and `workers.json` (small files, replaced whole so a
-reader never sees part of one), `checkpoints/` (Ray Train's own, written through the same file system),
+What lives there: `config.yaml` and `workers.json` (small files, replaced whole so a reader never sees
+part of one), `metrics.jsonl` (appended locally; `metrics/` segments on object storage, see
+kto_ray/training/metrics.py), `checkpoints/` (Ray Train's own, written through the same file system),
 `final/` and `merged/` (model folders, uploaded from a local staging folder with `config.json` or
 `adapter_config.json` last, so a folder that loads is complete). Readers on another machine
 (`evaluate`, `report`) fetch what they need into a local cache.

@@ -129,8 +129,11 @@ def wait_for(condition, alive, timeout: float = 300, interval: float = 0.05) -> 
     raise AssertionError("the run ended (or timed out) before the condition held")
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def read_metrics(run_dir) -> list[dict]:
+    """The run's metrics records through the product's one reader (a local folder or a URI)."""
+    from kto_ray.training.metrics import read_metrics as read
+
+    return read(run_dir)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ import yaml
 from kto_ray.errors import UserError
 from kto_ray.rundir import WORKERS_FILE, RunDir
 from kto_ray.storage import first_line
-from kto_ray.training.metrics import METRICS_FILE, parse_metrics
+from kto_ray.training.metrics import METRICS_FILE, SEGMENTS, metrics_location, read_metrics
 
 SMOOTH_MIN_STEPS = 20  # below this an EMA hides nothing and just doubles the lines
 CONFIG_KEYS = "model.path train.beta train.lr train.micro_batch_size train.grad_accumulation cluster.workers"
@@ -56,21 +56,19 @@ def _read(run_dir: RunDir, name: str) -> str | None:
 
 
 def load_metrics(run_dir: str | Path | RunDir) -> list[dict[str, Any]]:
-    """Records sorted by step; lines cut by a crash are skipped, a repeated step keeps its last line."""
+    """Records in step order, each step once; lines cut by a crash are skipped."""
     run_dir = _run_dir(run_dir)
-    text = _read(run_dir, METRICS_FILE)
-    path = run_dir.child(METRICS_FILE)
-    if text is None:
-        raise UserError(f"{path}: not found (is {run_dir} a training run directory?)")
-    by_step: dict[int, dict[str, Any]] = {}
-    for record in parse_metrics(text):
-        try:
-            by_step[int(record["step"])] = record
-        except (ValueError, TypeError):
-            continue
-    if not by_step:
-        raise UserError(f"{path}: no parsable metric lines")
-    return [by_step[step] for step in sorted(by_step)]
+    where = metrics_location(run_dir)
+    try:
+        records = read_metrics(run_dir)
+        found = bool(records) or run_dir.exists(SEGMENTS if run_dir.is_remote else METRICS_FILE)
+    except OSError as err:
+        raise UserError(f"cannot read {where}: {first_line(err)}") from None
+    if not found:
+        raise UserError(f"{where}: not found (is {run_dir} a training run directory?)")
+    if not records:
+        raise UserError(f"{where}: no parsable metric lines")
+    return records
 
 
 def _series(records: list[dict[str, Any]], key: str) -> list[float]:

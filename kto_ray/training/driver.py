@@ -20,7 +20,6 @@ import numpy as np
 import pyarrow as pa
 
 from kto_ray.config import KTOConfig, dump_config, with_absolute_paths
-from kto_ray.console import TrainingProgress
 from kto_ray.data.prepare import checked_store, prepare_text, tokenize_rows
 from kto_ray.errors import StorageError, TrainingStopped, UserError
 from kto_ray.lease import Lease
@@ -30,6 +29,7 @@ from kto_ray.reference.store import SCHEMA
 from kto_ray.rundir import CHECKPOINTS, RunDir
 from kto_ray.storage import endpoint_env, first_line
 from kto_ray.training.batching import Schedule
+from kto_ray.training.progress import TrainingProgress
 from kto_ray.training.rows import SplitIndex
 from kto_ray.training.tracking import prepare_tracking
 

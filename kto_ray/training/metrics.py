@@ -1,45 +1,253 @@
-"""metrics.jsonl: one JSON object per optimizer step, written by rank 0; the driver shows progress from it.
+"""metrics.jsonl: one JSON object per optimizer step, written by rank 0; read by the driver's progress,
+`kto-ray report` and the tests, all through `MetricsFollower` (`read_metrics` is one read of it).
 
-The file is replaced whole at each step (an atomic rename locally, one PUT on object storage), so a
-reader never sees part of a line, wherever the run dir is.
+A step costs the same whatever the run's length. On local disk rank 0 appends the step's line to
+`metrics.jsonl` (so `tail -f` works). Object stores cannot append, so there the lines go to segment
+objects `metrics/000001.jsonl`, `metrics/000002.jsonl`, ...: rank 0 rewrites only the newest (one PUT
+of at most SEGMENT_BYTES and a line), and starts the next once it is full; a full segment is not
+written again unless a resume cuts into it. Concatenated in order, the segments are the file.
+
+On resume, lines past the restored step are dropped where they are: locally the file is truncated at
+the end of the restored step's line (found by reading back from the end), on object storage the
+segments after the one holding that line are deleted and that one is rewritten without the later
+lines. So no step appears twice and nothing before the restored step is rewritten but that segment.
+
+Readers never return part of a line: they take a file or segment up to its last newline. A follower
+reads only what is new (a ranged read from where it stopped) and notices a file a resume cut or
+rewrote by the line it read last, which is then no longer where it was; it then reads again from the
+start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
 
 from kto_ray.rundir import RunDir
+from kto_ray.storage import Location, children
 
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = "metrics.jsonl"  # local run dirs
+SEGMENTS = "metrics"  # object storage: metrics/000001.jsonl, ...
+SEGMENT_BYTES = 256 << 10  # a segment is full from this size: the most one step's PUT carries
+_SEGMENT = re.compile(r"^(\d{6,})\.jsonl$")
+_MAX_RESTARTS = 3  # per poll: a file rewritten again and again while read is read at the next poll
 
 
-def parse_metrics(text: str | None) -> list[dict]:
-    """The records of a metrics.jsonl text; lines that do not parse (an older writer's cut line) are
-    skipped."""
-    records = []
-    for line in (text or "").splitlines():
+def segment_name(number: int) -> str:
+    return f"{SEGMENTS}/{number:06d}.jsonl"
+
+
+def _parse_line(line: bytes | str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and "step" in record else None
+
+
+def parse_metrics(text: str | bytes | None) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl text, in file order; lines that do not parse (one a crash cut
+    mid-write) are skipped."""
+    lines = (text or "").splitlines()
+    return [record for record in map(_parse_line, lines) if record is not None]
+
+
+def every_step_once(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records in step order, each step once: a record for step s replaces what came before it for
+    steps s and later, as a resumed writer redoes them."""
+    kept: list[dict[str, Any]] = []
+    for record in records:
         try:
-            record = json.loads(line)
-        except ValueError:
+            step = int(record["step"])
+        except (TypeError, ValueError):
             continue
-        if isinstance(record, dict) and "step" in record:
-            records.append(record)
-    return records
+        while kept and int(kept[-1]["step"]) >= step:
+            kept.pop()
+        kept.append(record)
+    return kept
+
+
+def read_metrics(run_dir: RunDir | str | Path) -> list[dict[str, Any]]:
+    """The run's records, every step once in step order ([] before the first step is written)."""
+    run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    return every_step_once(MetricsFollower(run_dir).poll())
+
+
+def metrics_location(run_dir: RunDir) -> str:
+    """Where a user finds the lines: the file, or the segments' prefix on object storage."""
+    return run_dir.child(f"{SEGMENTS}/") if run_dir.is_remote else run_dir.child(METRICS_FILE)
+
+
+class MetricsFollower:
+    """Reads what was written since its last `poll`: the new records in file order. After a resume
+    cut the file, the poll reads it again from the start (steps up to the restored one come again;
+    `every_step_once` or the caller's own step count sorts that out)."""
+
+    def __init__(self, run_dir: RunDir):
+        self.run_dir = run_dir
+        self._pending: list[dict[str, Any]] = []  # read before a poll failed: returned by the next
+        self._restart()
+
+    def _restart(self) -> None:
+        self.segment = 1  # object storage: the segment being read
+        self.offset = 0  # bytes of it read, up to the end of a line
+        self.last_line = b""  # the line that ends at `offset`, with its newline
+
+    def _name(self, segment: int) -> str:
+        return segment_name(segment) if self.run_dir.is_remote else METRICS_FILE
+
+    def poll(self) -> list[dict[str, Any]]:
+        records, self._pending = self._pending, []
+        try:
+            self._poll_into(records)
+        except OSError:
+            self._pending = records
+            raise
+        return records
+
+    def _poll_into(self, records: list[dict[str, Any]]) -> None:
+        restarts = 0
+        while restarts <= _MAX_RESTARTS:
+            # Check for the next segment before reading this one: once it exists, this one is complete.
+            later = self.run_dir.is_remote and self.run_dir.exists(self._name(self.segment + 1))
+            read = self._read_on()
+            if read is None:  # cut or rewritten since the last poll, or deleted by a resume
+                self._restart()
+                restarts += 1
+                continue
+            records += read
+            if not later:
+                break
+            self.segment, self.offset, self.last_line = self.segment + 1, 0, b""
+
+    def _read_on(self) -> list[dict[str, Any]] | None:
+        """The complete lines after `offset`, or None when the file is no longer what was read."""
+        location = self.run_dir.join(self._name(self.segment))
+        start = self.offset - len(self.last_line)
+        try:
+            with location.fs.open_input_file(location.path) as handle:
+                size = handle.size()
+                if size < self.offset:
+                    return None
+                data = handle.read_at(size - start, start) if size > self.offset else self.last_line
+        except FileNotFoundError:
+            return None if self.offset or self.segment > 1 else []
+        if not data.startswith(self.last_line):
+            return None
+        new = data[len(self.last_line) :]
+        complete = new[: new.rfind(b"\n") + 1]  # a line still being written is read at the next poll
+        if complete:
+            self.offset += len(complete)
+            self.last_line = complete[complete.rfind(b"\n", 0, len(complete) - 1) + 1 :]
+        return parse_metrics(complete)
 
 
 class MetricsLog:
-    """Holds the run's lines and rewrites the file per step; on resume, drops lines past the restored
-    step so no step repeats."""
+    """Rank 0's writer: `write(record)` adds one step's line. On resume, first drops the lines past
+    `resume_step`, so no step repeats."""
 
     def __init__(self, run_dir: RunDir, resume_step: int):
         self.run_dir = run_dir
-        found = parse_metrics(run_dir.read_text(METRICS_FILE))
-        self.lines = [json.dumps(r) for r in found if r["step"] <= resume_step]
-        self._flush()
+        if run_dir.is_remote:
+            self._sink: _LocalFile | _Segments = _Segments(run_dir, resume_step)
+        else:
+            self._sink = _LocalFile(run_dir.local_path / METRICS_FILE, resume_step)
 
-    def write(self, record: dict) -> None:
-        self.lines.append(json.dumps(record))
-        self._flush()
+    def write(self, record: dict[str, Any]) -> None:
+        self._sink.append(json.dumps(record) + "\n")
 
-    def _flush(self) -> None:
-        self.run_dir.write_text(METRICS_FILE, "".join(f"{line}\n" for line in self.lines))
+
+class _LocalFile:
+    def __init__(self, path: Path, resume_step: int):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "ab+") as handle:
+            kept = _end_of_kept_lines(handle, resume_step)
+            if kept < handle.seek(0, os.SEEK_END):
+                handle.truncate(kept)
+        self.path = path
+
+    def append(self, line: str) -> None:
+        # One write of the whole line, unbuffered; readers take lines only up to their newline.
+        with open(self.path, "ab", buffering=0) as handle:
+            handle.write(line.encode("utf-8"))
+
+
+def _end_of_kept_lines(handle, resume_step: int, chunk: int = 1 << 16) -> int:
+    """The length of the file up to the end of its last complete line for a step <= resume_step,
+    read back from the end: only the lines past it (and one chunk) are read."""
+    end = handle.seek(0, os.SEEK_END)
+    pos, data, limit = end, b"", end  # data = file[pos:end]; lines from `limit` on are dropped
+    while True:
+        newline = data.rfind(b"\n", 0, limit - pos)  # ends the line to look at
+        begin = data.rfind(b"\n", 0, newline) if newline >= 0 else -1
+        if begin < 0 and pos > 0:  # that line (or its start) lies before what was read
+            start = max(0, pos - chunk)
+            handle.seek(start)
+            data, pos = handle.read(pos - start) + data, start
+            continue
+        if newline < 0:
+            return 0
+        record = _parse_line(data[begin + 1 : newline])
+        if record is not None and _step(record) <= resume_step:
+            return pos + newline + 1
+        limit = pos + begin + 1
+
+
+def _step(record: dict[str, Any]) -> float:
+    try:
+        return int(record["step"])
+    except (KeyError, TypeError, ValueError):
+        return float("inf")
+
+
+class _Segments:
+    """The newest segment's lines are kept here; each append rewrites that segment whole."""
+
+    def __init__(self, run_dir: RunDir, resume_step: int):
+        self.run_dir = run_dir
+        numbers = sorted(_segment_numbers(run_dir.join(SEGMENTS)))
+        self.number, self.lines = 1, []
+        # From the newest back: segments entirely past the restored step go, the one holding it is cut.
+        for number in reversed(numbers):
+            text = run_dir.read_text(segment_name(number)) or ""
+            lines = text.splitlines(keepends=True)
+            kept = [line for line in lines if _step(_parse_line(line) or {}) <= resume_step]
+            if kept or number == numbers[0]:
+                self.number, self.lines = number, kept
+                if len(kept) < len(lines):
+                    self._put_or_delete()
+                break
+            self._delete(number)
+        self.size = sum(len(line.encode()) for line in self.lines)
+
+    def append(self, line: str) -> None:
+        if self.size >= SEGMENT_BYTES:  # full: it is not written again, the next one starts
+            self.number, self.lines, self.size = self.number + 1, [], 0
+        self.lines.append(line)
+        self.size += len(line.encode("utf-8"))
+        self._put_or_delete()
+
+    def _put_or_delete(self) -> None:
+        if self.lines:
+            self.run_dir.write_text(segment_name(self.number), "".join(self.lines))
+        else:
+            self._delete(self.number)
+
+    def _delete(self, number: int) -> None:
+        location = self.run_dir.join(segment_name(number))
+        with contextlib.suppress(FileNotFoundError):
+            location.fs.delete_file(location.path)
+
+
+def _segment_numbers(prefix: Location) -> list[int]:
+    return [
+        int(match.group(1))
+        for entry in children(prefix)
+        if entry.type == pafs.FileType.File and (match := _SEGMENT.match(entry.base_name))
+    ]

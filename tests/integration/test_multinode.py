@@ -19,7 +19,7 @@ from safetensors.torch import load as load_safetensors
 
 from kto_ray.storage import info, read_text, resolve
 from kto_ray.tools.report import write_report
-from tests.conftest import REPO, assert_same_tensors, registered_steps
+from tests.conftest import REPO, assert_same_tensors, read_metrics, registered_steps
 from tests.nodes import BIN, Cluster, ray_cluster
 
 pytestmark = pytest.mark.slow
@@ -115,7 +115,7 @@ def _read(uri: str, *parts: str) -> str | None:
 
 
 def _steps(run: str) -> list[int]:
-    return [json.loads(line)["step"] for line in (_read(run, "metrics.jsonl") or "").splitlines()]
+    return [record["step"] for record in read_metrics(run)]
 
 
 def _weights(run: str) -> dict[str, torch.Tensor]:
@@ -185,7 +185,7 @@ def test_lost_node_is_replaced_and_the_run_matches(steady, cluster, tiny_model, 
         job,
         "a registered checkpoint and a step after it",
     )
-    resume_step, before = max(registered_steps(run)), _read(run, "metrics.jsonl")
+    resume_step, before = max(registered_steps(run)), read_metrics(run)
     assert resume_step < STEPS, "the run finished before the node could be lost"
     assert cluster.nodes["node2"].processes_titled("RayTrainWorker"), "no training worker on node2"
     lost_id = next(i for i, name in cluster.alive_nodes().items() if name == "node2")
@@ -199,7 +199,7 @@ def test_lost_node_is_replaced_and_the_run_matches(steady, cluster, tiny_model, 
     # Recovered in the same job, from the checkpoint: the steps up to it were not redone, and every
     # step is logged exactly once.
     assert _steps(run) == list(range(1, STEPS + 1))
-    assert _read(run, "metrics.jsonl").splitlines()[:resume_step] == before.splitlines()[:resume_step]
+    assert read_metrics(run)[:resume_step] == before[:resume_step]
     # Two worker groups, one worker per node each: the second on the head and on the new node2.
     names, nodes = cluster.node_ids(), job.train_worker_nodes()
     assert sorted(names[node] for node in nodes) == ["head", "head", "node2", "node2"], nodes

@@ -43,8 +43,7 @@ def _config(built_store, root: Path, name: str, **sections):
 
 
 def _steps_logged(run_dir: Path) -> int:
-    metrics = run_dir / "metrics.jsonl"
-    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+    return len(read_metrics(run_dir))
 
 
 def _descendants_named(name: str) -> list[int]:

@@ -22,7 +22,7 @@ from kto_ray.storage import files_under
 from kto_ray.tools.evaluate import evaluate
 from kto_ray.tools.report import write_report
 from kto_ray.training.driver import train
-from kto_ray.training.metrics import METRICS_FILE, parse_metrics
+from kto_ray.training.metrics import read_metrics, segment_name
 from tests.conftest import (
     REPO,
     assert_same_weights,
@@ -69,7 +69,7 @@ def uninterrupted(s3_cfg, tmp_path_factory) -> Path:
 
 
 def _metrics(run_dir: RunDir) -> list[dict]:
-    return parse_metrics(run_dir.read_text(METRICS_FILE))
+    return read_metrics(run_dir)
 
 
 def test_run_dir_on_s3_survives_a_killed_driver(s3_cfg, uninterrupted, tmp_path):
@@ -105,10 +105,11 @@ def test_run_dir_on_s3_survives_a_killed_driver(s3_cfg, uninterrupted, tmp_path)
     final = fetch_folder(run_dir.child("final"))
     assert_same_weights(final, uninterrupted)
 
-    # The run's files are objects on the server: config, metrics, where each rank ran, checkpoints.
+    # The run's files are objects on the server: config, metrics (one segment: 8 short lines), where
+    # each rank ran, checkpoints.
     prefix = run_dir.location
     objects = {path[len(prefix.path) + 1 :] for path in files_under(prefix, "")}
-    assert {"config.yaml", METRICS_FILE, "workers.json", "final/model.safetensors"} <= objects
+    assert {"config.yaml", segment_name(1), "workers.json", "final/model.safetensors"} <= objects
     assert any(o.startswith("checkpoints/step_00000008/") for o in objects)
     workers = json.loads(run_dir.read_text("workers.json"))
     assert [w["rank"] for w in workers] == [0, 1]
