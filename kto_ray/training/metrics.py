@@ -76,7 +76,10 @@ def every_step_once(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def read_metrics(run_dir: RunDir | str | Path) -> list[dict[str, Any]]:
     """The run's records, every step once in step order ([] before the first step is written)."""
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    return every_step_once(MetricsFollower(run_dir).poll())
+    records = MetricsFollower(run_dir).poll()
+    if not records and run_dir.is_remote:  # a run an older writer left as one object, not resumed since
+        records = parse_metrics(run_dir.read_text(METRICS_FILE))
+    return every_step_once(records)
 
 
 def metrics_location(run_dir: RunDir) -> str:
@@ -212,6 +215,8 @@ class _Segments:
     def __init__(self, run_dir: RunDir, resume_step: int):
         self.run_dir = run_dir
         numbers = sorted(_segment_numbers(run_dir.join(SEGMENTS)))
+        if not numbers:
+            numbers = self._adopt_one_file()
         self.number, self.lines = 1, []
         # From the newest back: segments entirely past the restored step go, the one holding it is cut.
         for number in reversed(numbers):
@@ -225,6 +230,17 @@ class _Segments:
                 break
             self._delete(number)
         self.size = sum(len(line.encode()) for line in self.lines)
+
+    def _adopt_one_file(self) -> list[int]:
+        """A run an older writer kept as one `metrics.jsonl` object goes on in segments: the object
+        becomes segment 1 (whatever its size; the next step starts segment 2), then goes."""
+        text = self.run_dir.read_text(METRICS_FILE)
+        if not text:
+            return []
+        self.run_dir.write_text(segment_name(1), text)
+        location = self.run_dir.join(METRICS_FILE)
+        location.fs.delete_file(location.path)
+        return [1]
 
     def append(self, line: str) -> None:
         if self.size >= SEGMENT_BYTES:  # full: it is not written again, the next one starts
