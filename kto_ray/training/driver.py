@@ -144,7 +144,7 @@ def fit(
             "train.eval_every is set but the eval split is empty: raise data.eval_fraction "
             "or set train.eval_every: null"
         )
-    run_dir = cfg.run_dir
+    run_dir = RunDir.of(cfg)
     # Before anything is launched: a tracker that cannot start fails here, in one line.
     tracking_env = prepare_tracking(cfg.run.report_to, run_dir.folder)
     # One live run per run dir: a second `train` with the same run.name refuses in one line.
@@ -215,7 +215,7 @@ def _trainer(cfg: KTOConfig, loop_config: dict):
         ),
         run_config=RunConfig(
             name=CHECKPOINTS,
-            **cfg.run_dir.ray_storage(),
+            **RunDir.of(cfg).ray_storage(),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
         ),

@@ -14,8 +14,9 @@ import pytest
 
 from kto_ray.errors import UserError
 from kto_ray.reference import fingerprint
-from kto_ray.reference.fingerprint import DIGEST_CACHE, cache_dir, file_digests, weights_fingerprint
+from kto_ray.reference.fingerprint import DIGEST_CACHE, file_digests, weights_fingerprint
 from kto_ray.reference.store import MANIFEST, read_manifest
+from kto_ray.storage import cache_dir
 
 GIB = 1 << 30
 
