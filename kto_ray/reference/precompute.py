@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 
 # Rows per Parquet row group of the store. Training workers read their micro-batches' rows by row group
-# (kto_ray/training/rows.py) and the schedule draws rows at random, so nearly every row a worker needs
+# (kto_ray/reference/reader.py) and the schedule draws rows at random, so nearly every row a worker needs
 # sits in a different group and costs a read of the whole group: the smaller the group, the less is
 # read for nothing. At 256 rows a group of typical rows (a few hundred tokens in each of three int32
 # lists, ~4 KB) is ~1 MB: one ranged GET on object storage, where below a few MB a request's latency,

@@ -1,7 +1,7 @@
 """Stage 2 on the driver: check the store, size the run, launch the Ray Train TorchTrainer.
 
 Offline, the driver indexes the store's train split (and eval split with `train.eval_every`): a few
-bytes per row, streamed one row group at a time (`training/rows.py`). The index goes to the workers in
+bytes per row, streamed one row group at a time (`reference/reader.py`). The index goes to the workers in
 the loop config and each worker reads its own micro-batches' rows from the store, so the store must be
 where every worker can read it (object storage or a shared mount). Online there is no store: the
 driver tokenizes the data and hands the table to the workers through the object store. The driver
@@ -26,11 +26,11 @@ from kto_ray.errors import StorageError, TrainingStopped, UserError
 from kto_ray.lease import Lease
 from kto_ray.models.loading import check_context_length, load_tokenizer
 from kto_ray.raycluster import ray_session
+from kto_ray.reference.reader import SplitIndex
 from kto_ray.reference.store import SCHEMA
 from kto_ray.rundir import CHECKPOINTS, RunDir
 from kto_ray.storage import endpoint_env, first_line
 from kto_ray.training.batching import Schedule
-from kto_ray.training.rows import SplitIndex
 from kto_ray.training.tracking import prepare_tracking
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,8 @@ import torch
 
 from kto_ray.loss import kto_loss, z0_from_sum
 from kto_ray.models.logprobs import DEFAULT_CHUNK_TOKENS, sequence_logps
-from kto_ray.training.batching import collate, sequence_lengths
+from kto_ray.reference.store import sequence_lengths
+from kto_ray.training.batching import collate
 from kto_ray.training.distributed import Reduce
 from kto_ray.training.step import LossSettings, ReferenceFn
 

@@ -22,6 +22,7 @@ import torch
 
 from kto_ray.config import KTOConfig
 from kto_ray.models.loading import hidden_size_of, load_tokenizer
+from kto_ray.reference.reader import RowReader, SplitIndex, TableRows
 from kto_ray.rundir import WORKERS_FILE, RunDir
 from kto_ray.training.batching import Schedule, collate
 from kto_ray.training.checkpoint import restore, save_and_report
@@ -29,7 +30,6 @@ from kto_ray.training.distributed import all_reduce_sum, gather_objects
 from kto_ray.training.engine import build_policy_engine, deepspeed_config, export_final, online_reference
 from kto_ray.training.eval_step import eval_metrics
 from kto_ray.training.metrics import MetricsLog
-from kto_ray.training.rows import RowReader, SplitIndex, TableRows
 from kto_ray.training.step import LossSettings, NonFiniteError, train_step
 from kto_ray.training.tracking import start_trackers
 
@@ -46,7 +46,7 @@ def _open_rows(source, cfg: KTOConfig, world: int) -> tuple[RowReader | TableRow
     train = cfg.train
     settings = (world, train.micro_batch_size, train.grad_accumulation, train.seed, train.group_by_length)
     if isinstance(source, SplitIndex):
-        return RowReader(source), source.schedule(*settings)
+        return RowReader(source), Schedule.for_index(source, *settings)
     table = ray.get(source)
     return TableRows(table), Schedule.for_table(table, *settings)
 

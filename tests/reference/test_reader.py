@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from kto_ray.reference.reader import RowReader, SplitIndex
 from kto_ray.reference.store import (
     COMPONENTS,
     MANIFEST,
@@ -20,10 +21,10 @@ from kto_ray.reference.store import (
     Store,
     build_manifest,
     open_store,
+    sequence_lengths,
 )
 from kto_ray.storage import resolve, write_text_atomically
-from kto_ray.training.batching import Schedule, sequence_lengths
-from kto_ray.training.rows import RowReader, SplitIndex
+from kto_ray.training.batching import Schedule
 from tests.s3server import s3_server
 
 
@@ -104,7 +105,9 @@ def test_index_lengths_labels_and_schedule_match_the_table(store, grouped):
     index = SplitIndex.build(store, "train")
     np.testing.assert_array_equal(index.lengths, sequence_lengths(table))
     np.testing.assert_array_equal(index.labels, table["label"].to_numpy(zero_copy_only=False))
-    ours = index.schedule(workers=2, micro_batch_size=8, grad_accumulation=2, seed=3, group=grouped)
+    ours = Schedule.for_index(
+        index, workers=2, micro_batch_size=8, grad_accumulation=2, seed=3, group=grouped
+    )
     theirs = Schedule.for_table(
         table, workers=2, micro_batch_size=8, grad_accumulation=2, seed=3, group=grouped
     )
@@ -118,7 +121,9 @@ def test_index_lengths_labels_and_schedule_match_the_table(store, grouped):
 def test_prefetch_then_take_reads_each_group_once(store):
     table = store.read_split("train")
     index = SplitIndex.build(store, "train")
-    schedule = index.schedule(workers=2, micro_batch_size=8, grad_accumulation=3, seed=0, group=False)
+    schedule = Schedule.for_index(
+        index, workers=2, micro_batch_size=8, grad_accumulation=3, seed=0, group=False
+    )
     with RowReader(index, cache_bytes=0) as reader:  # no cache: only the read-ahead can save reads
         for step in range(3):
             micro = schedule.rows_for(step, 1)
@@ -225,6 +230,6 @@ def test_a_precomputed_store_reads_by_small_row_groups(built_store):
 
 def test_a_split_with_no_rows(store):
     index = SplitIndex.build(store, "test")
-    assert index.rows == 0 and index.schedule(1, 1, 1, 0, group=True).steps_per_epoch == 0
+    assert index.rows == 0 and Schedule.for_index(index, 1, 1, 1, 0, group=True).steps_per_epoch == 0
     with RowReader(index) as reader:
         assert reader.take([]).num_rows == 0

@@ -7,8 +7,9 @@ with a `RowReader`: by row group, through pyarrow.fs (local or object storage), 
 and a read-ahead, so a step does not wait on storage.
 
 Positions are those of `Store.read_split(split)` (the split's rows sorted by id):
-`RowReader(index).take(p)` equals `store.read_split(split).take(p)`, so the batch schedule built from
-the index (`SplitIndex.schedule`) is the one `Schedule.for_table` builds from the table.
+`RowReader(index).take(p)` equals `store.read_split(split).take(p)`, and `SplitIndex.lengths` equals
+`sequence_lengths(store.read_split(split))`, so the batch schedule training builds from the index
+(`Schedule.for_index`) is the one `Schedule.for_table` builds from the table.
 """
 
 from __future__ import annotations
@@ -26,9 +27,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from kto_ray.errors import StorageError
-from kto_ray.reference.store import SCHEMA, Store
+from kto_ray.reference.store import SCHEMA, Store, sequence_lengths
 from kto_ray.storage import display, first_line, resolve
-from kto_ray.training.batching import Schedule, sequence_lengths
 
 _INDEX_COLUMNS = ["id", "split", "label", "prompt_ids", "completion_ids"]
 # Open files (handle + parsed footer) a reader keeps: a cache hit saves a HEAD and a footer GET on S3.
@@ -74,7 +74,7 @@ class SplitIndex:
     group_rows: np.ndarray  # and its row count (all splits)
     row_group: np.ndarray  # per row: its row group (an index into the group_* arrays),
     row_offset: np.ndarray  # its row within that group,
-    row_length: np.ndarray  # its prompt + completion tokens (batching.sequence_lengths)
+    row_length: np.ndarray  # its prompt + completion tokens (store.sequence_lengths)
     labels: np.ndarray  # and its label (bool)
 
     @classmethod
@@ -113,13 +113,6 @@ class SplitIndex:
     def lengths(self) -> np.ndarray:
         # int64: Schedule sorts by -length, which unsigned storage would wrap.
         return self.row_length.astype(np.int64)
-
-    def schedule(
-        self, workers: int, micro_batch_size: int, grad_accumulation: int, seed: int, group: bool
-    ) -> Schedule:
-        """What `Schedule.for_table(store.read_split(split), ...)` returns, without the table."""
-        lengths = self.lengths if group else None
-        return Schedule(self.rows, workers, micro_batch_size, grad_accumulation, seed, lengths)
 
 
 class RowReader:
