@@ -259,20 +259,3 @@ class RowReader:
             if len(self._files) > _OPEN_FILES:
                 self._files.popitem(last=False)  # closed once no reader holds it
         return opened
-
-
-class TableRows:
-    """A `RowReader` over a table in memory: the online-reference rows, tokenized by the driver (there
-    is no store to read from). Same `take`/`prefetch`/`close`."""
-
-    def __init__(self, table: pa.Table):
-        self.table = table
-
-    def prefetch(self, positions: Sequence[int] | np.ndarray) -> None:
-        pass  # already in memory
-
-    def take(self, positions: Sequence[int] | np.ndarray) -> pa.Table:
-        return self.table.take(pa.array(np.asarray(positions, np.int64), pa.int64()))
-
-    def close(self) -> None:
-        pass

@@ -22,7 +22,7 @@ import torch
 
 from kto_ray.config import KTOConfig
 from kto_ray.models.loading import hidden_size_of, load_tokenizer
-from kto_ray.reference.reader import RowReader, SplitIndex, TableRows
+from kto_ray.reference.reader import RowReader, SplitIndex
 from kto_ray.rundir import WORKERS_FILE, RunDir
 from kto_ray.training.batching import Schedule, collate
 from kto_ray.training.checkpoint import restore, save_and_report
@@ -30,6 +30,7 @@ from kto_ray.training.distributed import all_reduce_sum, gather_objects
 from kto_ray.training.engine import build_policy_engine, deepspeed_config, export_final, online_reference
 from kto_ray.training.eval_step import eval_metrics
 from kto_ray.training.metrics import MetricsLog
+from kto_ray.training.rows import TableRows
 from kto_ray.training.step import LossSettings, NonFiniteError, train_step
 from kto_ray.training.tracking import start_trackers
 
