@@ -19,12 +19,13 @@ import torch
 
 from kto_ray.config import KTOConfig, ModelConfig, with_absolute_paths
 from kto_ray.console import RowProgress, configure_ray_data
-from kto_ray.data.prepare import data_file_stats, prepare_text, store_fingerprint, tokenize_rows
+from kto_ray.data.prepare import prepare_text, tokenize_rows
 from kto_ray.errors import StorageError, UserError
 from kto_ray.lease import ensure_free
 from kto_ray.models.loading import check_context_length, load_causal_lm, load_tokenizer, resolve_dtype
 from kto_ray.models.logprobs import length_buckets, pad_sequences, sequence_logps
 from kto_ray.raycluster import ray_session
+from kto_ray.reference.check import data_file_stats, store_fingerprint
 from kto_ray.reference.store import (
     SCHEMA,
     Store,

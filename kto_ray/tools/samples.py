@@ -80,8 +80,8 @@ def write_samples(
 ) -> tuple[Path, Path]:
     """Generate for the first `n` eval prompts (by id) with the trained model (`model_path`, default the
     run's final/ export, else the policy) and the reference; returns the JSONL and Markdown paths."""
-    from kto_ray.data.prepare import checked_store
     from kto_ray.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
+    from kto_ray.reference.check import checked_store
 
     cfg = with_absolute_paths(cfg)
     tokenizer = load_tokenizer(cfg.model)

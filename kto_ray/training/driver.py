@@ -21,11 +21,12 @@ import pyarrow as pa
 
 from kto_ray.config import KTOConfig, dump_config, with_absolute_paths
 from kto_ray.console import TrainingProgress
-from kto_ray.data.prepare import checked_store, prepare_text, tokenize_rows
+from kto_ray.data.prepare import prepare_text, tokenize_rows
 from kto_ray.errors import StorageError, TrainingStopped, UserError
 from kto_ray.lease import Lease
 from kto_ray.models.loading import check_context_length, load_tokenizer
 from kto_ray.raycluster import ray_session
+from kto_ray.reference.check import checked_store
 from kto_ray.reference.reader import SplitIndex
 from kto_ray.reference.store import SCHEMA
 from kto_ray.rundir import CHECKPOINTS, RunDir
