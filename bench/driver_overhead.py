@@ -37,8 +37,9 @@ MARK = "DRIVER_OVERHEAD "
 def child(config: str) -> None:
     """Run `kto-ray train --config config` up to the TorchTrainer launch; print the phases as JSON."""
     started = time.perf_counter()
+    import importlib
+
     import kto_ray.cli as cli
-    import kto_ray.data.prepare as prepare
     import kto_ray.training.driver as driver
 
     phases = {"weights_fingerprint": 0.0, "data_read": 0.0, "data_reads": 0}
@@ -55,9 +56,16 @@ def child(config: str) -> None:
 
         return wrapper
 
-    # Both the committed and the new prepare.py call these through their own module namespace.
-    prepare.weights_fingerprint = timed("weights_fingerprint", prepare.weights_fingerprint)
-    prepare.read_examples = timed("data_read", prepare.read_examples)
+    # Each module calls these through its own namespace: data/prepare.py (and, before the store check
+    # moved out of it, the check too) and reference/check.py, where the code measured has one.
+    for name in ("kto_ray.data.prepare", "kto_ray.reference.check"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError:
+            continue
+        for attr, phase in (("weights_fingerprint", "weights_fingerprint"), ("read_examples", "data_read")):
+            if hasattr(module, attr):
+                setattr(module, attr, timed(phase, getattr(module, attr)))
 
     def launch(cfg, table, steps, lam_d, **_):  # and fit's keywords (eval_rows=)
         phases["to_launch"] = time.perf_counter() - started

@@ -95,6 +95,7 @@ def _short(frame: str) -> str:
 
 def main() -> None:
     from kto_ray.reference.precompute import precompute
+    from kto_ray.rundir import RunDir
     from kto_ray.training.driver import train
 
     model = common.build_model(common.SPECS[args.model])
@@ -117,7 +118,7 @@ def main() -> None:
 
     def profile() -> None:
         pid = find_worker()
-        wait_for_step(cfg.run_dir.local_path / "metrics.jsonl", args.warmup)
+        wait_for_step(RunDir.of(cfg).local_path / "metrics.jsonl", args.warmup)
         record(pid, args.seconds, raw)
 
     thread = threading.Thread(target=profile)

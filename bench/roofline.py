@@ -57,8 +57,8 @@ def step_tokens(cfg, workers: int, steps: int) -> list[tuple[int, int]]:
     """(policy tokens, KL tokens) of every step, from the store and kto-ray's schedule."""
     import pyarrow.compute as pc
 
-    from kto_ray.reference.store import open_store
-    from kto_ray.training.batching import Schedule, sequence_lengths
+    from kto_ray.reference.store import open_store, sequence_lengths
+    from kto_ray.training.batching import Schedule
 
     table = open_store(cfg.store.path).read_split("train")
     own = sequence_lengths(table)

@@ -1,5 +1,5 @@
 """Peak memory of getting the train split to the workers: the whole table (today) vs a row index plus
-rows read by position (kto_ray/training/rows.py), on synthetic stores of 20k and 200k rows.
+rows read by position (kto_ray/reference/reader.py), on synthetic stores of 20k and 200k rows.
 
 The stores are written with tests.helpers.write_store (no model): three token lists of 20-60 int32 each
 per row, 90% train, ids shuffled across files of 1,024 rows in row groups of 256 (precompute's layout). Each
@@ -64,9 +64,9 @@ def _peak_mib() -> float:
 
 
 def child(case: str, store_path: str, handoff: str, steps: int, cache_mib: float, step_ms: float) -> dict:
+    from kto_ray.reference.reader import RowReader, SplitIndex
     from kto_ray.reference.store import open_store
     from kto_ray.training.batching import Schedule, collate
-    from kto_ray.training.rows import RowReader, SplitIndex
 
     store = open_store(store_path)
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: count what the case adds
@@ -97,7 +97,7 @@ def child(case: str, store_path: str, handoff: str, steps: int, cache_mib: float
         out["index_bytes_per_row"] = len(payload) / index.rows
     elif case == "new-worker":
         index = pickle.loads(Path(handoff).read_bytes())
-        schedule = index.schedule(WORKERS, MICRO_BATCH, ACCUMULATION, SEED, group=True)
+        schedule = Schedule.for_index(index, WORKERS, MICRO_BATCH, ACCUMULATION, SEED, group=True)
         waited = 0.0
         with RowReader(index, cache_bytes=int(cache_mib * 2**20)) as reader:
             for rows in schedule.rows_for(0, 0):

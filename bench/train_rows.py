@@ -139,9 +139,11 @@ class WorkerPeaks(common.PeakMemory):
 def _groups_per_step(index, cfg, steps: int) -> float:
     """Distinct row groups holding rank 0's rows of a step, mean over the run's steps: the groups its
     reader reads per step when nothing is cached."""
+    from kto_ray.training.batching import Schedule
+
     train = cfg.train
-    schedule = index.schedule(
-        WORKERS, train.micro_batch_size, train.grad_accumulation, train.seed, train.group_by_length
+    schedule = Schedule.for_index(
+        index, WORKERS, train.micro_batch_size, train.grad_accumulation, train.seed, train.group_by_length
     )
     counts = [
         len(np.unique(np.concatenate([index.row_group[rows] for rows in schedule.rows_for(step, 0)])))
@@ -156,9 +158,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
     import ray.train.torch  # noqa: F401 - imported before the baseline: what every driver loads
 
+    from kto_ray.reference.reader import SplitIndex
     from kto_ray.reference.store import open_store
     from kto_ray.training.driver import desirable_weight, fit, row_count, row_labels, split_rows, split_tables
-    from kto_ray.training.rows import SplitIndex
 
     cfg = run_config(spec["store"], Path(spec["run_root"]), spec["name"], spec["steps"])
     store = open_store(spec["store"])

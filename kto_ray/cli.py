@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "report":
         from kto_ray.tools.report import write_report, write_tensorboard
 
-        run_dir = RunDir(args.run_dir) if args.run_dir else cfg.run_dir
+        run_dir = RunDir(args.run_dir) if args.run_dir else RunDir.of(cfg)
         result = write_report(run_dir, Path(args.out) if args.out else None)
         print(f"report of {run_dir}: {result.summary}")
         if args.tensorboard:

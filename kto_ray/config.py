@@ -13,7 +13,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kto_ray.errors import UserError
-from kto_ray.rundir import RunDir
 
 
 class Section(BaseModel):
@@ -240,10 +239,6 @@ class KTOConfig(Section):
     @property
     def reference_path(self) -> str:
         return self.reference.path or self.model.path
-
-    @property
-    def run_dir(self) -> RunDir:
-        return RunDir(f"{self.run.dir.rstrip('/')}/{self.run.name}")
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -17,12 +17,13 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
 
-from kto_ray.reference.fingerprint import cache_dir
 from kto_ray.storage import (
     Location,
+    cache_dir,
     children,
     display,
     info,
@@ -32,6 +33,9 @@ from kto_ray.storage import (
     resolve,
     write_text_atomically,
 )
+
+if TYPE_CHECKING:  # only for the type: the config itself knows nothing of storage
+    from kto_ray.config import KTOConfig
 
 CHECKPOINTS = "checkpoints"
 WORKERS_FILE = "workers.json"  # where each rank ran (node, host, pid), written by rank 0 at start
@@ -45,6 +49,11 @@ class RunDir:
     def __init__(self, location: str | Path):
         self.given = str(location)
         self.location: Location = resolve(location)
+
+    @classmethod
+    def of(cls, cfg: KTOConfig) -> RunDir:
+        """The run dir a config names: `run.dir/run.name`."""
+        return cls(f"{cfg.run.dir.rstrip('/')}/{cfg.run.name}")
 
     def __str__(self) -> str:
         return display(self.given) if self.is_remote else self.location.path

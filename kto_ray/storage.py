@@ -19,6 +19,7 @@ import pyarrow.fs as pafs
 
 from kto_ray.errors import UserError
 
+CACHE_ENV = "KTO_RAY_CACHE"  # this machine's cache: file digests, model folders fetched from URIs
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 _USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
 
@@ -30,6 +31,16 @@ def is_uri(path: str) -> bool:
 def display(location: str) -> str:
     """A location as logs and errors may show it: no user, key or secret embedded in a URI."""
     return _USERINFO.sub(r"\1", str(location))
+
+
+def cache_dir() -> Path:
+    """$KTO_RAY_CACHE, else $XDG_CACHE_HOME/kto-ray, else ~/.cache/kto-ray (the XDG default)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    # The XDG spec says a relative $XDG_CACHE_HOME is invalid and must be ignored.
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return base / "kto-ray"
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import yaml
 from kto_ray.cli import main
 from kto_ray.config import KTOConfig, config_from_dict, dump_config, load_config
 from kto_ray.errors import UserError
+from kto_ray.rundir import RunDir
 from kto_ray.tools.plan import plan
 from tests.tools.test_plan import save_llama_8b, save_qwen_32b
 
@@ -112,9 +113,10 @@ def test_console_entry_lists_subcommands():
 def test_object_storage_run_dirs_and_stores():
     cfg = load_config(None, ["run.dir=s3://bucket/runs/", "run.name=r1", "store.path=s3://bucket/stores/x"])
     assert cfg.store.path == "s3://bucket/stores/x"
-    assert cfg.run_dir.is_remote and str(cfg.run_dir) == "s3://bucket/runs/r1"
-    assert cfg.run_dir.child("final") == "s3://bucket/runs/r1/final"
-    assert cfg.run_dir.folder is None
+    run_dir = RunDir.of(cfg)
+    assert run_dir.is_remote and str(run_dir) == "s3://bucket/runs/r1"
+    assert run_dir.child("final") == "s3://bucket/runs/r1/final"
+    assert run_dir.folder is None
     # TensorBoard writes local event files: refused in one line with what to do instead.
     with pytest.raises(UserError, match=r"tensorboard writes event files to a local folder"):
         load_config(None, ["run.dir=s3://bucket/runs", "run.report_to=[tensorboard]"])

@@ -22,10 +22,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from kto_ray.errors import UserError
+from kto_ray.storage import cache_dir
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "KTO_RAY_CACHE"
 DIGEST_CACHE = "file-digests.json"
 _CACHE_VERSION = 1
 # Entries beyond this are dropped oldest first: the file stays small (~200 bytes an entry) to rewrite.
@@ -55,16 +55,6 @@ def sha256_text(*parts: Any) -> str:
         digest.update(json.dumps(part, sort_keys=True, default=str).encode())
         digest.update(b"\0")
     return digest.hexdigest()
-
-
-def cache_dir() -> Path:
-    """$KTO_RAY_CACHE, else $XDG_CACHE_HOME/kto-ray, else ~/.cache/kto-ray (the XDG default)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    # The XDG spec says a relative $XDG_CACHE_HOME is invalid and must be ignored.
-    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
-    return base / "kto-ray"
 
 
 def _hub_blob_digest(target: Path) -> str | None:

@@ -19,14 +19,17 @@ import torch
 
 from kto_ray.config import KTOConfig, ModelConfig, with_absolute_paths
 from kto_ray.console import RowProgress, configure_ray_data
-from kto_ray.data.prepare import data_file_stats, prepare_text, store_fingerprint, tokenize_rows
+from kto_ray.data.prepare import PreparedText, prepare_text, tokenize_rows
 from kto_ray.errors import StorageError, UserError
 from kto_ray.lease import ensure_free
 from kto_ray.models.loading import check_context_length, load_causal_lm, load_tokenizer, resolve_dtype
 from kto_ray.models.logprobs import length_buckets, pad_sequences, sequence_logps
 from kto_ray.raycluster import ray_session
+from kto_ray.reference.check import data_file_stats, store_fingerprint
+from kto_ray.reference.fingerprint import FileStat
 from kto_ray.reference.store import (
     SCHEMA,
+    Manifest,
     Store,
     StoreWriter,
     build_manifest,
@@ -41,7 +44,7 @@ log = logging.getLogger(__name__)
 
 
 # Rows per Parquet row group of the store. Training workers read their micro-batches' rows by row group
-# (kto_ray/training/rows.py) and the schedule draws rows at random, so nearly every row a worker needs
+# (kto_ray/reference/reader.py) and the schedule draws rows at random, so nearly every row a worker needs
 # sits in a different group and costs a read of the whole group: the smaller the group, the less is
 # read for nothing. At 256 rows a group of typical rows (a few hundred tokens in each of three int32
 # lists, ~4 KB) is ~1 MB: one ranged GET on object storage, where below a few MB a request's latency,
@@ -145,7 +148,40 @@ class PrecomputeResult:
     reused: bool
 
 
-def _store_stats(data: Location) -> tuple[dict[str, dict[str, int]], int]:
+@dataclass(frozen=True)
+class _Plan:
+    """What precompute knows before any model work: the config's text rows and the fingerprint they
+    give, and the store found at store.path (None: there is none)."""
+
+    cfg: KTOConfig
+    tokenizer: Any
+    text: PreparedText
+    fingerprint: dict[str, str]
+    inputs: dict[str, Any]  # the fingerprint's human-readable inputs, for the manifest
+    data_files: list[FileStat] | None
+    existing: Manifest | None
+
+    @property
+    def where(self) -> str:
+        return display(self.cfg.store.path)
+
+
+@dataclass(frozen=True)
+class _Written:
+    """What the scoring pass wrote under the writer's prefix."""
+
+    counts: dict[str, dict[str, int]]  # rows per split and label
+    tokens: int
+
+    @property
+    def rows(self) -> int:
+        return sum(sum(c.values()) for c in self.counts.values())
+
+    def rows_in(self, split: str) -> int:
+        return sum(self.counts[split].values())
+
+
+def _store_stats(data: Location) -> _Written:
     table = pq.read_table(
         files_under(data, ".parquet"),
         columns=["prompt_ids", "completion_ids", "kl_completion_ids", "label", "split"],
@@ -161,7 +197,7 @@ def _store_stats(data: Location) -> tuple[dict[str, dict[str, int]], int]:
         int(pc.sum(pc.add(prompt_len, pc.list_value_length(table[c]))).as_py() or 0)
         for c in ("completion_ids", "kl_completion_ids")
     )
-    return counts, tokens
+    return _Written(counts, tokens)
 
 
 def _storage_failure(writer: StoreWriter, err: Exception) -> Exception:
@@ -192,101 +228,141 @@ def _committed_meanwhile(
 
 
 def precompute(cfg: KTOConfig, overwrite: bool = False) -> PrecomputeResult:
-    """Build (or reuse) the reference store of `cfg`; returns it opened and checked."""
+    """Build (or reuse) the reference store of `cfg`; returns it opened and checked.
+
+    plan (read and fingerprint the data; reuse or refuse the store there) -> lease (one writer per
+    store) -> scoring (the Ray Data pass, into the writer's fresh prefix) -> commit (the manifest,
+    unless another precompute committed meanwhile).
+    """
     start = time.perf_counter()
-    cfg = with_absolute_paths(cfg)
+    plan = _plan(with_absolute_paths(cfg))
+    reused = _reuse(plan, overwrite)
+    if reused is not None:
+        return reused
+    path = plan.cfg.store.path
+    ensure_free(resolve(path))  # another precompute writing this store: one line, before Ray
+    with ray_session(plan.cfg.cluster.address), StoreWriter(path, seen=plan.existing) as writer:
+        # The other one may have committed between our look above and taking the store's lease.
+        committed = _committed_meanwhile(writer, plan.fingerprint, plan.where)
+        if committed is not None:
+            return committed
+        written = _score(plan, writer)
+        if written.rows == 0:
+            raise UserError("no example has a completion token left under data.max_length; nothing to store")
+        seconds = time.perf_counter() - start
+        committed = _commit(plan, writer, written, seconds)
+        if committed is not None:
+            return committed
+    dropped = len(plan.text.table) - written.rows
+    print(
+        f"reference store {plan.where}: {written.rows} rows (train {written.rows_in('train')}, "
+        f"eval {written.rows_in('eval')}, dropped {dropped} with no completion token left), "
+        f"{written.tokens} tokens in {seconds:.1f}s ({written.tokens / seconds:,.0f} tokens/s)",
+        flush=True,
+    )
+    return PrecomputeResult(open_store(path, plan.fingerprint), reused=False)
+
+
+def _plan(cfg: KTOConfig) -> _Plan:
+    """Read, validate and pair the data, fingerprint it with the reference, and look at the store."""
     tokenizer = load_tokenizer(cfg.model, cfg.reference_path)
     check_context_length(cfg.model, cfg.data.max_length, cfg.reference_path)
     data_files = data_file_stats(cfg)  # before the read: see data_file_stats
     text = prepare_text(cfg, tokenizer)
     print(text.report.summary(), flush=True)
     fingerprint, inputs = store_fingerprint(cfg, text.data_digest, tokenizer)
+    return _Plan(cfg, tokenizer, text, fingerprint, inputs, data_files, read_manifest(cfg.store.path))
 
-    where = display(cfg.store.path)
-    existing = read_manifest(cfg.store.path)
-    if existing is not None:
-        differing = differing_components(fingerprint, existing.fingerprint)
-        if not differing:
-            if existing.data_files != data_files:  # same content, new stats: training can trust them
-                record_data_files(cfg.store.path, data_files)
-            store = open_store(cfg.store.path, fingerprint)
-            rows = sum(store.count(s) for s in ("train", "eval"))
-            print(f"reference store {where} matches the config ({rows} rows): reusing it", flush=True)
-            return PrecomputeResult(store, reused=True)
-        if not overwrite:
-            raise UserError(
-                f"reference store {where} exists with a different {', '.join(differing)}; "
-                "pass --overwrite to replace it"
-            )
 
-    use_gpu = cfg.precompute.gpus_per_actor > 0
-    ensure_free(resolve(cfg.store.path))  # another precompute writing this store: one line, before Ray
-    with ray_session(cfg.cluster.address), StoreWriter(cfg.store.path, seen=existing) as writer:
-        # The other one may have committed between our look above and taking the store's lease.
-        committed = _committed_meanwhile(writer, fingerprint, where)
-        if committed is not None:
-            return committed
-        import ray.data
-
-        configure_ray_data()
-        counter = ray.remote(num_cpus=0)(_Counter).remote()
-        # Ray Data bundles blocks up to batch_size rows: cap the bucket so every actor gets rows.
-        bucket_rows = max(1, min(cfg.precompute.bucket_rows, -(-len(text.table) // cfg.precompute.actors)))
-        blocks = max(2 * cfg.precompute.actors, len(text.table) // bucket_rows + 1)
-        ds = ray.data.from_arrow(text.table).repartition(blocks)
-        ds = ds.map_batches(
-            tokenize_rows,
-            fn_kwargs={
-                "tokenizer": tokenizer,
-                "max_length": cfg.data.max_length,
-                "max_prompt_length": cfg.data.max_prompt_length,
-            },
-            batch_size=bucket_rows,
-            num_cpus=0.25,
+def _reuse(plan: _Plan, overwrite: bool) -> PrecomputeResult | None:
+    """The store there when its fingerprint matches the plan's (its data file stats brought up to
+    date); None when there is none or `overwrite` replaces it; else a one-line error."""
+    existing, path = plan.existing, plan.cfg.store.path
+    if existing is None:
+        return None
+    differing = differing_components(plan.fingerprint, existing.fingerprint)
+    if differing:
+        if overwrite:
+            return None
+        raise UserError(
+            f"reference store {plan.where} exists with a different {', '.join(differing)}; "
+            "pass --overwrite to replace it"
         )
-        ds = ds.map_batches(
-            ReferenceLogprobs,
-            fn_constructor_kwargs={
-                "model_cfg": cfg.model,
-                "path": cfg.reference_path,
-                "dtype": cfg.precompute.dtype,
-                "use_gpu": use_gpu,
-                "gpus_per_actor": cfg.precompute.gpus_per_actor,
-                "batch_rows": cfg.precompute.batch_rows,
-                "batch_tokens": cfg.precompute.batch_tokens,
-                "pad_id": tokenizer.pad_token_id,
-                "progress": counter,
-            },
-            batch_size=bucket_rows,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=cfg.precompute.actors),
-            num_gpus=cfg.precompute.gpus_per_actor,
-            num_cpus=cfg.precompute.cpus_per_actor,
-        )
-        try:
-            with RowProgress(lambda: ray.get(counter.read.remote()), len(text.table), "reference"):
-                ds.write_parquet(
-                    writer.data.path, filesystem=writer.location.fs, row_group_size=ROW_GROUP_ROWS
-                )
-            counts, tokens = _store_stats(writer.data)
-        except Exception as err:
-            raise _storage_failure(writer, err) from None
-        rows = sum(sum(c.values()) for c in counts.values())
-        if rows == 0:
-            raise UserError("no example has a completion token left under data.max_length; nothing to store")
-        seconds = time.perf_counter() - start
-        committed = _committed_meanwhile(writer, fingerprint, where)
-        if committed is not None:
-            return committed
-        try:
-            writer.commit(build_manifest(fingerprint, inputs, counts, tokens, seconds, data_files))
-        except OSError as err:
-            raise _storage_failure(writer, err) from None
-    dropped = len(text.table) - rows
-    print(
-        f"reference store {where}: {rows} rows (train {sum(counts['train'].values())}, "
-        f"eval {sum(counts['eval'].values())}, dropped {dropped} with no completion token left), "
-        f"{tokens} tokens in {seconds:.1f}s ({tokens / seconds:,.0f} tokens/s)",
-        flush=True,
+    if existing.data_files != plan.data_files:  # same content, new stats: training can trust them
+        record_data_files(path, plan.data_files)
+    store = open_store(path, plan.fingerprint)
+    rows = sum(store.count(s) for s in ("train", "eval"))
+    print(f"reference store {plan.where} matches the config ({rows} rows): reusing it", flush=True)
+    return PrecomputeResult(store, reused=True)
+
+
+def _score(plan: _Plan, writer: StoreWriter) -> _Written:
+    """Tokenize, score with the reference actor pool and write the Parquet files under the writer's
+    prefix, with a progress bar; a failure because the storage went away is one line."""
+    import ray
+
+    configure_ray_data()
+    counter = ray.remote(num_cpus=0)(_Counter).remote()
+    ds = _scoring_dataset(plan, counter)
+    try:
+        with RowProgress(lambda: ray.get(counter.read.remote()), len(plan.text.table), "reference"):
+            ds.write_parquet(writer.data.path, filesystem=writer.location.fs, row_group_size=ROW_GROUP_ROWS)
+        return _store_stats(writer.data)
+    except Exception as err:
+        raise _storage_failure(writer, err) from None
+
+
+def _scoring_dataset(plan: _Plan, counter):
+    """The lazy Ray Data pipeline: text rows -> tokenize_rows (CPU tasks) -> ReferenceLogprobs (actors)."""
+    import ray.data
+
+    cfg, rows = plan.cfg, len(plan.text.table)
+    # Ray Data bundles blocks up to batch_size rows: cap the bucket so every actor gets rows.
+    bucket_rows = max(1, min(cfg.precompute.bucket_rows, -(-rows // cfg.precompute.actors)))
+    blocks = max(2 * cfg.precompute.actors, rows // bucket_rows + 1)
+    ds = ray.data.from_arrow(plan.text.table).repartition(blocks)
+    ds = ds.map_batches(
+        tokenize_rows,
+        fn_kwargs={
+            "tokenizer": plan.tokenizer,
+            "max_length": cfg.data.max_length,
+            "max_prompt_length": cfg.data.max_prompt_length,
+        },
+        batch_size=bucket_rows,
+        num_cpus=0.25,
     )
-    return PrecomputeResult(open_store(cfg.store.path, fingerprint), reused=False)
+    return ds.map_batches(
+        ReferenceLogprobs,
+        fn_constructor_kwargs={
+            "model_cfg": cfg.model,
+            "path": cfg.reference_path,
+            "dtype": cfg.precompute.dtype,
+            "use_gpu": cfg.precompute.gpus_per_actor > 0,
+            "gpus_per_actor": cfg.precompute.gpus_per_actor,
+            "batch_rows": cfg.precompute.batch_rows,
+            "batch_tokens": cfg.precompute.batch_tokens,
+            "pad_id": plan.tokenizer.pad_token_id,
+            "progress": counter,
+        },
+        batch_size=bucket_rows,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.precompute.actors),
+        num_gpus=cfg.precompute.gpus_per_actor,
+        num_cpus=cfg.precompute.cpus_per_actor,
+    )
+
+
+def _commit(plan: _Plan, writer: StoreWriter, written: _Written, seconds: float) -> PrecomputeResult | None:
+    """Commit the manifest of what was written; None once it is committed. Another precompute's store,
+    committed meanwhile, is returned instead (or refused: `_committed_meanwhile`)."""
+    committed = _committed_meanwhile(writer, plan.fingerprint, plan.where)
+    if committed is not None:
+        return committed
+    manifest = build_manifest(
+        plan.fingerprint, plan.inputs, written.counts, written.tokens, seconds, plan.data_files
+    )
+    try:
+        writer.commit(manifest)
+    except OSError as err:
+        raise _storage_failure(writer, err) from None
+    return None

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyarrow.fs import FileType
 from pydantic import BaseModel
@@ -59,6 +61,13 @@ SCHEMA = pa.schema(
         ("split", pa.string()),
     ]
 )
+
+
+def sequence_lengths(table: pa.Table) -> np.ndarray:
+    """Tokens of each row's (x, y) sequence: what its policy forward and backward are padded to."""
+    prompt = pc.list_value_length(table["prompt_ids"]).to_numpy(zero_copy_only=False)
+    return prompt + pc.list_value_length(table["completion_ids"]).to_numpy(zero_copy_only=False)
+
 
 # Names of the fingerprint components, in the order a mismatch is reported.
 COMPONENTS = ("data", "reference_weights", "tokenizer", "truncation", "pairing", "dtype")

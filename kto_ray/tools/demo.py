@@ -13,6 +13,7 @@ from typing import Any
 from kto_ray.assets.arithmetic import heldout_problems
 from kto_ray.assets.tiny_model import ensure_tiny_model
 from kto_ray.config import KTOConfig
+from kto_ray.rundir import RunDir
 from kto_ray.storage import remove_tree
 from kto_ray.tools.answers import Answer, AnswerScore, arithmetic_checker, score_answers
 
@@ -85,9 +86,10 @@ def run_demo(cfg: KTOConfig) -> dict[str, dict[str, float]]:
     start = time.perf_counter()
     model_dir = ensure_tiny_model(cfg.model.path)
     print(f"embedded model and tokenizer: {model_dir}; data: {', '.join(cfg.data.paths)}", flush=True)
-    if cfg.run_dir.exists():
+    run_dir = RunDir.of(cfg)
+    if run_dir.exists():
         # The demo always trains from the start; real runs resume instead (same run.name).
-        remove_tree(cfg.run_dir.location)
+        remove_tree(run_dir.location)
     # New prompts only: the answer check never sees a prompt of the training data (or its eval split).
     heldout = heldout_problems(HELDOUT_PROMPTS, HELDOUT_SEED, training_prompts(cfg))
     table: dict[str, dict[str, float]] = {}

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 
 from kto_ray.config import KTOConfig, with_absolute_paths
-from kto_ray.data.prepare import checked_store
 from kto_ray.kto_metrics import EVAL_KEYS, KTOSums
 from kto_ray.loss import kl_z0
 from kto_ray.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
 from kto_ray.models.logprobs import length_buckets, pad_sequences, sequence_logps
+from kto_ray.reference.check import checked_store
 from kto_ray.training.driver import desirable_weight
 from kto_ray.training.step import LossSettings
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from kto_ray.config import KTOConfig, with_absolute_paths
+from kto_ray.rundir import RunDir
 
 
 @dataclass(frozen=True)
@@ -79,16 +80,15 @@ def write_samples(
 ) -> tuple[Path, Path]:
     """Generate for the first `n` eval prompts (by id) with the trained model (`model_path`, default the
     run's final/ export, else the policy) and the reference; returns the JSONL and Markdown paths."""
-    from kto_ray.data.prepare import checked_store
     from kto_ray.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
+    from kto_ray.reference.check import checked_store
 
     cfg = with_absolute_paths(cfg)
     tokenizer = load_tokenizer(cfg.model)
     part = checked_store(cfg, tokenizer).read_split("eval", columns=["id", "prompt_ids", "label"])
     part = part.slice(0, n).to_pydict()
-    trained_path = model_path or (
-        cfg.run_dir.child("final") if cfg.run_dir.exists("final") else cfg.model.path
-    )
+    run_dir = RunDir.of(cfg)
+    trained_path = model_path or (run_dir.child("final") if run_dir.exists("final") else cfg.model.path)
     longest_prompt = max((len(p) for p in part["prompt_ids"]), default=0)
     settings = GenerationSettings(
         max_new_tokens=max(1, cfg.data.max_length - longest_prompt), temperature=temperature, seed=seed
@@ -111,7 +111,7 @@ def write_samples(
         for i, (row_id, ids, label) in enumerate(zip(part["id"], part["prompt_ids"], part["label"]))
     ]
     # A run on object storage: the samples are written here, in ./<run name>-samples.
-    out_dir = out_dir or cfg.run_dir.folder or Path(f"{cfg.run.name}-samples").absolute()
+    out_dir = out_dir or run_dir.folder or Path(f"{cfg.run.name}-samples").absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     jsonl, markdown = out_dir / "samples.jsonl", out_dir / "samples.md"
     jsonl.write_text("".join(json.dumps(asdict(s)) + "\n" for s in samples))

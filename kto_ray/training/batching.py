@@ -15,13 +15,17 @@ It depends on nothing but the seed, the epoch and the lengths, so the guarantees
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from kto_ray.models.logprobs import PaddedBatch, pad_sequences
+from kto_ray.reference.store import sequence_lengths
+
+if TYPE_CHECKING:
+    from kto_ray.reference.reader import SplitIndex
 
 
 @dataclass(frozen=True)
@@ -51,12 +55,6 @@ class KTOBatch:
 GROUP_WINDOW_STEPS = 64
 
 
-def sequence_lengths(table: pa.Table) -> np.ndarray:
-    """Tokens of each row's (x, y) sequence: what its policy forward and backward are padded to."""
-    prompt = pc.list_value_length(table["prompt_ids"]).to_numpy(zero_copy_only=False)
-    return prompt + pc.list_value_length(table["completion_ids"]).to_numpy(zero_copy_only=False)
-
-
 @dataclass(frozen=True)
 class Schedule:
     rows: int
@@ -80,6 +78,20 @@ class Schedule:
     ) -> Schedule:
         lengths = sequence_lengths(table) if group else None
         return cls(len(table), workers, micro_batch_size, grad_accumulation, seed, lengths)
+
+    @classmethod
+    def for_index(
+        cls,
+        index: SplitIndex,
+        workers: int,
+        micro_batch_size: int,
+        grad_accumulation: int,
+        seed: int,
+        group: bool,
+    ) -> Schedule:
+        """What `for_table(store.read_split(index.split), ...)` returns, without the table."""
+        lengths = index.lengths if group else None
+        return cls(index.rows, workers, micro_batch_size, grad_accumulation, seed, lengths)
 
     @property
     def rows_per_step(self) -> int:

@@ -1,7 +1,7 @@
 """Stage 2 on the driver: check the store, size the run, launch the Ray Train TorchTrainer.
 
 Offline, the driver indexes the store's train split (and eval split with `train.eval_every`): a few
-bytes per row, streamed one row group at a time (`training/rows.py`). The index goes to the workers in
+bytes per row, streamed one row group at a time (`reference/reader.py`). The index goes to the workers in
 the loop config and each worker reads its own micro-batches' rows from the store, so the store must be
 where every worker can read it (object storage or a shared mount). Online there is no store: the
 driver tokenizes the data and hands the table to the workers through the object store. The driver
@@ -20,17 +20,18 @@ import numpy as np
 import pyarrow as pa
 
 from kto_ray.config import KTOConfig, dump_config, with_absolute_paths
-from kto_ray.data.prepare import checked_store, prepare_text, tokenize_rows
+from kto_ray.data.prepare import prepare_text, tokenize_rows
 from kto_ray.errors import StorageError, TrainingStopped, UserError
 from kto_ray.lease import Lease
 from kto_ray.models.loading import check_context_length, load_tokenizer
 from kto_ray.raycluster import ray_session
+from kto_ray.reference.check import checked_store
+from kto_ray.reference.reader import SplitIndex
 from kto_ray.reference.store import SCHEMA
 from kto_ray.rundir import CHECKPOINTS, RunDir
 from kto_ray.storage import endpoint_env, first_line
 from kto_ray.training.batching import Schedule
 from kto_ray.training.progress import TrainingProgress
-from kto_ray.training.rows import SplitIndex
 from kto_ray.training.tracking import prepare_tracking
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ def fit(
             "train.eval_every is set but the eval split is empty: raise data.eval_fraction "
             "or set train.eval_every: null"
         )
-    run_dir = cfg.run_dir
+    run_dir = RunDir.of(cfg)
     # Before anything is launched: a tracker that cannot start fails here, in one line.
     tracking_env = prepare_tracking(cfg.run.report_to, run_dir.folder)
     # One live run per run dir: a second `train` with the same run.name refuses in one line.
@@ -215,7 +216,7 @@ def _trainer(cfg: KTOConfig, loop_config: dict):
         ),
         run_config=RunConfig(
             name=CHECKPOINTS,
-            **cfg.run_dir.ray_storage(),
+            **RunDir.of(cfg).ray_storage(),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
         ),

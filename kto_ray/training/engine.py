@@ -197,6 +197,6 @@ def export_final(engine, tokenizer, cfg: KTOConfig, rank: int) -> None:
     """`<run dir>/final/`: the full model, or with LoRA the adapter (and `merged/` with run.merge_lora).
     A collective: every rank calls it."""
     if cfg.lora.enabled:  # not an isinstance check: importing peft costs ~110 MiB per worker
-        export_adapter(engine, tokenizer, cfg, cfg.run_dir, rank)
+        export_adapter(engine, tokenizer, cfg, RunDir.of(cfg), rank)
     else:
-        export_hf_model(engine, tokenizer, cfg.run_dir, rank)
+        export_hf_model(engine, tokenizer, RunDir.of(cfg), rank)

@@ -20,7 +20,8 @@ import torch
 
 from kto_ray.kto_metrics import EVAL_KEYS, KTOSums
 from kto_ray.models.logprobs import DEFAULT_CHUNK_TOKENS, sequence_logps
-from kto_ray.training.batching import collate, sequence_lengths
+from kto_ray.reference.store import sequence_lengths
+from kto_ray.training.batching import collate
 from kto_ray.training.distributed import Reduce, global_z0
 from kto_ray.training.step import LossSettings, ReferenceFn
 

@@ -22,14 +22,15 @@ import torch
 
 from kto_ray.config import KTOConfig
 from kto_ray.models.loading import hidden_size_of, load_tokenizer
-from kto_ray.rundir import WORKERS_FILE
+from kto_ray.reference.reader import RowReader, SplitIndex
+from kto_ray.rundir import WORKERS_FILE, RunDir
 from kto_ray.training.batching import Schedule, collate
 from kto_ray.training.checkpoint import restore, save_and_report
 from kto_ray.training.distributed import all_reduce_sum, gather_objects
 from kto_ray.training.engine import build_policy_engine, deepspeed_config, export_final, online_reference
 from kto_ray.training.eval_step import eval_metrics
 from kto_ray.training.metrics import MetricsLog
-from kto_ray.training.rows import RowReader, SplitIndex, TableRows
+from kto_ray.training.rows import TableRows
 from kto_ray.training.step import LossSettings, NonFiniteError, train_step
 from kto_ray.training.tracking import start_trackers
 
@@ -46,7 +47,7 @@ def _open_rows(source, cfg: KTOConfig, world: int) -> tuple[RowReader | TableRow
     train = cfg.train
     settings = (world, train.micro_batch_size, train.grad_accumulation, train.seed, train.group_by_length)
     if isinstance(source, SplitIndex):
-        return RowReader(source), source.schedule(*settings)
+        return RowReader(source), Schedule.for_index(source, *settings)
     table = ray.get(source)
     return TableRows(table), Schedule.for_table(table, *settings)
 
@@ -92,16 +93,16 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     start_step = restore(engine, rank)
     placement = gather_objects(_where_am_i(rank))  # a collective: every rank
     if rank == 0:
-        cfg.run_dir.write_text(WORKERS_FILE, json.dumps(placement, indent=2) + "\n")
+        RunDir.of(cfg).write_text(WORKERS_FILE, json.dumps(placement, indent=2) + "\n")
     settings = LossSettings(cfg.train.beta, loop_config["desirable_weight"], cfg.train.undesirable_weight)
-    log = MetricsLog(cfg.run_dir, start_step) if rank == 0 else None
+    log = MetricsLog(RunDir.of(cfg), start_step) if rank == 0 else None
     # train.eval_every: the whole eval split, on every rank (eval_metrics shards it over the ranks).
     eval_table = _whole(loop_config["eval_rows"]) if loop_config.get("eval_rows") is not None else None
     trackers = (
         start_trackers(
             cfg.run.report_to,
             loop_config["config"],
-            cfg.run_dir.folder,
+            RunDir.of(cfg).folder,
             start_step,
             loop_config["tracking_env"],
         )

@@ -123,8 +123,9 @@ def s3():
 
 
 def _fingerprint(cfg) -> dict[str, str]:
-    from kto_ray.data.prepare import prepare_text, store_fingerprint
+    from kto_ray.data.prepare import prepare_text
     from kto_ray.models.loading import load_tokenizer
+    from kto_ray.reference.check import store_fingerprint
 
     cfg = with_absolute_paths(cfg)
     tokenizer = load_tokenizer(cfg.model)

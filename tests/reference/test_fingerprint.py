@@ -1,4 +1,4 @@
-"""Rerunning is O(1) in model and data size: cached weight digests, data checked by file stats."""
+"""Rerunning is O(1) in model size: cached weight digests (the data, checked by file stats: test_check.py)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,15 @@ import hashlib
 import json
 import multiprocessing
 import os
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from kto_ray.errors import UserError
 from kto_ray.reference import fingerprint
-from kto_ray.reference.fingerprint import DIGEST_CACHE, cache_dir, file_digests, weights_fingerprint
-from kto_ray.reference.store import MANIFEST, read_manifest
+from kto_ray.reference.fingerprint import DIGEST_CACHE, file_digests, weights_fingerprint
+from kto_ray.storage import cache_dir
+from tests.reference.conftest import set_mtime
 
 GIB = 1 << 30
 
@@ -36,23 +35,11 @@ class HashCounter:
         monkeypatch.setattr(fingerprint, "_hash_file", counting)
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    """A private digest cache folder for the test (never the user's)."""
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("KTO_RAY_CACHE", str(folder))
-    return folder
-
-
 def _weights(folder: Path, **files: bytes) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name, content in files.items():
         (folder / f"{name}.safetensors").write_bytes(content)
     return folder
-
-
-def _set_mtime(path: Path, seconds: float) -> None:
-    os.utime(path, ns=(int(seconds * 1e9), int(seconds * 1e9)))
 
 
 # slow: the first (cold) fingerprint really hashes 5 GiB, 10-25 s on 2 shared cores.
@@ -87,17 +74,17 @@ def test_cached_fingerprint_equals_the_uncached_hash(tmp_path, cache):
 def test_rewriting_or_touching_a_file_is_hashed_again(tmp_path, cache, monkeypatch):
     model = _weights(tmp_path / "model", w=b"A" * 64)
     weights = model / "w.safetensors"
-    _set_mtime(weights, 1_000_000)
+    set_mtime(weights, 1_000_000)
     counter = HashCounter(monkeypatch)
     original = weights_fingerprint(model)
 
     weights.write_bytes(b"B" * 64)  # same size, new content, new mtime
-    _set_mtime(weights, 1_000_001)
+    set_mtime(weights, 1_000_001)
     assert weights_fingerprint(model) != original
     assert len(counter.files) == 2
 
     weights.write_bytes(b"A" * 64)
-    _set_mtime(weights, 1_000_002)  # a touch: new mtime, the original content
+    set_mtime(weights, 1_000_002)  # a touch: new mtime, the original content
     assert weights_fingerprint(model) == original
     assert len(counter.files) == 3
 
@@ -191,90 +178,3 @@ def test_concurrent_runs_leave_a_valid_cache(tmp_path, cache):
     data = json.loads((cache / DIGEST_CACHE).read_text())
     assert set(data["entries"]) <= {str((m / "w.safetensors").resolve()) for m in models}
     assert not list(cache.glob(".*.tmp"))  # no temporary left behind
-
-
-# ---- training and evaluation check the store by the data files' stats -------------------------------
-
-
-@pytest.fixture
-def own_store(built_store, tmp_path, cache):
-    """A copy of the built store and of its data file; precompute (reusing it) records the copy's stats."""
-    from kto_ray.reference.precompute import precompute
-
-    cfg, store = built_store
-    data = tmp_path / "data.jsonl"
-    shutil.copyfile(cfg.data.paths[0], data)
-    shutil.copytree(store.path, tmp_path / "store")
-    tree = cfg.model_dump(mode="json")
-    tree["data"]["paths"] = [str(data)]
-    tree["store"]["path"] = str(tmp_path / "store")
-    own = cfg.model_validate(tree)
-    assert precompute(own).reused
-    return own, data
-
-
-class ReadCounter:
-    def __init__(self, monkeypatch):
-        import kto_ray.data.prepare as prepare
-
-        self.calls = 0
-        real = prepare.read_examples
-
-        def counting(*args, **kwargs):
-            self.calls += 1
-            return real(*args, **kwargs)
-
-        monkeypatch.setattr(prepare, "read_examples", counting)
-
-
-@pytest.mark.slow
-def test_precompute_records_the_data_file_stats(own_store):
-    cfg, data = own_store
-    manifest = read_manifest(cfg.store.path)
-    assert [(f.path, f.size) for f in manifest.data_files] == [(str(data.resolve()), data.stat().st_size)]
-    assert manifest.data_files[0].mtime_ns == data.stat().st_mtime_ns
-
-
-@pytest.mark.slow
-def test_train_reads_the_data_only_when_its_stats_change(own_store, built_store, monkeypatch):
-    from kto_ray.training.driver import train_table
-
-    cfg, data = own_store
-    reads = ReadCounter(monkeypatch)
-    table = train_table(cfg)
-    assert reads.calls == 0
-    assert table.equals(built_store[1].read_split("train"))
-
-    _set_mtime(data, data.stat().st_mtime + 10)  # touched: same content
-    assert train_table(cfg).equals(table)
-    assert reads.calls == 1
-
-    lines = data.read_text().splitlines()
-    data.write_text("\n".join(lines[:200]) + "\n")  # different content
-    with pytest.raises(UserError, match="different data"):
-        train_table(cfg)
-    assert reads.calls == 2
-
-
-@pytest.mark.slow
-def test_a_manifest_without_data_file_stats_is_checked_by_content(own_store, monkeypatch):
-    from kto_ray.training.driver import train_table
-
-    cfg, _ = own_store
-    manifest_file = Path(cfg.store.path) / MANIFEST
-    old = json.loads(manifest_file.read_text())
-    del old["data_files"]  # as written before the field existed
-    manifest_file.write_text(json.dumps(old))
-    reads = ReadCounter(monkeypatch)
-    assert len(train_table(cfg)) > 0
-    assert reads.calls == 1
-
-
-@pytest.mark.slow
-def test_evaluate_reads_no_data_when_its_stats_match(own_store, monkeypatch):
-    from kto_ray.tools.evaluate import evaluate
-
-    cfg, _ = own_store
-    reads = ReadCounter(monkeypatch)
-    metrics = evaluate(cfg)
-    assert reads.calls == 0 and metrics["rows"] > 0

@@ -168,7 +168,7 @@ def test_each_changed_fingerprint_component_is_named(
 
 
 def _fingerprint(cfg):
-    from kto_ray.data.prepare import store_fingerprint
+    from kto_ray.reference.check import store_fingerprint
 
     tokenizer = load_tokenizer(cfg.model)
     return store_fingerprint(cfg, prepare_text(cfg, tokenizer).data_digest, tokenizer)[0]

@@ -63,8 +63,8 @@ def test_store_on_s3_is_written_reused_and_refused(s3_store, built_store, capsys
     with pytest.raises(UserError, match=rf"reference store {URI} exists with a different pairing"):
         precompute(changed)
     with pytest.raises(UserError, match=rf"reference store {URI} was built for a different pairing"):
-        from kto_ray.data.prepare import checked_store
         from kto_ray.models.loading import load_tokenizer
+        from kto_ray.reference.check import checked_store
 
         checked_store(changed, load_tokenizer(changed.model))
 

@@ -12,6 +12,7 @@ from kto_ray.cli import main
 from kto_ray.config import dump_config
 from kto_ray.models.loading import load_tokenizer
 from kto_ray.reference.precompute import precompute
+from kto_ray.rundir import RunDir
 from kto_ray.tools.samples import write_samples
 from tests.helpers import make_config
 
@@ -67,9 +68,9 @@ def test_cli_writes_samples_to_the_run_dir_and_sampling_is_seeded(store_with_a_l
     outputs = []
     for _ in range(2):
         assert main([*args, "--temperature", "1.0", "--seed", "7"]) == 0
-        outputs.append((cfg.run_dir.local_path / "samples.jsonl").read_text())
+        outputs.append((RunDir.of(cfg).local_path / "samples.jsonl").read_text())
     assert outputs[0] == outputs[1]  # seeded sampling repeats
     assert len(outputs[0].splitlines()) == 3
     assert "samples: " in capsys.readouterr().out
-    assert "sampled (temperature 1.0, seed 7)" in (cfg.run_dir.local_path / "samples.md").read_text()
+    assert "sampled (temperature 1.0, seed 7)" in (RunDir.of(cfg).local_path / "samples.md").read_text()
     assert yaml.safe_load(config.read_text())["run"]["dir"] == str(tmp_path / "runs")

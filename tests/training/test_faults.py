@@ -19,6 +19,7 @@ import yaml
 
 from kto_ray.errors import TrainingStopped
 from kto_ray.reference.store import MANIFEST
+from kto_ray.rundir import RunDir
 from kto_ray.training.batching import Schedule
 from kto_ray.training.driver import train
 from tests.conftest import assert_same_weights, kill_process_tree, read_metrics, registered_steps, wait_for
@@ -78,7 +79,7 @@ def test_sigkilled_worker_restarts_from_the_checkpoint_and_matches(built_store, 
     driver = threading.Thread(target=lambda: outcome.update(result=train(cfg)), daemon=True)
     driver.start()
     wait_for(
-        lambda: _steps_logged(cfg.run_dir.local_path) >= 5, driver.is_alive
+        lambda: _steps_logged(RunDir.of(cfg).local_path) >= 5, driver.is_alive
     )  # past the step-4 checkpoint
     workers = _descendants_named("RayTrainWorker")
     assert len(workers) == 2, workers
@@ -86,13 +87,14 @@ def test_sigkilled_worker_restarts_from_the_checkpoint_and_matches(built_store, 
     driver.join(timeout=600)
     assert outcome["result"].steps == STEPS
 
-    steps = [m["step"] for m in read_metrics(cfg.run_dir.local_path)]
+    steps = [m["step"] for m in read_metrics(RunDir.of(cfg).local_path)]
     assert steps == list(range(1, STEPS + 1))  # nothing repeated, nothing missing
-    assert_same_weights(cfg.run_dir.local_path / "final", uninterrupted / "final")
+    assert_same_weights(RunDir.of(cfg).local_path / "final", uninterrupted / "final")
 
 
 def test_killed_driver_resumes_on_rerun(built_store, uninterrupted, tmp_path):
     cfg = _config(built_store, tmp_path, "driver", run={"max_failures": 0})
+    run_dir = RunDir.of(cfg).local_path
     config_file = tmp_path / "cfg.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     driver = subprocess.Popen(
@@ -105,15 +107,12 @@ def test_killed_driver_resumes_on_rerun(built_store, uninterrupted, tmp_path):
     # A checkpoint counts once Ray Train has registered it (its snapshot file), not when its folder
     # appears; kill once a step after it is logged too, so the rerun has logged work to redo.
     wait_for(
-        lambda: (
-            registered_steps(cfg.run_dir.local_path)
-            and _steps_logged(cfg.run_dir.local_path) > max(registered_steps(cfg.run_dir.local_path))
-        ),
+        lambda: registered_steps(run_dir) and _steps_logged(run_dir) > max(registered_steps(run_dir)),
         lambda: driver.poll() is None,
     )
     kill_process_tree(driver.pid)
     driver.wait()
-    before, resume_step = read_metrics(cfg.run_dir.local_path), max(registered_steps(cfg.run_dir.local_path))
+    before, resume_step = read_metrics(run_dir), max(registered_steps(run_dir))
     assert resume_step < STEPS, "the run finished before it could be killed"
 
     result = train(cfg)  # the same command again
@@ -155,12 +154,12 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(bui
     with pytest.raises(TrainingStopped, match=r"step 3: non-finite loss.*step_00000002") as stopped:
         train(cfg)  # only rank 1 sees the NaN: both ranks must stop, neither may hang
     assert "\n" not in str(stopped.value)
-    assert [m["step"] for m in read_metrics(cfg.run_dir.local_path)] == [1, 2]
-    assert sorted(p.name for p in (cfg.run_dir.local_path / "checkpoints").glob("step_*")) == [
+    assert [m["step"] for m in read_metrics(RunDir.of(cfg).local_path)] == [1, 2]
+    assert sorted(p.name for p in (RunDir.of(cfg).local_path / "checkpoints").glob("step_*")) == [
         "step_00000001",
         "step_00000002",
     ]
-    assert not (cfg.run_dir.local_path / "final").exists()
+    assert not (RunDir.of(cfg).local_path / "final").exists()
     resumed = cfg.model_copy(deep=True)
     resumed.store.path = built_store[0].store.path  # the clean store: the rerun resumes from step 2
     resumed.train.max_steps = 3
@@ -169,22 +168,22 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(bui
 
 def test_failed_checkpoint_write_keeps_the_previous_checkpoint(built_store, tmp_path):
     cfg = _config(built_store, tmp_path, "disk", train={"max_steps": 8}, run={"max_failures": 0})
-    checkpoints = cfg.run_dir.local_path / "checkpoints"
+    checkpoints = RunDir.of(cfg).local_path / "checkpoints"
     checkpoints.mkdir(parents=True)
     blocker = checkpoints / "step_00000008"
     blocker.write_text("a file where the step-8 checkpoint folder must go: writing it fails part-way")
 
     with pytest.raises(Exception, match="step_00000008"):
         train(cfg)
-    before = read_metrics(cfg.run_dir.local_path)
-    assert registered_steps(cfg.run_dir.local_path) == [4]
+    before = read_metrics(RunDir.of(cfg).local_path)
+    assert registered_steps(RunDir.of(cfg).local_path) == [4]
     assert {p.name for p in (checkpoints / "step_00000004").iterdir()} >= {"zero", "trainer_state.json"}
 
     blocker.unlink()  # the disk is writable again: the rerun resumes from the intact step-4 checkpoint
     after = read_metrics(train(cfg).run_dir.local_path)
     assert [m["step"] for m in after] == list(range(1, 9))
     assert after[:4] == before[:4]
-    assert (cfg.run_dir.local_path / "final" / "model.safetensors").is_file()
+    assert (RunDir.of(cfg).local_path / "final" / "model.safetensors").is_file()
 
 
 def test_killed_overwrite_keeps_the_previous_store(built_store, tiny_model, tmp_path):

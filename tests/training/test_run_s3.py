@@ -75,7 +75,7 @@ def _metrics(run_dir: RunDir) -> list[dict]:
 def test_run_dir_on_s3_survives_a_killed_driver(s3_cfg, uninterrupted, tmp_path):
     cfg, root = s3_cfg
     cfg = _named(cfg, "driver")
-    run_dir = cfg.run_dir
+    run_dir = RunDir.of(cfg)
     config_file = tmp_path / "cfg.yaml"
     config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     driver = subprocess.Popen(
@@ -136,7 +136,7 @@ _CUT = (
 
 def test_server_cut_during_a_checkpoint_upload_fails_naming_the_step(s3, s3_cfg, uninterrupted, monkeypatch):
     cfg = _named(s3_cfg[0], "cut")
-    run_dir = cfg.run_dir
+    run_dir = RunDir.of(cfg)
     # Ray Train's controller registers a reported checkpoint at its next poll of the workers, while
     # they train on: step 8's upload can start before step 4 is registered. The relay holds the step-8
     # upload (its client retries for about 11 s) until the snapshot lists step 4, then the storage

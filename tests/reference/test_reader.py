@@ -9,65 +9,18 @@ import threading
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
+from kto_ray.reference.reader import RowReader, SplitIndex
 from kto_ray.reference.store import (
-    COMPONENTS,
-    MANIFEST,
     SCHEMA,
     StorageError,
     Store,
-    build_manifest,
-    open_store,
+    sequence_lengths,
 )
-from kto_ray.storage import resolve, write_text_atomically
-from kto_ray.training.batching import Schedule, sequence_lengths
-from kto_ray.training.rows import RowReader, SplitIndex
+from kto_ray.training.batching import Schedule
+from tests.helpers import write_store
 from tests.s3server import s3_server
-
-
-def _rows(rng: np.random.Generator, ids: np.ndarray) -> pa.Table:
-    """Store rows with the given ids: short random token lists, both splits and labels mixed."""
-    n = len(ids)
-
-    def tokens(low: int, high: int) -> list[np.ndarray]:
-        return [rng.integers(0, 500, rng.integers(low, high)).astype(np.int32) for _ in range(n)]
-
-    columns = {
-        "id": ids,
-        "prompt_ids": tokens(3, 30),
-        "completion_ids": tokens(1, 40),
-        "kl_completion_ids": tokens(1, 40),
-        "kl_id": rng.permutation(ids),
-        "label": rng.random(n) < 0.6,
-        "ref_logps": rng.normal(-30, 5, n).astype(np.float32),
-        "ref_kl_logps": rng.normal(-40, 5, n).astype(np.float32),
-        "split": np.where(rng.random(n) < 0.8, "train", "eval"),
-    }
-    return pa.table({f.name: pa.array(columns[f.name], f.type) for f in SCHEMA}, schema=SCHEMA)
-
-
-def write_store(path: str, group_sizes: list[int], rows_per_file: int, seed: int = 0) -> Store:
-    """One Parquet file per entry of `group_sizes` (its row-group size), ids shuffled across files,
-    committed the way StoreWriter lays a store out (files under data-<id>/, manifest.json naming it)."""
-    rng = np.random.default_rng(seed)
-    ids = rng.permutation(len(group_sizes) * rows_per_file * 3)[: len(group_sizes) * rows_per_file]
-    location = resolve(path)
-    data = location.join("data-test")
-    location.fs.create_dir(data.path, recursive=True)
-    tables = [_rows(rng, part) for part in np.split(ids, len(group_sizes))]
-    for number, (table, group) in enumerate(zip(tables, group_sizes)):
-        with location.fs.open_output_stream(data.join(f"part-{number}.parquet").path) as out:
-            pq.write_table(table, out, row_group_size=group)
-    everything = pa.concat_tables(tables).to_pydict()
-    counts = {split: {"desirable": 0, "undesirable": 0} for split in ("train", "eval")}
-    for split, label in zip(everything["split"], everything["label"]):
-        counts[split]["desirable" if label else "undesirable"] += 1
-    manifest = build_manifest({c: "test" for c in COMPONENTS}, {}, counts, 0, 0.0)
-    text = manifest.model_copy(update={"data_dir": "data-test"}).model_dump_json()
-    write_text_atomically(location.join(MANIFEST), text)
-    return open_store(path)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +57,9 @@ def test_index_lengths_labels_and_schedule_match_the_table(store, grouped):
     index = SplitIndex.build(store, "train")
     np.testing.assert_array_equal(index.lengths, sequence_lengths(table))
     np.testing.assert_array_equal(index.labels, table["label"].to_numpy(zero_copy_only=False))
-    ours = index.schedule(workers=2, micro_batch_size=8, grad_accumulation=2, seed=3, group=grouped)
+    ours = Schedule.for_index(
+        index, workers=2, micro_batch_size=8, grad_accumulation=2, seed=3, group=grouped
+    )
     theirs = Schedule.for_table(
         table, workers=2, micro_batch_size=8, grad_accumulation=2, seed=3, group=grouped
     )
@@ -118,7 +73,9 @@ def test_index_lengths_labels_and_schedule_match_the_table(store, grouped):
 def test_prefetch_then_take_reads_each_group_once(store):
     table = store.read_split("train")
     index = SplitIndex.build(store, "train")
-    schedule = index.schedule(workers=2, micro_batch_size=8, grad_accumulation=3, seed=0, group=False)
+    schedule = Schedule.for_index(
+        index, workers=2, micro_batch_size=8, grad_accumulation=3, seed=0, group=False
+    )
     with RowReader(index, cache_bytes=0) as reader:  # no cache: only the read-ahead can save reads
         for step in range(3):
             micro = schedule.rows_for(step, 1)
@@ -225,6 +182,6 @@ def test_a_precomputed_store_reads_by_small_row_groups(built_store):
 
 def test_a_split_with_no_rows(store):
     index = SplitIndex.build(store, "test")
-    assert index.rows == 0 and index.schedule(1, 1, 1, 0, group=True).steps_per_epoch == 0
+    assert index.rows == 0 and Schedule.for_index(index, 1, 1, 1, 0, group=True).steps_per_epoch == 0
     with RowReader(index) as reader:
         assert reader.take([]).num_rows == 0
