@@ -131,6 +131,7 @@ def _setup(loop: LoopConfig, teardown: contextlib.ExitStack) -> WorkerRun:
     torch.manual_seed(cfg.train.seed + rank)
     deepspeed.init_distributed()
     device = _device(cfg)
+    teardown.push(_stop_together)  # first on, so last off: after every other clean-up
 
     os.environ.update(loop.storage_env)  # before the store is opened here
     reader, schedule = _open_rows(loop.train_rows, cfg, world)
@@ -172,6 +173,15 @@ def _setup(loop: LoopConfig, teardown: contextlib.ExitStack) -> WorkerRun:
         eval_table=_whole(loop.eval_rows) if loop.eval_rows is not None else None,
         trackers=trackers,
     )
+
+
+def _stop_together(exc_type, _exc, _tb) -> None:
+    """Every rank raises NonFiniteStep at the same step (the flag is all-reduced), and Ray Train stops
+    the whole group at the first error it sees: so the ranks wait here for each other's clean-up (rank
+    0's trackers) before raising. Only on NonFiniteStep: on another error some rank may never come
+    (it died, or waits in a checkpoint report), and the ones here would wait for nothing."""
+    if exc_type is not None and issubclass(exc_type, NonFiniteStep):
+        gather_objects(None)  # a barrier
 
 
 def _train(run: WorkerRun) -> None:
