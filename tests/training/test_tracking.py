@@ -204,6 +204,8 @@ def test_started_trackers_finish_as_failed_when_the_block_raises(tmp_path, monke
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     env = {"MLFLOW_TRACKING_URI": uri, "WANDB_DIR": str(tmp_path)}
+    for key, value in env.items():  # started_trackers sets them in this process: restored after the test
+        monkeypatch.setenv(key, value)
     config = CONFIG | {"run": {"name": "raised"}}
     names = ["tensorboard", "mlflow", "wandb"]
     with (
