@@ -15,6 +15,7 @@ import numpy as np
 import ray.train
 import torch
 
+from kto_ray.errors import CheckpointWriteFailed
 from kto_ray.storage import first_line
 
 TAG = "zero"
@@ -35,17 +36,14 @@ def _has_frozen_parameters(engine) -> bool:
     return any(not p.requires_grad for p in engine.module.parameters())
 
 
-class CheckpointWriteError(RuntimeError):
-    """A checkpoint could not be written to the run dir's storage; the message names the step."""
-
-
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
 def save_and_report(engine, step: int, rank: int, metrics: dict, previous: int = 0) -> None:
     """Collective: all ranks write their shard, then all report the folder (Ray uploads and merges them
-    into `checkpoints/step_<n>` of the run dir). `previous` is the last checkpointed step (for the error).
+    into `checkpoints/step_<n>` of the run dir). `previous` is the last checkpointed step (for the error);
+    a failed write raises CheckpointWriteFailed.
 
     Frozen weights (the base under LoRA) are left out: they never change and every (re)start loads
     them from the model files, so a LoRA checkpoint holds only the adapters and their optimizer state."""
@@ -61,14 +59,8 @@ def save_and_report(engine, step: int, rank: int, metrics: dict, previous: int =
                 checkpoint_dir_name=checkpoint_name(step),
             )
         except (OSError, RuntimeError) as err:  # pyarrow's upload errors; Ray wraps some in RuntimeError
-            last = (
-                f"the last one written is {checkpoint_name(previous)}"
-                if previous
-                else "none was written before"
-            )
-            raise CheckpointWriteError(
-                f"step {step}: the checkpoint {checkpoint_name(step)} could not be written "
-                f"({first_line(err)}); {last}"
+            raise CheckpointWriteFailed(
+                step, checkpoint_name(step), first_line(err), checkpoint_name(previous) if previous else None
             ) from None
 
 

@@ -2,7 +2,7 @@
 
 Offline, the driver indexes the store's train split (and eval split with `train.eval_every`): a few
 bytes per row, streamed one row group at a time (`reference/reader.py`). The index goes to the workers in
-the loop config and each worker reads its own micro-batches' rows from the store, so the store must be
+their LoopConfig and each worker reads its own micro-batches' rows from the store, so the store must be
 where every worker can read it (object storage or a shared mount). Online there is no store: the
 driver tokenizes the data and hands the table to the workers through the object store. The driver
 also checks `run.report_to`'s trackers and takes the run dir's lease before launching.
@@ -12,16 +12,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import warnings
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
 
 from kto_ray.config import KTOConfig, dump_config, with_absolute_paths
 from kto_ray.data.prepare import prepare_text, tokenize_rows
-from kto_ray.errors import StorageError, TrainingStopped, UserError
+from kto_ray.errors import (
+    CheckpointWriteFailed,
+    NonFiniteStep,
+    StorageError,
+    TrainingStopped,
+    UserError,
+    WorkerFailure,
+)
 from kto_ray.lease import Lease
 from kto_ray.models.loading import check_context_length, load_tokenizer
 from kto_ray.raycluster import ray_session
@@ -31,16 +38,14 @@ from kto_ray.reference.store import SCHEMA
 from kto_ray.rundir import CHECKPOINTS, RunDir
 from kto_ray.storage import endpoint_env, first_line
 from kto_ray.training.batching import Schedule
+from kto_ray.training.loop_config import LoopConfig
 from kto_ray.training.progress import TrainingProgress
 from kto_ray.training.tracking import prepare_tracking
 
 log = logging.getLogger(__name__)
 
 Rows = SplitIndex | pa.Table  # a split as the workers get it: see split_rows
-
-# Failures a worker raises on purpose, each naming its step: a non-finite loss, a checkpoint write.
-_NON_FINITE = re.compile(r"(step \d+: non-finite [^\n]*)")
-_CHECKPOINT_WRITE = re.compile(r"(step \d+: the checkpoint \S+ could not be written [^\n]*)")
+Failure = TypeVar("Failure", bound=WorkerFailure)
 
 
 @dataclass(frozen=True)
@@ -162,20 +167,19 @@ def fit(
             flush=True,
         )
         with ray_session(cfg.cluster.address):
-            loop_config = {
-                "config": cfg.model_dump(mode="json"),
-                "train_rows": _shipped(train_rows),
-                "eval_rows": _shipped(eval_rows) if cfg.train.eval_every else None,
-                # MLFLOW_* / WANDB_*, resolved: workers of a joined cluster do not get the driver's env.
-                "tracking_env": tracking_env,
-                "storage_env": endpoint_env(),  # the S3 endpoint the store's rows are read from
-                "total_steps": steps,
-                "desirable_weight": lam_d,
-            }
+            loop = LoopConfig(
+                config=cfg,
+                train_rows=_shipped(train_rows),
+                eval_rows=_shipped(eval_rows) if cfg.train.eval_every else None,
+                total_steps=steps,
+                desirable_weight=lam_d,
+                tracking_env=tracking_env,
+                storage_env=endpoint_env(),
+            )
             progress = TrainingProgress(run_dir, steps, cfg.train.log_every)
             try:
                 with progress:
-                    result = _trainer(cfg, loop_config).fit()
+                    result = _trainer(cfg, loop).fit()
             except ray.train.TrainingFailedError as err:
                 stopped = (
                     _stopped_by_non_finite(err, run_dir)
@@ -198,7 +202,7 @@ def _shipped(rows: Rows):
     return rows if isinstance(rows, SplitIndex) else ray.put(rows)
 
 
-def _trainer(cfg: KTOConfig, loop_config: dict):
+def _trainer(cfg: KTOConfig, loop: LoopConfig):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -206,7 +210,7 @@ def _trainer(cfg: KTOConfig, loop_config: dict):
 
     return TorchTrainer(
         train_loop,
-        train_loop_config=loop_config,
+        train_loop_config=loop.as_train_loop_config(),
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.workers,
             use_gpu=cfg.cluster.use_gpu,
@@ -232,20 +236,20 @@ def _storage_errors(run_dir: RunDir):
         raise StorageError(f"cannot write the run dir {run_dir}: {first_line(err)}") from None
 
 
-def _worker_failure(err: Exception, pattern: re.Pattern) -> re.Match | None:
-    failures = getattr(err, "worker_failures", {}) or {}
-    found = (pattern.search(str(e)) for e in [err, *failures.values()])
-    return next((m for m in found if m), None)
+def _worker_failure(err: Exception, kind: type[Failure]) -> Failure | None:
+    """The lowest rank's failure of `kind`. Ray Train V2 hands each worker's exception over as itself
+    (unpickled, its own wrapper removed) in `WorkerGroupError.worker_failures`; a ControllerError has none."""
+    failures = getattr(err, "worker_failures", None) or {}
+    return next((failures[rank] for rank in sorted(failures) if isinstance(failures[rank], kind)), None)
 
 
 def _stopped_by_storage(err: Exception, run_dir: RunDir) -> StorageError | None:
     """A checkpoint that could not be written, as one line naming the step and the run dir."""
-    match = _worker_failure(err, _CHECKPOINT_WRITE)
-    if match is None:
+    failure = _worker_failure(err, CheckpointWriteFailed)
+    if failure is None:
         return None
     return StorageError(
-        f"training stopped at {match.group(1)} (run dir {run_dir}); rerun to resume once the storage "
-        "is reachable"
+        f"training stopped at {failure} (run dir {run_dir}); rerun to resume once the storage is reachable"
     )
 
 
@@ -265,13 +269,13 @@ def _controller_storage_failure(err: Exception, run_dir: RunDir, last_step: int)
 
 
 def _stopped_by_non_finite(err: Exception, run_dir: RunDir) -> TrainingStopped | None:
-    """A worker's NonFiniteError as one line naming the step and the checkpoint a rerun resumes from."""
-    match = _worker_failure(err, _NON_FINITE)
-    if match is None:
+    """A worker's NonFiniteStep as one line naming the step and the checkpoint a rerun resumes from."""
+    failure = _worker_failure(err, NonFiniteStep)
+    if failure is None:
         return None
     saved = run_dir.checkpoint_names()
     last = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was written"
     return TrainingStopped(
-        f"training stopped at {match.group(1)}; nothing after it was saved and {last}. "
+        f"training stopped at {failure}; nothing after it was saved and {last}. "
         "Lower train.lr or check the data, then rerun to resume."
     )

@@ -1,7 +1,9 @@
 """Live experiment tracking (`run.report_to`): rank 0 logs every step to TensorBoard, MLflow and W&B.
 
 One small class per tracker behind one interface: `start(config)` (the resolved config as the run's
-parameters), `log(step, metrics)` (the metrics.jsonl record, TRL's names), `finish()`. The driver calls
+parameters), `log(step, metrics)` (the metrics.jsonl record, TRL's names), `finish(failed)` (a run that
+raised is closed as failed where the tracker has the notion: MLflow's FAILED, W&B's exit code 1); rank 0
+holds them in `started_trackers`, which finishes them on every exit. The driver calls
 `prepare_tracking` before it launches anything: a tracker that is not installed or cannot reach its
 store fails there, as a UserError naming `run.report_to`, not on a worker after the model has loaded.
 It also returns the environment the workers need: Ray Train workers neither inherit the driver's
@@ -19,7 +21,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -36,7 +38,7 @@ _PARAM_CHARS = 500  # MLflow's limit on a parameter value in its oldest supporte
 class Tracker(Protocol):
     def start(self, config: Mapping[str, Any]) -> None: ...
     def log(self, step: int, metrics: Mapping[str, Any]) -> None: ...
-    def finish(self) -> None: ...
+    def finish(self, failed: bool = False) -> None: ...
 
 
 def scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -93,8 +95,8 @@ class TensorBoardTracker:
             self.writer.add_scalar(key, value, global_step=step)
         self.writer.flush()  # live: a step is visible as soon as it is logged
 
-    def finish(self) -> None:
-        if self.writer is not None:
+    def finish(self, failed: bool = False) -> None:
+        if self.writer is not None:  # event files have no run status: a failed run's end is its last step
             self.writer.close()
 
 
@@ -127,9 +129,9 @@ class MlflowTracker:
         batch = [Metric(k, v, now, step) for k, v in scalars(metrics).items()]
         self.client.log_batch(self.run_id, metrics=batch)
 
-    def finish(self) -> None:
+    def finish(self, failed: bool = False) -> None:
         if self.run_id is not None:
-            self.client.set_terminated(self.run_id)
+            self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
 
 class WandbTracker:
@@ -152,11 +154,11 @@ class WandbTracker:
         # W&B drops a step lower than one it has seen (a step redone after a resume): it warns, no error.
         self.run.log({k: v for k, v in scalars(metrics).items() if math.isfinite(v)}, step=step)
 
-    def finish(self) -> None:
+    def finish(self, failed: bool = False) -> None:
         if self.run is not None:
             import wandb
 
-            self.run.finish()
+            self.run.finish(exit_code=1 if failed else 0)
             # finish() returns before wandb-core has written the run's last records; teardown waits for
             # the service to exit, so the .wandb file is complete before the worker process goes away.
             wandb.teardown()
@@ -182,20 +184,32 @@ def build_trackers(
     return trackers
 
 
-def start_trackers(
+@contextlib.contextmanager
+def started_trackers(
     names: Iterable[str],
     config: Mapping[str, Any],
     run_dir: Path | None,
     resume_step: int,
     env: Mapping[str, str],
-) -> list[Tracker]:
-    """On rank 0: set the environment `prepare_tracking` resolved (the process is the worker's own), then
-    build and start the trackers with the resolved config as the run's parameters."""
+) -> Iterator[list[Tracker]]:
+    """On rank 0, for the block: set the environment `prepare_tracking` resolved (the process is the
+    worker's own), then build and start the trackers with the resolved config as the run's parameters.
+    Every tracker is finished when the block ends, as failed when it raises (a tracker that fails to
+    start too, and the ones started before it)."""
     os.environ.update(env)
-    trackers = build_trackers(names, run_dir, str(config["run"]["name"]), resume_step)
-    for tracker in trackers:
-        tracker.start(config)
-    return trackers
+    with contextlib.ExitStack() as started:
+        trackers = build_trackers(names, run_dir, str(config["run"]["name"]), resume_step)
+        for tracker in trackers:
+            started.push(_finisher(tracker))  # first: what a failing start opened is closed too
+            tracker.start(config)
+        yield trackers
+
+
+def _finisher(tracker: Tracker):
+    def finish(exc_type, _exc, _tb) -> None:
+        tracker.finish(failed=exc_type is not None)
+
+    return finish
 
 
 def _wandb_dir(run_dir: Path | None) -> Path:

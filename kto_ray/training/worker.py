@@ -1,17 +1,23 @@
 """The Ray Train worker loop: build the DeepSpeed engine, restore, step, log, checkpoint, export.
 
-Everything a worker needs arrives in the loop config (the validated config as a dict, the train split
-as a store index or, online, a table's object ref, the step count), never through globals or the
-ambient environment. Each worker reads only its own micro-batches' rows, the next step's while the
-current one computes.
+Everything a worker needs arrives in its LoopConfig (`training/loop_config.py`: the validated config,
+the train split as a store index or, online, a table's object ref, the step count), never through
+globals or the ambient environment. Each worker reads only its own micro-batches' rows, the next
+step's while the current one computes.
+
+Three parts, as a trainer's life: `_setup` builds a `WorkerRun` (what the steps use) and registers
+its clean-up, `_train` runs the steps, and the clean-up (the row reader closed, the trackers finished,
+as failed when a step raised) runs on every exit. The export follows a run that finished.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,6 +27,7 @@ import ray.train
 import torch
 
 from kto_ray.config import KTOConfig
+from kto_ray.errors import NonFiniteStep
 from kto_ray.models.loading import hidden_size_of, load_tokenizer
 from kto_ray.reference.reader import RowReader, SplitIndex
 from kto_ray.rundir import WORKERS_FILE, RunDir
@@ -29,10 +36,11 @@ from kto_ray.training.checkpoint import restore, save_and_report
 from kto_ray.training.distributed import all_reduce_sum, gather_objects
 from kto_ray.training.engine import build_policy_engine, deepspeed_config, export_final, online_reference
 from kto_ray.training.eval_step import eval_metrics
+from kto_ray.training.loop_config import LoopConfig
 from kto_ray.training.metrics import MetricsLog
 from kto_ray.training.rows import TableRows
 from kto_ray.training.step import LossSettings, NonFiniteError, train_step
-from kto_ray.training.tracking import start_trackers
+from kto_ray.training.tracking import Tracker, started_trackers
 
 
 def _device(cfg: KTOConfig) -> torch.device:
@@ -72,107 +80,180 @@ def _where_am_i(rank: int) -> dict[str, Any]:
     }
 
 
-def train_loop(loop_config: dict[str, Any]) -> None:
+@dataclass
+class WorkerRun:
+    """One worker's run, as `_setup` built it: what the step loop reads."""
+
+    loop: LoopConfig
+    rank: int
+    world: int
+    device: torch.device
+    tokenizer: Any
+    engine: Any  # the DeepSpeed engine around the policy
+    reference: Any  # the online reference model (None offline; with LoRA, the policy's own base)
+    reader: RowReader | TableRows
+    schedule: Schedule
+    settings: LossSettings
+    start_step: int  # optimizer steps already done (a restored checkpoint's)
+    log: MetricsLog | None  # rank 0 only
+    eval_table: pa.Table | None  # with train.eval_every: the whole eval split, on every rank
+    trackers: list[Tracker]  # rank 0 only
+
+    @property
+    def cfg(self) -> KTOConfig:
+        return self.loop.config
+
+    def prefetch(self, step: int) -> None:
+        for rows in self.schedule.rows_for(step, self.rank):
+            self.reader.prefetch(rows)
+
+
+def train_loop(train_loop_config: dict[str, Any]) -> None:
+    """Ray Train's entry point on every worker: the driver's LoopConfig, unwrapped here only."""
+    run_worker(LoopConfig.from_train_loop_config(train_loop_config))
+
+
+def run_worker(loop: LoopConfig) -> None:
+    with contextlib.ExitStack() as teardown:
+        run = _setup(loop, teardown)
+        _train(run)
+    if run.cfg.run.export:
+        export_final(run.engine, run.tokenizer, run.cfg, run.rank)  # the full model, or the LoRA adapter
+
+
+def _setup(loop: LoopConfig, teardown: contextlib.ExitStack) -> WorkerRun:
+    """Everything the steps need, in the order it must be made; what needs closing goes on `teardown`
+    as soon as it is opened, so a failure half-way closes what was opened before it."""
     import deepspeed
 
-    cfg = KTOConfig.model_validate(loop_config["config"])
+    cfg = loop.config
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(cfg.train.seed + rank)
     deepspeed.init_distributed()
     device = _device(cfg)
+    teardown.push(_stop_together)  # first on, so last off: after every other clean-up
 
-    os.environ.update(loop_config.get("storage_env") or {})  # before the store is opened here
-    reader, schedule = _open_rows(loop_config["train_rows"], cfg, world)
-    total_steps = loop_config["total_steps"]
+    os.environ.update(loop.storage_env)  # before the store is opened here
+    reader, schedule = _open_rows(loop.train_rows, cfg, world)
+    teardown.callback(reader.close)
     tokenizer = load_tokenizer(cfg.model)
     hidden_size = hidden_size_of(cfg.model)
-    engine = build_policy_engine(cfg, deepspeed_config(cfg, world, hidden_size=hidden_size), total_steps)
+    engine = build_policy_engine(cfg, deepspeed_config(cfg, world, hidden_size=hidden_size), loop.total_steps)
     reference = online_reference(cfg, engine, world)  # with LoRA: the policy, adapters disabled
 
     start_step = restore(engine, rank)
     placement = gather_objects(_where_am_i(rank))  # a collective: every rank
     if rank == 0:
         RunDir.of(cfg).write_text(WORKERS_FILE, json.dumps(placement, indent=2) + "\n")
-    settings = LossSettings(cfg.train.beta, loop_config["desirable_weight"], cfg.train.undesirable_weight)
-    log = MetricsLog(RunDir.of(cfg), start_step) if rank == 0 else None
-    # train.eval_every: the whole eval split, on every rank (eval_metrics shards it over the ranks).
-    eval_table = _whole(loop_config["eval_rows"]) if loop_config.get("eval_rows") is not None else None
-    trackers = (
-        start_trackers(
-            cfg.run.report_to,
-            loop_config["config"],
-            RunDir.of(cfg).folder,
-            start_step,
-            loop_config["tracking_env"],
+    trackers: list[Tracker] = []
+    if rank == 0 and cfg.run.report_to:
+        trackers = teardown.enter_context(
+            started_trackers(
+                cfg.run.report_to,
+                cfg.model_dump(mode="json"),
+                RunDir.of(cfg).folder,
+                start_step,
+                loop.tracking_env,
+            )
         )
-        if rank == 0 and cfg.run.report_to
-        else []
+    return WorkerRun(
+        loop=loop,
+        rank=rank,
+        world=world,
+        device=device,
+        tokenizer=tokenizer,
+        engine=engine,
+        reference=reference,
+        reader=reader,
+        schedule=schedule,
+        settings=LossSettings(cfg.train.beta, loop.desirable_weight, cfg.train.undesirable_weight),
+        start_step=start_step,
+        log=MetricsLog(RunDir.of(cfg), start_step) if rank == 0 else None,
+        # eval_metrics shards the whole split over the ranks.
+        eval_table=_whole(loop.eval_rows) if loop.eval_rows is not None else None,
+        trackers=trackers,
     )
 
-    engine.train()
-    last_checkpoint = start_step
-    if start_step < total_steps:
-        for rows in schedule.rows_for(start_step, rank):
-            reader.prefetch(rows)
-    for step in range(start_step, total_steps):
-        began = time.perf_counter()
-        learning_rate = engine.get_lr()[0]  # the rate this step applies
-        parts = [reader.take(rows) for rows in schedule.rows_for(step, rank)]
-        if step + 1 < total_steps:  # read the next step's rows while this one computes
-            for rows in schedule.rows_for(step + 1, rank):
-                reader.prefetch(rows)
-        batches = [collate(part, np.arange(len(part)), tokenizer.pad_token_id) for part in parts]
-        try:
-            metrics = train_step(
-                engine,
-                batches,
-                settings,
-                all_reduce_sum,
-                world,
-                reference,
-                device,
-                chunk_tokens=cfg.model.logprob_chunk_tokens,
-            )
-        except NonFiniteError as err:
-            raise NonFiniteError(f"step {step + 1}: {err}") from None
-        seconds = time.perf_counter() - began
-        metrics.update(
-            {
-                "step": step + 1,
-                "epoch": step // schedule.steps_per_epoch,
-                "learning_rate": learning_rate,
-                "step_time": seconds,
-                "samples/s": metrics["rows"] / seconds,
-                "tokens/s": metrics["tokens"] / seconds,
-            }
-        )
-        if eval_table is not None and ((step + 1) % cfg.train.eval_every == 0 or step + 1 == total_steps):
-            # Every rank, the same forwards (ZeRO-3); z0 over the whole eval split; after the update.
-            scores = eval_metrics(
-                engine.module,
-                eval_table,
-                rank,
-                world,
-                cfg.train.micro_batch_size,
-                tokenizer.pad_token_id,
-                settings,
-                all_reduce_sum,
-                reference,
-                device,
-                chunk_tokens=cfg.model.logprob_chunk_tokens,
-            )
-            metrics.update({f"eval/{key}": value for key, value in scores.items()})
-        if log is not None:
-            log.write(metrics)
-        for tracker in trackers:  # rank 0 only: live, the same record as metrics.jsonl
-            tracker.log(step + 1, metrics)
-        if (step + 1) % cfg.run.checkpoint_every == 0 or step + 1 == total_steps:
-            save_and_report(engine, step + 1, rank, metrics, previous=last_checkpoint)
-            last_checkpoint = step + 1
 
-    reader.close()
-    for tracker in trackers:
-        tracker.finish()
-    if cfg.run.export:
-        export_final(engine, tokenizer, cfg, rank)  # the full model, or the LoRA adapter (+ merged)
+def _stop_together(exc_type, _exc, _tb) -> None:
+    """Every rank raises NonFiniteStep at the same step (the flag is all-reduced), and Ray Train stops
+    the whole group at the first error it sees: so the ranks wait here for each other's clean-up (rank
+    0's trackers) before raising. Only on NonFiniteStep: on another error some rank may never come
+    (it died, or waits in a checkpoint report), and the ones here would wait for nothing."""
+    if exc_type is not None and issubclass(exc_type, NonFiniteStep):
+        gather_objects(None)  # a barrier
+
+
+def _train(run: WorkerRun) -> None:
+    """The steps from the restored one to the last: each logged, evaluated and checkpointed when due."""
+    cfg, total_steps = run.cfg, run.loop.total_steps
+    run.engine.train()
+    last_checkpoint = run.start_step
+    if run.start_step < total_steps:
+        run.prefetch(run.start_step)
+    for step in range(run.start_step, total_steps):
+        done = step + 1
+        metrics = _step(run, step)
+        if run.eval_table is not None and (done % cfg.train.eval_every == 0 or done == total_steps):
+            metrics.update({f"eval/{key}": value for key, value in _evaluate(run).items()})
+        if run.log is not None:
+            run.log.write(metrics)
+        for tracker in run.trackers:  # rank 0 only: live, the same record as metrics.jsonl
+            tracker.log(done, metrics)
+        if done % cfg.run.checkpoint_every == 0 or done == total_steps:
+            save_and_report(run.engine, done, run.rank, metrics, previous=last_checkpoint)
+            last_checkpoint = done
+
+
+def _step(run: WorkerRun, step: int) -> dict[str, Any]:
+    """One optimizer step (0-based `step`) and its metrics record; raises NonFiniteStep naming it."""
+    began = time.perf_counter()
+    learning_rate = run.engine.get_lr()[0]  # the rate this step applies
+    parts = [run.reader.take(rows) for rows in run.schedule.rows_for(step, run.rank)]
+    if step + 1 < run.loop.total_steps:  # read the next step's rows while this one computes
+        run.prefetch(step + 1)
+    batches = [collate(part, np.arange(len(part)), run.tokenizer.pad_token_id) for part in parts]
+    try:
+        metrics = train_step(
+            run.engine,
+            batches,
+            run.settings,
+            all_reduce_sum,
+            run.world,
+            run.reference,
+            run.device,
+            chunk_tokens=run.cfg.model.logprob_chunk_tokens,
+        )
+    except NonFiniteError as err:
+        raise NonFiniteStep(step + 1, str(err)) from None
+    seconds = time.perf_counter() - began
+    metrics.update(
+        {
+            "step": step + 1,
+            "epoch": step // run.schedule.steps_per_epoch,
+            "learning_rate": learning_rate,
+            "step_time": seconds,
+            "samples/s": metrics["rows"] / seconds,
+            "tokens/s": metrics["tokens"] / seconds,
+        }
+    )
+    return metrics
+
+
+def _evaluate(run: WorkerRun) -> dict[str, float]:
+    """The eval split's metrics after this step's update: every rank runs the same forwards (ZeRO-3), z0
+    over the whole split."""
+    return eval_metrics(
+        run.engine.module,
+        run.eval_table,
+        run.rank,
+        run.world,
+        run.cfg.train.micro_batch_size,
+        run.tokenizer.pad_token_id,
+        run.settings,
+        all_reduce_sum,
+        run.reference,
+        run.device,
+        chunk_tokens=run.cfg.model.logprob_chunk_tokens,
+    )

@@ -1,13 +1,17 @@
 """How the driver turns Ray Train's failures into one line: Ray's own error types, built as Ray
-builds them, no cluster."""
+builds them, no cluster. A worker's failure reaches the driver pickled (worker -> controller ->
+driver), so the tests send theirs through pickle too."""
 
 from __future__ import annotations
 
+import pickle
+
+import pytest
 import ray.train
 
-from kto_ray.errors import StorageError
+from kto_ray.errors import CheckpointWriteFailed, NonFiniteStep, StorageError, TrainingStopped
 from kto_ray.rundir import RunDir
-from kto_ray.training.driver import _controller_storage_failure
+from kto_ray.training.driver import _controller_storage_failure, _stopped_by_non_finite, _stopped_by_storage
 
 RUN_DIR = RunDir("s3://kto/runs/cut")
 # pyarrow's message when the endpoint went away while Ray Train's controller wrote its record.
@@ -42,3 +46,64 @@ def test_other_controller_failures_are_left_to_ray():
     failure = ray.train.ControllerError(RuntimeError("scheduling failed"))
     assert _controller_storage_failure(failure, RUN_DIR, last_step=3) is None
     assert _controller_storage_failure(ValueError("not Ray's"), RUN_DIR, last_step=3) is None
+
+
+def _from_workers(failures: dict[int, Exception]) -> ray.train.WorkerGroupError:
+    """As fit() raises it on the driver: Ray's WorkerGroupError, through pickle."""
+    return pickle.loads(pickle.dumps(ray.train.WorkerGroupError("rank errors", failures)))
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        NonFiniteStep(3, "non-finite loss on 1 of 2 ranks"),
+        CheckpointWriteFailed(8, "step_00000008", "Connection refused", "step_00000004"),
+        CheckpointWriteFailed(4, "step_00000004", "Permission denied"),
+    ],
+)
+def test_worker_failures_arrive_with_their_type_and_facts(failure):
+    (arrived,) = _from_workers({1: failure}).worker_failures.values()
+    assert type(arrived) is type(failure)
+    assert vars(arrived) == vars(failure) and str(arrived) == str(failure)
+
+
+def test_non_finite_step_is_one_line_naming_the_step_and_the_last_good_checkpoint(tmp_path):
+    (tmp_path / "checkpoints" / "step_00000002").mkdir(parents=True)
+    err = _from_workers(
+        {
+            0: NonFiniteStep(3, "non-finite loss on 1 of 2 ranks"),
+            1: NonFiniteStep(3, "non-finite loss on 1 of 2 ranks"),
+        }
+    )
+    stopped = _stopped_by_non_finite(err, RunDir(tmp_path))
+    assert isinstance(stopped, TrainingStopped)
+    assert str(stopped) == (
+        "training stopped at step 3: non-finite loss on 1 of 2 ranks; nothing after it was saved and "
+        "the last good checkpoint is step_00000002. Lower train.lr or check the data, then rerun to resume."
+    )
+    assert "no checkpoint was written" in str(_stopped_by_non_finite(err, RunDir(tmp_path / "fresh")))
+
+
+def test_failed_checkpoint_write_is_one_line_naming_the_step_and_the_last_checkpoint():
+    err = _from_workers(
+        {
+            0: ValueError("another rank's failure"),
+            1: CheckpointWriteFailed(8, "step_00000008", "Connection refused", "step_00000004"),
+        }
+    )
+    stopped = _stopped_by_storage(err, RUN_DIR)
+    assert isinstance(stopped, StorageError)
+    assert str(stopped) == (
+        "training stopped at step 8: the checkpoint step_00000008 could not be written (Connection refused); "
+        "the last one written is step_00000004 (run dir s3://kto/runs/cut); rerun to resume once the storage "
+        "is reachable"
+    )
+    assert _stopped_by_non_finite(err, RUN_DIR) is None
+
+
+def test_other_worker_failures_are_left_to_ray():
+    # Found by type, not by its words: a message that reads like ours is not ours.
+    err = _from_workers({0: RuntimeError("step 3: non-finite loss on 1 of 2 ranks")})
+    assert _stopped_by_non_finite(err, RUN_DIR) is None
+    assert _stopped_by_storage(err, RUN_DIR) is None
+    assert _stopped_by_storage(ray.train.ControllerError(UNREACHABLE), RUN_DIR) is None

@@ -23,6 +23,7 @@ from kto_ray.rundir import RunDir
 from kto_ray.training.batching import Schedule
 from kto_ray.training.driver import train
 from tests.conftest import assert_same_weights, kill_process_tree, read_metrics, registered_steps, wait_for
+from tests.training.test_tracking import mlflow_history, mlflow_status, wandb_exit_code
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
@@ -164,6 +165,22 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(bui
     resumed.store.path = built_store[0].store.path  # the clean store: the rerun resumes from step 2
     resumed.train.max_steps = 3
     assert [m["step"] for m in read_metrics(train(resumed).run_dir.local_path)] == [1, 2, 3]
+
+
+def test_non_finite_loss_closes_the_trackers_as_failed(built_store, tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # after Ray started: the loop config carries it
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    store = _poisoned_store(built_store, tmp_path, step=2, rank=1, workers=2)
+    report_to = ["mlflow", "wandb"]
+    run = {"checkpoint_every": 100, "max_failures": 0, "export": False, "report_to": report_to}
+    cfg = _config(built_store, tmp_path, "nan-tracked", store={"path": str(store)}, run=run)
+    # Rank 1 sees the NaN; rank 0, which holds the trackers, stops on the all-reduced loss.
+    with pytest.raises(TrainingStopped, match=r"step 2: non-finite loss.*no checkpoint was written"):
+        train(cfg)
+    assert mlflow_status(uri, "nan-tracked") == "FAILED"
+    assert mlflow_history(uri, "nan-tracked", "loss")[0].keys() == {1}
+    assert wandb_exit_code(cfg.run_dir.local_path) == 1
 
 
 def test_failed_checkpoint_write_keeps_the_previous_checkpoint(built_store, tmp_path):

@@ -1,7 +1,7 @@
 """Live tracking (`run.report_to`), read back with each tracker's own reader; no network.
 
 TensorBoard: its EventAccumulator. MLflow: a sqlite store in tmp_path, MlflowClient. W&B: offline mode;
-wandb has no Python reader of its .wandb file any more (wandb-core writes it), so `_wandb_records`
+wandb has no Python reader of its .wandb file any more (wandb-core writes it), so `wandb_records`
 reads the format (W&B's LevelDB-style log of `wandb_internal_pb2.Record` protos) with wandb's protos.
 Every test checks that every step's loss arrived, equal to metrics.jsonl.
 """
@@ -24,7 +24,7 @@ from kto_ray.training.tracking import (
     TensorBoardTracker,
     WandbTracker,
     prepare_tracking,
-    start_trackers,
+    started_trackers,
 )
 from tests.conftest import read_metrics
 
@@ -90,17 +90,34 @@ def tensorboard_scalars(log_dir: Path, key: str) -> dict[int, float]:
     return {e.step: e.value for e in events.Scalars(key)}
 
 
-def mlflow_history(uri: str, run_name: str, key: str) -> tuple[dict[int, float], dict[str, str]]:
+def _mlflow_run(uri: str, run_name: str):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(tracking.DEFAULT_PROJECT)
     (run,) = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{run_name}'")
+    return client, run
+
+
+def mlflow_history(uri: str, run_name: str, key: str) -> tuple[dict[int, float], dict[str, str]]:
+    client, run = _mlflow_run(uri, run_name)
     history = client.get_metric_history(run.info.run_id, key)
     return {m.step: m.value for m in history}, run.data.params
 
 
-def _wandb_records(path: Path) -> list:
+def mlflow_status(uri: str, run_name: str) -> str:
+    """The run's status: RUNNING until it is terminated, then FINISHED or FAILED."""
+    return _mlflow_run(uri, run_name)[1].info.status
+
+
+def wandb_exit_code(directory: Path) -> int | None:
+    """The exit code the run's finish() recorded in its .wandb file; None when it was never finished."""
+    (path,) = (directory / "wandb").glob("offline-run-*/run-*.wandb")
+    exits = [r.exit.exit_code for r in wandb_records(path) if r.WhichOneof("record_type") == "exit"]
+    return exits[-1] if exits else None
+
+
+def wandb_records(path: Path) -> list:
     """The protobuf records of a .wandb file: 7-byte file header, then 32 KiB blocks of chunks, each
     with a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last)."""
     from wandb.proto import wandb_internal_pb2
@@ -127,7 +144,7 @@ def _wandb_records(path: Path) -> list:
 def wandb_history(directory: Path, key: str) -> tuple[dict[int, float], dict[str, object]]:
     (path,) = (directory / "wandb").glob("offline-run-*/run-*.wandb")
     history, config = {}, {}
-    for record in _wandb_records(path):
+    for record in wandb_records(path):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
@@ -182,6 +199,34 @@ def test_tensorboard_resume_hides_the_steps_a_failed_attempt_logged_past_the_che
     assert scalars == pytest.approx({1: 9.0, 2: 9.0, 3: 9.0} | {s: _losses(logged)[s] for s in (4, 5, 6)})
 
 
+def test_started_trackers_finish_as_failed_when_the_block_raises(tmp_path, monkeypatch, logged):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    env = {"MLFLOW_TRACKING_URI": uri, "WANDB_DIR": str(tmp_path)}
+    for key, value in env.items():  # started_trackers sets them in this process: restored after the test
+        monkeypatch.setenv(key, value)
+    config = CONFIG | {"run": {"name": "raised"}}
+    names = ["tensorboard", "mlflow", "wandb"]
+    with (
+        pytest.raises(RuntimeError, match="a step failed"),
+        started_trackers(names, config, tmp_path, 0, env) as trackers,
+    ):
+        for tracker in trackers:
+            tracker.log(1, logged[0])
+        raise RuntimeError("a step failed")
+    assert mlflow_status(uri, "raised") == "FAILED"
+    assert wandb_exit_code(tmp_path) == 1
+    assert tensorboard_scalars(tmp_path / "tensorboard", "loss") == pytest.approx({1: logged[0]["loss"]})
+
+
+def test_wandb_finished_run_records_exit_code_0(tmp_path, monkeypatch, logged):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    _drive(WandbTracker("unit-run", tmp_path, project=tracking.DEFAULT_PROJECT), logged)
+    assert wandb_exit_code(tmp_path) == 0
+
+
 # --- the driver's checks and the environment it hands to rank 0 --------------------------------
 
 
@@ -207,10 +252,10 @@ def test_start_trackers_uses_the_resolved_environment(tmp_path, monkeypatch, log
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path / 'm.db'}"
     config = CONFIG | {"run": {"name": "from-env"}}
-    (tracker,) = start_trackers(["mlflow"], config, tmp_path, 0, {"MLFLOW_TRACKING_URI": uri})
-    tracker.log(1, logged[0])
-    tracker.finish()
+    with started_trackers(["mlflow"], config, tmp_path, 0, {"MLFLOW_TRACKING_URI": uri}) as (tracker,):
+        tracker.log(1, logged[0])
     assert mlflow_history(uri, "from-env", "loss")[0] == pytest.approx({1: logged[0]["loss"]})
+    assert mlflow_status(uri, "from-env") == "FINISHED"
 
 
 def test_unreachable_mlflow_fails_on_the_driver_in_one_line(tmp_path, monkeypatch):
