@@ -100,3 +100,21 @@ def test_evaluate_reads_no_data_when_its_stats_match(own_store, monkeypatch):
     reads = ReadCounter(monkeypatch)
     metrics = evaluate(cfg)
     assert reads.calls == 0 and metrics["rows"] > 0
+
+
+def test_truncation_policy_is_in_the_fingerprint(tiny_model, small_data, tmp_path, cache, monkeypatch):
+    # A store scored under another truncation rule must not match: the policy text is in the hash.
+    import kto_ray.reference.check as check
+    from kto_ray.models.loading import load_tokenizer
+    from tests.helpers import make_config
+
+    cfg = make_config(tiny_model, small_data, tmp_path)
+    tokenizer = load_tokenizer(cfg.model)
+    components, inputs = check.store_fingerprint(cfg, "digest", tokenizer)
+    assert "max_prompt_length" in inputs["truncation"]["policy"]
+    monkeypatch.setattr(check, "TRUNCATION_POLICY", check.TRUNCATION_POLICY + " (changed)")
+    changed, _ = check.store_fingerprint(cfg, "digest", tokenizer)
+    assert changed["truncation"] != components["truncation"]
+    assert {k: v for k, v in changed.items() if k != "truncation"} == {
+        k: v for k, v in components.items() if k != "truncation"
+    }

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from kto_ray.errors import UserError
-from kto_ray.tools.report import ReportResult, load_metrics, write_report, write_tensorboard
+from kto_ray.tools.report import load_metrics, write_report, write_tensorboard
 
 STEPS = 60
 STEPS_PER_EPOCH = 30
@@ -71,7 +71,6 @@ def _check_png(path: Path) -> None:
 
 def test_report_writes_images_and_summary(run_dir: Path) -> None:
     result = write_report(run_dir)
-    assert isinstance(result, ReportResult)
     assert result.summary == run_dir / "report" / "summary.md"
     names = {p.name for p in result.figures}
     assert {"loss.png", "kl.png", "rewards.png", "margins.png", "training.png"} <= names
