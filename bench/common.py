@@ -195,6 +195,22 @@ def length_summary(path: Path) -> str:
 # --------------------------------------------------------------------------------------------- configs
 
 
+def bench_store(path: Path, rows: int, vocab: range) -> None:
+    """A committed store of `rows` synthetic rows the way precompute lays one out: files of 1,024 rows
+    in row groups of 256, 20-60 tokens per prompt and completion, 90% train (row_memory, train_rows)."""
+    rows_per_file = 1024
+    write_store(
+        path,
+        [256] * -(-rows // rows_per_file),
+        rows_per_file,
+        seed=rows,
+        rows=rows,
+        lengths=((20, 61), (20, 61), (20, 61)),
+        vocab=vocab,
+        train_fraction=0.9,
+    )
+
+
 def scratch_dir(prefix: str) -> Path:
     """A temporary folder for stores and run dirs, removed when the benchmark exits (kept when the
     environment sets KTO_BENCH_KEEP=1, to look at metrics.jsonl and checkpoints afterwards)."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import random
 import statistics
 import sys
@@ -130,20 +129,12 @@ def measure(run_dir: RunDir, steps: int, writes: int) -> dict[str, float]:
 
 @contextlib.contextmanager
 def s3_bucket() -> Iterator[str]:
+    from kto_ray.training.tracking import environment
     from tests.s3server import s3_server
 
-    with s3_server() as server:
-        saved = {k: os.environ.get(k) for k in server.environment()}
-        os.environ.update(server.environment())
+    with s3_server() as server, environment(server.environment()):
         server.create_bucket("bench")
-        try:
-            yield "s3://bench/metrics"
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+        yield "s3://bench/metrics"
 
 
 def ms(seconds: float) -> str:

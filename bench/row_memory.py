@@ -36,23 +36,12 @@ import pyarrow as pa
 
 MARK = "ROW_MEMORY "
 WORKERS, MICRO_BATCH, ACCUMULATION, SEED = 2, 16, 2, 0
-ROWS_PER_FILE, GROUP_ROWS = 1024, 256
 
 
 def write_store(root: Path, rows: int) -> str:
     """A committed store of `rows` synthetic rows (manifest + data-<id>/ files), as precompute lays out."""
-    files = -(-rows // ROWS_PER_FILE)
     path = root / f"store-{rows}"
-    common.write_store(
-        path,
-        [GROUP_ROWS] * files,
-        ROWS_PER_FILE,
-        seed=rows,
-        rows=rows,
-        lengths=((20, 61), (20, 61), (20, 61)),
-        vocab=range(32_000),
-        train_fraction=0.9,
-    )
+    common.bench_store(path, rows, range(32_000))
     return str(path)
 
 

@@ -59,7 +59,6 @@ import common
 import numpy as np
 
 MARK = "TRAIN_ROWS "
-ROWS_PER_FILE, GROUP_ROWS = 1024, 256
 WORKERS, CPUS_PER_WORKER, MICRO_BATCH = 2, 0.5, 16
 CHILD_TIMEOUT_S = 600
 TINY_MODEL = common.REPO / "artifacts" / "tiny-llama"
@@ -77,17 +76,8 @@ def synthetic_store(root: Path, rows: int) -> str:
     if read_manifest(path) is not None:  # committed by an earlier run: reuse it
         return str(open_store(path).path)
     started = time.perf_counter()
-    files = -(-rows // ROWS_PER_FILE)
-    common.write_store(
-        path,
-        [GROUP_ROWS] * files,
-        ROWS_PER_FILE,
-        seed=rows,
-        rows=rows,
-        lengths=((20, 61), (20, 61), (20, 61)),
-        vocab=range(len(SPECIAL_TOKENS), len(SPECIAL_TOKENS) + len(ALPHABET)),  # no special tokens
-        train_fraction=0.9,
-    )
+    characters = range(len(SPECIAL_TOKENS), len(SPECIAL_TOKENS) + len(ALPHABET))  # no special tokens
+    common.bench_store(path, rows, characters)
     print(f"built {path}: {rows:,} rows in {time.perf_counter() - started:.1f}s", flush=True)
     return str(path)
 
