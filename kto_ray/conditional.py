@@ -5,9 +5,8 @@ write, wait and re-read.
 
 - Local disk and shared mounts: the new content is written whole to a temporary file, then
   `os.link`ed to the name (atomic, fails when the name exists: create-if-absent, and readers never see
-  a part). Replace and delete first `os.rename` the file to a name of the caller's own (of several
-  renaming it at once exactly one gets it), compare its content with the version read, then create or
-  delete; a changed one is linked back.
+  a part). Replace and delete hold a guard file (O_EXCL: one writer at a time), compare the content
+  with the version read, then `os.replace` or unlink it; the name is never absent in between.
 - S3: PUT with `If-None-Match: *` (create) or `If-Match: <ETag>` (replace), DELETE with `If-Match`;
   412 means someone else wrote first. pyarrow.fs cannot send these headers, so this goes through boto3,
   to the same endpoint and region as pyarrow's S3 (kto_ray.storage) and the usual credential chain. A
@@ -24,6 +23,7 @@ import errno
 import functools
 import hashlib
 import os
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -39,6 +39,9 @@ from kto_ray.storage import Location, s3_endpoint, s3_region
 _CHANGED = {"PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404"}
 _UNSUPPORTED = {"NotImplemented", "501"}
 _NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
+# The local guard around a replace or delete: held for a read and a replace, so a beat waits at most
+# this long for a taker, and one older than the stale age was left by a writer that died inside it.
+_GUARD_WAIT_S, _GUARD_STALE_S = 1.0, 10.0
 
 
 class ConditionsIgnored(OSError):
@@ -106,8 +109,9 @@ def _opened(path: Path) -> Iterator[int | None]:
 
 
 class LocalFile(ConditionalFile):
-    """Created by `os.link` of a whole temporary file, refreshed by `os.replace`: a live lease is
-    never absent or partly written for a reader."""
+    """Created by `os.link` of a whole temporary file; replaced (a takeover, a beat) and deleted under
+    a guard file that one writer holds at a time, the replace by `os.replace`: a live lease is never
+    absent or partly written for a reader."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -149,18 +153,25 @@ class LocalFile(ConditionalFile):
             os.close(fd)
 
     def replace(self, text: str, version: str) -> str | None:
-        claimed = self._claim(version)
-        if claimed is None:
-            return None
-        try:
-            return self.create(text)  # None when a newcomer created it in the moment it was away
-        finally:
-            claimed.unlink(missing_ok=True)
+        """A takeover: one taker at a time holds the guard, so the name is swapped by one `os.replace`
+        (never absent, where a newcomer's create could slip in) and only while it is at `version`."""
+        with self._guard(wait_s=0.0) as held:
+            return self._swap(text, version) if held else None
 
     def refresh(self, text: str, version: str) -> str | None:
-        """Check, then replace: a claim would leave the name absent for a moment, in which a newcomer
-        would win over a live holder. The cost: a taker acting between the check and the replace (it
-        judged this holder stale, 60 s without a beat) is overwritten, and finds that at its next beat."""
+        # The holder's beat waits out a taker's swap (microseconds): a taker that finds the version
+        # changed leaves the holder in place, one that does not has taken a stale lease.
+        with self._guard(wait_s=_GUARD_WAIT_S) as held:
+            return self._swap(text, version) if held else None
+
+    def delete(self, version: str) -> bool:
+        with self._guard(wait_s=_GUARD_WAIT_S) as held:
+            if not held or getattr(self.read(), "version", None) != version:
+                return False
+            self.path.unlink(missing_ok=True)
+            return True
+
+    def _swap(self, text: str, version: str) -> str | None:
         if getattr(self.read(), "version", None) != version:
             return None
         data = text.encode("utf-8")
@@ -172,31 +183,29 @@ class LocalFile(ConditionalFile):
             staged.unlink(missing_ok=True)
         return hashlib.sha256(data).hexdigest()
 
-    def delete(self, version: str) -> bool:
-        claimed = self._claim(version)
-        if claimed is not None:
-            claimed.unlink(missing_ok=True)
-        return claimed is not None
-
-    def _claim(self, version: str) -> Path | None:
-        """Move the file aside if it is at `version` (the moved file), else leave it (None)."""
-        claimed = self._aside("claim")
+    @contextlib.contextmanager
+    def _guard(self, wait_s: float) -> Iterator[bool]:
+        """Whether this writer holds `.<name>.guard` (created with O_EXCL) for the block; a guard older
+        than _GUARD_STALE_S was left by a writer that died inside it, and is removed."""
+        guard = self.path.parent / f".{self.path.name}.guard"
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                os.close(os.open(guard, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                break
+            except FileExistsError:
+                with contextlib.suppress(FileNotFoundError):
+                    if time.time() - guard.stat().st_mtime > _GUARD_STALE_S:
+                        guard.unlink()
+                        continue
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(0.01)
         try:
-            os.rename(self.path, claimed)
-        except FileNotFoundError:
-            return None
-        with _opened(claimed) as fd:
-            if fd is not None and _local_version(fd).version == version:
-                return claimed
-        # Another writer's newer file: put it back. Should a third have created the name meanwhile,
-        # theirs stays and the one moved aside is lost; its holder finds that at its next write.
-        try:
-            os.link(claimed, self.path)
-        except FileExistsError:
-            pass
+            yield True
         finally:
-            claimed.unlink(missing_ok=True)
-        return None
+            guard.unlink(missing_ok=True)
 
     def _aside(self, kind: str) -> Path:
         return self.path.parent / f".{self.path.name}.{kind}-{uuid.uuid4().hex[:8]}"

@@ -180,7 +180,7 @@ def test_non_finite_loss_closes_the_trackers_as_failed(built_store, tmp_path, mo
         train(cfg)
     assert mlflow_status(uri, "nan-tracked") == "FAILED"
     assert mlflow_history(uri, "nan-tracked", "loss")[0].keys() == {1}
-    assert wandb_exit_code(cfg.run_dir.local_path) == 1
+    assert wandb_exit_code(RunDir.of(cfg).local_path) == 1
 
 
 def test_failed_checkpoint_write_keeps_the_previous_checkpoint(built_store, tmp_path):
