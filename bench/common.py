@@ -245,6 +245,34 @@ def shared_store(model: Path, data: Path) -> dict[str, str]:
     return {"path": str(CACHE / "stores" / f"{model.name}-{data.stem}")}
 
 
+def alternating_runs(
+    model: Path,
+    data: Path,
+    root: Path,
+    variants: dict[str, dict[str, Any]],
+    rounds: int,
+    skip: int,
+    **sections,
+) -> tuple[list[list[Any]], dict[str, list[float]]]:
+    """Train each variant (config sections over `sections`) in turn, `rounds` times, in this process's
+    Ray: on a shared machine, alternating keeps the load they meet alike. Returns the table rows (run,
+    samples/s, median s/step) and each variant's steady-state samples/s per round."""
+    from kto_ray.reference.precompute import precompute
+    from kto_ray.training.driver import train
+
+    table, rates = [], {name: [] for name in variants}
+    for r in range(rounds):
+        for name, overrides in variants.items():
+            merged = {key: sections.get(key, {}) | overrides.get(key, {}) for key in {*sections, *overrides}}
+            merged["run"] = merged.get("run", {}) | {"name": f"{name}-{r}".replace(" ", "_")}
+            cfg = bench_config(model, data, root, store=shared_store(model, data), **merged)
+            precompute(cfg)
+            steady = steady_state(read_metrics(train(cfg).run_dir.local_path), skip)
+            rates[name].append(steady.samples_per_s)
+            table.append([f"{name} #{r + 1}", steady.samples_per_s, statistics.median(steady.step_times)])
+    return table, rates
+
+
 def at_worker_niceness() -> None:
     """Lower this process's priority to that of Ray's workers (call before torch starts threads)."""
     os.nice(RAY_WORKER_NICENESS - os.nice(0))

@@ -15,9 +15,6 @@ import common
 
 
 def main() -> None:
-    from kto_ray.reference.precompute import precompute
-    from kto_ray.training.driver import train
-
     spec = common.SPECS[args.model]
     model = common.build_model(spec)
     data = common.write_dataset("uniform", args.steps * args.batch + args.batch)
@@ -25,30 +22,22 @@ def main() -> None:
     print(f"machine: {common.machine_line()}")
     print(f"model {spec.name}: {common.count_parameters(model):,} parameters")
     common.ray_init()
-    table, rates = [], {3: [], 2: []}
-    for r in range(args.rounds):
-        for stage in (3, 2):
-            cfg = common.bench_config(
-                model,
-                data,
-                root,
-                store=common.shared_store(model, data),
-                cluster={"workers": 2, "cpus_per_worker": 0.5},
-                train={"max_steps": args.steps, "micro_batch_size": args.batch // 2},
-                deepspeed={"stage": stage},
-                run={"name": f"stage{stage}-{r}"},
-            )
-            precompute(cfg)
-            steady = common.steady_state(common.read_metrics(train(cfg).run_dir.local_path), args.skip)
-            rates[stage].append(steady.samples_per_s)
-            median = statistics.median(steady.step_times)
-            table.append([f"ZeRO-{stage} #{r + 1}", steady.samples_per_s, median])
+    table, rates = common.alternating_runs(
+        model,
+        data,
+        root,
+        {f"ZeRO-{stage}": {"deepspeed": {"stage": stage}} for stage in (3, 2)},
+        args.rounds,
+        args.skip,
+        cluster={"workers": 2, "cpus_per_worker": 0.5},
+        train={"max_steps": args.steps, "micro_batch_size": args.batch // 2},
+    )
     common.print_table(
         ["run", "samples/s", "median s/step"],
         table,
         title=f"2 workers, {spec.name}, global batch {args.batch}, steps {args.skip + 1}-{args.steps}",
     )
-    ratio = statistics.mean(rates[2]) / statistics.mean(rates[3])
+    ratio = statistics.mean(rates["ZeRO-2"]) / statistics.mean(rates["ZeRO-3"])
     print(f"ZeRO-2 / ZeRO-3 samples/s: {ratio:.2f}x")
 
 

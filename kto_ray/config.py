@@ -131,6 +131,13 @@ class TrainConfig(Section):
             "sample, so rewards, z0 and the label mix vary more from step to step."
         ),
     )
+    kl_estimate: Literal["batch", "zero"] = Field(
+        "batch",
+        description="z0 of the training loss: batch = the paper's estimator, max(0, mean policy/reference "
+        "log-ratio of the step's KL pairs) over the global batch; zero = z0 fixed at 0 and the KL "
+        "forward skipped (faster, but not the paper's estimator; equal to it only while that mean is "
+        "negative). Eval and `kto-ray evaluate` still estimate z0.",
+    )
     log_every: int = Field(1, ge=1, description="Print a progress line every this many steps.")
     eval_every: int | None = Field(
         None,

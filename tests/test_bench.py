@@ -39,6 +39,7 @@ BENCHES: dict[str, Smoke] = {
     "train_rows": Smoke(("| store rows", "| 2,048      | table", "| 2,048      | index")),
     "roofline": Smoke(("| kto-ray, 1 worker(s)", "| same step, plain torch")),
     "zero_stage": Smoke(("| ZeRO-3 #1", "| ZeRO-2 #1", "ZeRO-2 / ZeRO-3 samples/s")),
+    "kl_estimate": Smoke(("| batch #1", "| zero #1", "zero / batch samples/s")),
     "offline_vs_online": Smoke(("| offline #1", "| online #1", "offline/online samples/s")),
     "lora_vs_full": Smoke(("| full #1", "| lora #1", "lora/full samples/s")),
     "profile_train": Smoke(("| function (inclusive)", "| function (leaf)")),

@@ -134,6 +134,12 @@ def train(cfg: KTOConfig) -> TrainResult:
     train_rows = rows["train"]
     steps = total_steps(cfg, row_count(train_rows))
     lam_d = desirable_weight(cfg, row_labels(train_rows))
+    if cfg.train.kl_estimate == "zero":
+        warnings.warn(
+            "train.kl_estimate: zero fixes z0 at 0 and skips the KL forward: not the paper's estimator "
+            "(the same only while the mean policy/reference log-ratio is negative)",
+            stacklevel=2,
+        )
     return fit(cfg, train_rows, steps, lam_d, eval_rows=rows.get("eval"))
 
 

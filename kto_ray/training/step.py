@@ -73,12 +73,15 @@ def train_step(
     reference: ReferenceFn | None = None,
     device: torch.device | str = "cpu",
     chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
+    estimate_kl: bool = True,
 ) -> dict[str, float]:
     """Run one optimizer step over this rank's micro-batches; returns global metrics (TRL's names).
 
-    `chunk_tokens` is the log-prob chunking of `kto_ray.models.logprobs.sequence_logps`."""
+    `chunk_tokens` is the log-prob chunking of `kto_ray.models.logprobs.sequence_logps`. Without
+    `estimate_kl` (`train.kl_estimate: zero`) the KL forward is skipped and z0 is 0: the all-reduce
+    still runs, on a zero sum, so the collectives are the same either way."""
     micro_batches = [mb.to(device) for mb in micro_batches]
-    ref_logps, kl_sum = _kl_pass(engine.module, micro_batches, reference, chunk_tokens, device)
+    ref_logps, kl_sum = _kl_pass(engine.module, micro_batches, reference, chunk_tokens, device, estimate_kl)
     z0, global_rows = global_z0(kl_sum, sum(len(mb) for mb in micro_batches), reduce)
     sums = KTOSums.zeros(device)
     for mb, ref_y in zip(micro_batches, ref_logps):
@@ -88,7 +91,7 @@ def train_step(
         _check_finite_on_every_rank(loss_sum, reduce, world_size)
         engine.backward(loss_sum / global_rows * world_size, scale_wrt_gas=False)
         engine.step()
-        sums.add(out, policy, ref_y, mb.desirable, z0, tokens=_tokens(mb))
+        sums.add(out, policy, ref_y, mb.desirable, z0, tokens=_tokens(mb, estimate_kl))
     grad_norm = _checked_grad_norm(engine)
     return sums.reduce(reduce).to_metrics(z0.item(), TRAIN_KEYS, grad_norm=grad_norm)
 
@@ -100,14 +103,17 @@ def _kl_pass(
     reference: ReferenceFn | None,
     chunk_tokens: int | None,
     device: torch.device | str,
+    estimate_kl: bool = True,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Reference log-probs of (x, y) per micro-batch and this rank's sum of KL-pair log-ratios."""
+    """Reference log-probs of (x, y) per micro-batch and this rank's sum of KL-pair log-ratios (0
+    without `estimate_kl`)."""
     ref_logps = []
     kl_sum = torch.zeros((), dtype=torch.float32, device=device)
     for mb in micro_batches:
         ref_y, ref_kl = reference(mb) if reference is not None else (mb.ref_logps, mb.ref_kl_logps)
         ref_logps.append(ref_y.float())
-        kl_sum += (sequence_logps(module, mb.kl, chunk_tokens) - ref_kl.float()).sum()
+        if estimate_kl:
+            kl_sum += (sequence_logps(module, mb.kl, chunk_tokens) - ref_kl.float()).sum()
     return ref_logps, kl_sum
 
 
@@ -127,6 +133,7 @@ def _checked_grad_norm(engine: Engine) -> float:
     return grad_norm
 
 
-def _tokens(mb: KTOBatch) -> torch.Tensor:
-    """Tokens the micro-batch's forwards ran on: its (x, y) and (x, y_kl) sequences."""
-    return mb.policy.attention_mask.sum() + mb.kl.attention_mask.sum()
+def _tokens(mb: KTOBatch, estimate_kl: bool) -> torch.Tensor:
+    """Tokens the micro-batch's forwards ran on: its (x, y) and, with the KL pass, (x, y_kl) sequences."""
+    policy = mb.policy.attention_mask.sum()
+    return policy + mb.kl.attention_mask.sum() if estimate_kl else policy

@@ -224,6 +224,7 @@ def _step(run: WorkerRun, step: int) -> dict[str, Any]:
             run.reference,
             run.device,
             chunk_tokens=run.cfg.model.logprob_chunk_tokens,
+            estimate_kl=run.cfg.train.kl_estimate == "batch",
         )
     except NonFiniteError as err:
         raise NonFiniteStep(step + 1, str(err)) from None

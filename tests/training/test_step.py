@@ -18,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from kto_ray.loss import kl_z0, kto_loss
 from kto_ray.models.logprobs import pad_sequences, sequence_logps
 from kto_ray.reference.store import SCHEMA
+from kto_ray.training import step as step_module
 from kto_ray.training.batching import Schedule, collate
 from kto_ray.training.distributed import all_reduce_sum
 from kto_ray.training.step import LossSettings, train_step
@@ -65,12 +66,12 @@ def _table(rows: int = 8, labels: list[bool] | None = None) -> pa.Table:
     )
 
 
-def _run(table, workers, rank, micro, accumulation, reduce=lambda t: t):
+def _run(table, workers, rank, micro, accumulation, reduce=lambda t: t, estimate_kl=True):
     model = _model()
     engine = PlainEngine(model, torch.optim.SGD(model.parameters(), lr=1.0), accumulation)
     schedule = Schedule(len(table), workers, micro, accumulation, seed=0)
     batches = [collate(table, rows, pad_id=0) for rows in schedule.rows_for(0, rank)]
-    metrics = train_step(engine, batches, SETTINGS, reduce, workers)
+    metrics = train_step(engine, batches, SETTINGS, reduce, workers, estimate_kl=estimate_kl)
     return metrics, engine.module
 
 
@@ -95,6 +96,32 @@ def test_step_loss_and_z0_match_the_loss_module_on_the_whole_batch():
     assert metrics["kl"] == pytest.approx(z0.item(), abs=1e-5)
     assert metrics["loss"] == pytest.approx(expected.loss.item(), abs=1e-6)
     assert metrics["count/chosen"] + metrics["count/rejected"] == 8
+
+
+def test_a_fixed_zero_z0_skips_the_kl_forward_and_uses_z0_0(monkeypatch):
+    table = _table()
+    estimated, _ = _run(table, workers=1, rank=0, micro=4, accumulation=2)
+    assert estimated["kl"] > 0.1  # the estimator would move z0 here: fixing it at 0 must show
+    passes = []  # the step's log-prob passes, by batch: policy or KL sequences
+    logps = step_module.sequence_logps
+    monkeypatch.setattr(step_module, "sequence_logps", lambda m, b, *a: passes.append(b) or logps(m, b, *a))
+    fixed, _ = _run(table, workers=1, rank=0, micro=4, accumulation=2, estimate_kl=False)
+    assert len(passes) == 2  # the two policy micro-batches; no KL forward
+    part = table.to_pydict()
+    with torch.no_grad():
+        policy = sequence_logps(_model(), pad_sequences(part["prompt_ids"], part["completion_ids"], 0))
+    expected = kto_loss(
+        policy,
+        torch.tensor(part["ref_logps"]),
+        torch.tensor(part["label"]),
+        torch.tensor(0.0),
+        beta=0.5,
+        desirable_weight=1.3,
+        undesirable_weight=0.8,
+    )
+    assert fixed["kl"] == 0.0
+    assert fixed["loss"] == pytest.approx(expected.loss.item(), abs=1e-6)
+    assert fixed["loss"] != pytest.approx(estimated["loss"], abs=1e-3)
 
 
 def test_micro_batch_times_accumulation_gives_the_same_update():
