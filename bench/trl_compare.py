@@ -5,13 +5,15 @@
    same rows and the same KL pairs; token ids and reference log-probs are compared too.
 2. Speed on two datasets (uniform and length-skewed lengths): kto-ray on 1 worker (1 CPU, so 1 torch
    thread) against TRL in one process with 1 thread, and kto-ray on 2 workers (0.5 CPU each, 1 thread
-   each) against TRL with 2 threads. Each system runs as its users would: kto-ray with
-   `train.group_by_length: true` (as in its real-model configs), TRL with its default random sampler.
+   each) against TRL with 2 threads, and against TRL as its multi-GPU users run it: `accelerate launch`
+   with 2 processes of 1 thread under DeepSpeed ZeRO-3 and ZeRO-2 (gloo on CPU). Each system runs as
+   its users would: kto-ray with `train.group_by_length: true` (as in its real-model configs), TRL
+   with its default random sampler.
    Both train two epochs of a dataset of `steps` batches; samples/s is over the second epoch, so every
    row counts once whatever order a system visits rows in. Wall times are the whole `train()` /
    `trainer.train()` call, setup is the reference pass.
 
-    .venv/bin/python bench/trl_compare.py [--steps 6] [--batch 16] [--model small] [--smoke]
+    .venv/bin/python bench/trl_compare.py [--steps 6] [--batch 16] [--model small] [--trl-zero 3 2] [--smoke]
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import argparse
 import itertools
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +59,10 @@ TRL_ARGS = {
 
 
 def trl_trainer(
-    model_dir: Path, rows: list[dict], batch: int, out: Path, ref_dir: Path | None = None, **extra
+    model_dir: Path, rows: list[dict] | Path, batch: int, out: Path, ref_dir: Path | None = None, **extra
 ):
+    """TRL's KTOTrainer on `rows` (a list, or a JSON-lines file: under `accelerate launch` the processes
+    must share the dataset's cache files, which a file-backed dataset keeps beside `out`)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -72,7 +78,11 @@ def trl_trainer(
         model=policy,
         ref_model=reference,
         args=args,
-        train_dataset=Dataset.from_list(rows),
+        train_dataset=(
+            Dataset.from_list(rows)
+            if isinstance(rows, list)
+            else Dataset.from_json(str(rows), cache_dir=str(out / "datasets-cache"))
+        ),
         processing_class=tokenizer,
     )
 
@@ -85,7 +95,6 @@ def trl_child(spec: dict[str, Any]) -> None:
     from transformers import TrainerCallback
 
     torch.set_num_threads(spec["threads"])
-    rows = [json.loads(line) for line in Path(spec["rows"]).read_text().splitlines()]
     ends: list[float] = []
 
     class StepClock(TrainerCallback):
@@ -97,7 +106,7 @@ def trl_child(spec: dict[str, Any]) -> None:
 
     start = time.perf_counter()
     trainer = trl_trainer(
-        Path(spec["model"]), rows, spec["batch"], Path(spec["out"]), max_steps=spec["steps"]
+        Path(spec["model"]), Path(spec["rows"]), spec["batch"], Path(spec["out"]), max_steps=spec["steps"]
     )
     setup = time.perf_counter() - start
     trainer.add_callback(StepClock())
@@ -106,16 +115,56 @@ def trl_child(spec: dict[str, Any]) -> None:
     wall = time.perf_counter() - start
     steps = [b - a for a, b in itertools.pairwise(ends)]
     result = {"setup": setup, "wall": wall, "step_times": steps, "peak_mib": common.self_peak_mib()}
-    print("RESULT " + json.dumps(result), flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_trl(model: Path, rows_file: Path, threads: int, steps: int, batch: int, out: Path) -> dict[str, Any]:
-    spec = {"model": str(model), "rows": str(rows_file), "threads": threads, "steps": steps}
-    spec |= {"batch": batch, "out": str(out)}
-    env = os.environ | {"OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
-    proc = subprocess.run(
-        [sys.executable, __file__, "--trl-child", json.dumps(spec)], env=env, capture_output=True, text=True
-    )
+@dataclass(frozen=True)
+class TRLSetup:
+    """How TRL runs: one process with `threads` torch threads, or `accelerate launch` with `processes`
+    processes of one thread each under DeepSpeed ZeRO `zero_stage` (gloo on CPU), as its multi-GPU
+    users run it."""
+
+    threads: int = 1
+    processes: int = 1
+    zero_stage: int | None = None
+
+    @property
+    def name(self) -> str:
+        if self.zero_stage is None:
+            return f"TRL, {self.threads} thread(s)"
+        return f"TRL, accelerate {self.processes} proc ZeRO-{self.zero_stage}"
+
+    def command(self, spec: dict[str, Any]) -> list[str]:
+        child = [__file__, "--trl-child", json.dumps(spec)]
+        if self.zero_stage is None:
+            return [sys.executable, *child]
+        launch = ["--num_processes", str(self.processes), "--num_machines", "1", "--mixed_precision", "no"]
+        launch += [
+            "--use_deepspeed",
+            "--zero_stage",
+            str(self.zero_stage),
+            "--num_cpu_threads_per_process",
+            "1",
+        ]
+        launch += ["--main_process_port", str(_free_port())]
+        return [sys.executable, "-m", "accelerate.commands.launch", *launch, *child]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_trl(
+    model: Path, rows_file: Path, setup: TRLSetup, steps: int, batch: int, out: Path
+) -> dict[str, Any]:
+    """One TRL run as `setup` says; `batch` is the global batch (split over the processes)."""
+    spec = {"model": str(model), "rows": str(rows_file), "threads": setup.threads, "steps": steps}
+    spec |= {"batch": batch // setup.processes, "out": str(out)}
+    env = os.environ | {"OMP_NUM_THREADS": str(setup.threads), "TQDM_DISABLE": "1", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run(setup.command(spec), env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"TRL run failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -294,8 +343,18 @@ HEADERS = [
     "train s",
     "total s",
     "peak RSS MiB",
-    "kto-ray/TRL",
+    "kto-ray/TRL samples/s",
+    "TRL/kto-ray total s",
 ]
+
+
+def trl_setups(workers: int, zero_stages: list[int]) -> list[TRLSetup]:
+    """TRL beside kto-ray on `workers` workers: one process with as many threads, and at 2 workers also
+    `accelerate launch` with 2 processes under each of `zero_stages`."""
+    setups = [TRLSetup(threads=workers)]
+    if workers > 1:
+        setups += [TRLSetup(processes=workers, zero_stage=stage) for stage in zero_stages]
+    return setups
 
 
 def speed(
@@ -305,6 +364,7 @@ def speed(
     batch: int,
     root: Path,
     worker_counts: list[int],
+    zero_stages: list[int],
 ):
     model = common.build_model(spec)
     table = []
@@ -316,37 +376,30 @@ def speed(
         cfg = common.bench_config(model, data, root / skew, train=train)
         setup, rows_file = kto_ray_runs(cfg, batch, rows_by_id, root)
         for workers in worker_counts:
-            trl = run_trl(model, rows_file, workers, 2 * steps, batch, root / f"trl-{skew}-{workers}")
-            times = trl["step_times"][steps:]
-            trl_rate = batch * len(times) / sum(times)
-            total = trl["setup"] + trl["wall"]
-            step = sum(times) / len(times)
-            table.append(
-                [
-                    skew,
-                    f"TRL, {workers} thread(s)",
-                    trl_rate,
-                    step,
-                    trl["setup"],
-                    trl["wall"],
-                    total,
-                    trl["peak_mib"],
-                    "",
-                ]
-            )
+            trl_runs = []
+            for trl_setup in trl_setups(workers, zero_stages):
+                out = root / f"trl-{skew}-{len(trl_runs)}-{workers}"
+                trl_runs.append((trl_setup, run_trl(model, rows_file, trl_setup, 2 * steps, batch, out)))
             ours, wall, peak = train_kto_ray(cfg, workers, batch, skip=steps)
-            ratio = f"{ours.samples_per_s / trl_rate:.2f}x"
-            step = ours.seconds / ours.steps
+            for trl_setup, trl in trl_runs:
+                times = trl["step_times"][steps:]
+                trl_rate = batch * len(times) / sum(times)
+                total = trl["setup"] + trl["wall"]
+                row = [skew, trl_setup.name, trl_rate, sum(times) / len(times), trl["setup"], trl["wall"]]
+                row += [total, trl["peak_mib"], f"{ours.samples_per_s / trl_rate:.2f}x"]
+                table.append([*row, f"{total / (setup + wall):.2f}x"])
             name = f"kto-ray, {workers} worker(s)"
-            table.append([skew, name, ours.samples_per_s, step, setup, wall, setup + wall, peak, ratio])
+            step = ours.seconds / ours.steps
+            table.append([skew, name, ours.samples_per_s, step, setup, wall, setup + wall, peak, "", ""])
     common.print_table(
         HEADERS,
         table,
         title=(
-            f"kto-ray (group_by_length) vs TRL {_trl_version()} (random sampler): {spec.name}, batch "
+            f"kto-ray (group_by_length) vs TRL {_trl_version()} (random sampler): {spec.name}, global batch "
             f"{batch}, 2 epochs of {steps} steps (samples/s over the second). setup = reference pass "
             "(kto-ray: precompute, one store for 1 and 2 workers; TRL: KTOTrainer init); "
-            "train = train() / trainer.train(); kto-ray peak RSS is per worker"
+            "train = train() / trainer.train(); peak RSS is per process (kto-ray: per worker); "
+            "ratios above 1 favour kto-ray"
         ),
     )
 
@@ -364,7 +417,7 @@ def main() -> None:
     print(f"model {spec.name}: {common.count_parameters(common.build_model(spec)):,} parameters")
     same_loss_check(spec, args.batch, root)
     common.ray_init()
-    speed(spec, args.datasets, args.steps, args.batch, root, args.workers)
+    speed(spec, args.datasets, args.steps, args.batch, root, args.workers, args.trl_zero)
 
 
 if __name__ == "__main__":
@@ -377,6 +430,21 @@ if __name__ == "__main__":
     parser.add_argument("--model", default="small", choices=sorted(common.SPECS))
     parser.add_argument("--datasets", nargs="+", default=["uniform", "skewed"], choices=["uniform", "skewed"])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], choices=(1, 2))
-    smoke = {"steps": 2, "batch": 4, "model": "tiny", "datasets": ["uniform"], "workers": [1]}
+    parser.add_argument(
+        "--trl-zero",
+        type=int,
+        nargs="*",
+        default=[3, 2],
+        choices=(2, 3),
+        help="ZeRO stages of the `accelerate launch` TRL rows at 2 workers (none: no such rows)",
+    )
+    smoke = {
+        "steps": 2,
+        "batch": 4,
+        "model": "tiny",
+        "datasets": ["uniform"],
+        "workers": [2],
+        "trl_zero": [3],
+    }
     args = common.parse_args(parser, smoke)
     main()

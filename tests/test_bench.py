@@ -34,7 +34,13 @@ class Smoke:
 # In the order they start: the longest first.
 BENCHES: dict[str, Smoke] = {
     "trl_compare": Smoke(
-        ("same computation on one batch", "| kto-ray, 1 worker(s)", "| TRL, 1 thread(s)"), "trl"
+        (
+            "same computation on one batch",
+            "| kto-ray, 2 worker(s)",
+            "| TRL, 2 thread(s)",
+            "| TRL, accelerate 2 proc ZeRO-3",
+        ),
+        "trl",
     ),
     "train_rows": Smoke(("| store rows", "| 2,048      | table", "| 2,048      | index")),
     "roofline": Smoke(("| kto-ray, 1 worker(s)", "| same step, plain torch")),
