@@ -53,13 +53,15 @@ def main() -> None:
     print(f"model {spec.name}: {common.count_parameters(model):,} parameters")
     print(f"data: {len(lines)} rows ({cut} old + {len(lines) - cut} new), {common.length_summary(data)}")
     common.ray_init()
-    table, ratios = [], []
+    table, ratios, fulls, bases = [], [], [], []
     for r in range(args.rounds):
         full, full_rows, _ = _precompute(cfg, f"full-{r}", [old, new])
         base, base_rows, _ = _precompute(cfg, f"grown-{r}", [old])
         append, appended_rows, total = _precompute(cfg, f"grown-{r}", [old, new])
         assert total == full_rows, (total, full_rows)
         ratios.append(append / full)
+        fulls.append(full)
+        bases.append(base)
         table += [
             [f"full precompute #{r + 1}", full_rows, full_rows, full, ""],
             [f"precompute of the old rows #{r + 1}", base_rows, base_rows, base, f"{base / full:.2f}"],
@@ -71,6 +73,14 @@ def main() -> None:
         title=f"append of {args.new:.0%} new rows vs a full precompute, {args.actors} actor(s) x 1 CPU",
     )
     print(f"append / full precompute wall time: {statistics.mean(ratios):.2f} (rows: {args.new:.2f})")
+    # wall = fixed + per_row * rows, from the two builds (all rows, the old rows): what the append's
+    # figure would be if only its rows cost, and the start-up every precompute pays.
+    per_row = (statistics.mean(fulls) - statistics.mean(bases)) / (full_rows - base_rows)
+    fixed = statistics.mean(fulls) - per_row * full_rows
+    print(
+        f"fit of the builds: {fixed:.1f} s fixed + {1000 * per_row:.1f} s per 1,000 rows; "
+        f"the append's rows alone: {per_row * appended_rows:.1f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -183,8 +183,11 @@ class _Written:
 
 
 def _store_stats(data: Location) -> _Written:
+    files = files_under(data, ".parquet")
+    if not files:  # an append whose every new row truncation dropped: an empty segment
+        return _Written({split: {"desirable": 0, "undesirable": 0} for split in ("train", "eval")}, 0)
     table = pq.read_table(
-        files_under(data, ".parquet"),
+        files,
         columns=["prompt_ids", "completion_ids", "kl_completion_ids", "label", "split"],
         filesystem=data.fs,
     )

@@ -138,13 +138,22 @@ def test_a_changed_or_removed_old_row_is_refused_naming_it(stores, tiny_model):
     assert open_store(stores["grown"].path, stores["grown"].manifest.fingerprint)  # untouched
 
 
-def test_killed_append_keeps_the_previous_store(stores, tmp_path):
+def test_killed_append_keeps_the_previous_store_and_a_run_resumes_only_on_its_own(stores, tmp_path):
+    """A run trains on A's store; an append is killed mid-write (A's store stays whole), rerun, and
+    commits; the run, whose checkpoint's schedule was drawn over A's rows, then refuses to resume in one
+    line naming the way out, and a new run on the grown store trains from the start."""
     before, path = stores["before"], tmp_path / "store"
     shutil.copytree(before.path, path)
-    cfg = stores["grown_cfg"].model_copy(deep=True)
-    cfg.store.path = str(path)
+    run = {"dir": str(tmp_path / "runs"), "name": "started-on-a", "checkpoint_every": 1}
+    on_a = stores["only_a"].model_copy(deep=True)
+    on_a.store.path, on_a.cluster.workers = str(path), 1
+    on_a.run = on_a.run.model_copy(update=run)
+    on_a.train = on_a.train.model_copy(update={"max_steps": 1, "micro_batch_size": 4})
+    assert train(on_a).steps == 1
+
+    grown = on_a.model_copy(update={"data": stores["grown_cfg"].data})
     config_file = tmp_path / "grown.yaml"
-    config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    config_file.write_text(yaml.safe_dump(grown.model_dump(mode="json")))
     proc = subprocess.Popen(
         [sys.executable, "-m", "kto_ray", "precompute", "--config", str(config_file)],
         env=dict(os.environ, RAY_ADDRESS="local"),
@@ -154,41 +163,23 @@ def test_killed_append_keeps_the_previous_store(stores, tmp_path):
     )
     wait_for(lambda: len(list(path.glob("data-*"))) > 1, lambda: proc.poll() is None)  # appending
     time.sleep(1.0)
+    assert proc.poll() is None, "the append ended before it could be killed"
     kill_process_tree(proc.pid)
     proc.wait()
     kept = open_store(path, before.manifest.fingerprint)  # the previous store, whole and still valid
     assert _rows(kept).equals(_rows(before)) and kept.manifest == before.manifest
-    result = precompute(cfg)  # the rerun appends, and removes the killed run's prefix
+    result = precompute(grown)  # the rerun appends, and removes the killed run's prefix
     assert not result.reused and result.store.manifest.fingerprint == stores["grown"].manifest.fingerprint
-    rerun, grown = _rows(result.store), _rows(stores["grown"])
-    assert rerun["id"].equals(grown["id"]) and rerun["split"].equals(grown["split"])
+    rerun, expected = _rows(result.store), _rows(stores["grown"])
+    assert rerun["id"].equals(expected["id"]) and rerun["split"].equals(expected["split"])
     np.testing.assert_allclose(
-        rerun["ref_logps"].to_numpy(), grown["ref_logps"].to_numpy(), rtol=1e-6, atol=1e-6
+        rerun["ref_logps"].to_numpy(), expected["ref_logps"].to_numpy(), rtol=1e-6, atol=1e-6
     )
     names = sorted(p.name for p in path.iterdir())
     assert names == sorted([*result.store.manifest.data_dirs(), MANIFEST]) and len(names) == 3
 
-
-def test_training_on_the_appended_store_and_a_resume_across_the_append(stores, tiny_model, tmp_path):
-    """A run with a checkpoint on A's store cannot resume once B is appended (its schedule was drawn over
-    A's rows): one line naming the way out; a new run on the grown store trains from the start."""
-    store = tmp_path / "store"
-    shutil.copytree(stores["before"].path, store)
-    run = {"dir": str(tmp_path / "runs"), "name": "started-on-a", "checkpoint_every": 1}
-    short = {"max_steps": 1, "micro_batch_size": 4}
-    on_a = stores["only_a"].model_copy(deep=True)
-    on_a.store.path, on_a.cluster.workers = str(store), 1
-    on_a = on_a.model_copy(update={"run": on_a.run.model_copy(update=run)})
-    on_a = on_a.model_copy(update={"train": on_a.train.model_copy(update=short)})
-    assert train(on_a).steps == 1
-    grown = on_a.model_copy(update={"data": stores["grown_cfg"].data})
-    assert not precompute(grown).reused  # the append
-    with pytest.raises(
-        UserError,
-        match=r"started on reference store .* train rows; the store now has .*"
-        r"new run\.name",
-    ):
+    with pytest.raises(UserError, match=r"started on reference store .* the store now has .* new run\.name"):
         train(grown)
-    fresh = grown.model_copy(update={"run": grown.run.model_copy(update={"name": "on-the-grown-store"})})
-    result = train(fresh)
+    grown.run = grown.run.model_copy(update={"name": "on-the-grown-store"})
+    result = train(grown)
     assert [r["step"] for r in read_metrics(result.run_dir.local_path)] == [1]
