@@ -18,8 +18,9 @@ from pathlib import Path
 import common
 
 
-def _precompute(cfg, name: str, files: list[Path]) -> tuple[float, int, int]:
-    """Seconds of one precompute of `files` into store `name`, the rows it scored, the store's rows."""
+def _precompute(cfg, name: str, files: list[Path]) -> tuple[float, int, int, int]:
+    """Seconds of one precompute of `files` into store `name`, the rows it scored, the store's rows,
+    the tokens it scored."""
     from kto_ray.reference.precompute import precompute
 
     cfg = cfg.model_copy(deep=True)
@@ -29,7 +30,8 @@ def _precompute(cfg, name: str, files: list[Path]) -> tuple[float, int, int]:
         store = precompute(cfg).store
     manifest = store.manifest
     scored = sum(sum(c.values()) for c in manifest.segments[-1].counts.values())
-    return wall[0], scored, sum(sum(c.values()) for c in manifest.counts.values())
+    rows = sum(sum(c.values()) for c in manifest.counts.values())
+    return wall[0], scored, rows, manifest.segments[-1].tokens
 
 
 def main() -> None:
@@ -53,15 +55,16 @@ def main() -> None:
     print(f"model {spec.name}: {common.count_parameters(model):,} parameters")
     print(f"data: {len(lines)} rows ({cut} old + {len(lines) - cut} new), {common.length_summary(data)}")
     common.ray_init()
-    table, ratios, fulls, bases = [], [], [], []
+    table, ratios, fulls, full_rates, appended_tokens = [], [], [], [], []
     for r in range(args.rounds):
-        full, full_rows, _ = _precompute(cfg, f"full-{r}", [old, new])
-        base, base_rows, _ = _precompute(cfg, f"grown-{r}", [old])
-        append, appended_rows, total = _precompute(cfg, f"grown-{r}", [old, new])
+        full, full_rows, _, full_tokens = _precompute(cfg, f"full-{r}", [old, new])
+        base, base_rows, _, _ = _precompute(cfg, f"grown-{r}", [old])
+        append, appended_rows, total, append_tokens = _precompute(cfg, f"grown-{r}", [old, new])
         assert total == full_rows, (total, full_rows)
         ratios.append(append / full)
         fulls.append(full)
-        bases.append(base)
+        full_rates.append(full_tokens / full)
+        appended_tokens.append(append_tokens)
         table += [
             [f"full precompute #{r + 1}", full_rows, full_rows, full, ""],
             [f"precompute of the old rows #{r + 1}", base_rows, base_rows, base, f"{base / full:.2f}"],
@@ -73,13 +76,13 @@ def main() -> None:
         title=f"append of {args.new:.0%} new rows vs a full precompute, {args.actors} actor(s) x 1 CPU",
     )
     print(f"append / full precompute wall time: {statistics.mean(ratios):.2f} (rows: {args.new:.2f})")
-    # wall = fixed + per_row * rows, from the two builds (all rows, the old rows): what the append's
-    # figure would be if only its rows cost, and the start-up every precompute pays.
-    per_row = (statistics.mean(fulls) - statistics.mean(bases)) / (full_rows - base_rows)
-    fixed = statistics.mean(fulls) - per_row * full_rows
+    # The append's tokens at the full build's tokens/s: what its rows alone cost; the rest is the
+    # start-up every precompute pays (Ray Data, actor and model load, reading and checking all rows).
+    scoring = statistics.mean(appended_tokens) / statistics.mean(full_rates)
+    append_wall = statistics.mean(r * f for r, f in zip(ratios, fulls))
     print(
-        f"fit of the builds: {fixed:.1f} s fixed + {1000 * per_row:.1f} s per 1,000 rows; "
-        f"the append's rows alone: {per_row * appended_rows:.1f} s"
+        f"the append's rows at the full build's tokens/s: {scoring:.1f} s "
+        f"({scoring / statistics.mean(fulls):.2f} of the full build); start-up: {append_wall - scoring:.1f} s"
     )
 
 
