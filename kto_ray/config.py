@@ -62,6 +62,13 @@ class DataConfig(Section):
     max_prompt_length: int = Field(256, gt=0, description="Prompts longer than this keep their last tokens.")
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Seeded fraction held out as 'eval'.")
     seed: int = Field(0, description="Seed of the shuffle that fixes the KL pairing and the eval split.")
+    pairing: Literal["shuffle", "stream"] = Field(
+        "shuffle",
+        description="How KL pairs and the eval split are drawn. shuffle: from a seeded shuffle of all rows "
+        "(exact eval_fraction; any new row redraws them all). stream: each row's split from a seeded hash "
+        "of its content and its KL partner from the rows before it, so new rows at the end of the data "
+        "leave the others as they were and `kto-ray precompute` appends them to the store.",
+    )
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> DataConfig:

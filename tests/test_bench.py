@@ -50,6 +50,7 @@ BENCHES: dict[str, Smoke] = {
     "lora_vs_full": Smoke(("| full #1", "| lora #1", "lora/full samples/s")),
     "profile_train": Smoke(("| function (inclusive)", "| function (leaf)")),
     "precompute_throughput": Smoke(("| kto-ray precompute #1", "| naive loop #1")),
+    "append_cost": Smoke(("| full precompute #1", "| append of the new rows #1", "append / full precompute")),
     "driver_overhead": Smoke(("before (HEAD)", "after, cold cache", "after, warm cache")),
     "engine_overhead": Smoke(("| engine", "| 3  ")),
     "gpu_mfu": Smoke(("| parameters", "precompute: 1 actor"), "cuda"),

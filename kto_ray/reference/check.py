@@ -12,6 +12,7 @@ from typing import Any
 
 from kto_ray.config import KTOConfig
 from kto_ray.data.sources import content_fingerprint, local_files, read_examples
+from kto_ray.data.streaming import RULE as STREAM_RULE
 from kto_ray.data.tokenize import TRUNCATION_POLICY
 from kto_ray.models.loading import resolve_dtype
 from kto_ray.reference.fingerprint import FileStat, sha256_text, tokenizer_fingerprint, weights_fingerprint
@@ -36,7 +37,9 @@ def store_fingerprint(cfg: KTOConfig, data_digest: str, tokenizer) -> tuple[dict
         "max_prompt_length": cfg.data.max_prompt_length,
         "policy": TRUNCATION_POLICY,
     }
-    pairing = {"seed": cfg.data.seed, "eval_fraction": cfg.data.eval_fraction}
+    pairing: dict[str, Any] = {"seed": cfg.data.seed, "eval_fraction": cfg.data.eval_fraction}
+    if cfg.data.pairing == "stream":  # shuffle stores keep the fingerprint they had before this rule
+        pairing["rule"] = STREAM_RULE
     ref_dir = resolve_model_dir(cfg.reference_path, cfg.model.revision)
     inputs = {
         "data": cfg.data.paths,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -27,12 +27,13 @@ from kto_ray.models.logprobs import length_buckets, pad_sequences, sequence_logp
 from kto_ray.raycluster import ray_session
 from kto_ray.reference.check import data_file_stats, store_fingerprint
 from kto_ray.reference.fingerprint import FileStat
+from kto_ray.reference.segments import kept_segments, new_segment, segmented_manifest, write_row_digests
 from kto_ray.reference.store import (
     SCHEMA,
     Manifest,
+    Segment,
     Store,
     StoreWriter,
-    build_manifest,
     differing_components,
     open_store,
     read_manifest,
@@ -182,8 +183,11 @@ class _Written:
 
 
 def _store_stats(data: Location) -> _Written:
+    files = files_under(data, ".parquet")
+    if not files:  # an append whose every new row truncation dropped: an empty segment
+        return _Written({split: {"desirable": 0, "undesirable": 0} for split in ("train", "eval")}, 0)
     table = pq.read_table(
-        files_under(data, ".parquet"),
+        files,
         columns=["prompt_ids", "completion_ids", "kl_completion_ids", "label", "split"],
         filesystem=data.fs,
     )
@@ -240,27 +244,36 @@ def precompute(cfg: KTOConfig, overwrite: bool = False) -> PrecomputeResult:
     if reused is not None:
         return reused
     path = plan.cfg.store.path
+    kept = _kept_segments(plan, overwrite)  # an append keeps the store's segments; a build, none
+    first_id = kept[-1].end_id if kept else 0
     ensure_free(resolve(path))  # another precompute writing this store: one line, before Ray
     with ray_session(plan.cfg.cluster.address), StoreWriter(path, seen=plan.existing) as writer:
         # The other one may have committed between our look above and taking the store's lease.
         committed = _committed_meanwhile(writer, plan.fingerprint, plan.where)
         if committed is not None:
             return committed
-        written = _score(plan, writer)
-        if written.rows == 0:
+        written = _score(_rows_from(plan, first_id), writer)
+        if written.rows == 0 and not kept:
             raise UserError("no example has a completion token left under data.max_length; nothing to store")
+        write_row_digests(writer.data, plan.text, first_id)
         seconds = time.perf_counter() - start
-        committed = _commit(plan, writer, written, seconds)
+        segment = new_segment(writer.data_dir, plan.text, first_id, written, seconds)
+        committed = _commit(plan, writer, [*kept, segment])
         if committed is not None:
             return committed
-    dropped = len(plan.text.table) - written.rows
+    dropped = len(plan.text.table) - first_id - written.rows
+    what = f"appended segment {len(kept) + 1} to reference store" if kept else "reference store"
     print(
-        f"reference store {plan.where}: {written.rows} rows (train {written.rows_in('train')}, "
+        f"{what} {plan.where}: {written.rows} rows (train {written.rows_in('train')}, "
         f"eval {written.rows_in('eval')}, dropped {dropped} with no completion token left), "
         f"{written.tokens} tokens in {seconds:.1f}s ({written.tokens / seconds:,.0f} tokens/s)",
         flush=True,
     )
-    return PrecomputeResult(open_store(path, plan.fingerprint), reused=False)
+    store = open_store(path, plan.fingerprint)
+    if kept:
+        rows = sum(store.count(s) for s in ("train", "eval"))
+        print(f"reference store {plan.where} now holds {rows} rows in {len(kept) + 1} segments", flush=True)
+    return PrecomputeResult(store, reused=False)
 
 
 def _plan(cfg: KTOConfig) -> _Plan:
@@ -282,7 +295,7 @@ def _reuse(plan: _Plan, overwrite: bool) -> PrecomputeResult | None:
         return None
     differing = differing_components(plan.fingerprint, existing.fingerprint)
     if differing:
-        if overwrite:
+        if overwrite or _grows(plan, differing):
             return None
         raise UserError(
             f"reference store {plan.where} exists with a different {', '.join(differing)}; "
@@ -294,6 +307,30 @@ def _reuse(plan: _Plan, overwrite: bool) -> PrecomputeResult | None:
     rows = sum(store.count(s) for s in ("train", "eval"))
     print(f"reference store {plan.where} matches the config ({rows} rows): reusing it", flush=True)
     return PrecomputeResult(store, reused=True)
+
+
+def _grows(plan: _Plan, differing: list[str]) -> bool:
+    """Only the data differs and the config's rows keep their pairs as data grows: an append (the
+    old rows are checked by `_kept_segments`)."""
+    return differing == ["data"] and plan.cfg.data.pairing == "stream"
+
+
+def _kept_segments(plan: _Plan, overwrite: bool) -> list[Segment]:
+    """The existing store's segments an append keeps (none for a build or --overwrite); a store whose
+    rows the data no longer starts with is refused in one line naming the row (segments.py)."""
+    existing = plan.existing
+    if existing is None or overwrite:
+        return []
+    if not _grows(plan, differing_components(plan.fingerprint, existing.fingerprint)):
+        return []
+    return kept_segments(plan.cfg.store.path, existing, plan.text, plan.where)
+
+
+def _rows_from(plan: _Plan, first_id: int) -> _Plan:
+    """The plan restricted to the rows from first_id on: what an append scores."""
+    if first_id == 0:
+        return plan
+    return replace(plan, text=replace(plan.text, table=plan.text.table.slice(first_id)))
 
 
 def _score(plan: _Plan, writer: StoreWriter) -> _Written:
@@ -352,15 +389,14 @@ def _scoring_dataset(plan: _Plan, counter):
     )
 
 
-def _commit(plan: _Plan, writer: StoreWriter, written: _Written, seconds: float) -> PrecomputeResult | None:
-    """Commit the manifest of what was written; None once it is committed. Another precompute's store,
-    committed meanwhile, is returned instead (or refused: `_committed_meanwhile`)."""
+def _commit(plan: _Plan, writer: StoreWriter, segments: list[Segment]) -> PrecomputeResult | None:
+    """Commit the manifest of the store's segments (the last one just written); None once it is
+    committed. Another precompute's store, committed meanwhile, is returned instead (or refused:
+    `_committed_meanwhile`)."""
     committed = _committed_meanwhile(writer, plan.fingerprint, plan.where)
     if committed is not None:
         return committed
-    manifest = build_manifest(
-        plan.fingerprint, plan.inputs, written.counts, written.tokens, seconds, plan.data_files
-    )
+    manifest = segmented_manifest(plan.fingerprint, plan.inputs, segments, plan.data_files)
     try:
         writer.commit(manifest)
     except OSError as err:

@@ -42,6 +42,9 @@ from kto_ray.storage import (
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+# A store of several segments: a reader that knows only `data_dir` would miss rows, so it must refuse.
+SEGMENTED_FORMAT_VERSION = 2
+READABLE_FORMATS = (FORMAT_VERSION, SEGMENTED_FORMAT_VERSION)
 MANIFEST = "manifest.json"
 DATA_PREFIX = "data-"
 SPLITS = ("train", "eval")
@@ -73,6 +76,20 @@ def sequence_lengths(table: pa.Table) -> np.ndarray:
 COMPONENTS = ("data", "reference_weights", "tokenizer", "truncation", "pairing", "dtype")
 
 
+class Segment(BaseModel):
+    """One precompute's rows of a store: ids first_id .. end_id - 1 (before truncation drops any)
+    under their own prefix; a store grows by appending segments (kto_ray/reference/segments.py)."""
+
+    data_dir: str
+    first_id: int
+    end_id: int
+    data: str  # content_fingerprint of this segment's rows alone
+    counts: dict[str, dict[str, int]]
+    tokens: int
+    seconds: float
+    created: str
+
+
 class Manifest(BaseModel):
     format_version: int
     fingerprint: dict[str, str]
@@ -89,6 +106,15 @@ class Manifest(BaseModel):
     # The prefix (inside the store) that holds this store's Parquet files; None in the first layout,
     # whose files sit at the top of the store folder.
     data_dir: str | None = None
+    # Every segment, in id order (the last is `data_dir`'s); None in stores written before segments.
+    # The top-level counts, tokens and seconds are their sums, `fingerprint["data"]` covers all rows.
+    segments: list[Segment] | None = None
+
+    def data_dirs(self) -> list[str]:
+        """The prefixes that hold this store's rows (empty: the first layout, files at the top)."""
+        if self.segments:
+            return [segment.data_dir for segment in self.segments]
+        return [self.data_dir] if self.data_dir else []
 
 
 def differing_components(expected: dict[str, str], found: dict[str, str]) -> list[str]:
@@ -110,11 +136,11 @@ class Store:
     def files(self) -> list[str]:
         """Paths inside `location.fs` of the store's Parquet files."""
         location = self.location
-        data = location.join(self.manifest.data_dir) if self.manifest.data_dir else location
-        found = files_under(data, ".parquet")
-        if self.manifest.data_dir is None:  # first layout: files at the top, no prefix
-            found = [f for f in found if "/" not in f[len(data.path) + 1 :]]
-        return found
+        dirs = self.manifest.data_dirs()
+        if dirs:  # every segment's files, segment after segment
+            return [f for d in dirs for f in files_under(location.join(d), ".parquet")]
+        found = files_under(location, ".parquet")  # first layout: files at the top, no prefix
+        return [f for f in found if "/" not in f[len(location.path) + 1 :]]
 
     def read_split(self, split: str, columns: list[str] | None = None) -> pa.Table:
         """The rows of one split, ordered by id (deterministic whatever the writers' file order)."""
@@ -165,8 +191,9 @@ def open_store(path: str | Path, expected: dict[str, str] | None = None) -> Stor
     manifest = read_manifest(path)
     if manifest is None:
         raise UserError(f"no reference store at {location} (run `kto-ray precompute` first)")
-    if manifest.format_version != FORMAT_VERSION:
-        raise UserError(f"{location}: store format {manifest.format_version}, expected {FORMAT_VERSION}")
+    if manifest.format_version not in READABLE_FORMATS:
+        expected = " or ".join(map(str, READABLE_FORMATS))
+        raise UserError(f"{location}: store format {manifest.format_version}, expected {expected}")
     if expected is not None:
         differing = differing_components(expected, manifest.fingerprint)
         if differing:
@@ -235,16 +262,16 @@ class StoreWriter:
         manifest = manifest.model_copy(update={"data_dir": self.data_dir})
         write_text_atomically(self.location.join(MANIFEST), manifest.model_dump_json(indent=2))
         self.committed = True
-        keep = {self.data_dir}
+        keep = {self.data_dir, *manifest.data_dirs()}  # an append keeps the earlier segments
         with contextlib.suppress(OSError):  # whatever manifest is there now keeps its files
-            keep.add(_data_dir(read_text(self.location.join(MANIFEST))))
-        replaced = _data_dir(self.previous)
+            keep |= _data_dirs(read_text(self.location.join(MANIFEST)))
+        replaced = _data_dirs(self.previous)
         for entry in children(self.location):
             name = entry.base_name
             if entry.type == FileType.Directory and name.startswith(DATA_PREFIX) and name not in keep:
                 # The replaced store's, and prefixes named before this writer's own, which it named
                 # once it held the lease: a dead writer's (a killed run's). A later one may be live.
-                if name == replaced or _stamp(name) < _stamp(self.data_dir):
+                if name in replaced or _stamp(name) < _stamp(self.data_dir):
                     _remove_quietly(Location(self.location.fs, entry.path, self.location.given))
             elif entry.type == FileType.File and name.endswith(".parquet"):
                 self.location.fs.delete_file(entry.path)  # the first layout's files, now replaced
@@ -267,11 +294,11 @@ def _utc_stamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime())
 
 
-def _data_dir(manifest_text: str | None) -> str | None:
-    """The prefix a manifest's text names (None: no manifest, the first layout, or unreadable)."""
+def _data_dirs(manifest_text: str | None) -> set[str]:
+    """The prefixes a manifest's text names (none: no manifest, the first layout, or unreadable)."""
     with contextlib.suppress(ValueError):
-        return Manifest.model_validate_json(manifest_text).data_dir if manifest_text else None
-    return None
+        return set(Manifest.model_validate_json(manifest_text).data_dirs()) if manifest_text else set()
+    return set()
 
 
 def _stamp(prefix: str) -> str:

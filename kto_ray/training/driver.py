@@ -40,6 +40,7 @@ from kto_ray.storage import endpoint_env, first_line
 from kto_ray.training.batching import Schedule
 from kto_ray.training.loop_config import LoopConfig
 from kto_ray.training.progress import TrainingProgress
+from kto_ray.training.store_pin import pin_store
 from kto_ray.training.tracking import prepare_tracking
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,7 @@ def fit(
         lease = Lease(run_dir.location, "training run").acquire()
     try:
         with _storage_errors(run_dir):
+            pin_store(cfg, run_dir)  # a resume after the store changed (an append) refuses here
             run_dir.write_text("config.yaml", dump_config(cfg))
         print(
             f"training {cfg.model.path} on {row_count(train_rows)} rows for {steps} steps "

@@ -128,3 +128,32 @@ def test_server_stopped_mid_write_fails_in_one_line_and_keeps_the_previous_store
     assert result.store.manifest.fingerprint["pairing"] != store.manifest.fingerprint["pairing"]
     # Only the new store's prefix is left: the failed run's and the replaced one are removed.
     assert {o.split("/")[0] for o in _objects(URI) if o != MANIFEST} == {result.store.manifest.data_dir}
+
+
+def test_an_append_on_s3_commits_a_second_segment(s3, ray_with_s3, tiny_model, small_data, tmp_path):
+    """data.pairing: stream on object storage: the append's Parquet and row digests go under a new
+    prefix, the manifest (format 2, two segments) is one PUT, and readers see both segments."""
+    from kto_ray.reference.reader import RowReader, SplitIndex
+    from kto_ray.reference.segments import ROW_DIGESTS
+
+    uri = "s3://kto/stores/appended"
+    lines = small_data.read_text().splitlines(keepends=True)
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(lines[:216]))
+    b.write_text("".join(lines[216:]))
+    cfg = make_config(tiny_model, a, tmp_path, store={"path": uri}, data={"pairing": "stream"})
+    first = precompute(cfg).store
+    cfg.data.paths = [str(a), str(b)]
+    result = precompute(cfg)
+    assert not result.reused
+    manifest = result.store.manifest
+    assert manifest.format_version == 2 and manifest.segments[0] == first.manifest.segments[0]
+    objects = _objects(uri)
+    dirs = manifest.data_dirs()
+    assert {o.split("/")[0] for o in objects if o != MANIFEST} == set(dirs) and len(dirs) == 2
+    assert all(f"{d}/{ROW_DIGESTS}" in objects for d in dirs)
+    rows = [result.store.read_split(split) for split in ("train", "eval")]
+    assert sorted(i for t in rows for i in t["id"].to_pylist()) == list(range(240))
+    index = SplitIndex.build(result.store, "train")
+    assert RowReader(index).take(list(range(index.rows))).equals(rows[0])
+    assert not list(tmp_path.rglob("*.parquet"))  # nothing of the store on local disk
