@@ -37,7 +37,7 @@ from kto_ray.reference.reader import SplitIndex
 from kto_ray.reference.store import SCHEMA
 from kto_ray.rundir import CHECKPOINTS, RunDir
 from kto_ray.storage import endpoint_env, first_line
-from kto_ray.training.batching import Schedule
+from kto_ray.training.global_batch import check_worker_range, first_global_batch
 from kto_ray.training.loop_config import LoopConfig
 from kto_ray.training.progress import TrainingProgress
 from kto_ray.training.tracking import prepare_tracking
@@ -118,33 +118,45 @@ def desirable_weight(cfg: KTOConfig, labels: np.ndarray, warn: bool = True) -> f
     return lam_d
 
 
-def total_steps(cfg: KTOConfig, rows: int) -> int:
-    schedule = Schedule(rows, cfg.cluster.workers, cfg.train.micro_batch_size, cfg.train.grad_accumulation, 0)
-    if schedule.steps_per_epoch == 0:
+def total_steps(cfg: KTOConfig, rows: int, global_batch: int | None = None) -> int:
+    """Optimizer steps of the run: train.max_steps, or train.epochs of `global_batch`-row steps (the
+    first start's global batch by default)."""
+    global_batch = global_batch or first_global_batch(cfg)
+    if rows // global_batch == 0:
         raise UserError(
-            f"{rows} training rows cannot fill one step of {schedule.rows_per_step} rows "
+            f"{rows} training rows cannot fill one step of {global_batch} rows "
             "(cluster.workers x train.micro_batch_size x train.grad_accumulation)"
         )
-    return cfg.train.max_steps or cfg.train.epochs * schedule.steps_per_epoch
+    return cfg.train.max_steps or cfg.train.epochs * (rows // global_batch)
 
 
 def train(cfg: KTOConfig) -> TrainResult:
     """Check the store (or tokenize, online), size the run and fit it on Ray Train."""
+    global_batch = first_global_batch(cfg)
+    check_worker_range(global_batch, cfg.cluster.worker_range, cfg.train.micro_batch_size)
     rows = split_rows(cfg, ("train", "eval") if cfg.train.eval_every else ("train",))
     train_rows = rows["train"]
-    steps = total_steps(cfg, row_count(train_rows))
+    steps = total_steps(cfg, row_count(train_rows), global_batch)
     lam_d = desirable_weight(cfg, row_labels(train_rows))
-    return fit(cfg, train_rows, steps, lam_d, eval_rows=rows.get("eval"))
+    return fit(cfg, train_rows, steps, lam_d, eval_rows=rows.get("eval"), global_batch=global_batch)
 
 
 def fit(
-    cfg: KTOConfig, train_rows: Rows, steps: int, lam_d: float, eval_rows: Rows | None = None
+    cfg: KTOConfig,
+    train_rows: Rows,
+    steps: int,
+    lam_d: float,
+    eval_rows: Rows | None = None,
+    global_batch: int | None = None,
 ) -> TrainResult:
-    """Launch the TorchTrainer on `train_rows` for `steps` optimizer steps; with `train.eval_every`,
-    the workers also evaluate on `eval_rows` (the store's eval split)."""
+    """Launch the TorchTrainer on `train_rows` for `steps` optimizer steps of `global_batch` rows (the
+    first start's by default); with `train.eval_every`, the workers also evaluate on `eval_rows` (the
+    store's eval split)."""
     import ray
 
     cfg = with_absolute_paths(cfg)
+    global_batch = global_batch or first_global_batch(cfg)
+    check_worker_range(global_batch, cfg.cluster.worker_range, cfg.train.micro_batch_size)
     if cfg.train.eval_every and (eval_rows is None or row_count(eval_rows) == 0):
         raise UserError(
             "train.eval_every is set but the eval split is empty: raise data.eval_fraction "
@@ -161,7 +173,7 @@ def fit(
             run_dir.write_text("config.yaml", dump_config(cfg))
         print(
             f"training {cfg.model.path} on {row_count(train_rows)} rows for {steps} steps "
-            f"({cfg.cluster.workers} worker{'s' if cfg.cluster.workers != 1 else ''}, "
+            f"({_workers_text(cfg.cluster.worker_range)}, {global_batch} rows per step, "
             f"ZeRO-{cfg.deepspeed.stage}, reference {cfg.reference.mode})"
             f" -> {run_dir}",
             flush=True,
@@ -172,6 +184,7 @@ def fit(
                 train_rows=_shipped(train_rows),
                 eval_rows=_shipped(eval_rows) if cfg.train.eval_every else None,
                 total_steps=steps,
+                global_batch=global_batch,
                 desirable_weight=lam_d,
                 tracking_env=tracking_env,
                 storage_env=endpoint_env(),
@@ -194,6 +207,11 @@ def fit(
     return TrainResult(run_dir, steps, dict(result.metrics or {}))
 
 
+def _workers_text(worker_range: tuple[int, int]) -> str:
+    low, high = worker_range
+    return f"{low} worker{'s' if low != 1 else ''}" if low == high else f"{low}-{high} workers"
+
+
 def _shipped(rows: Rows):
     """An index travels in the loop config itself (a few bytes per row); a table once through the
     object store."""
@@ -212,7 +230,8 @@ def _trainer(cfg: KTOConfig, loop: LoopConfig):
         train_loop,
         train_loop_config=loop.as_train_loop_config(),
         scaling_config=ScalingConfig(
-            num_workers=cfg.cluster.workers,
+            # The most workers: an elastic range is 18b's (Ray Train's (min, max) num_workers).
+            num_workers=cfg.cluster.worker_range[1],
             use_gpu=cfg.cluster.use_gpu,
             resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}
             | ({"GPU": 1} if cfg.cluster.use_gpu else {}),

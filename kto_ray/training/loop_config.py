@@ -37,6 +37,9 @@ class LoopConfig:
     eval_rows: ShippedRows | None = field(repr=False)
     # Optimizer steps of the whole run (a resumed run continues to the same count).
     total_steps: int
+    # Rows per optimizer step, the run's contract (training/global_batch.py): each worker derives its
+    # accumulation from it and its world size.
+    global_batch: int
     # lambda_D, resolved on the driver (`auto` needs the whole split's label counts).
     desirable_weight: float
     # MLFLOW_* / WANDB_*, resolved by tracking.prepare_tracking; rank 0 sets them before its trackers.

@@ -13,6 +13,7 @@ as failed when a step raised) runs on every exit. The export follows a run that 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -36,6 +37,7 @@ from kto_ray.training.checkpoint import restore, save_and_report
 from kto_ray.training.distributed import all_reduce_sum, gather_objects
 from kto_ray.training.engine import build_policy_engine, deepspeed_config, export_final, online_reference
 from kto_ray.training.eval_step import eval_metrics
+from kto_ray.training.global_batch import config_for_world
 from kto_ray.training.loop_config import LoopConfig
 from kto_ray.training.metrics import MetricsLog
 from kto_ray.training.rows import TableRows
@@ -126,9 +128,11 @@ def _setup(loop: LoopConfig, teardown: contextlib.ExitStack) -> WorkerRun:
     as soon as it is opened, so a failure half-way closes what was opened before it."""
     import deepspeed
 
-    cfg = loop.config
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    # This group's accumulation, from the run's global batch and the group's actual size.
+    loop = dataclasses.replace(loop, config=config_for_world(loop.config, loop.global_batch, world))
+    cfg = loop.config
     torch.manual_seed(cfg.train.seed + rank)
     deepspeed.init_distributed()
     device = _device(cfg)
