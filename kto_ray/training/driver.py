@@ -40,6 +40,8 @@ from kto_ray.storage import endpoint_env, first_line
 from kto_ray.training.global_batch import check_worker_range, first_global_batch
 from kto_ray.training.loop_config import LoopConfig
 from kto_ray.training.progress import TrainingProgress
+from kto_ray.training.resume_check import compare
+from kto_ray.training.run_state import build_run_state, saved_state
 from kto_ray.training.tracking import prepare_tracking
 
 log = logging.getLogger(__name__)
@@ -131,14 +133,36 @@ def total_steps(cfg: KTOConfig, rows: int, global_batch: int | None = None) -> i
 
 
 def train(cfg: KTOConfig) -> TrainResult:
-    """Check the store (or tokenize, online), size the run and fit it on Ray Train."""
-    global_batch = first_global_batch(cfg)
-    check_worker_range(global_batch, cfg.cluster.worker_range, cfg.train.micro_batch_size)
+    """Check the store (or tokenize, online), size the run, check a rerun against the checkpoint it
+    resumes, and fit it on Ray Train."""
+    run_dir = RunDir.of(cfg)
+    with _storage_errors(run_dir, "read"):
+        saved = saved_state(run_dir)
+    # A resumed run keeps its global batch (the contract); a fresh one (or an unchecked one) fixes it now.
+    resumed = saved is not None and saved.state is not None
+    global_batch = saved.state["global_batch"] if resumed else first_global_batch(cfg)
+    try:
+        check_worker_range(global_batch, cfg.cluster.worker_range, cfg.train.micro_batch_size)
+    except UserError as err:
+        if not resumed:
+            raise
+        raise UserError(f"{err} (the run's global batch, kept from {saved.name})") from None
     rows = split_rows(cfg, ("train", "eval") if cfg.train.eval_every else ("train",))
     train_rows = rows["train"]
     steps = total_steps(cfg, row_count(train_rows), global_batch)
     lam_d = desirable_weight(cfg, row_labels(train_rows))
-    return fit(cfg, train_rows, steps, lam_d, eval_rows=rows.get("eval"), global_batch=global_batch)
+    state = build_run_state(cfg, train_rows, global_batch, steps, lam_d)
+    if saved is not None and saved.state is None:
+        print(
+            f"resuming from {saved.name}, written before checkpoints recorded their run state: "
+            "what changed since cannot be checked",
+            flush=True,
+        )
+    elif saved is not None and (changes := compare(saved.name, saved.state, state)):
+        print(changes, flush=True)
+    return fit(
+        cfg, train_rows, steps, lam_d, eval_rows=rows.get("eval"), global_batch=global_batch, run_state=state
+    )
 
 
 def fit(
@@ -148,6 +172,7 @@ def fit(
     lam_d: float,
     eval_rows: Rows | None = None,
     global_batch: int | None = None,
+    run_state: dict | None = None,
 ) -> TrainResult:
     """Launch the TorchTrainer on `train_rows` for `steps` optimizer steps of `global_batch` rows (the
     first start's by default); with `train.eval_every`, the workers also evaluate on `eval_rows` (the
@@ -186,6 +211,7 @@ def fit(
                 total_steps=steps,
                 global_batch=global_batch,
                 desirable_weight=lam_d,
+                run_state=run_state or {},
                 tracking_env=tracking_env,
                 storage_env=endpoint_env(),
             )
@@ -247,12 +273,13 @@ def _trainer(cfg: KTOConfig, loop: LoopConfig):
 
 
 @contextlib.contextmanager
-def _storage_errors(run_dir: RunDir):
-    """The run dir's storage failing outside the workers (config, lease): one line naming it."""
+def _storage_errors(run_dir: RunDir, doing: str = "write"):
+    """The run dir's storage failing outside the workers (config, lease, the checkpoint's run state):
+    one line naming it."""
     try:
         yield
     except OSError as err:
-        raise StorageError(f"cannot write the run dir {run_dir}: {first_line(err)}") from None
+        raise StorageError(f"cannot {doing} the run dir {run_dir}: {first_line(err)}") from None
 
 
 def _worker_failure(err: Exception, kind: type[Failure]) -> Failure | None:
