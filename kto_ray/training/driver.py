@@ -39,6 +39,7 @@ from kto_ray.rundir import CHECKPOINTS, RunDir
 from kto_ray.storage import endpoint_env, first_line
 from kto_ray.training.global_batch import check_worker_range, first_global_batch
 from kto_ray.training.loop_config import LoopConfig
+from kto_ray.training.placement import Ask, placement_notices
 from kto_ray.training.progress import TrainingProgress
 from kto_ray.training.resume_check import compare
 from kto_ray.training.run_state import build_run_state, saved_state
@@ -203,7 +204,9 @@ def fit(
             f" -> {run_dir}",
             flush=True,
         )
-        with ray_session(cfg.cluster.address):
+        # Entering placement_notices refuses a worker group the cluster can never place, in one line;
+        # on an autoscaling cluster it says what the run waits for until the minimum fits.
+        with ray_session(cfg.cluster.address), placement_notices(Ask.of(cfg)):
             loop = LoopConfig(
                 config=cfg,
                 train_rows=_shipped(train_rows),
