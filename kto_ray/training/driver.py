@@ -5,7 +5,9 @@ bytes per row, streamed one row group at a time (`reference/reader.py`). The ind
 their LoopConfig and each worker reads its own micro-batches' rows from the store, so the store must be
 where every worker can read it (object storage or a shared mount). Online there is no store: the
 driver tokenizes the data and hands the table to the workers through the object store. The driver
-also checks `run.report_to`'s trackers and takes the run dir's lease before launching.
+also checks `run.report_to`'s trackers and takes the run dir's lease before launching. Before any of
+that, a rerun is checked against the run state of the checkpoint it resumes (`resume_check.py`), and
+once connected to Ray, the worker group against what the cluster can place (`placement.py`).
 """
 
 from __future__ import annotations
@@ -259,7 +261,7 @@ def _trainer(cfg: KTOConfig, loop: LoopConfig):
         train_loop,
         train_loop_config=loop.as_train_loop_config(),
         scaling_config=ScalingConfig(
-            # The most workers: an elastic range is 18b's (Ray Train's (min, max) num_workers).
+            # A range runs at its most workers here (elastic worker groups: issue 18, item 3).
             num_workers=cfg.cluster.worker_range[1],
             use_gpu=cfg.cluster.use_gpu,
             resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}

@@ -80,3 +80,18 @@ def test_a_longer_run_resumes_with_the_schedule_recomputed(two_steps, capsys):
     assert expected[2] > 0
     state = json.loads((run_dir / "checkpoints" / "step_00000004" / RUN_STATE_FILE).read_text())
     assert state["total_steps"] == 4
+
+
+def test_a_checkpoint_without_a_run_state_resumes_unchecked_saying_so(two_steps, capsys):
+    # As one written before run states: the rerun is not refused by the check, and goes on to launch. It
+    # asks for more workers than the local Ray has, so the placement check stops it there, in seconds
+    # (the resume itself is the one every rerun takes, tested in test_faults and above).
+    _cfg, config_file, run_dir = two_steps
+    latest = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    (latest / RUN_STATE_FILE).unlink()
+    capsys.readouterr()
+    changed = ["--set", "train.seed=7", "--set", "train.max_steps=4", "--set", "cluster.workers=8"]
+    assert main(["train", "--config", str(config_file), *changed]) == 2
+    captured = capsys.readouterr()
+    assert f"resuming from {latest.name}, written before checkpoints recorded their run state" in captured.out
+    assert "the cluster cannot place the worker group: 8 workers" in captured.err
