@@ -7,10 +7,10 @@ overrides parsed as YAML scalars, so `--set train.beta=0.2` is a float like it w
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from kto_ray.errors import UserError
 
@@ -171,8 +171,39 @@ class LoraConfig(Section):
     )
 
 
+class WorkerRange(Section):
+    min: int = Field(description="Fewest workers the run goes on with.")
+    max: int = Field(description="Most workers; the global batch is sized for these.")
+
+
+def _worker_count(value: Any) -> int | WorkerRange:
+    """`cluster.workers` as written: n, [min, max] or {min: .., max: ..}, 1 <= min <= max."""
+    bounds = None
+    if isinstance(value, WorkerRange):
+        bounds = (value.min, value.max)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        bounds = (value, value)
+    elif isinstance(value, list | tuple) and len(value) == 2:
+        bounds = tuple(value)
+    elif isinstance(value, dict) and set(value) == {"min", "max"}:
+        bounds = (value["min"], value["max"])
+    if (
+        bounds is None
+        or not all(isinstance(b, int) and not isinstance(b, bool) for b in bounds)
+        or not 1 <= bounds[0] <= bounds[1]
+    ):
+        raise ValueError("expected a worker count n, [min, max] or {min: .., max: ..} with 1 <= min <= max")
+    return value if isinstance(value, int) else WorkerRange(min=bounds[0], max=bounds[1])
+
+
 class ClusterConfig(Section):
-    workers: int = Field(2, ge=1, description="Ray Train workers (one per GPU on GPU clusters).")
+    workers: Annotated[int | WorkerRange, BeforeValidator(_worker_count)] = Field(
+        2,
+        description="Ray Train workers (one per GPU on GPU clusters): a count, or a range [min, max] "
+        "(also {min: .., max: ..}) for an elastic worker group. The global batch (rows per optimizer "
+        "step) is fixed at the run's first start as max x train.micro_batch_size x "
+        "train.grad_accumulation; on W workers, accumulation is global / (W x micro-batch).",
+    )
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: float = Field(
         0.5, gt=0.0, description="CPUs per worker; fractional on small CPU boxes so Ray Data is not starved."
@@ -183,6 +214,13 @@ class ClusterConfig(Section):
         description="How Ray places the workers' bundles: PACK fills nodes first (fewest cross-node "
         "links); STRICT_SPREAD puts every worker on a different node.",
     )
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(fewest, most) workers: (n, n) for a fixed count."""
+        if isinstance(self.workers, WorkerRange):
+            return self.workers.min, self.workers.max
+        return self.workers, self.workers
 
 
 class DeepSpeedConfig(Section):

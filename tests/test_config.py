@@ -73,6 +73,23 @@ def test_overrides_are_typed_like_yaml():
     assert cfg.train.max_steps is None
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("3", (3, 3)), ("[1, 2]", (1, 2)), ("{min: 8, max: 16}", (8, 16)), ("[2, 2]", (2, 2))],
+)
+def test_workers_are_a_count_or_a_range(value, expected):
+    cfg = load_config(None, [f"cluster.workers={value}"])
+    assert cfg.cluster.worker_range == expected
+    # What the run dir records loads back the same.
+    assert config_from_dict(yaml.safe_load(dump_config(cfg))).cluster.worker_range == expected
+
+
+@pytest.mark.parametrize("value", ["[2, 1]", "0", "[1, 2, 3]", "{min: 1}", "true", "1.5", "[0, 2]"])
+def test_a_bad_worker_range_is_refused(value):
+    with pytest.raises(UserError, match=r"cluster\.workers: .*1 <= min <= max"):
+        load_config(None, [f"cluster.workers={value}"])
+
+
 def test_desirable_weight_accepts_auto():
     assert load_config(None, ["train.desirable_weight=auto"]).train.desirable_weight == "auto"
 
@@ -86,6 +103,9 @@ def test_desirable_weight_accepts_auto():
         (["--set", "train.beta"], "key.sub=value"),
         (["--config", "does/not/exist.yaml"], "config file not found: does/not/exist.yaml"),
         (["--set", "data.max_prompt_length=900"], "max_prompt_length must be smaller"),
+        (["--set", "cluster.workers=[3, 1]"], "cluster.workers: Value error, expected a worker count"),
+        (["--set", "cluster.workers=0"], "1 <= min <= max"),
+        (["--set", "cluster.workers={min: 1}"], "cluster.workers"),
     ],
 )
 def test_bad_config_exits_2_with_one_line(args, needle, capsys):

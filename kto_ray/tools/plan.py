@@ -230,9 +230,10 @@ def plan(
     gpu_memory_gib: float = 80.0,
 ) -> Plan:
     """Per-GPU memory of `cfg`'s training on cluster.workers GPUs in DeepSpeed's three ZeRO-3 offload
-    settings, the fewest GPUs each needs, the precompute actor's memory, and advice."""
+    settings, the fewest GPUs each needs, the precompute actor's memory, and advice. An elastic range
+    is planned at its minimum: the fewest GPUs hold the largest shards."""
     arch = read_architecture(cfg, model_config)
-    gpus, budget = cfg.cluster.workers, gpu_memory_gib * GIB
+    gpus, budget = cfg.cluster.worker_range[0], gpu_memory_gib * GIB
     bf16 = cfg.cluster.use_gpu if cfg.deepspeed.bf16 == "auto" else bool(cfg.deepspeed.bf16)
     elem = 2 if bf16 else 4
     seq, batch, ckpt = cfg.data.max_length, cfg.train.micro_batch_size, cfg.deepspeed.gradient_checkpointing

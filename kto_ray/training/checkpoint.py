@@ -1,7 +1,8 @@
 """Checkpoints through Ray Train: every rank saves its ZeRO shard, every rank reports (a barrier).
 
 A checkpoint folder holds DeepSpeed's files (model, optimizer and scheduler shards of all ranks), one
-RNG state file per rank and `trainer_state.json` (the optimizer step, which is also the data position).
+RNG state file per rank, `trainer_state.json` (the optimizer step, which is also the data position) and
+`run_state.json` (what the steps mean: training/run_state.py, checked by the driver on a rerun).
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import json
 import random
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray.train
@@ -17,6 +20,7 @@ import torch
 
 from kto_ray.errors import CheckpointWriteFailed
 from kto_ray.storage import first_line
+from kto_ray.training.run_state import RUN_STATE_FILE
 
 TAG = "zero"
 STATE_FILE = "trainer_state.json"
@@ -40,10 +44,12 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def save_and_report(engine, step: int, rank: int, metrics: dict, previous: int = 0) -> None:
+def save_and_report(
+    engine, step: int, rank: int, metrics: dict, previous: int = 0, run_state: Mapping[str, Any] | None = None
+) -> None:
     """Collective: all ranks write their shard, then all report the folder (Ray uploads and merges them
     into `checkpoints/step_<n>` of the run dir). `previous` is the last checkpointed step (for the error);
-    a failed write raises CheckpointWriteFailed.
+    a failed write raises CheckpointWriteFailed. Rank 0 also writes `run_state` (when given).
 
     Frozen weights (the base under LoRA) are left out: they never change and every (re)start loads
     them from the model files, so a LoRA checkpoint holds only the adapters and their optimizer state."""
@@ -52,6 +58,8 @@ def save_and_report(engine, step: int, rank: int, metrics: dict, previous: int =
         torch.save(_rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
         if rank == 0:
             (Path(tmp) / STATE_FILE).write_text(json.dumps({"step": step}))
+            if run_state:
+                (Path(tmp) / RUN_STATE_FILE).write_text(json.dumps(dict(run_state), indent=1))
         try:
             ray.train.report(
                 metrics,

@@ -5,7 +5,9 @@ bytes per row, streamed one row group at a time (`reference/reader.py`). The ind
 their LoopConfig and each worker reads its own micro-batches' rows from the store, so the store must be
 where every worker can read it (object storage or a shared mount). Online there is no store: the
 driver tokenizes the data and hands the table to the workers through the object store. The driver
-also checks `run.report_to`'s trackers and takes the run dir's lease before launching.
+also checks `run.report_to`'s trackers and takes the run dir's lease before launching. Before any of
+that, a rerun is checked against the run state of the checkpoint it resumes (`resume_check.py`), and
+once connected to Ray, the worker group against what the cluster can place (`placement.py`).
 """
 
 from __future__ import annotations
@@ -37,9 +39,12 @@ from kto_ray.reference.reader import SplitIndex
 from kto_ray.reference.store import SCHEMA
 from kto_ray.rundir import CHECKPOINTS, RunDir
 from kto_ray.storage import endpoint_env, first_line
-from kto_ray.training.batching import Schedule
+from kto_ray.training.global_batch import check_worker_range, first_global_batch
 from kto_ray.training.loop_config import LoopConfig
+from kto_ray.training.placement import Ask, placement_notices
 from kto_ray.training.progress import TrainingProgress
+from kto_ray.training.resume_check import compare
+from kto_ray.training.run_state import build_run_state, saved_state
 from kto_ray.training.store_pin import pin_store
 from kto_ray.training.tracking import prepare_tracking
 
@@ -119,21 +124,36 @@ def desirable_weight(cfg: KTOConfig, labels: np.ndarray, warn: bool = True) -> f
     return lam_d
 
 
-def total_steps(cfg: KTOConfig, rows: int) -> int:
-    schedule = Schedule(rows, cfg.cluster.workers, cfg.train.micro_batch_size, cfg.train.grad_accumulation, 0)
-    if schedule.steps_per_epoch == 0:
+def total_steps(cfg: KTOConfig, rows: int, global_batch: int | None = None) -> int:
+    """Optimizer steps of the run: train.max_steps, or train.epochs of `global_batch`-row steps (the
+    first start's global batch by default)."""
+    global_batch = global_batch or first_global_batch(cfg)
+    if rows // global_batch == 0:
         raise UserError(
-            f"{rows} training rows cannot fill one step of {schedule.rows_per_step} rows "
+            f"{rows} training rows cannot fill one step of {global_batch} rows "
             "(cluster.workers x train.micro_batch_size x train.grad_accumulation)"
         )
-    return cfg.train.max_steps or cfg.train.epochs * schedule.steps_per_epoch
+    return cfg.train.max_steps or cfg.train.epochs * (rows // global_batch)
 
 
 def train(cfg: KTOConfig) -> TrainResult:
-    """Check the store (or tokenize, online), size the run and fit it on Ray Train."""
+    """Check the store (or tokenize, online), size the run, check a rerun against the checkpoint it
+    resumes, and fit it on Ray Train."""
+    run_dir = RunDir.of(cfg)
+    with _storage_errors(run_dir, "read"):
+        saved = saved_state(run_dir)
+    # A resumed run keeps its global batch (the contract); a fresh one (or an unchecked one) fixes it now.
+    resumed = saved is not None and saved.state is not None
+    global_batch = saved.state["global_batch"] if resumed else first_global_batch(cfg)
+    try:
+        check_worker_range(global_batch, cfg.cluster.worker_range, cfg.train.micro_batch_size)
+    except UserError as err:
+        if not resumed:
+            raise
+        raise UserError(f"{err} (the run's global batch, kept from {saved.name})") from None
     rows = split_rows(cfg, ("train", "eval") if cfg.train.eval_every else ("train",))
     train_rows = rows["train"]
-    steps = total_steps(cfg, row_count(train_rows))
+    steps = total_steps(cfg, row_count(train_rows), global_batch)
     lam_d = desirable_weight(cfg, row_labels(train_rows))
     if cfg.train.kl_estimate == "zero":
         warnings.warn(
@@ -141,17 +161,37 @@ def train(cfg: KTOConfig) -> TrainResult:
             "(the same only while the mean policy/reference log-ratio is negative)",
             stacklevel=2,
         )
-    return fit(cfg, train_rows, steps, lam_d, eval_rows=rows.get("eval"))
+    state = build_run_state(cfg, train_rows, global_batch, steps, lam_d)
+    if saved is not None and saved.state is None:
+        print(
+            f"resuming from {saved.name}, written before checkpoints recorded their run state: "
+            "what changed since cannot be checked",
+            flush=True,
+        )
+    elif saved is not None and (changes := compare(saved.name, saved.state, state)):
+        print(changes, flush=True)
+    return fit(
+        cfg, train_rows, steps, lam_d, eval_rows=rows.get("eval"), global_batch=global_batch, run_state=state
+    )
 
 
 def fit(
-    cfg: KTOConfig, train_rows: Rows, steps: int, lam_d: float, eval_rows: Rows | None = None
+    cfg: KTOConfig,
+    train_rows: Rows,
+    steps: int,
+    lam_d: float,
+    eval_rows: Rows | None = None,
+    global_batch: int | None = None,
+    run_state: dict | None = None,
 ) -> TrainResult:
-    """Launch the TorchTrainer on `train_rows` for `steps` optimizer steps; with `train.eval_every`,
-    the workers also evaluate on `eval_rows` (the store's eval split)."""
+    """Launch the TorchTrainer on `train_rows` for `steps` optimizer steps of `global_batch` rows (the
+    first start's by default); with `train.eval_every`, the workers also evaluate on `eval_rows` (the
+    store's eval split)."""
     import ray
 
     cfg = with_absolute_paths(cfg)
+    global_batch = global_batch or first_global_batch(cfg)
+    check_worker_range(global_batch, cfg.cluster.worker_range, cfg.train.micro_batch_size)
     if cfg.train.eval_every and (eval_rows is None or row_count(eval_rows) == 0):
         raise UserError(
             "train.eval_every is set but the eval split is empty: raise data.eval_fraction "
@@ -169,18 +209,22 @@ def fit(
             run_dir.write_text("config.yaml", dump_config(cfg))
         print(
             f"training {cfg.model.path} on {row_count(train_rows)} rows for {steps} steps "
-            f"({cfg.cluster.workers} worker{'s' if cfg.cluster.workers != 1 else ''}, "
+            f"({_workers_text(cfg.cluster.worker_range)}, {global_batch} rows per step, "
             f"ZeRO-{cfg.deepspeed.stage}, reference {cfg.reference.mode})"
             f" -> {run_dir}",
             flush=True,
         )
-        with ray_session(cfg.cluster.address):
+        # Entering placement_notices refuses a worker group the cluster can never place, in one line;
+        # on an autoscaling cluster it says what the run waits for until the minimum fits.
+        with ray_session(cfg.cluster.address), placement_notices(Ask.of(cfg)):
             loop = LoopConfig(
                 config=cfg,
                 train_rows=_shipped(train_rows),
                 eval_rows=_shipped(eval_rows) if cfg.train.eval_every else None,
                 total_steps=steps,
+                global_batch=global_batch,
                 desirable_weight=lam_d,
+                run_state=run_state or {},
                 tracking_env=tracking_env,
                 storage_env=endpoint_env(),
             )
@@ -202,6 +246,11 @@ def fit(
     return TrainResult(run_dir, steps, dict(result.metrics or {}))
 
 
+def _workers_text(worker_range: tuple[int, int]) -> str:
+    low, high = worker_range
+    return f"{low} worker{'s' if low != 1 else ''}" if low == high else f"{low}-{high} workers"
+
+
 def _shipped(rows: Rows):
     """An index travels in the loop config itself (a few bytes per row); a table once through the
     object store."""
@@ -220,7 +269,8 @@ def _trainer(cfg: KTOConfig, loop: LoopConfig):
         train_loop,
         train_loop_config=loop.as_train_loop_config(),
         scaling_config=ScalingConfig(
-            num_workers=cfg.cluster.workers,
+            # A range runs at its most workers here (elastic worker groups: issue 18, item 3).
+            num_workers=cfg.cluster.worker_range[1],
             use_gpu=cfg.cluster.use_gpu,
             resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}
             | ({"GPU": 1} if cfg.cluster.use_gpu else {}),
@@ -236,12 +286,13 @@ def _trainer(cfg: KTOConfig, loop: LoopConfig):
 
 
 @contextlib.contextmanager
-def _storage_errors(run_dir: RunDir):
-    """The run dir's storage failing outside the workers (config, lease): one line naming it."""
+def _storage_errors(run_dir: RunDir, doing: str = "write"):
+    """The run dir's storage failing outside the workers (config, lease, the checkpoint's run state):
+    one line naming it."""
     try:
         yield
     except OSError as err:
-        raise StorageError(f"cannot write the run dir {run_dir}: {first_line(err)}") from None
+        raise StorageError(f"cannot {doing} the run dir {run_dir}: {first_line(err)}") from None
 
 
 def _worker_failure(err: Exception, kind: type[Failure]) -> Failure | None:

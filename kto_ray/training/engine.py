@@ -106,6 +106,21 @@ def lr_lambda(cfg: KTOConfig, total_steps: int):
     return factor
 
 
+def refresh_optimizer_settings(engine, cfg: KTOConfig) -> None:
+    """After a restore: the optimizer's hyperparameters and the scheduler's base rate come back from
+    the checkpoint, and the rate of the next step is the old schedule's. Set them from `cfg` (the
+    scheduler's own lambda is this start's, for this start's total steps), so a changed train.lr,
+    schedule, warmup, weight decay, betas or run length takes effect from the first resumed step."""
+    scheduler = engine.lr_scheduler
+    scheduler.base_lrs = [cfg.train.lr for _ in scheduler.base_lrs]
+    rates = [
+        base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)
+    ]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates):
+        group.update(lr=rate, weight_decay=cfg.train.weight_decay, betas=tuple(cfg.train.adam_betas))
+    scheduler._last_lr = rates  # what get_last_lr() reports until its next step
+
+
 def build_policy_engine(cfg: KTOConfig, ds_config: dict[str, Any], total_steps: int):
     """Load the policy sharded (zero.Init via HfDeepSpeedConfig when stage 3) and wrap it in an engine."""
     import deepspeed

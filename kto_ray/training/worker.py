@@ -13,6 +13,7 @@ as failed when a step raised) runs on every exit. The export follows a run that 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -34,8 +35,15 @@ from kto_ray.rundir import WORKERS_FILE, RunDir
 from kto_ray.training.batching import Schedule, collate
 from kto_ray.training.checkpoint import restore, save_and_report
 from kto_ray.training.distributed import all_reduce_sum, gather_objects
-from kto_ray.training.engine import build_policy_engine, deepspeed_config, export_final, online_reference
+from kto_ray.training.engine import (
+    build_policy_engine,
+    deepspeed_config,
+    export_final,
+    online_reference,
+    refresh_optimizer_settings,
+)
 from kto_ray.training.eval_step import eval_metrics
+from kto_ray.training.global_batch import config_for_world
 from kto_ray.training.loop_config import LoopConfig
 from kto_ray.training.metrics import MetricsLog
 from kto_ray.training.rows import TableRows
@@ -126,9 +134,11 @@ def _setup(loop: LoopConfig, teardown: contextlib.ExitStack) -> WorkerRun:
     as soon as it is opened, so a failure half-way closes what was opened before it."""
     import deepspeed
 
-    cfg = loop.config
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    # This group's accumulation, from the run's global batch and the group's actual size.
+    loop = dataclasses.replace(loop, config=config_for_world(loop.config, loop.global_batch, world))
+    cfg = loop.config
     torch.manual_seed(cfg.train.seed + rank)
     deepspeed.init_distributed()
     device = _device(cfg)
@@ -143,6 +153,8 @@ def _setup(loop: LoopConfig, teardown: contextlib.ExitStack) -> WorkerRun:
     reference = online_reference(cfg, engine, world)  # with LoRA: the policy, adapters disabled
 
     start_step = restore(engine, rank)
+    if start_step:  # this start's learning rate, schedule and optimizer settings, not the checkpoint's
+        refresh_optimizer_settings(engine, cfg)
     placement = gather_objects(_where_am_i(rank))  # a collective: every rank
     if rank == 0:
         RunDir.of(cfg).write_text(WORKERS_FILE, json.dumps(placement, indent=2) + "\n")
@@ -202,7 +214,8 @@ def _train(run: WorkerRun) -> None:
         for tracker in run.trackers:  # rank 0 only: live, the same record as metrics.jsonl
             tracker.log(done, metrics)
         if done % cfg.run.checkpoint_every == 0 or done == total_steps:
-            save_and_report(run.engine, done, run.rank, metrics, previous=last_checkpoint)
+            state = dict(run.loop.run_state, world_size=run.world) if run.loop.run_state else None
+            save_and_report(run.engine, done, run.rank, metrics, previous=last_checkpoint, run_state=state)
             last_checkpoint = done
 
 

@@ -19,6 +19,7 @@ def _loop() -> LoopConfig:
         train_rows=None,  # a store index or an object ref in a run; neither is needed here
         eval_rows=None,
         total_steps=12,
+        global_batch=8,
         desirable_weight=1.33,
         tracking_env={"WANDB_API_KEY": SECRET},
         storage_env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9000"},
