@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
-
-import torch
 
 from kto_ray.config import KTOConfig
-from kto_ray.errors import UserError
+from kto_ray.tools.architecture import Architecture, read_architecture
 
 GIB = 2**30
 BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor for CPU memory
@@ -28,20 +25,6 @@ SETTINGS = (
     ("optimizer->CPU", True, False),
     ("optimizer+params->CPU", True, True),
 )
-
-
-@dataclass(frozen=True)
-class Architecture:
-    model_type: str
-    total_params: int
-    largest_layer_params: int  # the biggest single module's own params (DeepSpeed's largest_layer_params)
-    hidden: int
-    layers: int
-    heads: int
-    intermediate: int
-    vocab: int
-    gated_mlp: bool
-    eager_attention: bool
 
 
 @dataclass(frozen=True)
@@ -61,6 +44,21 @@ class Setting:
     @property
     def gpu_model_states(self) -> float:
         return self.gpu_params + self.gpu_optimizer + self.gpu_buffer
+
+
+@dataclass(frozen=True)
+class StageChoice:
+    """What `deepspeed.stage: auto` runs: the fastest setting that fits, and why."""
+
+    stage: int
+    offload_optimizer: bool
+    offload_params: bool
+    reason: str
+
+    @property
+    def label(self) -> str:
+        offload = next(n for n, o, p in SETTINGS if (o, p) == (self.offload_optimizer, self.offload_params))
+        return f"ZeRO-{self.stage}" + ("" if offload == SETTINGS[0][0] else f" with {offload}")
 
 
 @dataclass(frozen=True)
@@ -86,50 +84,11 @@ class Plan:
     precompute_fits: bool
     zero2_model_states: float  # bytes per GPU at ZeRO-2 without offload (DeepSpeed's formula)
     zero2_total: float  # the same plus reference, activations, logits and overhead
+    choice: StageChoice  # what deepspeed.stage auto picks
     advice: list[str]
 
     def setting(self, name: str) -> Setting:
         return next(s for s in self.settings if s.name == name)
-
-
-def read_architecture(cfg: KTOConfig, model_config: str | None = None) -> Architecture:
-    """Config only, weights never: AutoConfig, then the model built on the meta device to count params."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    source = model_config or cfg.model.path
-    local = model_config is not None or source.startswith((".", "/", "~")) or Path(source).exists()
-    if local and not Path(source).expanduser().exists():
-        raise UserError(f"model architecture not found: {source}")
-    try:
-        config = AutoConfig.from_pretrained(
-            str(Path(source).expanduser()) if local else source,
-            trust_remote_code=cfg.model.trust_remote_code,
-            revision=None if model_config else cfg.model.revision,
-        )
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.model.trust_remote_code)
-    except (OSError, ValueError, KeyError) as err:
-        hint = "" if local else " (offline? plan with --model-config: a local config.json or its folder)"
-        raise UserError(
-            f"cannot read the architecture of {source}: {str(err).splitlines()[0]}{hint}"
-        ) from None
-    text = config.get_text_config()
-    # parameters() yields a tied weight once; DeepSpeed dedups by data_ptr, which is 0 on meta.
-    total = sum(p.numel() for p in model.parameters())
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    hidden = int(text.hidden_size)
-    return Architecture(
-        model_type=str(config.model_type),
-        total_params=total,
-        largest_layer_params=largest,
-        hidden=hidden,
-        layers=int(text.num_hidden_layers),
-        heads=int(text.num_attention_heads),
-        intermediate=int(getattr(text, "intermediate_size", None) or 4 * hidden),
-        vocab=int(text.vocab_size),
-        gated_mlp=any(name.endswith("gate_proj") for name, _ in model.named_modules()),
-        eager_attention=getattr(text, "_attn_implementation", None) == "eager",
-    )
 
 
 def layer_activation_bytes(arch: Architecture, seq: int, batch: int, elem: int) -> float:
@@ -138,8 +97,12 @@ def layer_activation_bytes(arch: Architecture, seq: int, batch: int, elem: int) 
     (MLP: 2h + 4I + h for I = 4h). Generalised to the real MLP width I (a gated SwiGLU MLP stores gate,
     up, act and product: 8I), to RMSNorm's fp32 upcast (norms ~7h, not 4h: within ~2% of saved-tensor
     hooks on a Llama) and to `elem` bytes per value. The 5*a*s score term only for eager attention:
-    SDPA/flash (transformers' default) never stores the s x s scores."""
+    SDPA/flash (transformers' default) never stores the s x s scores. MoE: `intermediate` is the
+    routed width (k experts x their width), plus the k dispatched copies of the input and of the
+    outputs (2kh) and the router's fp32 logits and weights (~4E)."""
     per_token = 21 * arch.hidden + (8 if arch.gated_mlp else 4) * arch.intermediate
+    if arch.experts:
+        per_token += 2 * arch.experts_per_token * arch.hidden + 4 * arch.experts
     if arch.eager_attention:
         per_token += 5 * arch.heads * seq
     return seq * batch * per_token * elem / 2
@@ -265,10 +228,16 @@ def plan(
 
     ds = cfg.deepspeed
     configured = SETTINGS[2 if ds.offload_params != "none" else int(ds.offload_optimizer != "none")][0]
-    pre = precompute_actor_bytes(cfg, arch) + (overhead if cfg.precompute.gpus_per_actor > 0 else 0)
-    pre_gpus = precompute_gpus_needed(cfg, arch, budget, overhead)
     zero2 = zero2_model_states(arch, gpus)
     zero2_ref = 2 * arch.total_params if online else 0  # a full frozen 16-bit copy per GPU
+    zero2_total = zero2 + zero2_ref + acts + logits + overhead
+    choice = choose_stage(zero2_total, settings, budget, "GPU" if cfg.cluster.use_gpu else "worker")
+    if ds.stage == "auto":
+        configured = next(
+            n for n, o, p in SETTINGS if (o, p) == (choice.offload_optimizer, choice.offload_params)
+        )
+    pre = precompute_actor_bytes(cfg, arch) + (overhead if cfg.precompute.gpus_per_actor > 0 else 0)
+    pre_gpus = precompute_gpus_needed(cfg, arch, budget, overhead)
     advice: list[str] = []
     result = Plan(
         model=cfg.model.path,
@@ -292,11 +261,43 @@ def plan(
         precompute_fits=cfg.precompute.gpus_per_actor == 0
         or (pre_gpus is not None and pre_gpus <= max(1, cfg.precompute.gpus_per_actor)),
         zero2_model_states=zero2,
-        zero2_total=zero2 + zero2_ref + acts + logits + overhead,
+        zero2_total=zero2_total,
+        choice=choice,
         advice=advice,
     )
     advice.extend(_advice(cfg, result))
     return result
+
+
+def choose_stage(zero2_total: float, zero3: list[Setting], budget: float, unit: str = "GPU") -> StageChoice:
+    """The fastest setting that fits `budget` bytes per worker: ZeRO-2 (no per-layer parameter gathers:
+    1.6x ZeRO-3 at 2 workers, BENCHMARKS.md) when the whole 16-bit model fits each worker beside its
+    sharded grads and optimizer states; else ZeRO-3 without offload; else the first offload that fits
+    (optimizer first: CPU Adam steps are slow, CPU parameters slower); the most offloaded when none does."""
+    gib = f"{budget / GIB:.1f} GiB per {unit}"
+    if zero2_total <= budget:
+        return StageChoice(
+            2, False, False, f"the 16-bit model and its sharded states need {zero2_total / GIB:.1f} of {gib}"
+        )
+    over = f"ZeRO-2 needs {zero2_total / GIB:.1f} GiB (the whole 16-bit model on each {unit})"
+    fitting = next((s for s in zero3 if s.fits), None)
+    if fitting is None:
+        last = zero3[-1]
+        return StageChoice(
+            3,
+            True,
+            True,
+            f"{over}; nothing fits {gib} by the plan, the most offloaded needs {last.gpu_total / GIB:.1f}",
+        )
+    if fitting is zero3[0]:
+        return StageChoice(3, False, False, f"{over}; ZeRO-3 needs {fitting.gpu_total / GIB:.1f} of {gib}")
+    return StageChoice(
+        3,
+        fitting.offload_optimizer,
+        fitting.offload_params,
+        f"{over}; ZeRO-3 without offload {zero3[0].gpu_total / GIB:.1f}, with {fitting.name} "
+        f"{fitting.gpu_total / GIB:.1f} of {gib}",
+    )
 
 
 def _nodes(gpus: int, per_node: int) -> str:
@@ -312,7 +313,9 @@ def _count(n: float) -> str:
 
 def _advice(cfg: KTOConfig, p: Plan) -> list[str]:
     ds, out = cfg.deepspeed, []
-    if ds.stage != 3:
+    if ds.stage == "auto":
+        out.append(f"deepspeed.stage auto picks {p.choice.label}: {p.choice.reason}")
+    elif ds.stage != 3:
         out.append(f"deepspeed.stage is {ds.stage}: these are ZeRO-3 figures")
     if not cfg.cluster.use_gpu:
         out.append("cluster.use_gpu is false: read 'per GPU' as per worker process (CPU RAM)")
@@ -320,7 +323,12 @@ def _advice(cfg: KTOConfig, p: Plan) -> list[str]:
         out.append("offload_params without offload_optimizer: estimated as optimizer+params offload")
     mine, cluster = p.setting(p.configured), _nodes(p.gpus, p.gpus_per_node)
     fit = "fits" if mine.fits else "does NOT fit"
-    out.append(f"as configured ({p.configured}, {cluster}): {mine.gpu_total / GIB:.1f} GiB per GPU, {fit}")
+    if ds.stage == "auto" and p.choice.stage == 2:
+        out.append(f"as configured (ZeRO-2, {cluster}): {p.zero2_total / GIB:.1f} GiB per GPU, fits")
+    else:
+        out.append(
+            f"as configured ({p.configured}, {cluster}): {mine.gpu_total / GIB:.1f} GiB per GPU, {fit}"
+        )
     first = next((s for s in p.settings if s.fits), None)
     if first is None:
         ckpt = "" if p.checkpointing else ", enable deepspeed.gradient_checkpointing"
@@ -373,9 +381,17 @@ def format_plan(p: Plan) -> str:
         ("= total per GPU", [s.gpu_total for s in st]),
         ("CPU RAM per node", [s.cpu_per_node for s in st]),
     ]
+    moe = (
+        f"; MoE: {a.experts} experts, {a.experts_per_token} per token, experts {_count(a.expert_params)} "
+        "of the params (all stored and partitioned)"
+        if a.experts
+        else ""
+    )
     lines = [
         f"model {p.model} ({a.model_type}): {_count(a.total_params)} params, largest layer "
         f"{_count(a.largest_layer_params)}; hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}",
+        f"total params {_count(a.total_params)}, active {_count(a.active_params)}: training "
+        f"~{a.training_flops_per_token / 1e9:.1f} GFLOP per token (6 x active){moe}",
         f"cluster {_nodes(p.gpus, p.gpus_per_node)}, {p.gpu_memory_gib:g} GiB each; "
         f"{'bf16' if p.bf16 else 'fp32'}, max_length {p.seq_len}, micro-batch {p.micro_batch}, "
         f"gradient checkpointing {'on' if p.checkpointing else 'off'}",
@@ -387,6 +403,7 @@ def format_plan(p: Plan) -> str:
         f"{'fewest GPUs that fit':<30}" + "".join(f"{s.min_gpus or '-':>23}" for s in st),
         f"KL pass (no grad, done before the training forward, not additive): {p.kl_forward / GIB:.2f} GiB",
         f"ZeRO-2 without offload (all 16-bit params on every GPU): {p.zero2_total / GIB:.2f} GiB per GPU",
+        f"fastest that fits (deepspeed.stage: auto): {p.choice.label}: {p.choice.reason}",
         "",
         *(f"- {line}" for line in p.advice),
     ]

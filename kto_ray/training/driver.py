@@ -40,6 +40,7 @@ from kto_ray.storage import endpoint_env, first_line
 from kto_ray.training.batching import Schedule
 from kto_ray.training.loop_config import LoopConfig
 from kto_ray.training.progress import TrainingProgress
+from kto_ray.training.stage import resolve_stage
 from kto_ray.training.tracking import prepare_tracking
 
 log = logging.getLogger(__name__)
@@ -157,16 +158,19 @@ def fit(
     with _storage_errors(run_dir):
         lease = Lease(run_dir.location, "training run").acquire()
     try:
-        with _storage_errors(run_dir):
-            run_dir.write_text("config.yaml", dump_config(cfg))
-        print(
-            f"training {cfg.model.path} on {row_count(train_rows)} rows for {steps} steps "
-            f"({cfg.cluster.workers} worker{'s' if cfg.cluster.workers != 1 else ''}, "
-            f"ZeRO-{cfg.deepspeed.stage}, reference {cfg.reference.mode})"
-            f" -> {run_dir}",
-            flush=True,
-        )
         with ray_session(cfg.cluster.address):
+            # stage auto becomes the planner's pick here (it may read the cluster's memory); the run
+            # dir records the stage that ran.
+            cfg, stage = resolve_stage(cfg)
+            with _storage_errors(run_dir):
+                run_dir.write_text("config.yaml", dump_config(cfg))
+            print(
+                f"training {cfg.model.path} on {row_count(train_rows)} rows for {steps} steps "
+                f"({cfg.cluster.workers} worker{'s' if cfg.cluster.workers != 1 else ''}, "
+                f"{stage}, reference {cfg.reference.mode})"
+                f" -> {run_dir}",
+                flush=True,
+            )
             loop = LoopConfig(
                 config=cfg,
                 train_rows=_shipped(train_rows),
