@@ -33,6 +33,17 @@ class Architecture:
     expert_params: int = 0  # routed experts' weights, all layers (0: a dense model)
     experts: int = 0  # routed experts per MoE layer
     experts_per_token: int = 0
+    # (module name, in_features, out_features) of every nn.Linear, for LoRA's adapter size.
+    linears: tuple[tuple[str, int, int], ...] = ()
+
+    def lora_params(self, r: int, targets: list[str] | str) -> int:
+        """Parameters of rank-`r` adapters on the linear layers peft would wrap: every linear but the
+        output head for "all-linear", else those whose name is or ends with a target."""
+        if targets == "all-linear":
+            chosen = [(i, o) for name, i, o in self.linears if name.split(".")[-1] != "lm_head"]
+        else:
+            chosen = [(i, o) for name, i, o in self.linears if any(_matches(name, t) for t in targets)]
+        return sum(r * (i + o) for i, o in chosen)
 
     @property
     def active_params(self) -> int:
@@ -46,6 +57,10 @@ class Architecture:
     def training_flops_per_token(self) -> float:
         """6 x active parameters (forward 2, backward 4; attention's s^2 term left out)."""
         return 6.0 * self.active_params
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
 
 
 def read_architecture(cfg: KTOConfig, model_config: str | None = None) -> Architecture:
@@ -104,4 +119,9 @@ def read_architecture(cfg: KTOConfig, model_config: str | None = None) -> Archit
         expert_params=expert_params,
         experts=experts,
         experts_per_token=per_token,
+        linears=tuple(
+            (name, m.in_features, m.out_features)
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear)
+        ),
     )

@@ -19,6 +19,9 @@ BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor for CPU memory
 # CUDA context and kernels, NCCL buffers, ZeRO-3 prefetch/reduce buckets, allocator fragmentation:
 # none of these is in DeepSpeed's estimate, all of them are real on a GPU.
 OVERHEAD_GIB = 4.0
+# A CPU worker's own footprint before any model state: the Python process with torch, DeepSpeed, Ray and
+# transformers imported, gloo and the data reader (~0.65 GiB measured, BENCHMARKS.md "Worker memory").
+CPU_BASELINE_GIB = 0.65
 # Offload settings as DeepSpeed's estimator names them: (label, optimizer on CPU, params on CPU).
 SETTINGS = (
     ("no offload", False, False),
@@ -76,7 +79,9 @@ class Plan:
     activations: float  # bytes per GPU, transformer layers in training
     logits: float  # bytes per GPU, [batch, seq, vocab] tensors of the log-prob computation
     kl_forward: float  # bytes per GPU of the no-grad KL pass (runs before the training forward)
-    overhead: float
+    overhead: float  # GPU: the CUDA/NCCL allowance; CPU workers: the process baseline
+    on_gpu: bool
+    lora_params: int  # adapter parameters that train (0: full fine-tuning)
     settings: tuple[Setting, ...]
     configured: str
     precompute_gpu: float  # bytes per precompute actor (whole model on one device + its batch)
@@ -132,27 +137,39 @@ def activations_bytes(arch: Architecture, seq: int, batch: int, elem: int, check
 
 
 def model_states(
-    arch: Architecture, gpus: int, gpus_per_node: int, opt: bool, params: bool
+    arch: Architecture,
+    gpus: int,
+    gpus_per_node: int,
+    opt: bool,
+    params: bool,
+    elem: int = 2,
+    trainable: int | None = None,
 ) -> tuple[float, float, float, float]:
     """DeepSpeed's ZeRO-3 formulas (zero_init=True): 18 bytes/param sharded over all GPUs = 16-bit params
     (2) + fp32 grads (4) + fp32 master weights and Adam m, v (12); plus 4 bytes x the largest layer
-    gathered on every GPU. Offloaded parts move to CPU, where DeepSpeed adds a 1.5x buffer factor."""
+    gathered on every GPU. Offloaded parts move to CPU, where DeepSpeed adds a 1.5x buffer factor.
+    Generalised to `elem`-byte params (fp32 on CPU: 4, and DeepSpeed still keeps its own fp32 copy) and
+    to `trainable` params (LoRA: the adapters; the frozen base has a param shard only, and its gathered
+    layer no gradient)."""
     total, largest = arch.total_params, arch.largest_layer_params
+    trainable = total if trainable is None else trainable
     nodes = math.ceil(gpus / gpus_per_node)
     on_node = min(gpus, gpus_per_node)
-    gpu_params = 0.0 if params else 2 * total / gpus
-    gpu_opt = 0.0 if opt else 16 * total / gpus
+    gpu_params = 0.0 if params else elem * total / gpus
+    gpu_opt = 0.0 if opt else 16 * trainable / gpus
     if opt:
-        cpu = total * (18 if params else 16) / nodes * BUFFER_FACTOR
+        cpu = (16 * trainable + (elem * total if params else 0)) / nodes * BUFFER_FACTOR
     else:
         cpu = largest * 4 * on_node * BUFFER_FACTOR
-    return gpu_params, gpu_opt, 4.0 * largest, cpu
+    buffer = (2 if trainable == total else 1) * elem * largest
+    return gpu_params, gpu_opt, float(buffer), cpu
 
 
-def zero2_model_states(arch: Architecture, gpus: int) -> float:
+def zero2_model_states(arch: Architecture, gpus: int, elem: int = 2, trainable: int | None = None) -> float:
     """DeepSpeed's ZeRO-2 formula without offload: every GPU holds all 16-bit params (2 bytes/param);
     16-bit and fp32 grads, fp32 master weights and Adam moments (18 bytes/param) are sharded."""
-    return 2 * arch.total_params + int(18 * arch.total_params / gpus)
+    trainable = arch.total_params if trainable is None else trainable
+    return elem * arch.total_params + int((elem + 16) * trainable / gpus)
 
 
 def precompute_actor_bytes(cfg: KTOConfig, arch: Architecture) -> float:
@@ -204,23 +221,30 @@ def plan(
     # KTO's KL completions: a no-grad forward of the same batch shape, finished (and freed) before the
     # training forward, so it costs inference activations (one layer + logits) and never adds to them.
     kl = layer_activation_bytes(arch, seq, batch, elem) + logits
-    overhead = OVERHEAD_GIB * GIB
+    overhead = (OVERHEAD_GIB if cfg.cluster.use_gpu else CPU_BASELINE_GIB) * GIB
+    # LoRA: the adapters train (their states are sharded like any parameter); the base is frozen.
+    lora = cfg.lora
+    adapters = arch.lora_params(lora.r, lora.target_modules) if lora.enabled else 0
+    trainable = adapters if lora.enabled else None
 
-    online = cfg.reference.mode == "online"
+    # With LoRA and the policy as its own reference, the reference is the policy with adapters off.
+    online = cfg.reference.mode == "online" and not (lora.enabled and cfg.reference_path == cfg.model.path)
     settings = []
     for name, opt, params in SETTINGS:
-        gpu_params, gpu_opt, buffer, cpu = model_states(arch, gpus, gpus_per_node, opt, params)
-        # Online reference: a frozen ZeRO-3 copy, its 16-bit shard (unless offloaded) + one gathered layer.
-        ref_shard = 2 if online and not params else 0
-        ref_fixed = 2 * arch.largest_layer_params if online else 0
+        gpu_params, gpu_opt, buffer, cpu = model_states(
+            arch, gpus, gpus_per_node, opt, params, elem, trainable
+        )
+        # Online reference: a frozen ZeRO-3 copy, its shard (unless offloaded) + one gathered layer.
+        ref_shard = elem if online and not params else 0
+        ref_fixed = elem * arch.largest_layer_params if online else 0
         ref = ref_shard * arch.total_params / gpus + ref_fixed
         total = gpu_params + gpu_opt + buffer + ref + acts + logits + overhead
-        # What does not shrink with more GPUs, and the bytes per parameter that do.
+        # What does not shrink with more GPUs, and the bytes that do.
         fixed = buffer + ref_fixed + acts + logits + overhead
-        per_param = (0 if params else 2) + (0 if opt else 16) + ref_shard
+        sharded = (gpu_params + gpu_opt) * gpus + ref_shard * arch.total_params
         min_gpus = None
         if fixed < budget:
-            min_gpus = 1 if per_param == 0 else math.ceil(per_param * arch.total_params / (budget - fixed))
+            min_gpus = 1 if sharded == 0 else math.ceil(sharded / (budget - fixed))
         fits = total <= budget
         settings.append(
             Setting(name, opt, params, gpu_params, gpu_opt, buffer, ref, total, cpu, fits, min_gpus)
@@ -228,8 +252,8 @@ def plan(
 
     ds = cfg.deepspeed
     configured = SETTINGS[2 if ds.offload_params != "none" else int(ds.offload_optimizer != "none")][0]
-    zero2 = zero2_model_states(arch, gpus)
-    zero2_ref = 2 * arch.total_params if online else 0  # a full frozen 16-bit copy per GPU
+    zero2 = zero2_model_states(arch, gpus, elem, trainable)
+    zero2_ref = elem * arch.total_params if online else 0  # a full frozen copy per GPU
     zero2_total = zero2 + zero2_ref + acts + logits + overhead
     choice = choose_stage(zero2_total, settings, budget, "GPU" if cfg.cluster.use_gpu else "worker")
     if ds.stage == "auto":
@@ -254,6 +278,8 @@ def plan(
         logits=logits,
         kl_forward=kl,
         overhead=overhead,
+        on_gpu=cfg.cluster.use_gpu,
+        lora_params=adapters,
         settings=tuple(settings),
         configured=configured,
         precompute_gpu=pre,
@@ -318,7 +344,15 @@ def _advice(cfg: KTOConfig, p: Plan) -> list[str]:
     elif ds.stage != 3:
         out.append(f"deepspeed.stage is {ds.stage}: these are ZeRO-3 figures")
     if not cfg.cluster.use_gpu:
-        out.append("cluster.use_gpu is false: read 'per GPU' as per worker process (CPU RAM)")
+        out.append(
+            "cluster.use_gpu is false: read 'per GPU' as per worker process (CPU RAM, peak RSS); on GPUs "
+            f"the {OVERHEAD_GIB:g} GiB CUDA/NCCL allowance replaces the {CPU_BASELINE_GIB:g} GiB baseline"
+        )
+    if p.lora_params:
+        out.append(
+            f"LoRA: {_count(p.lora_params)} adapter params train (states sharded); the base is frozen "
+            "(its shard only)"
+        )
     if ds.offload_params != "none" and ds.offload_optimizer == "none":
         out.append("offload_params without offload_optimizer: estimated as optimizer+params offload")
     mine, cluster = p.setting(p.configured), _nodes(p.gpus, p.gpus_per_node)
@@ -377,7 +411,7 @@ def format_plan(p: Plan) -> str:
         ("online reference", [s.gpu_reference for s in st]),
         ("activations (layers)", [p.activations] * 3),
         ("logits (log-probs)", [p.logits] * 3),
-        ("CUDA/NCCL/buckets overhead", [p.overhead] * 3),
+        ("CUDA/NCCL/buckets overhead" if p.on_gpu else "worker process baseline", [p.overhead] * 3),
         ("= total per GPU", [s.gpu_total for s in st]),
         ("CPU RAM per node", [s.cpu_per_node for s in st]),
     ]

@@ -372,3 +372,51 @@ def test_stage_auto_in_the_plan(llama, qwen):
     offloaded = plan(gpu_config("cluster.workers=8", "deepspeed.stage=auto"), model_config=qwen)
     assert offloaded.choice.label == "ZeRO-3 with optimizer->CPU"
     assert offloaded.configured == "optimizer->CPU"
+
+
+@pytest.fixture(scope="module")
+def small_llama(tmp_path_factory) -> str:
+    from transformers import LlamaConfig
+
+    folder = tmp_path_factory.mktemp("small-llama")
+    LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=1000,
+        tie_word_embeddings=False,
+    ).save_pretrained(folder)
+    return str(folder)
+
+
+def test_cpu_workers_plan_fp32_states_and_a_process_baseline(small_llama):
+    from kto_ray.tools.plan import CPU_BASELINE_GIB
+
+    p = plan(load_config(None, ["cluster.workers=2"]), model_config=small_llama)
+    n, largest = p.arch.total_params, p.arch.largest_layer_params
+    none = p.settings[0]
+    # fp32 params (4 bytes) beside DeepSpeed's fp32 master copy, grads and Adam moments (16).
+    assert (none.gpu_params, none.gpu_optimizer) == (4 * n / 2, 16 * n / 2)
+    assert none.gpu_buffer == 8 * largest == 8 * 1000 * 64  # the gathered head and its gradient, fp32
+    assert p.overhead == CPU_BASELINE_GIB * GIB and not p.on_gpu
+    assert "worker process baseline" in format_plan(p)
+    assert any("GiB CUDA/NCCL allowance replaces" in line for line in p.advice)
+
+
+def test_lora_plans_the_adapters_states_and_the_frozen_base(small_llama):
+    full = plan(load_config(None, ["cluster.workers=2"]), model_config=small_llama)
+    lora = plan(load_config(None, ["cluster.workers=2", "lora.enabled=true"]), model_config=small_llama)
+    # r=16 on every linear but the head: q, k, v, o (64 -> 64) and gate, up (64 -> 128), down (128 -> 64).
+    assert lora.lora_params == 16 * (4 * (64 + 64) + 3 * (64 + 128)) == 17408
+    targeted = plan(
+        load_config(None, ["cluster.workers=2", "lora.enabled=true", "lora.target_modules=[q_proj, v_proj]"]),
+        model_config=small_llama,
+    )
+    assert targeted.lora_params == 16 * 2 * (64 + 64)
+    n, largest = lora.arch.total_params, lora.arch.largest_layer_params
+    s = lora.settings[0]
+    assert (s.gpu_params, s.gpu_optimizer, s.gpu_buffer) == (4 * n / 2, 16 * 17408 / 2, 4 * largest)
+    assert s.gpu_total < full.settings[0].gpu_total and full.lora_params == 0
+    assert any(line.startswith("LoRA: 17.41K adapter params") for line in lora.advice)
