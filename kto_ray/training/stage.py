@@ -3,7 +3,7 @@
 The memory is `deepspeed.worker_memory_gib`, or read from the running cluster: one GPU's total memory
 (a zero-CPU task on one GPU), or on CPU workers the RAM Ray reports for all nodes (its `memory` and
 `object_store_memory` resources) divided by the workers. The pick is a pure function of the architecture,
-the config and that figure (`kto_ray.tools.plan.choose_stage`), so a rerun on the same cluster resumes
+the config and that figure (`kto_ray.planning.plan.choose_stage`), so a rerun on the same cluster resumes
 with the stage its checkpoints were written in.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from kto_ray.config import KTOConfig
 from kto_ray.models.loading import local_model_path
+from kto_ray.planning.plan import GIB, plan
 from kto_ray.storage import is_uri
-from kto_ray.tools.plan import GIB, plan
 
 
 def resolve_stage(cfg: KTOConfig) -> tuple[KTOConfig, str]:
