@@ -41,6 +41,7 @@ BENCHES: dict[str, Smoke] = {
     "zero_stage": Smoke(("| ZeRO-3 #1", "| ZeRO-2 #1", "ZeRO-2 / ZeRO-3 samples/s")),
     "offline_vs_online": Smoke(("| offline #1", "| online #1", "offline/online samples/s")),
     "lora_vs_full": Smoke(("| full #1", "| lora #1", "lora/full samples/s")),
+    "worker_memory": Smoke(("| mode ", "| full ", "| lora ")),
     "profile_train": Smoke(("| function (inclusive)", "| function (leaf)")),
     "precompute_throughput": Smoke(("| kto-ray precompute #1", "| naive loop #1")),
     "driver_overhead": Smoke(("before (HEAD)", "after, cold cache", "after, warm cache")),
