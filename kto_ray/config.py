@@ -224,7 +224,11 @@ class ClusterConfig(Section):
 
 
 class DeepSpeedConfig(Section):
-    stage: Literal[0, 1, 2, 3] = Field(3, description="ZeRO stage.")
+    stage: Literal[0, 1, 2, 3, "auto"] = Field(
+        3,
+        description="ZeRO stage; auto = the planner's fastest setting that fits each worker's memory: "
+        "ZeRO-2, else ZeRO-3, else ZeRO-3 with offload (the start line says which and why).",
+    )
     offload_optimizer: Literal["none", "cpu", "nvme"] = Field("none", description="Optimizer offload.")
     offload_params: Literal["none", "cpu", "nvme"] = Field("none", description="Parameter offload (stage 3).")
     nvme_path: str = Field("/local_nvme", description="Folder for NVMe offload.")
@@ -240,6 +244,21 @@ class DeepSpeedConfig(Section):
         "auto",
         description="Parameters smaller than this stay gathered (stage 3); auto = 10 x hidden_size.",
     )
+    worker_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        description="GiB per worker that stage auto plans against; null = read from the cluster: one GPU's "
+        "memory, or on CPU workers the cluster's RAM divided by cluster.workers.",
+    )
+
+    @model_validator(mode="after")
+    def _auto_picks_the_offload(self) -> DeepSpeedConfig:
+        if self.stage == "auto" and (self.offload_optimizer, self.offload_params) != ("none", "none"):
+            raise ValueError(
+                "deepspeed.stage auto picks the offload too: leave offload_optimizer and offload_params "
+                "at none (or set the stage)"
+            )
+        return self
 
 
 class RunConfig(Section):

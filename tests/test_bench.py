@@ -48,6 +48,7 @@ BENCHES: dict[str, Smoke] = {
     "kl_estimate": Smoke(("| batch #1", "| zero #1", "zero / batch samples/s")),
     "offline_vs_online": Smoke(("| offline #1", "| online #1", "offline/online samples/s")),
     "lora_vs_full": Smoke(("| full #1", "| lora #1", "lora/full samples/s")),
+    "worker_memory": Smoke(("| mode ", "| full ", "| lora ")),
     "profile_train": Smoke(("| function (inclusive)", "| function (leaf)")),
     "precompute_throughput": Smoke(("| kto-ray precompute #1", "| naive loop #1")),
     "append_cost": Smoke(("| full precompute #1", "| append of the new rows #1", "append / full precompute")),

@@ -15,12 +15,18 @@ from kto_ray.config import KTOConfig, config_from_dict, dump_config, load_config
 from kto_ray.errors import UserError
 from kto_ray.rundir import RunDir
 from kto_ray.tools.plan import plan
-from tests.tools.test_plan import save_llama_8b, save_qwen_32b
+from tests.tools.test_plan import save_llama_8b, save_qwen3_30b_a3b, save_qwen_32b
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 # Real-model configs -> an offline architecture with the public dimensions (no hub access in tests).
-REAL = {"llama3-8b.yaml": save_llama_8b, "qwen2.5-32b.yaml": save_qwen_32b}
+REAL = {
+    "llama3-8b.yaml": save_llama_8b,
+    "qwen2.5-32b.yaml": save_qwen_32b,
+    "qwen3-30b-a3b.yaml": save_qwen3_30b_a3b,
+}
+# What `deepspeed.stage: auto` picks for each on its cluster: ZeRO-2 where the 16-bit model fits a GPU.
+AUTO_STAGE = {"llama3-8b.yaml": 2, "qwen2.5-32b.yaml": 3, "qwen3-30b-a3b.yaml": 3}
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
@@ -43,13 +49,21 @@ def test_real_model_config_fits_its_cluster(name, tmp_path):
     assert p.precompute_fits
     # The configured offload is the planner's advice: the fastest setting that fits.
     assert p.configured == next(s.name for s in p.settings if s.fits)
-    # GPU training, ZeRO-3, bf16, the paper's hyperparameters and a global batch of 32-64.
-    assert cfg.cluster.use_gpu and cfg.deepspeed.stage == 3 and cfg.deepspeed.bf16 is True
+    # GPU training, the planner's stage (ZeRO-3 where ZeRO-2 does not fit), bf16, the paper's
+    # hyperparameters and a global batch of 32-64.
+    assert cfg.cluster.use_gpu and cfg.deepspeed.stage == "auto" and cfg.deepspeed.bf16 is True
+    assert p.choice.stage == AUTO_STAGE[name], p.choice.reason
     assert (cfg.train.beta, cfg.train.lr, cfg.train.warmup_ratio) == (0.1, 5e-6, 0.1)
     assert 32 <= cfg.cluster.workers * cfg.train.micro_batch_size * cfg.train.grad_accumulation <= 64
     # Store and run dir on storage every node shares (the store is a local-filesystem folder).
     assert cfg.store.path.startswith("/mnt/shared/") and cfg.run.dir.startswith("/mnt/shared/")
     assert all(path.startswith("/mnt/shared/") for path in cfg.data.paths)
+
+
+def test_stage_auto_picks_the_offload_itself():
+    with pytest.raises(UserError, match="stage auto picks the offload too"):
+        load_config(None, ["deepspeed.stage=auto", "deepspeed.offload_optimizer=cpu"])
+    assert load_config(None, ["deepspeed.stage=auto"]).deepspeed.stage == "auto"
 
 
 def test_the_32b_config_spans_several_nodes():

@@ -44,7 +44,8 @@ from kto_ray.training.loop_config import LoopConfig
 from kto_ray.training.placement import Ask, placement_notices
 from kto_ray.training.progress import TrainingProgress
 from kto_ray.training.resume_check import compare
-from kto_ray.training.run_state import build_run_state, saved_state
+from kto_ray.training.run_state import SavedCheckpoint, build_run_state, saved_state
+from kto_ray.training.stage import resolve_stage
 from kto_ray.training.store_pin import pin_store
 from kto_ray.training.tracking import prepare_tracking
 
@@ -161,6 +162,8 @@ def train(cfg: KTOConfig) -> TrainResult:
             "(the same only while the mean policy/reference log-ratio is negative)",
             stacklevel=2,
         )
+    if resumed and cfg.deepspeed.stage == "auto":
+        cfg = _stage_of_checkpoint(cfg, saved)
     state = build_run_state(cfg, train_rows, global_batch, steps, lam_d)
     if saved is not None and saved.state is None:
         print(
@@ -173,6 +176,19 @@ def train(cfg: KTOConfig) -> TrainResult:
     return fit(
         cfg, train_rows, steps, lam_d, eval_rows=rows.get("eval"), global_batch=global_batch, run_state=state
     )
+
+
+def _stage_of_checkpoint(cfg: KTOConfig, saved: SavedCheckpoint) -> KTOConfig:
+    """`deepspeed.stage: auto` on a resume: the stage (and offload) the checkpoint was written in, which
+    its shards need, whatever the planner would pick on today's cluster."""
+    written = saved.state["config"]["deepspeed"]
+    if written["stage"] == "auto":  # a run state from before stages were recorded resolved
+        return cfg
+    kept = {key: written[key] for key in ("stage", "offload_optimizer", "offload_params")}
+    print(
+        f"deepspeed.stage: auto keeps ZeRO-{kept['stage']}, the stage {saved.name} was written in", flush=True
+    )
+    return cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(update=kept)})
 
 
 def fit(
@@ -206,17 +222,23 @@ def fit(
     try:
         with _storage_errors(run_dir):
             pin_store(cfg, run_dir)  # a resume after the store changed (an append) refuses here
-            run_dir.write_text("config.yaml", dump_config(cfg))
-        print(
-            f"training {cfg.model.path} on {row_count(train_rows)} rows for {steps} steps "
-            f"({_workers_text(cfg.cluster.worker_range)}, {global_batch} rows per step, "
-            f"ZeRO-{cfg.deepspeed.stage}, reference {cfg.reference.mode})"
-            f" -> {run_dir}",
-            flush=True,
-        )
         # Entering placement_notices refuses a worker group the cluster can never place, in one line;
         # on an autoscaling cluster it says what the run waits for until the minimum fits.
         with ray_session(cfg.cluster.address), placement_notices(Ask.of(cfg)):
+            # stage auto becomes the planner's pick here (it may read the cluster's memory); the run
+            # dir and the checkpoints' run state record the stage that ran.
+            cfg, stage = resolve_stage(cfg)
+            if run_state is not None:
+                run_state["config"]["deepspeed"] = cfg.deepspeed.model_dump(mode="json")
+            with _storage_errors(run_dir):
+                run_dir.write_text("config.yaml", dump_config(cfg))
+            print(
+                f"training {cfg.model.path} on {row_count(train_rows)} rows for {steps} steps "
+                f"({_workers_text(cfg.cluster.worker_range)}, {global_batch} rows per step, "
+                f"{stage}, reference {cfg.reference.mode})"
+                f" -> {run_dir}",
+                flush=True,
+            )
             loop = LoopConfig(
                 config=cfg,
                 train_rows=_shipped(train_rows),

@@ -10,6 +10,7 @@ import torch
 from kto_ray.config import KTOConfig
 from kto_ray.models.loading import hidden_size_of, load_causal_lm, resolve_dtype
 from kto_ray.models.logprobs import sequence_logps
+from kto_ray.planning.memory import SUB_GROUP_ELEMENTS
 from kto_ray.rundir import RunDir
 from kto_ray.training.lora import (
     adapter_disabled_reference,
@@ -62,6 +63,8 @@ def deepspeed_config(
     }
     if ds.stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False
+        # The step's flattened fp32 gradients: one sub-group at a time, not the whole partition.
+        zero["sub_group_size"] = SUB_GROUP_ELEMENTS
         if ds.offload_params != "none":
             zero["offload_param"] = _offload(ds.offload_params, ds.nvme_path)
     if ds.offload_optimizer != "none" and train:

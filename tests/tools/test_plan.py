@@ -8,7 +8,7 @@ import pytest
 
 from kto_ray.config import load_config
 from kto_ray.errors import UserError
-from kto_ray.tools.plan import GIB, format_plan, plan
+from kto_ray.tools.plan import GIB, SETTINGS, Setting, choose_stage, format_plan, plan
 
 LLAMA_8B = dict(
     hidden_size=4096,
@@ -28,6 +28,21 @@ QWEN_32B = dict(
     vocab_size=152064,
     tie_word_embeddings=False,
 )
+# Qwen3-30B-A3B's published config.json (the shapes; rope and token ids do not change the plan).
+QWEN3_30B_A3B = dict(
+    hidden_size=2048,
+    num_hidden_layers=48,
+    intermediate_size=6144,  # unused: every layer is sparse (decoder_sparse_step 1, no mlp_only_layers)
+    moe_intermediate_size=768,
+    num_experts=128,
+    num_experts_per_tok=8,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    head_dim=128,
+    vocab_size=151936,
+    max_position_embeddings=40960,
+    tie_word_embeddings=False,
+)
 
 
 def save_llama_8b(folder: Path) -> Path:
@@ -42,6 +57,18 @@ def save_qwen_32b(folder: Path) -> Path:
 
     Qwen2Config(**QWEN_32B).save_pretrained(folder)  # Qwen2 always has q/k/v biases
     return folder
+
+
+def save_qwen3_30b_a3b(folder: Path) -> Path:
+    from transformers import Qwen3MoeConfig
+
+    Qwen3MoeConfig(**QWEN3_30B_A3B).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory) -> str:
+    return str(save_qwen3_30b_a3b(tmp_path_factory.mktemp("qwen3-30b-a3b")))
 
 
 @pytest.fixture(scope="module")
@@ -267,3 +294,132 @@ def test_cli_plans_the_shipped_32b_config(qwen, capsys):
     assert main(["plan", "--config", "configs/qwen2.5-32b.yaml", "--model-config", qwen]) == 0
     out = capsys.readouterr().out
     assert "Qwen/Qwen2.5-32B-Instruct" in out and "fits without offload on 16 GPUs" in out
+
+
+def test_moe_total_and_active_parameters(moe):
+    p = plan(gpu_config("cluster.workers=8"), model_config=moe)
+    a = p.arch
+    # Published: 30.5B total, 3.3B active.
+    assert a.total_params == pytest.approx(30.53e9, rel=2e-3)
+    assert a.active_params == pytest.approx(3.35e9, rel=5e-3)
+    # Every layer's 128 experts: fused gate+up (2 x 768 x 2048) and down (2048 x 768) tensors.
+    per_layer = 128 * 3 * 768 * 2048
+    assert (a.experts, a.experts_per_token, a.expert_params) == (128, 8, 48 * per_layer)
+    assert a.active_params == a.total_params - 48 * per_layer * 120 // 128
+    # The largest module ZeRO-3 gathers whole is one layer's fused experts (0.6B), not the embedding.
+    assert a.largest_layer_params == per_layer > 151936 * 2048
+    assert a.intermediate == 8 * 768 and a.gated_mlp
+    # All experts are stored and partitioned: model states scale with total params, FLOPs with active.
+    assert p.settings[0].gpu_params == 2 * a.total_params / 8
+    assert a.training_flops_per_token == 6 * a.active_params
+    text = format_plan(p)
+    assert "total params 30.53B, active 3.35B" in text and "128 experts, 8 per token" in text
+
+
+def test_the_moe_model_needs_one_node(moe):
+    # The shipped configs/qwen3-30b-a3b.yaml: 8 GPUs is the fewest that fit without offload.
+    eight = plan(gpu_config("cluster.workers=8"), model_config=moe)
+    assert eight.settings[0].fits and eight.settings[0].min_gpus == 8
+    assert not plan(gpu_config("cluster.workers=7"), model_config=moe).settings[0].fits
+    assert eight.choice.stage == 3 and eight.zero2_total > 80 * GIB
+
+
+def test_a_dense_model_has_all_its_parameters_active(llama):
+    a = plan(gpu_config(), model_config=llama).arch
+    assert a.active_params == a.total_params and a.expert_params == a.experts == 0
+
+
+def zero3_settings(totals_gib: tuple[float, float, float], budget_gib: float) -> list[Setting]:
+    """DeepSpeed's three ZeRO-3 settings with only their totals set (what the choice reads)."""
+    return [
+        Setting(name, opt, params, 0, 0, 0, 0, t * GIB, 0, t <= budget_gib, None)
+        for (name, opt, params), t in zip(SETTINGS, totals_gib, strict=True)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("zero2", "zero3", "picked", "reason"),
+    [
+        (70, (50, 20, 10), (2, False, False), "need 70.0 of 80.0 GiB per GPU"),
+        (80, (50, 20, 10), (2, False, False), "need 80.0 of 80.0 GiB"),  # exactly full still fits
+        (90, (50, 20, 10), (3, False, False), "ZeRO-2 needs 90.0 GiB"),
+        (90, (85, 30, 10), (3, True, False), "with optimizer->CPU 30.0 of 80.0"),
+        (200, (150, 85, 60), (3, True, True), "with optimizer+params->CPU 60.0 of 80.0"),
+        (200, (150, 100, 90), (3, True, True), "nothing fits 80.0 GiB per GPU"),
+    ],
+)
+def test_stage_auto_picks_the_fastest_setting_that_fits(zero2, zero3, picked, reason):
+    choice = choose_stage(zero2 * GIB, zero3_settings(zero3, 80), 80 * GIB)
+    assert (choice.stage, choice.offload_optimizer, choice.offload_params) == picked
+    assert reason in choice.reason
+    assert choice.label == {2: "ZeRO-2", 3: "ZeRO-3"}[picked[0]] + (
+        "" if not picked[1] else f" with {'optimizer+params->CPU' if picked[2] else 'optimizer->CPU'}"
+    )
+
+
+def test_stage_auto_in_the_plan(llama, qwen):
+    # 8B on 8 GPUs: ZeRO-2 = 2 bytes x 8.03B on each + 18 bytes x 8.03B / 8 = 34.1e9 bytes of states.
+    eight_b = plan(gpu_config("cluster.workers=8", "deepspeed.stage=auto"), model_config=llama)
+    n = eight_b.arch.total_params
+    assert eight_b.zero2_model_states == 2 * n + int(18 * n / 8)
+    assert eight_b.choice.stage == 2
+    assert any(line.startswith("deepspeed.stage auto picks ZeRO-2") for line in eight_b.advice)
+    assert "fastest that fits (deepspeed.stage: auto): ZeRO-2" in format_plan(eight_b)
+    # 32B on 16 GPUs: 2 x 32.76B = 61 GiB of 16-bit params alone on every GPU: ZeRO-3.
+    thirty_two = plan(gpu_config("cluster.workers=16", "deepspeed.stage=auto"), model_config=qwen)
+    assert thirty_two.choice.stage == 3 and thirty_two.configured == "no offload"
+    # On 8 GPUs ZeRO-3 needs the optimizer offloaded: auto picks that, and the plan is of it.
+    offloaded = plan(gpu_config("cluster.workers=8", "deepspeed.stage=auto"), model_config=qwen)
+    assert offloaded.choice.label == "ZeRO-3 with optimizer->CPU"
+    assert offloaded.configured == "optimizer->CPU"
+
+
+@pytest.fixture(scope="module")
+def small_llama(tmp_path_factory) -> str:
+    from transformers import LlamaConfig
+
+    folder = tmp_path_factory.mktemp("small-llama")
+    LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=1000,
+        tie_word_embeddings=False,
+    ).save_pretrained(folder)
+    return str(folder)
+
+
+def test_cpu_workers_plan_fp32_states_and_a_process_baseline(small_llama):
+    from kto_ray.tools.plan import CPU_BASELINE_GIB
+
+    p = plan(load_config(None, ["cluster.workers=2"]), model_config=small_llama)
+    n, largest = p.arch.total_params, p.arch.largest_layer_params
+    none = p.settings[0]
+    # fp32 params (4 bytes) beside DeepSpeed's fp32 master copy, grads and Adam moments (16).
+    assert (none.gpu_params, none.gpu_optimizer) == (4 * n / 2, 16 * n / 2)
+    # The gathered head and its gradient (fp32), and the optimizer step's flattened fp32 gradients of the
+    # worker's partition (one sub-group: far below SUB_GROUP_ELEMENTS here).
+    assert none.gpu_buffer == 8 * largest + 4 * n / 2 and largest == 1000 * 64
+    assert p.overhead == CPU_BASELINE_GIB * GIB and not p.on_gpu
+    assert "worker process baseline" in format_plan(p)
+    assert any("GiB CUDA/NCCL allowance replaces" in line for line in p.advice)
+
+
+def test_lora_plans_the_adapters_states_and_the_frozen_base(small_llama):
+    full = plan(load_config(None, ["cluster.workers=2"]), model_config=small_llama)
+    lora = plan(load_config(None, ["cluster.workers=2", "lora.enabled=true"]), model_config=small_llama)
+    # r=16 on every linear but the head: q, k, v, o (64 -> 64) and gate, up (64 -> 128), down (128 -> 64).
+    assert lora.lora_params == 16 * (4 * (64 + 64) + 3 * (64 + 128)) == 17408
+    targeted = plan(
+        load_config(None, ["cluster.workers=2", "lora.enabled=true", "lora.target_modules=[q_proj, v_proj]"]),
+        model_config=small_llama,
+    )
+    assert targeted.lora_params == 16 * 2 * (64 + 64)
+    n, largest = lora.arch.total_params, lora.arch.largest_layer_params
+    s = lora.settings[0]
+    assert (s.gpu_params, s.gpu_optimizer) == (4 * n / 2, 16 * 17408 / 2)
+    assert s.gpu_buffer == 4 * largest + 4 * 17408 / 2  # gathered frozen head (no grad) + flat adapter grads
+    assert s.gpu_total < full.settings[0].gpu_total and full.lora_params == 0
+    assert any(line.startswith("LoRA: 17.41K adapter params") for line in lora.advice)

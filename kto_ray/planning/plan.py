@@ -1,0 +1,375 @@
+"""Memory planner for ZeRO-3 training: does a config fit its GPUs, and with which offload settings?
+
+The architecture is read without weights (config + a model built on the meta device), so planning a
+32B model takes a second and needs no GPU. Model-state figures use DeepSpeed's own formulas
+(`estimate_zero3_model_states_mem_needs`, zero_init=True because HfDeepSpeedConfig loads under
+zero.Init); activations and logits are standard estimates, stated where they are computed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from kto_ray.config import KTOConfig
+from kto_ray.planning.architecture import Architecture, read_architecture
+from kto_ray.planning.memory import (
+    activations_bytes,
+    layer_activation_bytes,
+    logits_bytes,
+    model_states,
+    zero2_model_states,
+)
+
+GIB = 2**30
+# CUDA context and kernels, NCCL buffers, ZeRO-3 prefetch/reduce buckets, allocator fragmentation:
+# none of these is in DeepSpeed's estimate, all of them are real on a GPU.
+OVERHEAD_GIB = 4.0
+# A CPU worker's own footprint before any model state: the Python process with torch, DeepSpeed, Ray and
+# transformers imported, gloo and the data reader (~0.65 GiB measured, BENCHMARKS.md "Worker memory").
+CPU_BASELINE_GIB = 0.65
+# Offload settings as DeepSpeed's estimator names them: (label, optimizer on CPU, params on CPU).
+SETTINGS = (
+    ("no offload", False, False),
+    ("optimizer->CPU", True, False),
+    ("optimizer+params->CPU", True, True),
+)
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    offload_optimizer: bool
+    offload_params: bool
+    gpu_params: float  # bytes per GPU, 16-bit parameter shard
+    gpu_optimizer: float  # bytes per GPU, fp32 gradient shard + fp32 master weights + Adam moments
+    gpu_buffer: float  # bytes per GPU, the gathered layer (16-bit params + grads)
+    gpu_reference: float  # bytes per GPU of the online reference (0 in offline mode)
+    gpu_total: float  # model states + reference + activations + logits + overhead
+    cpu_per_node: float  # bytes of host memory per node
+    fits: bool
+    min_gpus: int | None  # fewest GPUs that fit (activations do not shrink with more GPUs: None = never)
+
+    @property
+    def gpu_model_states(self) -> float:
+        return self.gpu_params + self.gpu_optimizer + self.gpu_buffer
+
+
+@dataclass(frozen=True)
+class StageChoice:
+    """What `deepspeed.stage: auto` runs: the fastest setting that fits, and why."""
+
+    stage: int
+    offload_optimizer: bool
+    offload_params: bool
+    reason: str
+
+    @property
+    def label(self) -> str:
+        offload = next(n for n, o, p in SETTINGS if (o, p) == (self.offload_optimizer, self.offload_params))
+        return f"ZeRO-{self.stage}" + ("" if offload == SETTINGS[0][0] else f" with {offload}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    arch: Architecture
+    gpus: int
+    nodes: int
+    gpus_per_node: int
+    gpu_memory_gib: float
+    bf16: bool
+    seq_len: int
+    micro_batch: int
+    checkpointing: bool
+    activations: float  # bytes per GPU, transformer layers in training
+    logits: float  # bytes per GPU, [batch, seq, vocab] tensors of the log-prob computation
+    kl_forward: float  # bytes per GPU of the no-grad KL pass (runs before the training forward)
+    overhead: float  # GPU: the CUDA/NCCL allowance; CPU workers: the process baseline
+    on_gpu: bool
+    lora_params: int  # adapter parameters that train (0: full fine-tuning)
+    settings: tuple[Setting, ...]
+    configured: str
+    precompute_gpu: float  # bytes per precompute actor (whole model on one device + its batch)
+    precompute_gpus_needed: int | None  # GPUs per actor with the reference spread over them
+    precompute_fits: bool
+    zero2_model_states: float  # bytes per GPU at ZeRO-2 without offload (DeepSpeed's formula)
+    zero2_total: float  # the same plus reference, activations, logits and overhead
+    choice: StageChoice  # what deepspeed.stage auto picks
+    advice: list[str]
+
+    def setting(self, name: str) -> Setting:
+        return next(s for s in self.settings if s.name == name)
+
+
+def precompute_actor_bytes(cfg: KTOConfig, arch: Architecture) -> float:
+    """A precompute actor holds the whole reference on one device and scores one model batch at a time."""
+    weights, batch = _precompute_parts(cfg, arch)
+    return weights + batch
+
+
+def precompute_gpus_needed(cfg: KTOConfig, arch: Architecture, budget: float, overhead: float) -> int | None:
+    """GPUs one precompute actor needs when its reference is spread over them (device_map): the
+    weights divide, the batch's activations and logits (and the overhead) sit on every GPU in turn.
+    None when even the batch alone does not fit one GPU."""
+    weights, batch = _precompute_parts(cfg, arch)
+    room = budget - batch - overhead
+    return math.ceil(weights / room) if room > 0 else None
+
+
+def _precompute_parts(cfg: KTOConfig, arch: Architecture) -> tuple[float, float]:
+    """(reference weights, one model batch's activations + logits) of a precompute actor, bytes."""
+    on_gpu, seq = cfg.precompute.gpus_per_actor > 0, cfg.data.max_length
+    elem = {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.precompute.dtype, 2 if on_gpu else 4)
+    # Length bucketing caps a model batch at batch_rows rows and (if set) batch_tokens padded tokens.
+    tokens = cfg.precompute.batch_rows * seq
+    if cfg.precompute.batch_tokens:
+        tokens = max(seq, min(tokens, cfg.precompute.batch_tokens))
+    weights = arch.total_params * elem
+    chunk = cfg.model.logprob_chunk_tokens
+    return weights, layer_activation_bytes(arch, tokens, 1, elem) + logits_bytes(
+        arch, tokens, elem == 2, chunk
+    )
+
+
+def plan(
+    cfg: KTOConfig,
+    *,
+    model_config: str | None = None,
+    gpus_per_node: int = 8,
+    gpu_memory_gib: float = 80.0,
+) -> Plan:
+    """Per-GPU memory of `cfg`'s training on cluster.workers GPUs (an elastic range at its minimum: the
+    fewest GPUs hold the largest shards) in DeepSpeed's three ZeRO-3 offload
+    settings, the fewest GPUs each needs, the precompute actor's memory, and advice."""
+    arch = read_architecture(cfg, model_config)
+    gpus, budget = cfg.cluster.worker_range[0], gpu_memory_gib * GIB
+    bf16 = cfg.cluster.use_gpu if cfg.deepspeed.bf16 == "auto" else bool(cfg.deepspeed.bf16)
+    elem = 2 if bf16 else 4
+    seq, batch, ckpt = cfg.data.max_length, cfg.train.micro_batch_size, cfg.deepspeed.gradient_checkpointing
+    acts = activations_bytes(arch, seq, batch, elem, ckpt)
+    logits = logits_bytes(arch, seq * batch, bf16, cfg.model.logprob_chunk_tokens)
+    # KTO's KL completions: a no-grad forward of the same batch shape, finished (and freed) before the
+    # training forward, so it costs inference activations (one layer + logits) and never adds to them.
+    kl = layer_activation_bytes(arch, seq, batch, elem) + logits
+    overhead = (OVERHEAD_GIB if cfg.cluster.use_gpu else CPU_BASELINE_GIB) * GIB
+    # LoRA: the adapters train (their states are sharded like any parameter); the base is frozen.
+    lora = cfg.lora
+    adapters = arch.lora_params(lora.r, lora.target_modules) if lora.enabled else 0
+    trainable = adapters if lora.enabled else None
+
+    # With LoRA and the policy as its own reference, the reference is the policy with adapters off.
+    online = cfg.reference.mode == "online" and not (lora.enabled and cfg.reference_path == cfg.model.path)
+    settings = []
+    for name, opt, params in SETTINGS:
+        gpu_params, gpu_opt, buffer, cpu = model_states(
+            arch, gpus, gpus_per_node, opt, params, elem, trainable
+        )
+        # Online reference: a frozen ZeRO-3 copy, its shard (unless offloaded) + one gathered layer.
+        ref_shard = elem if online and not params else 0
+        ref_fixed = elem * arch.largest_layer_params if online else 0
+        ref = ref_shard * arch.total_params / gpus + ref_fixed
+        total = gpu_params + gpu_opt + buffer + ref + acts + logits + overhead
+        # What does not shrink with more GPUs, and the bytes that do.
+        fixed = buffer + ref_fixed + acts + logits + overhead
+        sharded = (gpu_params + gpu_opt) * gpus + ref_shard * arch.total_params
+        min_gpus = None
+        if fixed < budget:
+            min_gpus = 1 if sharded == 0 else math.ceil(sharded / (budget - fixed))
+        fits = total <= budget
+        settings.append(
+            Setting(name, opt, params, gpu_params, gpu_opt, buffer, ref, total, cpu, fits, min_gpus)
+        )
+
+    ds = cfg.deepspeed
+    configured = SETTINGS[2 if ds.offload_params != "none" else int(ds.offload_optimizer != "none")][0]
+    zero2 = zero2_model_states(arch, gpus, elem, trainable)
+    zero2_ref = elem * arch.total_params if online else 0  # a full frozen copy per GPU
+    zero2_total = zero2 + zero2_ref + acts + logits + overhead
+    choice = choose_stage(zero2_total, settings, budget, "GPU" if cfg.cluster.use_gpu else "worker")
+    if ds.stage == "auto":
+        configured = next(
+            n for n, o, p in SETTINGS if (o, p) == (choice.offload_optimizer, choice.offload_params)
+        )
+    pre = precompute_actor_bytes(cfg, arch) + (overhead if cfg.precompute.gpus_per_actor > 0 else 0)
+    pre_gpus = precompute_gpus_needed(cfg, arch, budget, overhead)
+    advice: list[str] = []
+    result = Plan(
+        model=cfg.model.path,
+        arch=arch,
+        gpus=gpus,
+        nodes=math.ceil(gpus / gpus_per_node),
+        gpus_per_node=gpus_per_node,
+        gpu_memory_gib=gpu_memory_gib,
+        bf16=bf16,
+        seq_len=seq,
+        micro_batch=batch,
+        checkpointing=ckpt,
+        activations=acts,
+        logits=logits,
+        kl_forward=kl,
+        overhead=overhead,
+        on_gpu=cfg.cluster.use_gpu,
+        lora_params=adapters,
+        settings=tuple(settings),
+        configured=configured,
+        precompute_gpu=pre,
+        precompute_gpus_needed=pre_gpus,
+        precompute_fits=cfg.precompute.gpus_per_actor == 0
+        or (pre_gpus is not None and pre_gpus <= max(1, cfg.precompute.gpus_per_actor)),
+        zero2_model_states=zero2,
+        zero2_total=zero2_total,
+        choice=choice,
+        advice=advice,
+    )
+    advice.extend(_advice(cfg, result))
+    return result
+
+
+def choose_stage(zero2_total: float, zero3: list[Setting], budget: float, unit: str = "GPU") -> StageChoice:
+    """The fastest setting that fits `budget` bytes per worker: ZeRO-2 (no per-layer parameter gathers:
+    1.6x ZeRO-3 at 2 workers, BENCHMARKS.md) when the whole 16-bit model fits each worker beside its
+    sharded grads and optimizer states; else ZeRO-3 without offload; else the first offload that fits
+    (optimizer first: CPU Adam steps are slow, CPU parameters slower); the most offloaded when none does."""
+    gib = f"{budget / GIB:.1f} GiB per {unit}"
+    if zero2_total <= budget:
+        return StageChoice(
+            2, False, False, f"the 16-bit model and its sharded states need {zero2_total / GIB:.1f} of {gib}"
+        )
+    over = f"ZeRO-2 needs {zero2_total / GIB:.1f} GiB (the whole 16-bit model on each {unit})"
+    fitting = next((s for s in zero3 if s.fits), None)
+    if fitting is None:
+        last = zero3[-1]
+        return StageChoice(
+            3,
+            True,
+            True,
+            f"{over}; nothing fits {gib} by the plan, the most offloaded needs {last.gpu_total / GIB:.1f}",
+        )
+    if fitting is zero3[0]:
+        return StageChoice(3, False, False, f"{over}; ZeRO-3 needs {fitting.gpu_total / GIB:.1f} of {gib}")
+    return StageChoice(
+        3,
+        fitting.offload_optimizer,
+        fitting.offload_params,
+        f"{over}; ZeRO-3 without offload {zero3[0].gpu_total / GIB:.1f}, with {fitting.name} "
+        f"{fitting.gpu_total / GIB:.1f} of {gib}",
+    )
+
+
+def _nodes(gpus: int, per_node: int) -> str:
+    nodes = math.ceil(gpus / per_node)
+    return f"{gpus} GPU{'s' if gpus > 1 else ''} ({nodes} node{'s' if nodes > 1 else ''} of {per_node})"
+
+
+def _count(n: float) -> str:
+    return next(
+        f"{n / d:.2f}{u}" for d, u in ((1e9, "B"), (1e6, "M"), (1e3, "K"), (1, "")) if n >= d or d == 1
+    )
+
+
+def _advice(cfg: KTOConfig, p: Plan) -> list[str]:
+    ds, out = cfg.deepspeed, []
+    if ds.stage == "auto":
+        out.append(f"deepspeed.stage auto picks {p.choice.label}: {p.choice.reason}")
+    elif ds.stage != 3:
+        out.append(f"deepspeed.stage is {ds.stage}: these are ZeRO-3 figures")
+    if not cfg.cluster.use_gpu:
+        out.append(
+            "cluster.use_gpu is false: read 'per GPU' as per worker process (CPU RAM, peak RSS); on GPUs "
+            f"the {OVERHEAD_GIB:g} GiB CUDA/NCCL allowance replaces the {CPU_BASELINE_GIB:g} GiB baseline"
+        )
+    if p.lora_params:
+        out.append(
+            f"LoRA: {_count(p.lora_params)} adapter params train (states sharded); the base is frozen "
+            "(its shard only)"
+        )
+    if ds.offload_params != "none" and ds.offload_optimizer == "none":
+        out.append("offload_params without offload_optimizer: estimated as optimizer+params offload")
+    mine, cluster = p.setting(p.configured), _nodes(p.gpus, p.gpus_per_node)
+    fit = "fits" if mine.fits else "does NOT fit"
+    if ds.stage == "auto" and p.choice.stage == 2:
+        out.append(f"as configured (ZeRO-2, {cluster}): {p.zero2_total / GIB:.1f} GiB per GPU, fits")
+    else:
+        out.append(
+            f"as configured ({p.configured}, {cluster}): {mine.gpu_total / GIB:.1f} GiB per GPU, {fit}"
+        )
+    first = next((s for s in p.settings if s.fits), None)
+    if first is None:
+        ckpt = "" if p.checkpointing else ", enable deepspeed.gradient_checkpointing"
+        out.append(f"fits in no offload setting: add GPUs, lower train.micro_batch_size or max_length{ckpt}")
+    elif first is p.settings[0]:
+        out.append(f"fits without offload on {p.gpus} GPUs: the fastest setting")
+    else:
+        out.append(
+            f"needs {first.name} on {p.gpus} GPUs ({first.cpu_per_node / GIB:.0f} GiB CPU RAM per node)"
+        )
+    if ds.stage == 3 and p.zero2_total <= p.gpu_memory_gib * GIB:
+        out.append(
+            f"deepspeed.stage 2 also fits ({p.zero2_total / GIB:.1f} GiB per GPU) and skips ZeRO-3's "
+            "per-layer parameter gathers: faster where memory allows (BENCHMARKS.md)"
+        )
+    if p.settings[0].min_gpus is not None:
+        out.append(f"smallest cluster without offload: {_nodes(p.settings[0].min_gpus, p.gpus_per_node)}")
+    if not p.checkpointing and p.activations > 0.25 * p.gpu_memory_gib * GIB:
+        out.append("large activations: deepspeed.gradient_checkpointing saves most for ~30% more compute")
+    if cfg.precompute.gpus_per_actor == 0:
+        out.append(f"precompute on CPU: ~{p.precompute_gpu / GIB:.0f} GiB of RAM per actor")
+    else:
+        fit = "fits" if p.precompute_fits else "does NOT fit"
+        out.append(f"precompute actor (whole reference + one batch): {p.precompute_gpu / GIB:.1f} GiB, {fit}")
+        if p.precompute_gpus_needed is None:
+            out.append(
+                "precompute: one model batch alone exceeds a GPU: lower precompute.batch_rows/batch_tokens"
+            )
+        elif p.precompute_gpus_needed > max(1, cfg.precompute.gpus_per_actor):
+            n = p.precompute_gpus_needed
+            out.append(
+                f"precompute needs {n} GPUs per actor: set precompute.gpus_per_actor: {n} (the reference is "
+                f"spread over them), or lower precompute.batch_rows/batch_tokens"
+            )
+    return out
+
+
+def format_plan(p: Plan) -> str:
+    """A table: rows are memory components, columns DeepSpeed's three offload settings; then advice."""
+    a, st = p.arch, p.settings
+    rows = [
+        ("16-bit parameter shard", [s.gpu_params for s in st]),
+        ("fp32 grads + Adam shard", [s.gpu_optimizer for s in st]),
+        ("gathered largest layer", [s.gpu_buffer for s in st]),
+        ("= model states (DeepSpeed)", [s.gpu_model_states for s in st]),
+        ("online reference", [s.gpu_reference for s in st]),
+        ("activations (layers)", [p.activations] * 3),
+        ("logits (log-probs)", [p.logits] * 3),
+        ("CUDA/NCCL/buckets overhead" if p.on_gpu else "worker process baseline", [p.overhead] * 3),
+        ("= total per GPU", [s.gpu_total for s in st]),
+        ("CPU RAM per node", [s.cpu_per_node for s in st]),
+    ]
+    moe = (
+        f"; MoE: {a.experts} experts, {a.experts_per_token} per token, experts {_count(a.expert_params)} "
+        "of the params (all stored and partitioned)"
+        if a.experts
+        else ""
+    )
+    lines = [
+        f"model {p.model} ({a.model_type}): {_count(a.total_params)} params, largest layer "
+        f"{_count(a.largest_layer_params)}; hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}",
+        f"total params {_count(a.total_params)}, active {_count(a.active_params)}: training "
+        f"~{a.training_flops_per_token / 1e9:.1f} GFLOP per token (6 x active){moe}",
+        f"cluster {_nodes(p.gpus, p.gpus_per_node)}, {p.gpu_memory_gib:g} GiB each; "
+        f"{'bf16' if p.bf16 else 'fp32'}, max_length {p.seq_len}, micro-batch {p.micro_batch}, "
+        f"gradient checkpointing {'on' if p.checkpointing else 'off'}",
+        "",
+        f"{'GiB':<30}" + "".join(f"{s.name:>23}" for s in st),
+        *(f"{label:<30}" + "".join(f"{v / GIB:>23.2f}" for v in values) for label, values in rows),
+        f"{'fits in ' + format(p.gpu_memory_gib, 'g') + ' GiB':<30}"
+        + "".join(f"{'yes' if s.fits else 'no':>23}" for s in st),
+        f"{'fewest GPUs that fit':<30}" + "".join(f"{s.min_gpus or '-':>23}" for s in st),
+        f"KL pass (no grad, done before the training forward, not additive): {p.kl_forward / GIB:.2f} GiB",
+        f"ZeRO-2 without offload (all 16-bit params on every GPU): {p.zero2_total / GIB:.2f} GiB per GPU",
+        f"fastest that fits (deepspeed.stage: auto): {p.choice.label}: {p.choice.reason}",
+        "",
+        *(f"- {line}" for line in p.advice),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,52 @@
+"""`deepspeed.stage: auto` on the driver: the planner's fastest setting that fits each worker's memory.
+
+The memory is `deepspeed.worker_memory_gib`, or read from the running cluster: one GPU's total memory
+(a zero-CPU task on one GPU), or on CPU workers the RAM Ray reports for all nodes (its `memory` and
+`object_store_memory` resources) divided by the workers. The pick is a pure function of the architecture,
+the config and that figure (`kto_ray.planning.plan.choose_stage`), so a rerun on the same cluster resumes
+with the stage its checkpoints were written in.
+"""
+
+from __future__ import annotations
+
+from kto_ray.config import KTOConfig
+from kto_ray.models.loading import local_model_path
+from kto_ray.planning.plan import GIB, plan
+from kto_ray.storage import is_uri
+
+
+def resolve_stage(cfg: KTOConfig) -> tuple[KTOConfig, str]:
+    """`cfg` with its stage (and offload) decided, and the start line's words for it."""
+    ds = cfg.deepspeed
+    if ds.stage != "auto":
+        return cfg, f"ZeRO-{ds.stage}"
+    budget = ds.worker_memory_gib or worker_memory_bytes(cfg) / GIB
+    # An object-storage model folder is read from its local copy (the one training loads too).
+    architecture = local_model_path(cfg.model.path) if is_uri(cfg.model.path) else None
+    choice = plan(cfg, model_config=architecture, gpu_memory_gib=budget).choice
+    offload = {True: "cpu", False: "none"}
+    picked = ds.model_copy(
+        update={
+            "stage": choice.stage,
+            "offload_optimizer": offload[choice.offload_optimizer],
+            "offload_params": offload[choice.offload_params],
+        }
+    )
+    return cfg.model_copy(update={"deepspeed": picked}), f"{choice.label} (stage auto: {choice.reason})"
+
+
+def worker_memory_bytes(cfg: KTOConfig) -> float:
+    """Memory one worker may use on the connected Ray cluster (see the module docstring)."""
+    import ray
+
+    if cfg.cluster.use_gpu:
+        return float(ray.get(ray.remote(num_gpus=1, num_cpus=0)(_gpu_memory).remote()))
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    ram = sum(r.get("memory", 0) + r.get("object_store_memory", 0) for r in nodes)
+    return ram / cfg.cluster.worker_range[1]  # the most workers share the nodes' RAM
+
+
+def _gpu_memory() -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory
