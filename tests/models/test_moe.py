@@ -178,3 +178,12 @@ def test_the_step_adds_coef_times_aux_loss_on_the_policy_pass_and_not_without():
         torch.testing.assert_close(grad, off_grads[name] + aux_grad, rtol=1e-4, atol=1e-6, msg=name)
     router = "model.layers.0.mlp.gate.weight"
     assert (on_grads[router] - off_grads[router]).norm() > 1e-3 * on_grads[router].norm()
+
+
+def test_expert_blocks_are_flagged_as_zero3_leaves():
+    from deepspeed.utils import z3_leaf_module
+
+    model = _model()
+    assert moe.mark_expert_blocks_as_z3_leaves(model) == ["Qwen3MoeSparseMoeBlock"]
+    flagged = [name for name, module in model.named_modules() if z3_leaf_module(module)]
+    assert flagged == ["model.layers.0.mlp", "model.layers.1.mlp"]
