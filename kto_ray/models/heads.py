@@ -37,20 +37,27 @@ class HeadTransform:
         return self.multiplier == 1 and self.divisor == 1 and self.cap is None
 
     def logits_and_slope(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
-        """The logits of z and d logits / d z (a tensor for a cap, else a constant); may reuse z."""
+        """The logits of z and d logits / d z (a tensor for a cap, else a constant); reuses z."""
+        logits = self._scaled(z)
+        scale = self.multiplier / self.divisor
+        if self.cap is None:
+            return logits, scale
+        tanh = logits.div_(self.cap).tanh_()
+        # d/dz cap * tanh(s z / cap) = s (1 - tanh^2): one more chunk-sized buffer, built in place.
+        slope = tanh.square().neg_().add_(1).mul_(scale)
+        return tanh.mul_(self.cap), slope
+
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        """The logits of z (reuses z); no slope, so forward holds one chunk-sized buffer less."""
+        logits = self._scaled(z)
+        return logits if self.cap is None else logits.div_(self.cap).tanh_().mul_(self.cap)
+
+    def _scaled(self, z: torch.Tensor) -> torch.Tensor:
         if self.multiplier != 1:
             z = z.mul_(self.multiplier)
         if self.divisor != 1:
             z = z.div_(self.divisor)
-        scale = self.multiplier / self.divisor
-        if self.cap is None:
-            return z, scale
-        tanh = z.div_(self.cap).tanh_()
-        slope = (1 - tanh.square()).mul_(scale)  # d/dz cap * tanh(s z / cap) = s (1 - tanh^2)
-        return tanh.mul_(self.cap), slope
-
-    def logits(self, z: torch.Tensor) -> torch.Tensor:
-        return self.logits_and_slope(z)[0]
+        return z
 
 
 PLAIN_HEAD = HeadTransform()
