@@ -227,12 +227,18 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias) if need_bias else None
         for start in range(0, hidden.shape[0], ctx.chunk):
             part = slice(start, start + ctx.chunk)
-            z = torch.nn.functional.linear(hidden[part], weight, bias).to(logsumexp.dtype)
-            logits, slope = ctx.transform.logits_and_slope(z)
-            grad = grad_logps[part, None].to(logsumexp.dtype)
-            grad_logits = logits.sub_(logsumexp[part, None]).exp_().mul_(-grad)
-            grad_logits.scatter_add_(-1, targets[part, None], grad)
-            grad_logits = grad_logits.mul_(slope).to(weight.dtype)  # d logp / d z
+            grad_logits = torch.nn.functional.linear(hidden[part], weight, bias).to(logsumexp.dtype)
+            # In place, a slice of rows at a time: a soft-cap's slope then needs a slice, not a chunk.
+            end = min(start + ctx.chunk, hidden.shape[0])
+            for rows in range(start, end, _SLOPE_ROWS):
+                piece = slice(rows, min(rows + _SLOPE_ROWS, end))
+                logits, slope = ctx.transform.logits_and_slope(grad_logits[rows - start : piece.stop - start])
+                grad = grad_logps[piece, None].to(logsumexp.dtype)
+                logits.sub_(logsumexp[piece, None]).exp_().mul_(-grad)
+                logits.scatter_add_(-1, targets[piece, None], grad)
+                if not isinstance(slope, float) or slope != 1:
+                    logits.mul_(slope)  # d logp / d z
+            grad_logits = grad_logits.to(weight.dtype)
             if need_hidden:
                 grad_hidden[part] = grad_logits @ weight
             if need_weight:
@@ -240,6 +246,9 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             if need_bias:
                 grad_bias += grad_logits.sum(dim=0)
         return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+_SLOPE_ROWS = 64
 
 
 def _first_completion_position(completion_mask: torch.Tensor) -> int:
