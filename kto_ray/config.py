@@ -145,6 +145,12 @@ class TrainConfig(Section):
         "forward skipped (faster, but not the paper's estimator; equal to it only while that mean is "
         "negative). Eval and `kto-ray evaluate` still estimate z0.",
     )
+    router_aux_loss: bool = Field(
+        True,
+        description="MoE models whose config sets output_router_logits: add router_aux_loss_coef x the "
+        "router's load-balancing loss (transformers' own function for the family) to the policy pass, "
+        "logged as aux_loss in metrics.jsonl, as TRL does. false: train on the KTO loss alone.",
+    )
     log_every: int = Field(1, ge=1, description="Print a progress line every this many steps.")
     eval_every: int | None = Field(
         None,

@@ -12,8 +12,10 @@ When a class is absent (no desirable or no undesirable row in the global batch o
 - `loss` and `reward_accuracy` are over all rows, 0.0 when there are none; counts are plain sums.
 
 Implied-reward accuracy: a desirable row counts when r > z0, an undesirable one when r < z0, a tie
-r = z0 counts half (r = logp_policy - logp_ref). Pure tensors, no process group: the reduce function
-is passed in (`kto_ray.training.distributed.all_reduce_sum`, or the identity on one process).
+r = z0 counts half (r = logp_policy - logp_ref). `aux_loss` (training steps of MoE models,
+`kto_ray/models/moe.py`) is the mean over rows of their micro-batch's router load-balancing loss.
+Pure tensors, no process group: the reduce function is passed in
+(`kto_ray.training.distributed.all_reduce_sum`, or the identity on one process).
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class KTOSums:
     chosen_logps: torch.Tensor
     rejected_logps: torch.Tensor
     tokens: torch.Tensor
+    aux_loss: torch.Tensor  # sum over micro-batches of (load-balancing loss x rows)
 
     @classmethod
     def zeros(cls, device: torch.device | str = "cpu") -> KTOSums:
@@ -88,9 +91,10 @@ class KTOSums:
         desirable: torch.Tensor,
         z0: torch.Tensor | float,
         tokens: torch.Tensor | int = 0,
+        aux_loss: torch.Tensor | None = None,
     ) -> None:
         """Accumulate one micro-batch: `out` is `kto_loss` of these rows at `z0`; `tokens` its padded
-        sequence tokens (policy and KL), when counted."""
+        sequence tokens (policy and KL), when counted; `aux_loss` its router load-balancing loss."""
         policy = policy_logps.detach().float()
         log_ratio = policy - ref_logps.detach().float()
         z0 = torch.as_tensor(z0, dtype=log_ratio.dtype, device=log_ratio.device).detach()
@@ -109,6 +113,9 @@ class KTOSums:
                 policy[chosen].sum(),
                 policy[rejected].sum(),
                 torch.as_tensor(tokens, device=policy.device).float(),
+                torch.zeros((), device=policy.device)
+                if aux_loss is None
+                else aux_loss.detach().float().to(policy.device) * len(policy),
             ]
         )
         for f, value in zip(fields(self), (self.stacked() + added).unbind()):
@@ -144,6 +151,7 @@ class KTOSums:
             "count/chosen": int(s["chosen"]),
             "count/rejected": int(s["rejected"]),
             "tokens": int(s["tokens"]),
+            "aux_loss": mean(s["aux_loss"], rows),
             **others,
         }
         return {key: metrics[key] for key in keys}

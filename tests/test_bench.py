@@ -56,7 +56,9 @@ BENCHES: dict[str, Smoke] = {
     "engine_overhead": Smoke(("| engine", "| 3  ")),
     "gpu_mfu": Smoke(("| parameters", "precompute: 1 actor"), "cuda"),
     "row_memory": Smoke(("| old driver", "| old worker", "| new driver", "| new worker")),
-    "logprob_memory": Smoke(("| full logits", "| chunked, 64 tokens")),
+    "logprob_memory": Smoke(
+        ("| full logits", "| chunked, 64 tokens", "soft-capped head (Gemma 3, cap 30): policy")
+    ),
 }
 FAST = {"row_memory", "logprob_memory"}  # well under 20 s alone; every other one is `slow`
 

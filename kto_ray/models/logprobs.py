@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from kto_ray.loss import completion_logps
+from kto_ray.models.heads import PLAIN_HEAD, HeadTransform, head_transform, say_once
 
 
 @dataclass(frozen=True)
@@ -66,9 +67,7 @@ def pad_sequences(
 
 DEFAULT_CHUNK_TOKENS = 512
 
-# Config attributes of models whose logits are not a plain linear map of the last hidden state
-# (soft-capping, scaling): the chunked path would skip that step, so they take the full path.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+RouterLogits = tuple[torch.Tensor, ...]
 
 
 def sequence_logps(
@@ -76,53 +75,92 @@ def sequence_logps(
 ) -> torch.Tensor:
     """Summed completion log-prob per row under `model` (float32; float64 for a float64 model).
 
-    With `chunk_tokens` set (and a model whose LM head is a plain linear layer), the logits of at most
-    that many completion tokens exist at a time, in forward and in backward. With None, or for other
-    models, the full logits are computed, from the position that predicts the batch's first
-    completion token on (transformers' `logits_to_keep`): prompts need no vocabulary projection.
+    With `chunk_tokens` set (and a model whose logits are a plain, soft-capped or scaled linear map of
+    the last hidden state, `kto_ray.models.heads`), the logits of at most that many completion tokens
+    exist at a time, in forward and in backward. With None, or for other models (said once), the full
+    logits are computed, from the position that predicts the batch's first completion token on
+    (transformers' `logits_to_keep`): prompts need no vocabulary projection. An MoE model whose
+    config sets `output_router_logits` is asked not to record them here.
     """
+    return _sequence_logps(model, batch, chunk_tokens, router_logits=False)[0]
+
+
+def sequence_logps_and_router_logits(
+    model: torch.nn.Module, batch: PaddedBatch, chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS
+) -> tuple[torch.Tensor, RouterLogits]:
+    """`sequence_logps` and the router logits of every MoE layer (transformers' `router_logits`,
+    [rows x length, experts] each) from the same forward, for the load-balancing loss."""
+    logps, router = _sequence_logps(model, batch, chunk_tokens, router_logits=True)
+    if router is None:
+        raise ValueError(f"{type(model).__name__} returned no router logits")
+    return logps, router
+
+
+def _sequence_logps(
+    model: torch.nn.Module, batch: PaddedBatch, chunk_tokens: int | None, router_logits: bool
+) -> tuple[torch.Tensor, RouterLogits | None]:
+    extra = _router_kwargs(model, router_logits)
     if chunk_tokens is not None:
         parts = _decoder_and_head(model)
         if parts is not None:
-            return _chunked_sequence_logps(*parts, batch, chunk_tokens)
-    return _full_sequence_logps(model, batch)
+            return _chunked_sequence_logps(*parts, batch, chunk_tokens, extra)
+    return _full_sequence_logps(model, batch, extra)
 
 
-def _full_sequence_logps(model: torch.nn.Module, batch: PaddedBatch) -> torch.Tensor:
+def _router_kwargs(model: torch.nn.Module, router_logits: bool) -> dict[str, bool]:
+    # Models that know the flag (their config has it) get it explicitly either way: one whose config
+    # sets it would otherwise record router logits on every forward (precompute, the KL pass).
+    config = getattr(model, "config", None)
+    if router_logits or getattr(config, "output_router_logits", None) is not None:
+        return {"output_router_logits": router_logits}
+    return {}
+
+
+def _full_sequence_logps(
+    model: torch.nn.Module, batch: PaddedBatch, extra: dict[str, bool]
+) -> tuple[torch.Tensor, RouterLogits | None]:
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
+    inputs.update(extra)
     width = batch.input_ids.shape[1]
     first = _first_completion_position(batch.completion_mask)
     keep = width - first + 1
     if keep < width and _accepts_logits_to_keep(model):
-        logits = model(**inputs, logits_to_keep=keep).logits
-        return completion_logps(logits, batch.input_ids[:, -keep:], batch.completion_mask[:, -keep:])
-    logits = model(**inputs).logits
-    return completion_logps(logits, batch.input_ids, batch.completion_mask)
+        out = model(**inputs, logits_to_keep=keep)
+        logps = completion_logps(out.logits, batch.input_ids[:, -keep:], batch.completion_mask[:, -keep:])
+    else:
+        out = model(**inputs)
+        logps = completion_logps(out.logits, batch.input_ids, batch.completion_mask)
+    return logps, getattr(out, "router_logits", None)
 
 
-def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
-    """The base model that returns hidden states and the linear LM head, or None when the model's
-    logits are anything else than head(hidden)."""
+def _decoder_and_head(
+    model: torch.nn.Module,
+) -> tuple[torch.nn.Module, torch.nn.Linear, HeadTransform] | None:
+    """The base model that returns hidden states, the linear LM head and what turns its output into
+    the logits; None (said once) when the model's logits are anything else."""
     get_decoder = getattr(model, "get_decoder", None)
     get_head = getattr(model, "get_output_embeddings", None)
-    if get_decoder is None or get_head is None:
-        return None
-    decoder, head = get_decoder(), get_head()
+    decoder = get_decoder() if get_decoder is not None else None
+    head = get_head() if get_head is not None else None
     if decoder is None or decoder is model or not isinstance(head, torch.nn.Linear):
+        say_once(model, "it has no separate decoder and linear LM head")
         return None
-    config = getattr(model, "config", None)
-    for name in _LOGIT_TRANSFORMS:
-        if getattr(config, name, None) not in (None, 1, 1.0):
-            return None
-    return decoder, head
+    transform = head_transform(model)
+    if transform is None:
+        return None
+    return decoder, head, transform
 
 
 def _chunked_sequence_logps(
-    decoder: torch.nn.Module, head: torch.nn.Linear, batch: PaddedBatch, chunk_tokens: int
-) -> torch.Tensor:
-    hidden = decoder(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-    ).last_hidden_state
+    decoder: torch.nn.Module,
+    head: torch.nn.Linear,
+    transform: HeadTransform,
+    batch: PaddedBatch,
+    chunk_tokens: int,
+    extra: dict[str, bool],
+) -> tuple[torch.Tensor, RouterLogits | None]:
+    out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **extra)
+    hidden = out.last_hidden_state
     # Position t's hidden state predicts token t + 1: keep only the positions that predict completion
     # tokens, flattened over rows ([tokens, hidden]); padding and prompts never reach the head.
     # A reference spread over GPUs (device_map) ends its decoder on another device than its inputs.
@@ -132,14 +170,15 @@ def _chunked_sequence_logps(
     states = hidden[:, :-1][predicts_completion].to(device)
     targets = batch.input_ids[:, 1:].to(hidden.device)[predicts_completion].to(device)
     with _forward_replaced(
-        head, lambda h: _ChunkedTokenLogps.apply(h, head.weight, head.bias, targets, chunk_tokens)
+        head,
+        lambda h: _ChunkedTokenLogps.apply(h, head.weight, head.bias, targets, chunk_tokens, transform),
     ):
         # Called as a module so DeepSpeed ZeRO-3's hooks gather its partitioned (possibly tied)
         # weight for forward, gather it again for backward, and reduce its gradient, exactly as for
         # the model's own call of the head.
         token_logps = head(states)
-    out = torch.zeros(batch.input_ids.shape[0], dtype=token_logps.dtype, device=token_logps.device)
-    return out.index_add(0, rows, token_logps)
+    logps = torch.zeros(batch.input_ids.shape[0], dtype=token_logps.dtype, device=token_logps.device)
+    return logps.index_add(0, rows, token_logps), getattr(out, "router_logits", None)
 
 
 @contextmanager
@@ -157,24 +196,26 @@ def _forward_replaced(module: torch.nn.Module, forward) -> Iterator[None]:
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
-    """log p(target) per token from hidden states [N, H] through a linear head, `chunk` tokens at a time.
+    """log p(target) per token from hidden states [N, H] through a linear head and its `transform`
+    (soft-cap, scale), `chunk` tokens at a time.
 
     Forward keeps only the per-token logsumexp; backward recomputes each chunk's logits, turns them into
-    d logp / d logits = onehot(target) - softmax, and accumulates the hidden-state and head gradients.
+    d logp / d z = (onehot(target) - softmax) * d logits / d z (z the head's output), and accumulates
+    the hidden-state and head gradients.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk):
+    def forward(ctx, hidden, weight, bias, targets, chunk, transform=PLAIN_HEAD):
         dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least, fp64 in fp64 tests
         token_logps = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)
         logsumexp = torch.empty_like(token_logps)
         for start in range(0, hidden.shape[0], chunk):
             part = slice(start, start + chunk)
-            logits = torch.nn.functional.linear(hidden[part], weight, bias).to(dtype)
+            logits = transform.logits(torch.nn.functional.linear(hidden[part], weight, bias).to(dtype))
             logsumexp[part] = torch.logsumexp(logits, dim=-1)
             token_logps[part] = logits.gather(-1, targets[part, None]).squeeze(-1) - logsumexp[part]
         ctx.save_for_backward(hidden, weight, bias, targets, logsumexp)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.transform = chunk, transform
         return token_logps
 
     @staticmethod
@@ -186,10 +227,17 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias) if need_bias else None
         for start in range(0, hidden.shape[0], ctx.chunk):
             part = slice(start, start + ctx.chunk)
-            logits = torch.nn.functional.linear(hidden[part], weight, bias).to(logsumexp.dtype)
-            grad = grad_logps[part, None].to(logsumexp.dtype)
-            grad_logits = logits.sub_(logsumexp[part, None]).exp_().mul_(-grad)
-            grad_logits.scatter_add_(-1, targets[part, None], grad)
+            grad_logits = torch.nn.functional.linear(hidden[part], weight, bias).to(logsumexp.dtype)
+            # In place, a slice of rows at a time: a soft-cap's slope then needs a slice, not a chunk.
+            end = min(start + ctx.chunk, hidden.shape[0])
+            for rows in range(start, end, _SLOPE_ROWS):
+                piece = slice(rows, min(rows + _SLOPE_ROWS, end))
+                logits, slope = ctx.transform.logits_and_slope(grad_logits[rows - start : piece.stop - start])
+                grad = grad_logps[piece, None].to(logsumexp.dtype)
+                logits.sub_(logsumexp[piece, None]).exp_().mul_(-grad)
+                logits.scatter_add_(-1, targets[piece, None], grad)
+                if not isinstance(slope, float) or slope != 1:
+                    logits.mul_(slope)  # d logp / d z
             grad_logits = grad_logits.to(weight.dtype)
             if need_hidden:
                 grad_hidden[part] = grad_logits @ weight
@@ -197,7 +245,10 @@ class _ChunkedTokenLogps(torch.autograd.Function):
                 grad_weight.addmm_(grad_logits.T, hidden[part])
             if need_bias:
                 grad_bias += grad_logits.sum(dim=0)
-        return grad_hidden, grad_weight, grad_bias, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
+
+
+_SLOPE_ROWS = 64
 
 
 def _first_completion_position(completion_mask: torch.Tensor) -> int:

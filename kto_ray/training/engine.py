@@ -10,6 +10,7 @@ import torch
 from kto_ray.config import KTOConfig
 from kto_ray.models.loading import hidden_size_of, load_causal_lm, resolve_dtype
 from kto_ray.models.logprobs import sequence_logps
+from kto_ray.models.moe import mark_expert_blocks_as_z3_leaves
 from kto_ray.planning.memory import SUB_GROUP_ELEMENTS
 from kto_ray.rundir import RunDir
 from kto_ray.training.lora import (
@@ -136,6 +137,8 @@ def build_policy_engine(cfg: KTOConfig, ds_config: dict[str, Any], total_steps: 
     if cfg.deepspeed.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    if ds_config["zero_optimization"]["stage"] == 3:
+        mark_expert_blocks_as_z3_leaves(model)  # MoE: the same gathers on every rank (models/moe.py)
     # Only what trains gets optimizer state: all the weights, or with LoRA the adapters alone.
     params = trainable_parameters(model)
     optimizer = None
@@ -170,6 +173,7 @@ def build_reference_engine(cfg: KTOConfig, world_size: int, hidden_size: int | N
         del keep_alive
         return model.to(torch.device("cuda") if cfg.cluster.use_gpu else torch.device("cpu")).eval()
     ds_config["zero_optimization"].pop("offload_optimizer", None)
+    mark_expert_blocks_as_z3_leaves(model)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     engine.eval()
     del keep_alive

@@ -4,10 +4,13 @@ For the global batch of one optimizer step (all workers, all accumulation micro-
 1. policy log-probs of the mismatched (x, y_kl) pairs without gradients, on every micro-batch;
 2. one all-reduce of [KL sum, KL count] gives the exact global z0 and row count (`distributed.global_z0`);
 3. per micro-batch: policy log-probs of (x, y) with gradients, KTO loss from `kto_ray.loss`, backward;
+   for an MoE model with `router_aux`, this pass also adds `router_aux_loss_coef x aux_loss` (the
+   family's load-balancing loss of this forward's router logits, `kto_ray.models.moe`), per row;
 4. the engine steps (clip, optimizer, scheduler) once the accumulation boundary is reached;
 5. one all-reduce of the metric sums (`kto_ray.kto_metrics.KTOSums`).
 The backward loss is sum(local row losses) / global rows * world size: DeepSpeed averages gradients over
-ranks, so the result is the gradient of the mean loss over the global batch, however rows are split.
+ranks, so the result is the gradient of the mean loss over the global batch, however rows are split. The
+aux term counts once per row of its micro-batch, so it too is a mean over the global batch's rows.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import torch
 
 from kto_ray.kto_metrics import TRAIN_KEYS, KTOSums
 from kto_ray.loss import KTOLossOutput, kto_loss
-from kto_ray.models.logprobs import DEFAULT_CHUNK_TOKENS, sequence_logps
+from kto_ray.models.logprobs import DEFAULT_CHUNK_TOKENS, sequence_logps, sequence_logps_and_router_logits
+from kto_ray.models.moe import RouterAux
 from kto_ray.training.batching import KTOBatch
 from kto_ray.training.distributed import Reduce, global_z0
 
@@ -74,10 +78,13 @@ def train_step(
     device: torch.device | str = "cpu",
     chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
     estimate_kl: bool = True,
+    router_aux: RouterAux | None = None,
 ) -> dict[str, float]:
-    """Run one optimizer step over this rank's micro-batches; returns global metrics (TRL's names).
+    """Run one optimizer step over this rank's micro-batches; returns global metrics (TRL's names, and
+    `aux_loss` with `router_aux`).
 
-    `chunk_tokens` is the log-prob chunking of `kto_ray.models.logprobs.sequence_logps`. Without
+    `chunk_tokens` is the log-prob chunking of `kto_ray.models.logprobs.sequence_logps`; `router_aux`
+    (`kto_ray.models.moe.router_aux`) adds the router's load-balancing loss to the policy pass. Without
     `estimate_kl` (`train.kl_estimate: zero`) the KL forward is skipped and z0 is 0: the all-reduce
     still runs, on a zero sum, so the collectives are the same either way."""
     micro_batches = [mb.to(device) for mb in micro_batches]
@@ -85,15 +92,23 @@ def train_step(
     z0, global_rows = global_z0(kl_sum, sum(len(mb) for mb in micro_batches), reduce)
     sums = KTOSums.zeros(device)
     for mb, ref_y in zip(micro_batches, ref_logps):
-        policy = sequence_logps(engine.module, mb.policy, chunk_tokens)
+        aux = None
+        if router_aux is None:
+            policy = sequence_logps(engine.module, mb.policy, chunk_tokens)
+        else:
+            policy, router_logits = sequence_logps_and_router_logits(engine.module, mb.policy, chunk_tokens)
+            aux = router_aux(router_logits, mb.policy.attention_mask)
         out = settings.loss(policy, ref_y, mb.desirable, z0)
         loss_sum = out.losses.sum()
+        if aux is not None:
+            loss_sum = loss_sum + router_aux.coef * aux * len(mb)
         _check_finite_on_every_rank(loss_sum, reduce, world_size)
         engine.backward(loss_sum / global_rows * world_size, scale_wrt_gas=False)
         engine.step()
-        sums.add(out, policy, ref_y, mb.desirable, z0, tokens=_tokens(mb, estimate_kl))
+        sums.add(out, policy, ref_y, mb.desirable, z0, tokens=_tokens(mb, estimate_kl), aux_loss=aux)
     grad_norm = _checked_grad_norm(engine)
-    return sums.reduce(reduce).to_metrics(z0.item(), TRAIN_KEYS, grad_norm=grad_norm)
+    keys = TRAIN_KEYS if router_aux is None else (*TRAIN_KEYS, "aux_loss")
+    return sums.reduce(reduce).to_metrics(z0.item(), keys, grad_norm=grad_norm)
 
 
 @torch.no_grad()

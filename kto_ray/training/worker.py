@@ -30,6 +30,7 @@ import torch
 from kto_ray.config import KTOConfig
 from kto_ray.errors import NonFiniteStep
 from kto_ray.models.loading import hidden_size_of, load_tokenizer
+from kto_ray.models.moe import router_aux
 from kto_ray.reference.reader import RowReader, SplitIndex
 from kto_ray.rundir import WORKERS_FILE, RunDir
 from kto_ray.training.batching import Schedule, collate
@@ -238,6 +239,7 @@ def _step(run: WorkerRun, step: int) -> dict[str, Any]:
             run.device,
             chunk_tokens=run.cfg.model.logprob_chunk_tokens,
             estimate_kl=run.cfg.train.kl_estimate == "batch",
+            router_aux=router_aux(run.engine.module) if run.cfg.train.router_aux_loss else None,
         )
     except NonFiniteError as err:
         raise NonFiniteStep(step + 1, str(err)) from None
