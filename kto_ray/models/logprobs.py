@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from kto_ray.loss import completion_logps
+from kto_ray.models.packing import PackedBatch, layout_for, packed_full_logps
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,17 @@ class PaddedBatch:
     @property
     def tokens(self) -> int:
         return int(self.attention_mask.sum())
+
+    @property
+    def rows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
+    def rows_of(self, predicts_completion: torch.Tensor) -> torch.Tensor:
+        """Row index of each position selected by a [rows, width - 1] mask over the predicting positions."""
+        return predicts_completion.nonzero(as_tuple=True)[0]
 
     def to(self, device: torch.device | str) -> PaddedBatch:
         return PaddedBatch(
@@ -72,7 +84,9 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
 def sequence_logps(
-    model: torch.nn.Module, batch: PaddedBatch, chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS
+    model: torch.nn.Module,
+    batch: PaddedBatch | PackedBatch,
+    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
 ) -> torch.Tensor:
     """Summed completion log-prob per row under `model` (float32; float64 for a float64 model).
 
@@ -80,11 +94,17 @@ def sequence_logps(
     that many completion tokens exist at a time, in forward and in backward. With None, or for other
     models, the full logits are computed, from the position that predicts the batch's first
     completion token on (transformers' `logits_to_keep`): prompts need no vocabulary projection.
+    A packed batch (`kto_ray.models.packing`) runs as one sequence where the model keeps its rows
+    apart, else as the padded batch of the same rows.
     """
+    if isinstance(batch, PackedBatch):
+        batch = layout_for(model, batch)
     if chunk_tokens is not None:
         parts = _decoder_and_head(model)
         if parts is not None:
             return _chunked_sequence_logps(*parts, batch, chunk_tokens)
+    if isinstance(batch, PackedBatch):
+        return packed_full_logps(model, batch)
     return _full_sequence_logps(model, batch)
 
 
@@ -118,17 +138,15 @@ def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn
 
 
 def _chunked_sequence_logps(
-    decoder: torch.nn.Module, head: torch.nn.Linear, batch: PaddedBatch, chunk_tokens: int
+    decoder: torch.nn.Module, head: torch.nn.Linear, batch: PaddedBatch | PackedBatch, chunk_tokens: int
 ) -> torch.Tensor:
-    hidden = decoder(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-    ).last_hidden_state
+    hidden = decoder(**batch.model_inputs(), use_cache=False).last_hidden_state
     # Position t's hidden state predicts token t + 1: keep only the positions that predict completion
     # tokens, flattened over rows ([tokens, hidden]); padding and prompts never reach the head.
     # A reference spread over GPUs (device_map) ends its decoder on another device than its inputs.
     device = head.weight.device
     predicts_completion = batch.completion_mask[:, 1:].bool().to(hidden.device)
-    rows = predicts_completion.nonzero(as_tuple=True)[0].to(device)
+    rows = batch.rows_of(predicts_completion).to(device)
     states = hidden[:, :-1][predicts_completion].to(device)
     targets = batch.input_ids[:, 1:].to(hidden.device)[predicts_completion].to(device)
     with _forward_replaced(
@@ -138,7 +156,7 @@ def _chunked_sequence_logps(
         # weight for forward, gather it again for backward, and reduce its gradient, exactly as for
         # the model's own call of the head.
         token_logps = head(states)
-    out = torch.zeros(batch.input_ids.shape[0], dtype=token_logps.dtype, device=token_logps.device)
+    out = torch.zeros(batch.rows, dtype=token_logps.dtype, device=token_logps.device)
     return out.index_add(0, rows, token_logps)
 
 

@@ -127,6 +127,6 @@ def _checked_grad_norm(engine: Engine) -> float:
     return grad_norm
 
 
-def _tokens(mb: KTOBatch) -> torch.Tensor:
+def _tokens(mb: KTOBatch) -> int:
     """Tokens the micro-batch's forwards ran on: its (x, y) and (x, y_kl) sequences."""
-    return mb.policy.attention_mask.sum() + mb.kl.attention_mask.sum()
+    return mb.policy.tokens + mb.kl.tokens
