@@ -48,6 +48,7 @@ BENCHES: dict[str, Smoke] = {
     "gpu_mfu": Smoke(("| parameters", "precompute: 1 actor"), "cuda"),
     "row_memory": Smoke(("| old driver", "| old worker", "| new driver", "| new worker")),
     "logprob_memory": Smoke(("| full logits", "| chunked, 64 tokens")),
+    "packing": Smoke(("| reference pass (precompute's batches)", "| training, random micro-batches")),
 }
 FAST = {"row_memory", "logprob_memory"}  # well under 20 s alone; every other one is `slow`
 
