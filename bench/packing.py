@@ -134,6 +134,7 @@ def main() -> None:
                 tokens, seconds = timer(model, batches, layout, pad_id)
                 rates[layout_name].append(tokens / seconds)
         padded, packed = (statistics.mean(rates[k]) for k in layouts)
+        print(f"{name}: padded {rates['padded']}, packed {rates['packed']} tokens/s", flush=True)
         table.append([name, len(batches), padded, packed, f"{packed / padded:.2f}x"])
     common.print_table(
         ["case", "model batches", "padded tokens/s", "packed tokens/s", "packed / padded"],

@@ -175,12 +175,15 @@ def layout_for(model: torch.nn.Module, batch: PackedBatch) -> PackedBatch | Padd
     """The layout `model` runs `batch` (a flat one, from `pack_sequences`) in: one sequence for the
     flash-attention kernels (varlen: attention costs the sum of each row's length squared); lanes as
     wide as the longest row for the others, whose packed mask is dense (a single sequence would cost
-    tokens^2 in attention); the padded batch where the model cannot keep packed rows apart."""
+    tokens^2 in attention), unless no two rows share a lane (length-sorted batches): then the padded
+    batch is the same work without the packed mask's cost. Padded too where the model cannot keep
+    packed rows apart."""
     if not keeps_rows_apart(model):
         return batch.padded()
     if str(getattr(model.config, "_attn_implementation", "")).startswith("flash"):
         return batch
-    return batch.in_lanes(int(batch.lengths.max()) if batch.rows else 1)
+    lanes = batch.in_lanes(int(batch.lengths.max()) if batch.rows else 1)
+    return lanes if lanes.input_ids.shape[0] < batch.rows else batch.padded()
 
 
 def keeps_rows_apart(model: torch.nn.Module) -> bool:

@@ -115,8 +115,10 @@ class ReferenceLogprobs:
         scores = np.zeros(2 * n, dtype=np.float32)
         with torch.inference_mode():
             for rows in length_buckets(lengths, self.batch_rows, self.batch_tokens):
-                batch = self.layout([prompts[i] for i in rows], [completions[i] for i in rows], self.pad_id)
-                logps = sequence_logps(self.model, batch.to(self.device), self.chunk_tokens)
+                model_batch = self.layout(
+                    [prompts[i] for i in rows], [completions[i] for i in rows], self.pad_id
+                )
+                logps = sequence_logps(self.model, model_batch.to(self.device), self.chunk_tokens)
                 scores[rows] = logps.float().cpu().numpy()
         if self.progress is not None:
             self.progress.add.remote(n, sum(lengths))  # fire and forget: the bar is best effort

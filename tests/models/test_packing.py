@@ -142,3 +142,27 @@ def test_a_train_step_on_packed_micro_batches_equals_the_padded_one():
     assert packed_metrics["tokens"] == padded_metrics["tokens"] > 0
     for a, b in zip(packed_params, padded_params):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_precompute_scores_packed_batches_as_padded_ones(tiny_model):
+    # The reference pass's actor callable itself (no Ray): its store columns, packed vs padded.
+    from kto_ray.reference.precompute import ReferenceLogprobs
+
+    n = len(PROMPTS)
+    rows = {
+        "id": list(range(n)),
+        "kl_id": [(i + 1) % n for i in range(n)],
+        "label": [i % 2 == 0 for i in range(n)],
+        "split": ["train"] * n,
+        "prompt_ids": PROMPTS,
+        "completion_ids": COMPLETIONS,
+        "kl_completion_ids": COMPLETIONS[1:] + COMPLETIONS[:1],
+    }
+    tables = {}
+    for packed in (False, True):
+        model_cfg = ModelConfig(path=str(tiny_model), packed_batches=packed)
+        score = ReferenceLogprobs(model_cfg, str(tiny_model), "float32", False, 0.0, 4, None, pad_id=3)
+        tables[packed] = score(rows)
+    for column in ("ref_logps", "ref_kl_logps"):
+        packed, padded = (torch.tensor(tables[p][column].to_pylist()) for p in (True, False))
+        torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
