@@ -41,6 +41,13 @@ class ModelConfig(Section):
         "recomputed in backward), so memory grows with chunk x vocab, not rows x length x vocab; "
         "null computes the full logits (the slower, larger path, kept for comparison).",
     )
+    packed_batches: bool = Field(
+        False,
+        description="Run each model batch (precompute, the KL and policy passes, evaluation) with its "
+        "rows packed back to back, no padding (kto_ray/models/packing.py): one sequence per batch "
+        "with flash_attention_2, lanes as wide as the batch's longest row with sdpa/eager. Same "
+        "log-probs; models that cannot keep packed rows apart stay padded (said once).",
+    )
 
 
 class ReferenceConfig(Section):

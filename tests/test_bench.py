@@ -59,6 +59,7 @@ BENCHES: dict[str, Smoke] = {
     "logprob_memory": Smoke(
         ("| full logits", "| chunked, 64 tokens", "soft-capped head (Gemma 3, cap 30): policy")
     ),
+    "packing": Smoke(("| reference pass (precompute's batches)", "| training, random micro-batches")),
 }
 FAST = {"row_memory", "logprob_memory"}  # well under 20 s alone; every other one is `slow`
 

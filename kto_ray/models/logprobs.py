@@ -24,6 +24,7 @@ import torch
 
 from kto_ray.loss import completion_logps
 from kto_ray.models.heads import PLAIN_HEAD, HeadTransform, head_transform, say_once
+from kto_ray.models.packing import PackedBatch, layout_for, packed_full_logps
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,17 @@ class PaddedBatch:
     @property
     def tokens(self) -> int:
         return int(self.attention_mask.sum())
+
+    @property
+    def rows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
+    def rows_of(self, predicts_completion: torch.Tensor) -> torch.Tensor:
+        """Row index of each position selected by a [rows, width - 1] mask over the predicting positions."""
+        return predicts_completion.nonzero(as_tuple=True)[0]
 
     def to(self, device: torch.device | str) -> PaddedBatch:
         return PaddedBatch(
@@ -71,7 +83,9 @@ RouterLogits = tuple[torch.Tensor, ...]
 
 
 def sequence_logps(
-    model: torch.nn.Module, batch: PaddedBatch, chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS
+    model: torch.nn.Module,
+    batch: PaddedBatch | PackedBatch,
+    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
 ) -> torch.Tensor:
     """Summed completion log-prob per row under `model` (float32; float64 for a float64 model).
 
@@ -80,7 +94,9 @@ def sequence_logps(
     exist at a time, in forward and in backward. With None, or for other models (said once), the full
     logits are computed, from the position that predicts the batch's first completion token on
     (transformers' `logits_to_keep`): prompts need no vocabulary projection. An MoE model whose
-    config sets `output_router_logits` is asked not to record them here.
+    config sets `output_router_logits` is asked not to record them here. A packed batch
+    (`kto_ray.models.packing`) runs as one sequence where the model keeps its rows apart, else as the
+    padded batch of the same rows.
     """
     return _sequence_logps(model, batch, chunk_tokens, router_logits=False)[0]
 
@@ -100,10 +116,16 @@ def _sequence_logps(
     model: torch.nn.Module, batch: PaddedBatch, chunk_tokens: int | None, router_logits: bool
 ) -> tuple[torch.Tensor, RouterLogits | None]:
     extra = _router_kwargs(model, router_logits)
+    if isinstance(batch, PackedBatch):
+        # The load-balancing loss weighs tokens by an attention mask [rows, length]: rows whose
+        # router logits it needs run padded.
+        batch = batch.padded() if router_logits else layout_for(model, batch)
     if chunk_tokens is not None:
         parts = _decoder_and_head(model)
         if parts is not None:
             return _chunked_sequence_logps(*parts, batch, chunk_tokens, extra)
+    if isinstance(batch, PackedBatch):
+        return packed_full_logps(model, batch, extra), None
     return _full_sequence_logps(model, batch, extra)
 
 
@@ -155,18 +177,18 @@ def _chunked_sequence_logps(
     decoder: torch.nn.Module,
     head: torch.nn.Linear,
     transform: HeadTransform,
-    batch: PaddedBatch,
+    batch: PaddedBatch | PackedBatch,
     chunk_tokens: int,
     extra: dict[str, bool],
 ) -> tuple[torch.Tensor, RouterLogits | None]:
-    out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **extra)
+    out = decoder(**batch.model_inputs(), use_cache=False, **extra)
     hidden = out.last_hidden_state
     # Position t's hidden state predicts token t + 1: keep only the positions that predict completion
     # tokens, flattened over rows ([tokens, hidden]); padding and prompts never reach the head.
     # A reference spread over GPUs (device_map) ends its decoder on another device than its inputs.
     device = head.weight.device
     predicts_completion = batch.completion_mask[:, 1:].bool().to(hidden.device)
-    rows = predicts_completion.nonzero(as_tuple=True)[0].to(device)
+    rows = batch.rows_of(predicts_completion).to(device)
     states = hidden[:, :-1][predicts_completion].to(device)
     targets = batch.input_ids[:, 1:].to(hidden.device)[predicts_completion].to(device)
     with _forward_replaced(
@@ -177,7 +199,7 @@ def _chunked_sequence_logps(
         # weight for forward, gather it again for backward, and reduce its gradient, exactly as for
         # the model's own call of the head.
         token_logps = head(states)
-    logps = torch.zeros(batch.input_ids.shape[0], dtype=token_logps.dtype, device=token_logps.device)
+    logps = torch.zeros(batch.rows, dtype=token_logps.dtype, device=token_logps.device)
     return logps.index_add(0, rows, token_logps), getattr(out, "router_logits", None)
 
 

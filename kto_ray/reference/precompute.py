@@ -24,6 +24,7 @@ from kto_ray.errors import StorageError, UserError
 from kto_ray.lease import ensure_free
 from kto_ray.models.loading import check_context_length, load_causal_lm, load_tokenizer, resolve_dtype
 from kto_ray.models.logprobs import length_buckets, pad_sequences, sequence_logps
+from kto_ray.models.packing import pack_sequences
 from kto_ray.raycluster import ray_session
 from kto_ray.reference.check import data_file_stats, store_fingerprint
 from kto_ray.reference.fingerprint import FileStat
@@ -104,6 +105,7 @@ class ReferenceLogprobs:
         self.device = model.get_input_embeddings().weight.device  # where the input ids go
         self.batch_rows, self.batch_tokens, self.pad_id = batch_rows, batch_tokens, pad_id
         self.chunk_tokens = model_cfg.logprob_chunk_tokens
+        self.layout = pack_sequences if model_cfg.packed_batches else pad_sequences
         self.progress = progress  # a _Counter actor for the driver's progress bar, or None
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
@@ -114,10 +116,10 @@ class ReferenceLogprobs:
         scores = np.zeros(2 * n, dtype=np.float32)
         with torch.inference_mode():
             for rows in length_buckets(lengths, self.batch_rows, self.batch_tokens):
-                padded = pad_sequences(
+                model_batch = self.layout(
                     [prompts[i] for i in rows], [completions[i] for i in rows], self.pad_id
                 )
-                logps = sequence_logps(self.model, padded.to(self.device), self.chunk_tokens)
+                logps = sequence_logps(self.model, model_batch.to(self.device), self.chunk_tokens)
                 scores[rows] = logps.float().cpu().numpy()
         if self.progress is not None:
             self.progress.add.remote(n, sum(lengths))  # fire and forget: the bar is best effort

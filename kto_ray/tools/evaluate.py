@@ -13,20 +13,22 @@ from kto_ray.kto_metrics import EVAL_KEYS, KTOSums
 from kto_ray.loss import kl_z0
 from kto_ray.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
 from kto_ray.models.logprobs import length_buckets, pad_sequences, sequence_logps
+from kto_ray.models.packing import pack_sequences
 from kto_ray.reference.check import checked_store
 from kto_ray.training.driver import desirable_weight
 from kto_ray.training.step import LossSettings
 
 
 def _score(
-    model, prompts, completions, pad_id: int, batch_rows: int, chunk_tokens: int | None
+    model, prompts, completions, pad_id: int, batch_rows: int, chunk_tokens: int | None, packed: bool
 ) -> torch.Tensor:
     lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
     out = np.zeros(len(lengths), dtype=np.float32)
+    layout = pack_sequences if packed else pad_sequences
     with torch.inference_mode():
         for rows in length_buckets(lengths, batch_rows):
-            padded = pad_sequences([prompts[i] for i in rows], [completions[i] for i in rows], pad_id)
-            out[rows] = sequence_logps(model, padded, chunk_tokens).float().numpy()
+            batch = layout([prompts[i] for i in rows], [completions[i] for i in rows], pad_id)
+            out[rows] = sequence_logps(model, batch, chunk_tokens).float().numpy()
     return torch.from_numpy(out)
 
 
@@ -38,8 +40,9 @@ def evaluate(cfg: KTOConfig, model_path: str | None = None, split: str = "eval")
     part = store.read_split(split).to_pydict()
     model = load_causal_lm(cfg.model, resolve_dtype("float32", False), model_path or cfg.model.path).eval()
     batch_rows, chunk, pad = cfg.precompute.batch_rows, cfg.model.logprob_chunk_tokens, tokenizer.pad_token_id
-    policy = _score(model, part["prompt_ids"], part["completion_ids"], pad, batch_rows, chunk)
-    policy_kl = _score(model, part["prompt_ids"], part["kl_completion_ids"], pad, batch_rows, chunk)
+    scoring = (pad, batch_rows, chunk, cfg.model.packed_batches)
+    policy = _score(model, part["prompt_ids"], part["completion_ids"], *scoring)
+    policy_kl = _score(model, part["prompt_ids"], part["kl_completion_ids"], *scoring)
     ref, ref_kl = torch.tensor(part["ref_logps"]), torch.tensor(part["ref_kl_logps"])
     desirable = torch.tensor(part["label"], dtype=torch.bool)
     z0 = kl_z0(policy_kl, ref_kl)

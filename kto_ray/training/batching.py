@@ -22,6 +22,7 @@ import pyarrow as pa
 import torch
 
 from kto_ray.models.logprobs import PaddedBatch, pad_sequences
+from kto_ray.models.packing import PackedBatch, pack_sequences
 from kto_ray.reference.store import sequence_lengths
 
 if TYPE_CHECKING:
@@ -32,8 +33,8 @@ if TYPE_CHECKING:
 class KTOBatch:
     """One worker's micro-batch: policy and KL sequences plus what the store knows about them."""
 
-    policy: PaddedBatch
-    kl: PaddedBatch
+    policy: PaddedBatch | PackedBatch
+    kl: PaddedBatch | PackedBatch
     desirable: torch.Tensor
     ref_logps: torch.Tensor
     ref_kl_logps: torch.Tensor
@@ -135,12 +136,14 @@ class Schedule:
         ]
 
 
-def collate(table: pa.Table, rows: np.ndarray, pad_id: int) -> KTOBatch:
-    """Pad the selected rows of a store table to the batch's own longest sequence."""
+def collate(table: pa.Table, rows: np.ndarray, pad_id: int, packed: bool = False) -> KTOBatch:
+    """The selected rows of a store table, padded to the batch's own longest sequence (or, `packed`,
+    back to back without padding: `kto_ray.models.packing`)."""
     part = table.take(pa.array(rows, pa.int64())).to_pydict()
+    layout = pack_sequences if packed else pad_sequences
     return KTOBatch(
-        policy=pad_sequences(part["prompt_ids"], part["completion_ids"], pad_id),
-        kl=pad_sequences(part["prompt_ids"], part["kl_completion_ids"], pad_id),
+        policy=layout(part["prompt_ids"], part["completion_ids"], pad_id),
+        kl=layout(part["prompt_ids"], part["kl_completion_ids"], pad_id),
         desirable=torch.tensor(part["label"], dtype=torch.bool),
         ref_logps=torch.tensor(part["ref_logps"], dtype=torch.float32),
         ref_kl_logps=torch.tensor(part["ref_kl_logps"], dtype=torch.float32),

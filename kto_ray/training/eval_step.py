@@ -48,6 +48,7 @@ def eval_metrics(
     reference: ReferenceFn | None = None,
     device: torch.device | str = "cpu",
     chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
+    packed: bool = False,
 ) -> dict[str, float]:
     """Global eval metrics (the keys and values of `kto_ray.tools.evaluate.evaluate`) of `model` on
     `table`; every rank must call it with the same table. Restores the model's train/eval mode."""
@@ -57,7 +58,7 @@ def eval_metrics(
     was_training = model.training
     model.eval()  # no dropout: the same numbers `kto-ray evaluate` gets from the exported model
     try:
-        shard = _score_shard(model, table, batches, pad_id, reference, device, chunk_tokens)
+        shard = _score_shard(model, table, batches, pad_id, reference, device, chunk_tokens, packed)
     finally:
         model.train(was_training)
     z0, _ = global_z0(shard.kl_sum, len(shard.desirable), reduce)
@@ -85,12 +86,13 @@ def _score_shard(
     reference: ReferenceFn | None,
     device: torch.device | str,
     chunk_tokens: int | None,
+    packed: bool,
 ) -> _ShardScores:
     policy, ref, desirable = [], [], []
     kl_sum = torch.zeros((), dtype=torch.float32, device=device)
     for rows in batches:
         real = len(rows)
-        mb = collate(table, rows if real else np.zeros(1, dtype=np.int64), pad_id).to(device)
+        mb = collate(table, rows if real else np.zeros(1, dtype=np.int64), pad_id, packed).to(device)
         ref_y, ref_kl = reference(mb) if reference is not None else (mb.ref_logps, mb.ref_kl_logps)
         logps = sequence_logps(model, mb.policy, chunk_tokens).float()
         kl_logps = sequence_logps(model, mb.kl, chunk_tokens).float()

@@ -24,8 +24,14 @@ import torch
 
 from kto_ray.kto_metrics import TRAIN_KEYS, KTOSums
 from kto_ray.loss import KTOLossOutput, kto_loss
-from kto_ray.models.logprobs import DEFAULT_CHUNK_TOKENS, sequence_logps, sequence_logps_and_router_logits
+from kto_ray.models.logprobs import (
+    DEFAULT_CHUNK_TOKENS,
+    PaddedBatch,
+    sequence_logps,
+    sequence_logps_and_router_logits,
+)
 from kto_ray.models.moe import RouterAux
+from kto_ray.models.packing import PackedBatch
 from kto_ray.training.batching import KTOBatch
 from kto_ray.training.distributed import Reduce, global_z0
 
@@ -97,7 +103,7 @@ def train_step(
             policy = sequence_logps(engine.module, mb.policy, chunk_tokens)
         else:
             policy, router_logits = sequence_logps_and_router_logits(engine.module, mb.policy, chunk_tokens)
-            aux = router_aux(router_logits, mb.policy.attention_mask)
+            aux = router_aux(router_logits, _padded(mb.policy).attention_mask)
         out = settings.loss(policy, ref_y, mb.desirable, z0)
         loss_sum = out.losses.sum()
         if aux is not None:
@@ -148,7 +154,11 @@ def _checked_grad_norm(engine: Engine) -> float:
     return grad_norm
 
 
-def _tokens(mb: KTOBatch, estimate_kl: bool) -> torch.Tensor:
+def _padded(batch: PaddedBatch | PackedBatch) -> PaddedBatch:
+    """The padded layout of a batch (a packed policy batch with router logits runs padded)."""
+    return batch.padded() if isinstance(batch, PackedBatch) else batch
+
+
+def _tokens(mb: KTOBatch, estimate_kl: bool) -> int:
     """Tokens the micro-batch's forwards ran on: its (x, y) and, with the KL pass, (x, y_kl) sequences."""
-    policy = mb.policy.attention_mask.sum()
-    return policy + mb.kl.attention_mask.sum() if estimate_kl else policy
+    return mb.policy.tokens + mb.kl.tokens if estimate_kl else mb.policy.tokens

@@ -227,7 +227,8 @@ def _step(run: WorkerRun, step: int) -> dict[str, Any]:
     parts = [run.reader.take(rows) for rows in run.schedule.rows_for(step, run.rank)]
     if step + 1 < run.loop.total_steps:  # read the next step's rows while this one computes
         run.prefetch(step + 1)
-    batches = [collate(part, np.arange(len(part)), run.tokenizer.pad_token_id) for part in parts]
+    packed = run.cfg.model.packed_batches
+    batches = [collate(part, np.arange(len(part)), run.tokenizer.pad_token_id, packed) for part in parts]
     try:
         metrics = train_step(
             run.engine,
@@ -272,4 +273,5 @@ def _evaluate(run: WorkerRun) -> dict[str, float]:
         run.reference,
         run.device,
         chunk_tokens=run.cfg.model.logprob_chunk_tokens,
+        packed=run.cfg.model.packed_batches,
     )

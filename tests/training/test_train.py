@@ -80,3 +80,22 @@ def test_online_reference_gives_the_offline_first_step_loss(offline_runs, built_
 
 # Resuming (a rerun after a killed driver, after a failed checkpoint write, after a lost worker) is
 # tested in test_faults.py.
+
+
+def test_packed_batches_give_the_padded_step_on_two_workers(offline_runs, built_store, tmp_path):
+    # model.packed_batches: the same rows per micro-batch without padding; one optimizer step on 2 ZeRO-3
+    # workers equals the padded run's (offline_runs' second), metrics and exported weights.
+    packed = train(
+        _config(built_store, tmp_path, "packed", cluster={"workers": 2}, model={"packed_batches": True})
+    )
+    padded_first = read_metrics(offline_runs[1])[0]
+    packed_first = read_metrics(packed.run_dir.local_path)[0]
+    assert packed_first["rows"] == padded_first["rows"] == 8
+    assert packed_first["tokens"] == padded_first["tokens"]
+    for key in ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        assert packed_first[key] == pytest.approx(padded_first[key], abs=1e-5), key
+    assert packed_first["grad_norm"] == pytest.approx(padded_first["grad_norm"], rel=1e-5)
+    weights_padded = load_file(offline_runs[1] / "final" / "model.safetensors")
+    weights_packed = load_file(packed.run_dir.local_path / "final" / "model.safetensors")
+    for name in weights_padded:
+        torch.testing.assert_close(weights_packed[name], weights_padded[name], atol=1e-5, rtol=1e-5)
