@@ -147,13 +147,13 @@ def _table(rows: int = 6) -> pa.Table:
     )
 
 
-def _step(with_aux: bool):
+def _step(with_aux: bool, packed: bool = False):
     """One train_step (micro-batches of 2 and 4 rows, so the per-row weighting shows) with a plain engine
     that keeps the gradients; returns its metrics, the gradients and the micro-batches."""
     model = _model()
     engine = PlainEngine(model)  # no optimizer: the gradients stay
     table = _table()
-    batches = [collate(table, rows, pad_id=0) for rows in ([0, 1], [2, 3, 4, 5])]
+    batches = [collate(table, rows, pad_id=0, packed=packed) for rows in ([0, 1], [2, 3, 4, 5])]
     settings = LossSettings(beta=0.5, desirable_weight=1.0, undesirable_weight=1.0)
     aux = router_aux(model) if with_aux else None
     metrics = train_step(engine, batches, settings, lambda t: t, 1, chunk_tokens=3, router_aux=aux)
@@ -178,6 +178,18 @@ def test_the_step_adds_coef_times_aux_loss_on_the_policy_pass_and_not_without():
         torch.testing.assert_close(grad, off_grads[name] + aux_grad, rtol=1e-4, atol=1e-6, msg=name)
     router = "model.layers.0.mlp.gate.weight"
     assert (on_grads[router] - off_grads[router]).norm() > 1e-3 * on_grads[router].norm()
+
+
+def test_packed_micro_batches_give_the_padded_step_with_the_aux_loss():
+    # The policy pass with router logits runs a packed batch padded (the load-balancing loss weighs
+    # tokens by a [rows, length] mask); the KL pass runs packed. The step is the same either way.
+    padded, padded_grads, _ = _step(with_aux=True)
+    packed, packed_grads, batches = _step(with_aux=True, packed=True)
+    assert type(batches[0].policy).__name__ == "PackedBatch"
+    for key in ("loss", "kl", "aux_loss", "rewards/chosen", "rewards/rejected"):
+        assert packed[key] == pytest.approx(padded[key], rel=1e-5, abs=1e-6), key
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_expert_blocks_are_flagged_as_zero3_leaves():
