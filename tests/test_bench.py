@@ -45,6 +45,7 @@ BENCHES: dict[str, Smoke] = {
     "precompute_throughput": Smoke(("| kto-ray precompute #1", "| naive loop #1")),
     "driver_overhead": Smoke(("before (HEAD)", "after, cold cache", "after, warm cache")),
     "engine_overhead": Smoke(("| engine", "| 3  ")),
+    "reshape": Smoke(("reshape 2 -> 1 ranks, ZeRO-3", "| checkpoint GiB")),
     "gpu_mfu": Smoke(("| parameters", "precompute: 1 actor"), "cuda"),
     "row_memory": Smoke(("| old driver", "| old worker", "| new driver", "| new worker")),
     "logprob_memory": Smoke(("| full logits", "| chunked, 64 tokens")),

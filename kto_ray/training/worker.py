@@ -142,7 +142,7 @@ def _setup(loop: LoopConfig, teardown: contextlib.ExitStack) -> WorkerRun:
     engine = build_policy_engine(cfg, deepspeed_config(cfg, world, hidden_size=hidden_size), loop.total_steps)
     reference = online_reference(cfg, engine, world)  # with LoRA: the policy, adapters disabled
 
-    start_step = restore(engine, rank)
+    start_step = restore(engine, rank, world, cfg.run.scratch_dir)  # reshaped if `world` changed
     placement = gather_objects(_where_am_i(rank))  # a collective: every rank
     if rank == 0:
         RunDir.of(cfg).write_text(WORKERS_FILE, json.dumps(placement, indent=2) + "\n")
