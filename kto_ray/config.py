@@ -205,8 +205,8 @@ class RunConfig(Section):
     scratch_dir: str | None = Field(
         None,
         description="Local folder on each node where a checkpoint saved by a different number of workers "
-        "is reshaped before it loads (DeepSpeed's universal checkpoint: about the checkpoint's own size, "
-        "removed after the load); null: the node's temp dir.",
+        "is reshaped before it loads (DeepSpeed's universal checkpoint: up to about twice the checkpoint's "
+        "size while converting, removed after the load); null: the node's temp dir.",
     )
     export: bool = Field(True, description="Save the trained model to <run dir>/final/ in safetensors.")
     merge_lora: bool = Field(
