@@ -88,7 +88,8 @@ def reshaped(
             to_universal(folder, scratch, tag)
         except Exception as err:  # any failure of the converter: disk full, I/O, its own checks
             shutil.rmtree(scratch, ignore_errors=True)
-            failure = f"{scratch}: {first_line(err)}"
+            reason = first_line(err)  # an OSError names the path already
+            failure = reason if str(scratch) in reason else f"{scratch}: {reason}"
     failures = [reason for reason in gather_objects(failure) if reason]  # also the barrier
     if failures:
         raise CheckpointReshapeFailed(step, checkpoint_name, saved, world, failures[0])

@@ -1,7 +1,9 @@
 """A run resumed on a different number of workers: the checkpoint is reshaped (DeepSpeed's universal
 checkpoint) and the run goes on at the same data position, equal to an uninterrupted run.
 
-The global batch stays 8 rows per step: 2 workers x micro-batch 4 x 1, or 1 worker x 4 x 2."""
+The global batch stays 8 rows per step: 2 workers x micro-batch 4, or 1 worker x micro-batch 8 (not
+1 x 4 x 2 accumulation: on this code base an accumulated step's gradient differs from two workers' (seen
+in the grad norm of an uninterrupted 1-worker run), independently of any reshape)."""
 
 from __future__ import annotations
 
@@ -27,8 +29,8 @@ def _config(built_store, root: Path, name: str, workers: int, steps: int = STEPS
     # Constant LR: a run stopped at step 4 and rerun to step 8 follows the 8-step run's schedule.
     tree["train"] |= {
         "max_steps": steps,
-        "micro_batch_size": 4,
-        "grad_accumulation": 2 // workers,
+        "micro_batch_size": 8 // workers,
+        "grad_accumulation": 1,
         "lr": 1e-3,
         "warmup_ratio": 0.0,
         "schedule": "constant",
