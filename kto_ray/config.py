@@ -286,6 +286,12 @@ class RunConfig(Section):
         0, ge=-1, description="Worker-group restarts from the last checkpoint (-1: no limit)."
     )
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on storage.")
+    scratch_dir: str | None = Field(
+        None,
+        description="Local folder on each node where a checkpoint saved by a different number of workers "
+        "is reshaped before it loads (DeepSpeed's universal checkpoint: up to about twice the checkpoint's "
+        "size while converting, removed after the load); null: the node's temp dir.",
+    )
     export: bool = Field(True, description="Save the trained model to <run dir>/final/ in safetensors.")
     merge_lora: bool = Field(
         False,

@@ -56,3 +56,19 @@ class CheckpointWriteFailed(WorkerFailure):
 
     def _fields(self) -> tuple:
         return (self.step, self.checkpoint, self.reason, self.previous)
+
+
+class CheckpointReshapeFailed(WorkerFailure):
+    """The checkpoint `checkpoint` of step `step`, saved by `saved` workers, could not be reshaped for
+    `world` workers (`reason`, one line, naming the scratch folder); the checkpoint itself is untouched."""
+
+    def __init__(self, step: int, checkpoint: str, saved: int, world: int, reason: str):
+        super().__init__(
+            f"the checkpoint {checkpoint} (step {step}, {saved} workers) could not be reshaped for "
+            f"{world} worker{'s' if world != 1 else ''} ({reason}); the checkpoint is left as it was"
+        )
+        self.step, self.checkpoint, self.reason = step, checkpoint, reason
+        self.saved, self.world = saved, world
+
+    def _fields(self) -> tuple:
+        return (self.step, self.checkpoint, self.saved, self.world, self.reason)

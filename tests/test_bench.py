@@ -54,6 +54,7 @@ BENCHES: dict[str, Smoke] = {
     "append_cost": Smoke(("| full precompute #1", "| append of the new rows #1", "append / full precompute")),
     "driver_overhead": Smoke(("before (HEAD)", "after, cold cache", "after, warm cache")),
     "engine_overhead": Smoke(("| engine", "| 3  ")),
+    "reshape": Smoke(("reshape 2 -> 1 ranks, ZeRO-3", "| checkpoint GiB")),
     "gpu_mfu": Smoke(("| parameters", "precompute: 1 actor"), "cuda"),
     "row_memory": Smoke(("| old driver", "| old worker", "| new driver", "| new worker")),
     "logprob_memory": Smoke(

@@ -3,6 +3,7 @@
 A checkpoint folder holds DeepSpeed's files (model, optimizer and scheduler shards of all ranks), one
 RNG state file per rank, `trainer_state.json` (the optimizer step, which is also the data position) and
 `run_state.json` (what the steps mean: training/run_state.py, checked by the driver on a rerun).
+The number of workers that saved it is read back from DeepSpeed's files (one optimizer shard per rank).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from kto_ray.errors import CheckpointWriteFailed
 from kto_ray.storage import first_line
+from kto_ray.training.reshape import reshaped, saved_world_size
 from kto_ray.training.run_state import RUN_STATE_FILE
 
 TAG = "zero"
@@ -72,15 +74,43 @@ def save_and_report(
             ) from None
 
 
-def restore(engine, rank: int) -> int:
+def restore(engine, rank: int, world: int, scratch_dir: str | None = None) -> int:
     """Load the latest checkpoint Ray Train hands this run (after a restart or a rerun); returns the
-    number of optimizer steps already done (0 when starting fresh)."""
+    number of optimizer steps already done (0 when starting fresh). A checkpoint saved by a different
+    number of workers is reshaped first (`training/reshape.py`, in `scratch_dir`), then loaded.
+
+    RNG states are per rank and are restored only when the world size is unchanged: after a reshape
+    each rank keeps the seed `_setup` gave it. The data order never depends on them (the schedule is
+    a function of the step and `train.seed`); only dropout would, and then a run on a different
+    worker count draws different masks anyway."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as folder:
+        folder = Path(folder)
+        step = int(json.loads((folder / STATE_FILE).read_text())["step"])
+        saved = saved_world_size(folder, TAG)
+        if saved == world:
+            _load(engine, folder, universal=False)
+            rng_file = folder / f"rng_rank{rank}.pt"
+            if rng_file.exists():
+                # Our own file, written by save_and_report above (RNG states are not plain tensors).
+                _set_rng_state(torch.load(rng_file, weights_only=False))
+            return step
+        name = checkpoint_name(step)
+        with reshaped(folder, TAG, step, name, saved, world, scratch_dir) as universal_folder:
+            _load(engine, universal_folder, universal=True)
+        return step
+
+
+def _load(engine, folder: Path, universal: bool) -> None:
+    """DeepSpeed's load of `folder/TAG`; `universal` for a converted checkpoint. The option is read at
+    load time only (`engine.load_universal_checkpoint()`), so it is set for this load and put back:
+    the engine is built before the checkpoint is seen."""
+    engine._config.load_universal_checkpoint = universal
+    try:
         engine.load_checkpoint(
-            folder,
+            str(folder),
             tag=TAG,
             load_optimizer_states=True,
             load_lr_scheduler_states=True,
@@ -88,8 +118,5 @@ def restore(engine, rank: int) -> int:
             # values just loaded from the model files.
             load_module_strict=not _has_frozen_parameters(engine),
         )
-        rng_file = Path(folder) / f"rng_rank{rank}.pt"
-        if rng_file.exists():
-            # Our own file, written by save_and_report above (RNG states are not plain tensors).
-            _set_rng_state(torch.load(rng_file, weights_only=False))
-        return int(json.loads((Path(folder) / STATE_FILE).read_text())["step"])
+    finally:
+        engine._config.load_universal_checkpoint = False

@@ -24,6 +24,7 @@ import pyarrow as pa
 from kto_ray.config import KTOConfig, dump_config, with_absolute_paths
 from kto_ray.data.prepare import prepare_text, tokenize_rows
 from kto_ray.errors import (
+    CheckpointReshapeFailed,
     CheckpointWriteFailed,
     NonFiniteStep,
     StorageError,
@@ -258,6 +259,7 @@ def fit(
                 stopped = (
                     _stopped_by_non_finite(err, run_dir)
                     or _stopped_by_storage(err, run_dir)
+                    or _stopped_by_reshape(err)
                     or _controller_storage_failure(err, run_dir, progress.shown)
                 )
                 if stopped is None:
@@ -331,6 +333,17 @@ def _stopped_by_storage(err: Exception, run_dir: RunDir) -> StorageError | None:
         return None
     return StorageError(
         f"training stopped at {failure} (run dir {run_dir}); rerun to resume once the storage is reachable"
+    )
+
+
+def _stopped_by_reshape(err: Exception) -> StorageError | None:
+    """A checkpoint that could not be reshaped for the new worker count, as one line with the ways out."""
+    failure = _worker_failure(err, CheckpointReshapeFailed)
+    if failure is None:
+        return None
+    return StorageError(
+        f"training stopped: {failure}. Free space there or set run.scratch_dir, then rerun; or rerun "
+        f"with cluster.workers={failure.saved}"
     )
 
 

@@ -153,7 +153,7 @@ def _setup(loop: LoopConfig, teardown: contextlib.ExitStack) -> WorkerRun:
     engine = build_policy_engine(cfg, deepspeed_config(cfg, world, hidden_size=hidden_size), loop.total_steps)
     reference = online_reference(cfg, engine, world)  # with LoRA: the policy, adapters disabled
 
-    start_step = restore(engine, rank)
+    start_step = restore(engine, rank, world, cfg.run.scratch_dir)  # reshaped if `world` changed
     if start_step:  # this start's learning rate, schedule and optimizer settings, not the checkpoint's
         refresh_optimizer_settings(engine, cfg)
     placement = gather_objects(_where_am_i(rank))  # a collective: every rank

@@ -9,9 +9,20 @@ import pickle
 import pytest
 import ray.train
 
-from kto_ray.errors import CheckpointWriteFailed, NonFiniteStep, StorageError, TrainingStopped
+from kto_ray.errors import (
+    CheckpointReshapeFailed,
+    CheckpointWriteFailed,
+    NonFiniteStep,
+    StorageError,
+    TrainingStopped,
+)
 from kto_ray.rundir import RunDir
-from kto_ray.training.driver import _controller_storage_failure, _stopped_by_non_finite, _stopped_by_storage
+from kto_ray.training.driver import (
+    _controller_storage_failure,
+    _stopped_by_non_finite,
+    _stopped_by_reshape,
+    _stopped_by_storage,
+)
 
 RUN_DIR = RunDir("s3://kto/runs/cut")
 # pyarrow's message when the endpoint went away while Ray Train's controller wrote its record.
@@ -59,6 +70,7 @@ def _from_workers(failures: dict[int, Exception]) -> ray.train.WorkerGroupError:
         NonFiniteStep(3, "non-finite loss on 1 of 2 ranks"),
         CheckpointWriteFailed(8, "step_00000008", "Connection refused", "step_00000004"),
         CheckpointWriteFailed(4, "step_00000004", "Permission denied"),
+        CheckpointReshapeFailed(4, "step_00000004", 2, 1, "/tmp/kto-reshape-ab: No space left on device"),
     ],
 )
 def test_worker_failures_arrive_with_their_type_and_facts(failure):
@@ -107,3 +119,17 @@ def test_other_worker_failures_are_left_to_ray():
     assert _stopped_by_non_finite(err, RUN_DIR) is None
     assert _stopped_by_storage(err, RUN_DIR) is None
     assert _stopped_by_storage(ray.train.ControllerError(UNREACHABLE), RUN_DIR) is None
+
+
+def test_failed_reshape_is_one_line_naming_the_checkpoint_the_counts_and_the_ways_out():
+    reason = "/tmp/kto-reshape-ab: [Errno 28] No space left on device"
+    err = _from_workers({0: CheckpointReshapeFailed(4, "step_00000004", 2, 1, reason)})
+    stopped = _stopped_by_reshape(err)
+    assert isinstance(stopped, StorageError)
+    assert str(stopped) == (
+        "training stopped: the checkpoint step_00000004 (step 4, 2 workers) could not be reshaped for 1 "
+        "worker (/tmp/kto-reshape-ab: [Errno 28] No space left on device); the checkpoint is left as it "
+        "was. Free space there or set run.scratch_dir, then rerun; or rerun with cluster.workers=2"
+    )
+    assert _stopped_by_storage(err, RUN_DIR) is None
+    assert _stopped_by_reshape(_from_workers({0: RuntimeError("could not be reshaped")})) is None
