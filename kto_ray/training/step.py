@@ -98,6 +98,7 @@ def train_step(
     z0, global_rows = global_z0(kl_sum, sum(len(mb) for mb in micro_batches), reduce)
     sums = KTOSums.zeros(device)
     for mb, ref_y in zip(micro_batches, ref_logps):
+        _begin_forward(engine)
         aux = None
         if router_aux is None:
             policy = sequence_logps(engine.module, mb.policy, chunk_tokens)
@@ -136,6 +137,16 @@ def _kl_pass(
         if estimate_kl:
             kl_sum += (sequence_logps(module, mb.kl, chunk_tokens) - ref_kl.float()).sum()
     return ref_logps, kl_sum
+
+
+def _begin_forward(engine: Engine) -> None:
+    """What DeepSpeed's `engine.forward` does first: its ZeRO optimizer counts the micro-step there
+    (ZeRO-3 copies the first micro-batch's gradient into its partition and adds the later ones by that
+    count). The log-probs call the module itself (the chunked head needs the decoder), so without this
+    every backward of an accumulated step overwrote the ones before it."""
+    begin = getattr(getattr(engine, "optimizer", None), "clear_backward_seen_flag", None)
+    if begin is not None:
+        begin()
 
 
 def _check_finite_on_every_rank(loss_sum: torch.Tensor, reduce: Reduce, world_size: int) -> None:

@@ -58,6 +58,26 @@ def test_one_worker_equals_two_workers(offline_runs):
         torch.testing.assert_close(weights_one[name], weights_two[name], atol=1e-5, rtol=1e-4)
 
 
+def test_accumulation_equals_more_workers(offline_runs, built_store, tmp_path):
+    # The global batch is the contract (elastic runs, resumes on another worker count): 1 worker with
+    # micro-batch 4 x accumulation 2 takes the step 2 workers x 4 take (offline_runs' second). Under
+    # ZeRO-3 this failed (grad norm 1.71 vs 2.24) until the step did what DeepSpeed's engine.forward
+    # does first (step._begin_forward): every backward overwrote the accumulated gradient.
+    accumulated = train(
+        _config(built_store, tmp_path, "acc", cluster={"workers": 1}, train={"grad_accumulation": 2})
+    )
+    two = read_metrics(offline_runs[1])[0]
+    one = read_metrics(accumulated.run_dir.local_path)[0]
+    assert one["rows"] == two["rows"] == 8
+    for key in ("loss", "kl", "rewards/chosen", "rewards/rejected"):
+        assert one[key] == pytest.approx(two[key], abs=1e-6), key
+    assert one["grad_norm"] == pytest.approx(two["grad_norm"], rel=1e-4)
+    weights_two = load_file(offline_runs[1] / "final" / "model.safetensors")
+    weights_acc = load_file(accumulated.run_dir.local_path / "final" / "model.safetensors")
+    for name in weights_two:
+        torch.testing.assert_close(weights_acc[name], weights_two[name], atol=1e-5, rtol=1e-4)
+
+
 def test_exported_model_loads_and_moved_away_from_the_reference(offline_runs, built_store):
     _cfg, store = built_store
     rows = store.read_split("eval").slice(0, 8).to_pydict()
