@@ -1,9 +1,9 @@
 """A run resumed on a different number of workers: the checkpoint is reshaped (DeepSpeed's universal
 checkpoint) and the run goes on at the same data position, equal to an uninterrupted run.
 
-The global batch stays 8 rows per step: 2 workers x micro-batch 4, or 1 worker x micro-batch 8 (not
-1 x 4 x 2 accumulation: on this code base an accumulated step's gradient differs from two workers' (seen
-in the grad norm of an uninterrupted 1-worker run), independently of any reshape)."""
+The global batch stays 8 rows per step: the uninterrupted runs take 2 workers x micro-batch 4 and
+1 worker x micro-batch 8; a rerun keeps micro-batch 4, so on 1 worker its accumulation is derived as 2
+(the global batch is the contract, training/global_batch.py)."""
 
 from __future__ import annotations
 
@@ -23,13 +23,15 @@ STEPS, HALF = 8, 4
 LORA = {"enabled": True, "r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": "all-linear"}
 
 
-def _config(built_store, root: Path, name: str, workers: int, steps: int = STEPS, **sections):
+def _config(
+    built_store, root: Path, name: str, workers: int, steps: int = STEPS, micro: int | None = None, **sections
+):
     cfg, _store = built_store
     tree = cfg.model_dump(mode="json")
     # Constant LR: a run stopped at step 4 and rerun to step 8 follows the 8-step run's schedule.
     tree["train"] |= {
         "max_steps": steps,
-        "micro_batch_size": 8 // workers,
+        "micro_batch_size": micro or 8 // workers,
         "grad_accumulation": 1,
         "lr": 1e-3,
         "warmup_ratio": 0.0,
@@ -53,7 +55,7 @@ def _digests(folder: Path) -> dict[str, str]:
 def _resumed(built_store, root: Path, name: str, first: int, then: int, **sections) -> Path:
     """`first` workers to step 4, then `then` workers to step 8 in the same run dir."""
     train(_config(built_store, root, name, first, steps=HALF, **sections))
-    return train(_config(built_store, root, name, then, **sections)).run_dir.local_path
+    return train(_config(built_store, root, name, then, micro=4, **sections)).run_dir.local_path
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +77,18 @@ def test_two_workers_then_one_matches_both_uninterrupted_runs(built_store, stead
     blocked = tmp_path / "a-file"
     blocked.write_text("")
     with pytest.raises(StorageError) as failed:
-        train(_config(built_store, tmp_path, "shrunk", 1, run={"scratch_dir": str(blocked / "scratch")}))
+        train(
+            _config(
+                built_store, tmp_path, "shrunk", 1, micro=4, run={"scratch_dir": str(blocked / "scratch")}
+            )
+        )
     message = str(failed.value)
     assert "\n" not in message
     assert f"step_{HALF:08d} (step {HALF}, 2 workers) could not be reshaped for 1 worker" in message
     assert "left as it was" in message and "cluster.workers=2" in message
     assert _digests(checkpoint) == before
 
-    run_dir = train(_config(built_store, tmp_path, "shrunk", 1)).run_dir.local_path
+    run_dir = train(_config(built_store, tmp_path, "shrunk", 1, micro=4)).run_dir.local_path
     _assert_every_step_once(run_dir)
     assert _digests(checkpoint) == before or not checkpoint.exists()  # read, never written (or rotated)
     for uninterrupted in steady.values():
