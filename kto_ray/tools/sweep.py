@@ -2,12 +2,12 @@
 
 The store is scored once, before any trial (precompute, which reuses a matching store). Each trial is
 one whole `kto-ray train` run (its own run dir `<run.dir>/<sweep name>/<trial>`), driven from a Tune
-function trainable: the trial's actor starts the Ray Train run (Ray Train V2 runs its controller and
+class trainable: the trial's actor starts the Ray Train run (Ray Train V2 runs its controller and
 worker group outside Tune's placement group, so Tune reserves only `sweep.trial_cpus` per trial and
 the sweep caps how many trials run at once by what one trial's workers need) and follows rank 0's
 `metrics.jsonl`, handing each step's eval metrics to Tune, whose scheduler (ASHA or median stopping)
-may stop the trial. A stopped trial's actor exits, and with it (its owner) the trial's Ray Train
-controller, worker group and placement group.
+may stop the trial. The stopped trial's actor then aborts its Ray Train run (worker group and
+placement group; `sweep_stop.py`) before it exits.
 
 Resuming is bookkeeping in the run dirs, not Tune's experiment restore (which does not keep the
 scheduler's state): a trial that finished or was stopped writes `trial.json`; a rerun of the same
@@ -32,10 +32,12 @@ from kto_ray.raycluster import ray_session
 from kto_ray.rundir import RunDir
 from kto_ray.tools.sweep_config import SweepConfig, check_scheduler, sweep_name, trial_configs
 from kto_ray.tools.sweep_report import SWEEP_FILE, TRIAL_FILE, summary_markdown, sweep_rows, table_text
+from kto_ray.tools.sweep_stop import abort_run, controller_mailbox
 
 SUMMARY_FILE = "summary.md"
 TUNE_DIR = "tune"  # Tune's own experiment folder in the sweep dir
 POLL_S = 0.5
+STOP_WAIT_S = 60.0  # a stopped trial waits this long for its aborted run to release the run dir
 
 
 @dataclass(frozen=True)
@@ -97,59 +99,70 @@ def _numbers(record: dict[str, Any]) -> dict[str, float]:
     return {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def run_trial(config: dict[str, Any], trials: dict[str, dict[str, Any]], metric: str) -> None:
-    """Tune's function trainable: one trial, in its own actor. Trains (or resumes) in a thread and
-    reports each eval record rank 0 logs; a trial that already ended replays its records and returns."""
+def trial_trainable():
+    """Tune's class trainable for one trial (a class, so that Tune's stop runs `cleanup` in the trial's
+    actor before it exits: there the Ray Train run is aborted, see `sweep_stop.py`)."""
     from ray import tune
 
     from kto_ray.training.driver import train
-    from kto_ray.training.metrics import MetricsFollower
+    from kto_ray.training.metrics import MetricsFollower, read_metrics
 
-    cfg = config_from_dict(trials[config["trial"]], f"sweep trial {config['trial']}")
-    run_dir = RunDir.of(cfg)
-    reported = 0
+    class Trial(tune.Trainable):
+        """Trains (or resumes) in a thread; each `step` returns the next eval record rank 0 logged, the
+        last with done. A trial that already ended replays its records without training."""
 
-    def report(records: list[dict[str, Any]], last: bool = False) -> None:
-        nonlocal reported
-        for record in records:
-            step = int(record["step"])
-            if step > reported and (metric in record or (last and record is records[-1])):
-                tune.report(_numbers(record))
-                reported = step
+        def setup(self, config: dict[str, Any], trials: dict[str, dict[str, Any]], metric: str) -> None:
+            self.name, self.metric = config["trial"], metric
+            self.cfg = config_from_dict(trials[self.name], f"sweep trial {self.name}")
+            self.run_dir = RunDir.of(self.cfg)
+            self.pending: list[dict[str, Any]] = []  # logged records not yet handed to Tune
+            self.reported, self.last, self.thread = 0, None, None
+            if trial_record(self.run_dir) is not None:
+                self.pending = read_metrics(self.run_dir)
+                return
+            self.began, self.outcome = time.monotonic(), {}
+            self.mailbox = controller_mailbox()
+            self.follower = MetricsFollower(self.run_dir)
+            self.thread = threading.Thread(target=self._train, name=f"kto-ray {self.name}", daemon=True)
+            self.thread.start()
 
-    ended = trial_record(run_dir)
-    if ended is not None:
-        from kto_ray.training.metrics import read_metrics
+        def _train(self) -> None:
+            try:
+                self.outcome["result"] = train(self.cfg)
+            except BaseException as err:  # raised by `step`
+                self.outcome["error"] = err
 
-        report(read_metrics(run_dir), last=True)
-        return
-    began = time.monotonic()
-    outcome: dict[str, Any] = {}
+        def _running(self) -> bool:
+            return self.thread is not None and self.thread.is_alive()
 
-    def work() -> None:
-        try:
-            outcome["result"] = train(cfg)
-        except BaseException as err:  # handed to the trial's thread below
-            outcome["error"] = err
+        def step(self) -> dict[str, Any]:
+            while True:
+                while self.pending:
+                    record = self.pending.pop(0)
+                    self.last = record
+                    if int(record["step"]) > self.reported and self.metric in record:
+                        self.reported = int(record["step"])
+                        return _numbers(record)
+                if not self._running():
+                    break
+                self.thread.join(POLL_S)
+                self.pending += self.follower.poll()
+            if self.thread is not None:
+                if "error" in self.outcome:
+                    raise self.outcome["error"]
+                self.pending += self.follower.poll()
+                self.last = self.pending[-1] if self.pending else self.last
+                seconds = round(time.monotonic() - self.began, 3)
+                ended = {"status": "finished", "steps": self.outcome["result"].steps, "seconds": seconds}
+                self.run_dir.write_text(TRIAL_FILE, json.dumps(ended))
+            return {**_numbers(self.last or {"step": 0}), "done": True}
 
-    # A daemon: when Tune stops the trial, the actor exits without waiting for it (see the module doc).
-    thread = threading.Thread(target=work, name=f"kto-ray {config['trial']}", daemon=True)
-    thread.start()
-    follower, seen = MetricsFollower(run_dir), []
-    while thread.is_alive():
-        thread.join(POLL_S)
-        new = follower.poll()
-        seen += new
-        report(new)
-    if "error" in outcome:
-        raise outcome["error"]
-    seen += follower.poll()
-    steps = outcome["result"].steps
-    run_dir.write_text(
-        TRIAL_FILE,
-        json.dumps({"status": "finished", "steps": steps, "seconds": round(time.monotonic() - began, 3)}),
-    )
-    report([r for r in seen if int(r["step"]) == steps][-1:], last=True)
+        def cleanup(self) -> None:
+            if self._running():  # stopped by the scheduler: abort the run, let `train` release the lease
+                abort_run(self.mailbox)
+                self.thread.join(STOP_WAIT_S)
+
+    return Trial
 
 
 def _stopped_callback(shipped: dict[str, dict[str, Any]]):
@@ -274,9 +287,8 @@ def _tune(
     steps = [t.train.max_steps for _, t in trials.values()]
     max_steps = max(steps) if all(steps) else 10**6
     storage = sweep_dir.ray_storage()
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, trials=shipped, metric=sweep.metric), {"CPU": sweep.trial_cpus}
-    )
+    trainable = tune.with_parameters(trial_trainable(), trials=shipped, metric=sweep.metric)
+    trainable = tune.with_resources(trainable, {"CPU": sweep.trial_cpus})
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(list(trials))},

@@ -17,8 +17,8 @@ import sys
 import pytest
 import yaml
 
-from tests.conftest import kill_process_tree, wait_for
-from tests.helpers import make_config, read_metrics
+from tests.conftest import kill_process_tree, read_metrics, wait_for
+from tests.helpers import make_config
 
 pytestmark = pytest.mark.slow
 
@@ -102,6 +102,10 @@ def test_a_killed_sweep_resumes_stops_bad_trials_and_matches_runs_alone(tiny_mod
     steps = {t.name: [r["step"] for r in read_metrics(t)] for t in trial}
     assert steps["trial-000"] == steps["trial-001"] == list(range(1, STEPS + 1))
     assert all(0 < len(steps[t.name]) < STEPS for t in trial[2:]), steps  # the stopped trials stopped
+    # ... cleanly: Ray Train's run aborted (worker group, placement group), so `train` released the lease
+    assert not any((t / ".lease.json").exists() for t in trial), [
+        t.name for t in trial if (t / ".lease.json").exists()
+    ]
     summary = (sweep_dir / "summary.md").read_text()
     for line in summary.splitlines()[6:10]:  # the table: trial, config, status, steps, final, best, ...
         assert line.startswith("| trial-") and ("finished" in line or "stopped" in line)

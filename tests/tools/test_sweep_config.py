@@ -152,7 +152,7 @@ def test_the_resource_check_and_how_many_trials_run_at_once(tmp_path):
 
 
 def test_the_shipped_sweep_yaml_is_valid():
-    sweep = load_sweep(REPO / "configs" / "sweep-demo.yaml")
+    sweep = load_sweep(REPO / "configs" / "sweeps" / "demo.yaml")
     cfg = load_config(REPO / "configs" / "demo.yaml")
     cfg.train.eval_every = 20
     trials = trial_configs(cfg, sweep)
