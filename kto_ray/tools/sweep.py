@@ -111,13 +111,23 @@ def trial_trainable():
         """Trains (or resumes) in a thread; each `step` returns the next eval record rank 0 logged, the
         last with done. A trial that already ended replays its records without training."""
 
-        def setup(self, config: dict[str, Any], trials: dict[str, dict[str, Any]], metric: str) -> None:
+        def setup(
+            self,
+            config: dict[str, Any],
+            trials: dict[str, dict[str, Any]],
+            last_steps: dict[str, int],
+            metric: str,
+        ) -> None:
             self.name, self.metric = config["trial"], metric
             self.cfg = config_from_dict(trials[self.name], f"sweep trial {self.name}")
             self.run_dir = RunDir.of(self.cfg)
+            # The last step's result is handed over once the run has ended (final checkpoint, export),
+            # so a scheduler deciding on it cannot cut the run short.
+            self.last_step = last_steps.get(self.name) or 1 << 62
             self.pending: list[dict[str, Any]] = []  # logged records not yet handed to Tune
             self.reported, self.last, self.thread = 0, None, None
-            if trial_record(self.run_dir) is not None:
+            self.ended = trial_record(self.run_dir) is not None
+            if self.ended:
                 self.pending = read_metrics(self.run_dir)
                 return
             self.began, self.outcome = time.monotonic(), {}
@@ -135,27 +145,30 @@ def trial_trainable():
         def _running(self) -> bool:
             return self.thread is not None and self.thread.is_alive()
 
+        def _finish(self) -> None:
+            """The run has ended: raise its error, or record that it finished (before the last results
+            reach the scheduler, so that a stop decided on them does not mark it stopped)."""
+            if "error" in self.outcome:
+                raise self.outcome["error"]
+            self.pending += self.follower.poll()
+            seconds = round(time.monotonic() - self.began, 3)
+            ended = {"status": "finished", "steps": self.outcome["result"].steps, "seconds": seconds}
+            self.run_dir.write_text(TRIAL_FILE, json.dumps(ended))
+            self.ended = True
+
         def step(self) -> dict[str, Any]:
             while True:
-                while self.pending:
-                    record = self.pending.pop(0)
-                    self.last = record
+                if not self.ended and not self._running():
+                    self._finish()
+                while self.pending and (self.ended or int(self.pending[0]["step"]) < self.last_step):
+                    record = self.last = self.pending.pop(0)
                     if int(record["step"]) > self.reported and self.metric in record:
                         self.reported = int(record["step"])
                         return _numbers(record)
-                if not self._running():
-                    break
+                if self.ended:
+                    return {**_numbers(self.last or {"step": 0}), "done": True}
                 self.thread.join(POLL_S)
                 self.pending += self.follower.poll()
-            if self.thread is not None:
-                if "error" in self.outcome:
-                    raise self.outcome["error"]
-                self.pending += self.follower.poll()
-                self.last = self.pending[-1] if self.pending else self.last
-                seconds = round(time.monotonic() - self.began, 3)
-                ended = {"status": "finished", "steps": self.outcome["result"].steps, "seconds": seconds}
-                self.run_dir.write_text(TRIAL_FILE, json.dumps(ended))
-            return {**_numbers(self.last or {"step": 0}), "done": True}
 
         def cleanup(self) -> None:
             if self._running():  # stopped by the scheduler: abort the run, let `train` release the lease
@@ -201,6 +214,7 @@ def _scheduler(sweep: SweepConfig, max_steps: int):
             max_t=max(max_steps, sweep.grace_steps),
             grace_period=sweep.grace_steps,
             reduction_factor=sweep.reduction_factor,
+            stop_last_trials=False,  # a trial at its last step finishes (export) rather than being stopped
         )
     if sweep.scheduler == "median":
         return MedianStoppingRule(
@@ -246,17 +260,21 @@ def run_sweep(cfg: KTOConfig, sweep: SweepConfig) -> SweepResult:
             limit = concurrency(
                 [trial_need(t, sweep) for _, t in trials.values()], sweep, ray.cluster_resources()
             )
+            last_steps: dict[str, int] = {}
             if cfg.reference.mode == "offline":
                 from kto_ray.reference.precompute import precompute
+                from kto_ray.training.driver import total_steps
 
                 store = precompute(cfg)
                 print(f"store {'reused' if store.reused else 'scored'}: {cfg.store.path}", flush=True)
+                rows = sum(store.store.manifest.counts.get("train", {}).values())
+                last_steps = {name: total_steps(t, rows) for name, (_, t) in trials.items()}
             print(
                 f"sweep {sweep_name(cfg, sweep)}: {len(trials)} trials, up to {limit} at a time "
                 f"-> {sweep_dir}",
                 flush=True,
             )
-            errors = _tune(sweep, trials, sweep_dir, limit)
+            errors = _tune(sweep, trials, last_steps, sweep_dir, limit)
         rows = sweep_rows(sweep_dir, plan, errors)
         table = table_text(rows, sweep.metric)
         sweep_dir.write_text(SUMMARY_FILE, summary_markdown(sweep_dir, rows, sweep.metric))
@@ -272,7 +290,11 @@ def run_sweep(cfg: KTOConfig, sweep: SweepConfig) -> SweepResult:
 
 
 def _tune(
-    sweep: SweepConfig, trials: dict[str, tuple[dict, KTOConfig]], sweep_dir: RunDir, limit: int
+    sweep: SweepConfig,
+    trials: dict[str, tuple[dict, KTOConfig]],
+    last_steps: dict[str, int],
+    sweep_dir: RunDir,
+    limit: int,
 ) -> dict[str, str]:
     """Run the trials on a fresh Tuner; returns the failed trials' first error lines."""
     import os
@@ -284,10 +306,11 @@ def _tune(
     if not is_verbose():  # Tune's own tables (its new output engine prints some even when silent)
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     shipped = {name: t.model_dump(mode="json") for name, (_, t) in trials.items()}
-    steps = [t.train.max_steps for _, t in trials.values()]
-    max_steps = max(steps) if all(steps) else 10**6
+    max_steps = max(last_steps.values()) if len(last_steps) == len(trials) else 10**6
     storage = sweep_dir.ray_storage()
-    trainable = tune.with_parameters(trial_trainable(), trials=shipped, metric=sweep.metric)
+    trainable = tune.with_parameters(
+        trial_trainable(), trials=shipped, last_steps=last_steps, metric=sweep.metric
+    )
     trainable = tune.with_resources(trainable, {"CPU": sweep.trial_cpus})
     tuner = tune.Tuner(
         trainable,
