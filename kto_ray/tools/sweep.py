@@ -170,6 +170,12 @@ def trial_trainable():
                 self.thread.join(POLL_S)
                 self.pending += self.follower.poll()
 
+        def save_checkpoint(self, checkpoint_dir: str) -> None:
+            return None  # a trial's state is its run dir (Ray Train's checkpoints, trial.json)
+
+        def load_checkpoint(self, checkpoint) -> None:
+            return None
+
         def cleanup(self) -> None:
             if self._running():  # stopped by the scheduler: abort the run, let `train` release the lease
                 abort_run(self.mailbox)
@@ -328,6 +334,8 @@ def _tune(
             verbose=0,
             callbacks=[_stopped_callback(shipped)],
             failure_config=tune.FailureConfig(max_failures=0),
+            # Tune would save a class trainable at its end: a trial's state is its run dir instead.
+            checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
         ),
     )
     results = tuner.fit()

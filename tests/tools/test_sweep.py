@@ -69,9 +69,10 @@ def test_a_killed_sweep_resumes_stops_bad_trials_and_matches_runs_alone(tiny_mod
     sweep.write_text(
         yaml.safe_dump({"max_concurrent": 2, "trial_cpus": 0.5, "scheduler": "asha", "metric": "eval/loss"})
     )
-    # The good trials come first, so they run (2 at a time) before the bad ones.
+    # The good trials come first, so they run (2 at a time) before the bad ones. The second key changes
+    # only the console (the good trials tie on eval/loss, so ASHA keeps both; the bad ones fall behind).
     args = ["sweep", "--config", str(config), "--sweep", str(sweep),
-            "--grid", f"train.lr={GOOD_LR},{BAD_LR}", "--grid", "train.beta=0.1,0.5"]  # fmt: skip
+            "--grid", f"train.lr={GOOD_LR},{BAD_LR}", "--grid", "train.log_every=1,2"]  # fmt: skip
     sweep_dir = tmp_path / "runs" / "s-sweep"
     trial = [sweep_dir / f"trial-{i:03d}" for i in range(4)]
 
@@ -114,7 +115,7 @@ def test_a_killed_sweep_resumes_stops_bad_trials_and_matches_runs_alone(tiny_mod
     # The same configs trained alone: the same metrics (the stopped ones up to where they stopped).
     for index in (0, 2):
         alone = cfg.model_copy(deep=True)
-        alone.train.lr, alone.train.beta = (GOOD_LR, BAD_LR)[index // 2], 0.1
+        alone.train.lr = (GOOD_LR, BAD_LR)[index // 2]
         alone.run.name = f"alone-{index}"
         alone_config = tmp_path / f"alone-{index}.yaml"
         alone_config.write_text(yaml.safe_dump(alone.model_dump(mode="json")))
