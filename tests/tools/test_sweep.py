@@ -28,10 +28,11 @@ TIMING = {"step_time", "samples/s", "tokens/s"}
 
 
 def _cli(*args: str, **popen) -> subprocess.Popen:
-    # Its own local Ray (2 CPUs on this machine), gone with it when it is killed, like a lost job.
+    # Its own local Ray (2 CPUs on this machine), gone with it when it is killed, like a lost job. Ray's
+    # memory monitor kills workers when the host (shared with other jobs) is at 95%: off for this Ray.
     return subprocess.Popen(
         [sys.executable, "-m", "kto_ray", *args],
-        env=dict(os.environ, RAY_ADDRESS="local"),
+        env=dict(os.environ, RAY_ADDRESS="local", RAY_memory_monitor_refresh_ms="0"),
         start_new_session=True,
         **popen,
     )
