@@ -79,7 +79,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default: 8)")
     plan.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default: 80)")
-    report = sub.add_parser("report", help="plots and a markdown summary of a training run")
+    sweep = sub.add_parser(
+        "sweep", help="many training runs on one store through Ray Tune (grid, random draws, early stopping)"
+    )
+    _common(sweep)
+    sweep.add_argument("--sweep", dest="sweep_file", help="sweep YAML (grid, sample, scheduler, ...)")
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a grid key and its values, e.g. --grid train.beta=0.05,0.1,0.2 (repeatable)",
+    )
+    sweep.add_argument(
+        "--sample",
+        action="append",
+        default=[],
+        metavar="KEY=DIST:LOW:HIGH",
+        help="a key drawn at random (uniform, loguniform, int), e.g. --sample train.lr=loguniform:1e-6:1e-4",
+    )
+    report = sub.add_parser("report", help="plots and a markdown summary of a training run or a sweep")
     _common(report)
     report.add_argument("run_dir", nargs="?", help="run folder (default: the config's run.dir/run.name)")
     report.add_argument("--out", help="output folder (default: RUN_DIR/report)")
@@ -112,12 +131,23 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "report":
         from kto_ray.tools.report import write_report, write_tensorboard
+        from kto_ray.tools.sweep_report import is_sweep_dir, write_sweep_report
 
         run_dir = RunDir(args.run_dir) if args.run_dir else RunDir.of(cfg)
+        if is_sweep_dir(run_dir):
+            figures, summary = write_sweep_report(run_dir, Path(args.out) if args.out else None)
+            print(f"report of the sweep {run_dir}: {summary} ({len(figures)} figures)")
+            return 0
         result = write_report(run_dir, Path(args.out) if args.out else None)
         print(f"report of {run_dir}: {result.summary}")
         if args.tensorboard:
             write_tensorboard(run_dir, Path(args.tensorboard))
+        return 0
+    if args.command == "sweep":
+        from kto_ray.tools.sweep import run_sweep
+        from kto_ray.tools.sweep_config import load_sweep
+
+        run_sweep(cfg, load_sweep(args.sweep_file, args.grid, args.sample))
         return 0
     # Ray is joined (the job's cluster under `ray job submit`) or started only after the inputs check out.
     if args.command == "demo":
