@@ -1,5 +1,6 @@
 """The model zoo (kto_ray/assets/zoo.py) in-process, no Ray: every family builds offline with the
-embedded tokenizer and reloads with transformers. The slow stages
+embedded tokenizer, reloads with transformers, and takes LoRA with the default `target_modules`
+(all-linear as peft defines it) through kto-ray's own wrapping and adapter export. The slow stages
 (precompute, 2-worker ZeRO-3 training, export, evaluate) are in tests/integration/test_zoo.py."""
 
 from __future__ import annotations
@@ -11,9 +12,16 @@ import pytest
 import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
 
 from kto_ray.assets.tiny_model import build_tokenizer
 from kto_ray.assets.zoo import FAMILIES, build_family, family_config
+from kto_ray.models.logprobs import pad_sequences, sequence_logps
+from kto_ray.rundir import RunDir
+from kto_ray.training.lora import export_adapter, trainable_parameters, wrap_policy
+from tests.helpers import make_config
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +57,67 @@ def test_family_folder_reloads_with_the_embedded_tokenizer(family):
     assert model.config.pad_token_id == tokenizer.pad_token_id
     assert sum(p.numel() for p in model.parameters()) < 100_000  # tiny: every stage runs in seconds
     assert build_family(name, folder) == folder  # complete: not rebuilt
+
+
+def _adapted(model: torch.nn.Module) -> set[str]:
+    from peft.tuners.lora import LoraLayer
+
+    return {
+        name.removeprefix("base_model.model.")
+        for name, m in model.named_modules()
+        if isinstance(m, LoraLayer)
+    }
+
+
+def _lora_config(folder: Path, root: Path):
+    # The shipped default target_modules (all-linear); only r is small and dropout off, for the check.
+    return make_config(
+        folder,
+        REPO / "data" / "arithmetic.jsonl",
+        root,
+        lora={"enabled": True, "r": 4, "dropout": 0.0},
+        run={"name": "lora", "merge_lora": True},
+    )
+
+
+def test_default_lora_targets_every_linear_layer_but_the_head(family, tmp_path):
+    name, folder = family
+    cfg = _lora_config(folder, tmp_path)
+    assert cfg.lora.target_modules == "all-linear"
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    head = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+    layers = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | Conv1D) and n != head}
+    policy = wrap_policy(model, cfg)
+    adapted = _adapted(policy)
+    assert layers <= adapted, f"{name}: no adapter on {sorted(layers - adapted)[:4]}"
+    assert head not in adapted
+    if name == "gpt2":  # Conv1D, not Linear: peft's all-linear must still find them
+        assert {"transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc"} <= adapted
+
+
+def test_one_lora_step_moves_only_the_adapters_and_exports_them(family, tmp_path):
+    """One backward through kto-ray's log-probs: every adapter's B matrix gets a gradient (A's is 0 at
+    the first step: B starts at 0), no base weight does; the adapter folder (kto-ray's export) merges
+    back into a model with the original tensor names."""
+    name, folder = family
+    cfg = _lora_config(folder, tmp_path)
+    policy = wrap_policy(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), cfg)
+    tokenizer = build_tokenizer()
+    prompts = [tokenizer("3 + 4 = ")["input_ids"], tokenizer("What is 2 * 5?")["input_ids"]]
+    completions = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("7.", "ten.")]
+    batch = pad_sequences(prompts, completions, pad_id=tokenizer.pad_token_id)
+    sequence_logps(policy, batch, cfg.model.logprob_chunk_tokens).sum().backward()
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable), sorted(trainable)[:4]
+    assert len(trainable_parameters(policy)) == len(trainable)
+    for n, p in policy.named_parameters():
+        if ".lora_B." in n:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}: no gradient reaches {n}"
+
+    class Engine:  # what export_adapter reads of a DeepSpeed engine
+        module = policy
+
+    export_adapter(Engine(), tokenizer, cfg, RunDir.of(cfg), rank=0)
+    final = tmp_path / "runs" / "lora" / "final"
+    assert (final / "adapter_model.safetensors").is_file()
+    assert tensor_names(tmp_path / "runs" / "lora" / "merged") == tensor_names(folder)
