@@ -121,3 +121,22 @@ def test_one_lora_step_moves_only_the_adapters_and_exports_them(family, tmp_path
     final = tmp_path / "runs" / "lora" / "final"
     assert (final / "adapter_model.safetensors").is_file()
     assert tensor_names(tmp_path / "runs" / "lora" / "merged") == tensor_names(folder)
+
+
+def test_disabled_dropout_makes_the_training_forward_score_as_the_reference(zoo_dir):
+    """GPT-2 ships with dropout 0.1: the policy engine switches it off (kto_ray.training.engine), so the
+    training-mode forward gives the eval-mode (reference) log-probs; with dropout on it does not."""
+    from kto_ray.training.engine import disable_dropout
+
+    model = AutoModelForCausalLM.from_pretrained(build_family("gpt2", zoo_dir / "gpt2"), dtype=torch.float32)
+    assert model.config.resid_pdrop > 0
+    tokenizer = build_tokenizer()
+    batch = pad_sequences([tokenizer("3 + 4 = ")["input_ids"]], [[*tokenizer("7.")["input_ids"][1:], 2]], 3)
+    with torch.no_grad():
+        reference = sequence_logps(model.eval(), batch)
+        torch.manual_seed(0)
+        noisy = sequence_logps(model.train(), batch)
+        disable_dropout(model)
+        trained = sequence_logps(model.train(), batch)
+    assert not torch.allclose(noisy, reference)
+    torch.testing.assert_close(trained, reference)
