@@ -211,6 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("families", nargs="*", help=f"default: all ({', '.join(FAMILIES)})")
     parser.add_argument("--force", action="store_true", help="rebuild even if a folder is complete")
     args = parser.parse_args(argv)
+    unknown = [family for family in args.families if family not in FAMILIES]
+    if unknown:
+        parser.error(f"unknown model family {unknown[0]!r}; known: {', '.join(FAMILIES)}")
     for family in args.families or FAMILIES:
         print(f"{family}: {build_family(family, Path(args.out) / family, force=args.force)}")
     return 0
