@@ -5,6 +5,7 @@ Safe defaults: `trust_remote_code` off and safetensors weights only, unless the 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +129,7 @@ def load_causal_lm(model: ModelConfig, dtype: torch.dtype, path: str | None = No
         return AutoModelForCausalLM.from_pretrained(
             path,
             dtype=dtype,
-            attn_implementation=model.attn_implementation,
+            attn_implementation=attention_kernel(model, path),
             trust_remote_code=model.trust_remote_code,
             use_safetensors=None if model.allow_pickle_weights else True,
             revision=model.revision,
@@ -169,3 +170,27 @@ def check_context_length(model: ModelConfig, max_length: int, path: str | None =
             f"data.max_length {max_length} is above the model's max_position_embeddings {limit} "
             f"({path or model.path})"
         )
+
+
+def attention_kernel(model: ModelConfig, path: str) -> str:
+    """`model.attn_implementation`, except `sdpa` for a model class without it (Gemma 2: its attention
+    logits are soft-capped): that one loads with `eager` and says so once, not with transformers'
+    refusal. A class transformers does not map (remote code) keeps the configured kernel."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if model.attn_implementation != "sdpa":
+        return model.attn_implementation
+    config = load_model_config(model, path)
+    try:
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return model.attn_implementation
+    if getattr(model_class, "_supports_sdpa", True):
+        return "sdpa"
+    if model_class.__name__ not in _EAGER_WARNED:
+        _EAGER_WARNED.add(model_class.__name__)
+        warnings.warn(f"{model_class.__name__} has no sdpa attention: loading it with eager", stacklevel=2)
+    return "eager"
+
+
+_EAGER_WARNED: set[str] = set()  # model classes already reported by attention_kernel, per process

@@ -125,6 +125,15 @@ def refresh_optimizer_settings(engine, cfg: KTOConfig) -> None:
     scheduler._last_lr = rates  # what get_last_lr() reports until its next step
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off in the model's own layers (GPT-2 ships with 0.1), as TRL's `disable_dropout` does:
+    the policy's training forward must score as the reference did in eval mode, or the log-ratios,
+    rewards and z0 carry dropout noise (at step 1, policy == reference, the rewards would not be 0)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 def build_policy_engine(cfg: KTOConfig, ds_config: dict[str, Any], total_steps: int):
     """Load the policy sharded (zero.Init via HfDeepSpeedConfig when stage 3) and wrap it in an engine."""
     import deepspeed
@@ -132,6 +141,7 @@ def build_policy_engine(cfg: KTOConfig, ds_config: dict[str, Any], total_steps: 
 
     keep_alive = HfDeepSpeedConfig(ds_config) if ds_config["zero_optimization"]["stage"] == 3 else None
     model = load_causal_lm(cfg.model, resolve_dtype(cfg.model.dtype, cfg.cluster.use_gpu))
+    disable_dropout(model)  # before LoRA: lora.dropout, the adapters' own, stays as configured
     if cfg.lora.enabled:
         model = wrap_policy(model, cfg)  # under ZeRO-3: around the partitioned base, see lora.py
     if cfg.deepspeed.gradient_checkpointing:
