@@ -10,10 +10,14 @@ import torch
 
 from kto_ray.assets.zoo import build_family
 from kto_ray.config import ModelConfig
+from kto_ray.models import loading
 from kto_ray.models.loading import load_causal_lm
 
 
-def test_default_sdpa_loads_a_model_without_sdpa_with_eager_and_says_so_once(tmp_path):
+def test_default_sdpa_loads_a_model_without_sdpa_with_eager_and_says_so_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        loading, "_EAGER_WARNED", set()
+    )  # an earlier test of this process may have loaded one
     folder = build_family("gemma2", tmp_path / "gemma2")
     config = ModelConfig(path=str(folder))
     assert config.attn_implementation == "sdpa"
