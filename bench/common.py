@@ -273,6 +273,39 @@ def alternating_runs(
     return table, rates
 
 
+def two_variant_bench(
+    args: argparse.Namespace, prefix: str, label: str, variants: dict[str, dict[str, Any]]
+) -> None:
+    """The body of a two-setting benchmark (zero_stage, kl_estimate): `args.model`, uniform data, 2
+    workers x 0.5 CPU, global batch `args.batch`; `args.rounds` alternations of the two variants, a table
+    and the second's samples/s over the first's."""
+    spec = SPECS[args.model]
+    model = build_model(spec)
+    data = write_dataset("uniform", args.steps * args.batch + args.batch)
+    root = scratch_dir(prefix)
+    print(f"machine: {machine_line()}")
+    print(f"model {spec.name}: {count_parameters(model):,} parameters")
+    ray_init()
+    table, rates = alternating_runs(
+        model,
+        data,
+        root,
+        variants,
+        args.rounds,
+        args.skip,
+        cluster={"workers": 2, "cpus_per_worker": 0.5},
+        train={"max_steps": args.steps, "micro_batch_size": args.batch // 2},
+    )
+    print_table(
+        [label, "samples/s", "median s/step"],
+        table,
+        title=f"2 workers, {spec.name}, global batch {args.batch}, steps {args.skip + 1}-{args.steps}",
+    )
+    first, second = variants
+    ratio = statistics.mean(rates[second]) / statistics.mean(rates[first])
+    print(f"{second} / {first} samples/s: {ratio:.2f}x")
+
+
 def at_worker_niceness() -> None:
     """Lower this process's priority to that of Ray's workers (call before torch starts threads)."""
     os.nice(RAY_WORKER_NICENESS - os.nice(0))

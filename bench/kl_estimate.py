@@ -9,36 +9,17 @@ Ray session. z0 = 0 is not the paper's estimator (README, "Training"): this is t
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import common
 
 
 def main() -> None:
-    spec = common.SPECS[args.model]
-    model = common.build_model(spec)
-    data = common.write_dataset("uniform", args.steps * args.batch + args.batch)
-    root = common.scratch_dir("bench-kl-")
-    print(f"machine: {common.machine_line()}")
-    print(f"model {spec.name}: {common.count_parameters(model):,} parameters")
-    common.ray_init()
-    table, rates = common.alternating_runs(
-        model,
-        data,
-        root,
+    common.two_variant_bench(
+        args,
+        "bench-kl-",
+        "kl_estimate",
         {estimate: {"train": {"kl_estimate": estimate}} for estimate in ("batch", "zero")},
-        args.rounds,
-        args.skip,
-        cluster={"workers": 2, "cpus_per_worker": 0.5},
-        train={"max_steps": args.steps, "micro_batch_size": args.batch // 2},
     )
-    common.print_table(
-        ["kl_estimate", "samples/s", "median s/step"],
-        table,
-        title=f"2 workers, {spec.name}, global batch {args.batch}, steps {args.skip + 1}-{args.steps}",
-    )
-    ratio = statistics.mean(rates["zero"]) / statistics.mean(rates["batch"])
-    print(f"zero / batch samples/s: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

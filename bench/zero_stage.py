@@ -9,36 +9,14 @@ one Ray session. Not part of `make bench` (it is the measurement behind `kto-ray
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import common
 
 
 def main() -> None:
-    spec = common.SPECS[args.model]
-    model = common.build_model(spec)
-    data = common.write_dataset("uniform", args.steps * args.batch + args.batch)
-    root = common.scratch_dir("bench-zero-")
-    print(f"machine: {common.machine_line()}")
-    print(f"model {spec.name}: {common.count_parameters(model):,} parameters")
-    common.ray_init()
-    table, rates = common.alternating_runs(
-        model,
-        data,
-        root,
-        {f"ZeRO-{stage}": {"deepspeed": {"stage": stage}} for stage in (3, 2)},
-        args.rounds,
-        args.skip,
-        cluster={"workers": 2, "cpus_per_worker": 0.5},
-        train={"max_steps": args.steps, "micro_batch_size": args.batch // 2},
+    common.two_variant_bench(
+        args, "bench-zero-", "run", {f"ZeRO-{stage}": {"deepspeed": {"stage": stage}} for stage in (3, 2)}
     )
-    common.print_table(
-        ["run", "samples/s", "median s/step"],
-        table,
-        title=f"2 workers, {spec.name}, global batch {args.batch}, steps {args.skip + 1}-{args.steps}",
-    )
-    ratio = statistics.mean(rates["ZeRO-2"]) / statistics.mean(rates["ZeRO-3"])
-    print(f"ZeRO-2 / ZeRO-3 samples/s: {ratio:.2f}x")
 
 
 if __name__ == "__main__":
