@@ -45,8 +45,8 @@ from kto_ray.training.loop_config import LoopConfig
 from kto_ray.training.placement import Ask, placement_notices
 from kto_ray.training.progress import TrainingProgress
 from kto_ray.training.resume_check import compare
-from kto_ray.training.run_state import SavedCheckpoint, build_run_state, saved_state
-from kto_ray.training.stage import resolve_stage
+from kto_ray.training.run_state import build_run_state, saved_state
+from kto_ray.training.stage import resolve_stage, stage_of_checkpoint
 from kto_ray.training.store_pin import pin_store
 from kto_ray.training.tracking import prepare_tracking
 
@@ -164,7 +164,7 @@ def train(cfg: KTOConfig) -> TrainResult:
             stacklevel=2,
         )
     if resumed and cfg.deepspeed.stage == "auto":
-        cfg = _stage_of_checkpoint(cfg, saved)
+        cfg = stage_of_checkpoint(cfg, saved.name, saved.state)
     state = build_run_state(cfg, train_rows, global_batch, steps, lam_d)
     if saved is not None and saved.state is None:
         print(
@@ -177,19 +177,6 @@ def train(cfg: KTOConfig) -> TrainResult:
     return fit(
         cfg, train_rows, steps, lam_d, eval_rows=rows.get("eval"), global_batch=global_batch, run_state=state
     )
-
-
-def _stage_of_checkpoint(cfg: KTOConfig, saved: SavedCheckpoint) -> KTOConfig:
-    """`deepspeed.stage: auto` on a resume: the stage (and offload) the checkpoint was written in, which
-    its shards need, whatever the planner would pick on today's cluster."""
-    written = saved.state["config"]["deepspeed"]
-    if written["stage"] == "auto":  # a run state from before stages were recorded resolved
-        return cfg
-    kept = {key: written[key] for key in ("stage", "offload_optimizer", "offload_params")}
-    print(
-        f"deepspeed.stage: auto keeps ZeRO-{kept['stage']}, the stage {saved.name} was written in", flush=True
-    )
-    return cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(update=kept)})
 
 
 def fit(

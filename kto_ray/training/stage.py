@@ -9,6 +9,8 @@ with the stage its checkpoints were written in.
 
 from __future__ import annotations
 
+from typing import Any
+
 from kto_ray.config import KTOConfig
 from kto_ray.models.loading import local_model_path
 from kto_ray.planning.plan import GIB, plan
@@ -33,6 +35,20 @@ def resolve_stage(cfg: KTOConfig) -> tuple[KTOConfig, str]:
         }
     )
     return cfg.model_copy(update={"deepspeed": picked}), f"{choice.label} (stage auto: {choice.reason})"
+
+
+def stage_of_checkpoint(cfg: KTOConfig, checkpoint: str, run_state: dict[str, Any]) -> KTOConfig:
+    """`deepspeed.stage: auto` on a resume: the stage (and offload) `checkpoint` was written in, which its
+    shards need, whatever the planner would pick on today's cluster (the driver records the stage that
+    ran in the run state)."""
+    written = run_state["config"]["deepspeed"]
+    if written["stage"] == "auto":  # not resolved in the state: nothing to keep
+        return cfg
+    kept = {key: written[key] for key in ("stage", "offload_optimizer", "offload_params")}
+    print(
+        f"deepspeed.stage: auto keeps ZeRO-{kept['stage']}, the stage {checkpoint} was written in", flush=True
+    )
+    return cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(update=kept)})
 
 
 def worker_memory_bytes(cfg: KTOConfig) -> float:

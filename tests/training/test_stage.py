@@ -7,7 +7,7 @@ import yaml
 
 from kto_ray.config import load_config
 from kto_ray.tools.plan import GIB
-from kto_ray.training.stage import resolve_stage, worker_memory_bytes
+from kto_ray.training.stage import resolve_stage, stage_of_checkpoint, worker_memory_bytes
 
 
 def _auto(tiny_model, *overrides: str):
@@ -24,6 +24,22 @@ def test_auto_picks_zero2_where_the_whole_model_fits(tiny_model):
     assert cfg.deepspeed.stage == 2 and cfg.deepspeed.offload_optimizer == "none"
     assert line.startswith("ZeRO-2 (stage auto: the 16-bit model and its sharded states need ")
     assert line.endswith(" of 64.0 GiB per worker)")
+
+
+def test_a_resume_keeps_the_stage_its_checkpoint_was_written_in(tiny_model, capsys):
+    # The planner would pick ZeRO-2 with 64 GiB; the checkpoint's shards are ZeRO-3 with the optimizer
+    # offloaded, and only that layout loads them.
+    cfg = _auto(tiny_model, "deepspeed.worker_memory_gib=64")
+    written = {"stage": 3, "offload_optimizer": "cpu", "offload_params": "none"}
+    kept = stage_of_checkpoint(cfg, "step_00000004", {"config": {"deepspeed": written}})
+    assert (kept.deepspeed.stage, kept.deepspeed.offload_optimizer, kept.deepspeed.offload_params) == (
+        3,
+        "cpu",
+        "none",
+    )
+    assert resolve_stage(kept)[1] == "ZeRO-3"
+    assert "auto keeps ZeRO-3, the stage step_00000004 was written in" in capsys.readouterr().out
+    assert stage_of_checkpoint(cfg, "old", {"config": {"deepspeed": {"stage": "auto"}}}) is cfg
 
 
 def test_auto_offloads_last(tiny_model):
