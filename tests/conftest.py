@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,17 @@ def wait_for(condition, alive, timeout: float = 300, interval: float = 0.05) -> 
             return
         time.sleep(interval)
     raise AssertionError("the run ended (or timed out) before the condition held")
+
+
+# A line a Ray actor or the raylet logged to the driver ("(PlacementGroupCleaner pid=17898) ...",
+# "(raylet) ..."), colour codes or not:
+# the previous run's actors may still print while a CLI test reads its own stderr.
+_RAY_ACTOR_LINE = re.compile(r"^(\x1b\[\d+m)?\((raylet|\w+ pid=\d+)")
+
+
+def own_lines(text: str) -> list[str]:
+    """`text`'s lines without those Ray actors logged to the driver."""
+    return [line for line in text.strip().splitlines() if not _RAY_ACTOR_LINE.match(line)]
 
 
 def read_metrics(run_dir) -> list[dict]:

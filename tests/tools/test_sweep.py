@@ -22,7 +22,7 @@ from tests.helpers import make_config
 
 pytestmark = pytest.mark.slow
 
-STEPS = 4
+STEPS = 8  # long enough that ASHA's stop reaches a bad trial before it ends (at 4 one ran through)
 GOOD_LR, BAD_LR = 1e-3, 1e-9
 TIMING = {"step_time", "samples/s", "tokens/s"}
 

@@ -73,7 +73,7 @@ def test_auto_on_a_cluster_reads_its_memory_and_says_what_it_picked(built_store,
     picked, words = resolve_stage(cfg)
     result = train(cfg)
     start = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("training "))
-    assert f"(2 workers, {words}, reference offline)" in start
+    assert f"(2 workers, 8 rows per step, {words}, reference offline)" in start
     assert words.startswith(f"ZeRO-{picked.deepspeed.stage}") and "(stage auto: " in words
     # The run dir records the stage that ran.
     recorded = yaml.safe_load((result.run_dir.local_path / "config.yaml").read_text())
