@@ -8,12 +8,15 @@
    each) against TRL with 2 threads, and against TRL as its multi-GPU users run it: `accelerate launch`
    with 2 processes of 1 thread under DeepSpeed ZeRO-3 and ZeRO-2 (gloo on CPU). Each system runs as
    its users would: kto-ray with `train.group_by_length: true` (as in its real-model configs), TRL
-   with its default random sampler.
+   with its default random sampler. kto-ray's ZeRO stage is `--stage` (default `auto`: the fastest
+   setting that fits, as `deepspeed.stage: auto` picks it for a user) and `--packed` turns on
+   `model.packed_batches`.
    Both train two epochs of a dataset of `steps` batches; samples/s is over the second epoch, so every
    row counts once whatever order a system visits rows in. Wall times are the whole `train()` /
    `trainer.train()` call, setup is the reference pass.
 
-    .venv/bin/python bench/trl_compare.py [--steps 6] [--batch 16] [--model small] [--trl-zero 3 2] [--smoke]
+    .venv/bin/python bench/trl_compare.py [--steps 6] [--batch 16] [--model small] [--trl-zero 3 2]
+        [--stage auto|2|3] [--packed] [--smoke]
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import common
+import yaml
 
 TRL_ARGS = {
     "beta": 0.1,
@@ -320,8 +324,9 @@ def kto_ray_runs(cfg, batch: int, rows_by_id: list[dict], root: Path):
     return setup[0], rows_file
 
 
-def train_kto_ray(cfg, workers: int, batch: int, skip: int) -> tuple[common.Steady, float, float]:
-    """Train `cfg` on `workers` workers; steady state over the steps after `skip`."""
+def train_kto_ray(cfg, workers: int, batch: int, skip: int) -> tuple[common.Steady, float, float, str]:
+    """Train `cfg` on `workers` workers; steady state over the steps after `skip`, and the ZeRO stage
+    the run used (what `auto` resolved to)."""
     from kto_ray.training.driver import train
 
     cfg = cfg.model_copy(deep=True)
@@ -331,7 +336,9 @@ def train_kto_ray(cfg, workers: int, batch: int, skip: int) -> tuple[common.Stea
     cfg.train.micro_batch_size = batch // workers
     with common.PeakMemory() as memory, common.timed() as wall:
         result = train(cfg)
-    return common.steady_state(common.read_metrics(result.run_dir.local_path), skip), wall[0], memory.max_mib
+    run_dir = result.run_dir.local_path
+    stage = yaml.safe_load((run_dir / "config.yaml").read_text())["deepspeed"]["stage"]
+    return common.steady_state(common.read_metrics(run_dir), skip), wall[0], memory.max_mib, str(stage)
 
 
 HEADERS = [
@@ -365,22 +372,28 @@ def speed(
     root: Path,
     worker_counts: list[int],
     zero_stages: list[int],
+    stage: str,
+    packed: bool,
 ):
     model = common.build_model(spec)
     table = []
     train = {"max_steps": 2 * steps, "micro_batch_size": batch, "group_by_length": True}
+    kto_sections = {
+        "deepspeed": {"stage": stage if stage == "auto" else int(stage)},
+        "model": {"packed_batches": packed},
+    }
     for skew in skews:
         data = common.write_dataset(skew, steps * batch)  # one epoch = `steps` steps
         print(f"{skew}: {common.length_summary(data)}", flush=True)
         rows_by_id = [json.loads(line) for line in data.read_text().splitlines()]
-        cfg = common.bench_config(model, data, root / skew, train=train)
+        cfg = common.bench_config(model, data, root / skew, train=train, **kto_sections)
         setup, rows_file = kto_ray_runs(cfg, batch, rows_by_id, root)
         for workers in worker_counts:
             trl_runs = []
             for trl_setup in trl_setups(workers, zero_stages):
                 out = root / f"trl-{skew}-{len(trl_runs)}-{workers}"
                 trl_runs.append((trl_setup, run_trl(model, rows_file, trl_setup, 2 * steps, batch, out)))
-            ours, wall, peak = train_kto_ray(cfg, workers, batch, skip=steps)
+            ours, wall, peak, used_stage = train_kto_ray(cfg, workers, batch, skip=steps)
             for trl_setup, trl in trl_runs:
                 times = trl["step_times"][steps:]
                 trl_rate = batch * len(times) / sum(times)
@@ -388,7 +401,7 @@ def speed(
                 row = [skew, trl_setup.name, trl_rate, sum(times) / len(times), trl["setup"], trl["wall"]]
                 row += [total, trl["peak_mib"], f"{ours.samples_per_s / trl_rate:.2f}x"]
                 table.append([*row, f"{total / (setup + wall):.2f}x"])
-            name = f"kto-ray, {workers} worker(s)"
+            name = f"kto-ray, {workers} worker(s) ZeRO-{used_stage}" + (", packed" if packed else "")
             step = ours.seconds / ours.steps
             table.append([skew, name, ours.samples_per_s, step, setup, wall, setup + wall, peak, "", ""])
     common.print_table(
@@ -417,7 +430,17 @@ def main() -> None:
     print(f"model {spec.name}: {common.count_parameters(common.build_model(spec)):,} parameters")
     same_loss_check(spec, args.batch, root)
     common.ray_init()
-    speed(spec, args.datasets, args.steps, args.batch, root, args.workers, args.trl_zero)
+    speed(
+        spec,
+        args.datasets,
+        args.steps,
+        args.batch,
+        root,
+        args.workers,
+        args.trl_zero,
+        args.stage,
+        args.packed,
+    )
 
 
 if __name__ == "__main__":
@@ -438,6 +461,13 @@ if __name__ == "__main__":
         choices=(2, 3),
         help="ZeRO stages of the `accelerate launch` TRL rows at 2 workers (none: no such rows)",
     )
+    parser.add_argument(
+        "--stage",
+        default="auto",
+        choices=("auto", "2", "3"),
+        help="kto-ray's deepspeed.stage (auto: the fastest that fits, as a user's `stage: auto` picks)",
+    )
+    parser.add_argument("--packed", action="store_true", help="kto-ray with model.packed_batches on")
     smoke = {
         "steps": 2,
         "batch": 4,
