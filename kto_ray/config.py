@@ -139,7 +139,8 @@ class TrainConfig(Section):
         description="Token budget per forward: a worker's rows of a step (micro_batch_size x "
         "grad_accumulation, the global batch unchanged) are re-cut, longest first, into micro-batches of "
         "at most this many tokens (padded: rows x longest; packed_batches: their sum); a longer row runs "
-        "alone, and ranks with fewer run masked dummies. The step's loss and gradient are unchanged. "
+        "alone, and ranks with fewer run masked dummies. The step's loss and gradient are unchanged "
+        "(an MoE router_aux_loss, taken per forward, depends on the cut as on micro_batch_size). "
         "null: micro_batch_size rows per forward.",
     )
     epochs: int = Field(1, ge=1, description="Passes over the train split (ignored when max_steps is set).")
