@@ -133,6 +133,16 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Fraction of steps of linear warmup.")
     micro_batch_size: int = Field(4, ge=1, description="Rows per worker per forward/backward.")
     grad_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    micro_batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Token budget per forward: a worker's rows of a step (micro_batch_size x "
+        "grad_accumulation, the global batch unchanged) are re-cut, longest first, into micro-batches of "
+        "at most this many tokens (padded: rows x longest; packed_batches: their sum); a longer row runs "
+        "alone, and ranks with fewer run masked dummies. The step's loss and gradient are unchanged "
+        "(an MoE router_aux_loss, taken per forward, depends on the cut as on micro_batch_size). "
+        "null: micro_batch_size rows per forward.",
+    )
     epochs: int = Field(1, ge=1, description="Passes over the train split (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")

@@ -47,9 +47,10 @@ def make_config(
 class PlainEngine:
     """What kto_ray.training.step.train_step needs of a DeepSpeed engine, on a plain module in this
     process, doing what DeepSpeed does: backward (divided by `accumulation` unless told not to), and at
-    every `accumulation`-th `step` the gradients averaged over the ranks of the process group (when one is
-    initialised), their norm taken (and clipped to `max_grad_norm` when given), then an optimizer step.
-    Without an optimizer `step` does nothing: the gradients stay for the caller to read."""
+    every `accumulation`-th `step` (or the one `set_gradient_accumulation_boundary` marks) the gradients
+    averaged over the ranks of the process group (when one is initialised), their norm taken (and
+    clipped to `max_grad_norm` when given), then an optimizer step. Without an optimizer `step` does
+    nothing: the gradients stay for the caller to read."""
 
     def __init__(
         self, module: Any, optimizer: Any = None, accumulation: int = 1, max_grad_norm: float | None = None
@@ -57,6 +58,10 @@ class PlainEngine:
         self.module, self.optimizer = module, optimizer
         self.accumulation, self.max_grad_norm = accumulation, max_grad_norm
         self.micro_steps, self.norm = 0, None
+        self.boundary: bool | None = None  # set_gradient_accumulation_boundary's, over the count
+
+    def set_gradient_accumulation_boundary(self, is_boundary: bool) -> None:
+        self.boundary = is_boundary
 
     def backward(self, loss: Any, scale_wrt_gas: bool = True) -> None:
         (loss / (self.accumulation if scale_wrt_gas else 1)).backward()
@@ -66,7 +71,8 @@ class PlainEngine:
         import torch.distributed as dist
 
         self.micro_steps += 1
-        if self.optimizer is None or self.micro_steps % self.accumulation:
+        at_boundary = self.micro_steps % self.accumulation == 0 if self.boundary is None else self.boundary
+        if self.optimizer is None or not at_boundary:
             return
         grads = [p.grad for p in self.module.parameters() if p.grad is not None]
         world = dist.get_world_size() if dist.is_initialized() else 1

@@ -29,6 +29,16 @@ def global_z0(kl_sum: torch.Tensor, kl_count: int, reduce: Reduce) -> tuple[torc
     return z0_from_sum(totals[0], totals[1]), totals[1]
 
 
+def most_over_ranks(count: int, bound: int, reduce: Reduce, device: torch.device | str = "cpu") -> int:
+    """The largest `count` of any rank (0 <= count <= `bound`, the same bound on every rank), from ONE
+    `reduce` (a sum) of a histogram of the counts. A collective: every rank calls it."""
+    if not 0 <= count <= bound:
+        raise ValueError(f"count {count} is outside 0..{bound}")
+    histogram = torch.zeros(bound + 1, dtype=torch.float32, device=device)
+    histogram[count] = 1.0
+    return int(torch.nonzero(reduce(histogram)).max())
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 

@@ -8,6 +8,12 @@ For the global batch of one optimizer step (all workers, all accumulation micro-
    family's load-balancing loss of this forward's router logits, `kto_ray.models.moe`), per row;
 4. the engine steps (clip, optimizer, scheduler) once the accumulation boundary is reached;
 5. one all-reduce of the metric sums (`kto_ray.kto_metrics.KTOSums`).
+With token-budget micro-batches (`train.micro_batch_tokens`, training/token_budget.py) ranks bring
+different numbers of micro-batches: one all-reduce first agrees on the most, and a rank with fewer runs
+its `filler` row in their place through both passes (its forwards, a zero loss, its backward, the
+finite check), its results dropped: under ZeRO-3 every forward and backward gathers parameters, so
+all ranks must run the same number. The engine's accumulation boundary is set explicitly at each
+rank's last micro-batch, as their number is no longer DeepSpeed's gradient_accumulation_steps.
 The backward loss is sum(local row losses) / global rows * world size: DeepSpeed averages gradients over
 ranks, so the result is the gradient of the mean loss over the global batch, however rows are split. The
 aux term counts once per row of its micro-batch, so it too is a mean over the global batch's rows.
@@ -33,7 +39,7 @@ from kto_ray.models.logprobs import (
 from kto_ray.models.moe import RouterAux
 from kto_ray.models.packing import PackedBatch
 from kto_ray.training.batching import KTOBatch
-from kto_ray.training.distributed import Reduce, global_z0
+from kto_ray.training.distributed import Reduce, global_z0, most_over_ranks
 
 # (micro-batch) -> (reference logps of (x, y), reference logps of (x, y_kl)), for the online mode.
 ReferenceFn = Callable[[KTOBatch], tuple[torch.Tensor, torch.Tensor]]
@@ -85,6 +91,7 @@ def train_step(
     chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS,
     estimate_kl: bool = True,
     router_aux: RouterAux | None = None,
+    filler: KTOBatch | None = None,
 ) -> dict[str, float]:
     """Run one optimizer step over this rank's micro-batches; returns global metrics (TRL's names, and
     `aux_loss` with `router_aux`).
@@ -92,13 +99,19 @@ def train_step(
     `chunk_tokens` is the log-prob chunking of `kto_ray.models.logprobs.sequence_logps`; `router_aux`
     (`kto_ray.models.moe.router_aux`) adds the router's load-balancing loss to the policy pass. Without
     `estimate_kl` (`train.kl_estimate: zero`) the KL forward is skipped and z0 is 0: the all-reduce
-    still runs, on a zero sum, so the collectives are the same either way."""
+    still runs, on a zero sum, so the collectives are the same either way. With `filler`, the ranks'
+    numbers of micro-batches may differ (see the module docstring)."""
     micro_batches = [mb.to(device) for mb in micro_batches]
-    ref_logps, kl_sum = _kl_pass(engine.module, micro_batches, reference, chunk_tokens, device, estimate_kl)
-    z0, global_rows = global_z0(kl_sum, sum(len(mb) for mb in micro_batches), reduce)
+    real, rows = len(micro_batches), sum(len(mb) for mb in micro_batches)
+    if filler is not None:  # every rank has `rows` rows, so at most `rows` micro-batches
+        micro_batches += [filler.to(device)] * (most_over_ranks(real, rows, reduce, device) - real)
+    ref_logps, kl_sum = _kl_pass(
+        engine.module, micro_batches, reference, chunk_tokens, device, estimate_kl, real
+    )
+    z0, global_rows = global_z0(kl_sum, rows, reduce)
     sums = KTOSums.zeros(device)
-    for mb, ref_y in zip(micro_batches, ref_logps):
-        _begin_forward(engine)
+    for k, (mb, ref_y) in enumerate(zip(micro_batches, ref_logps)):
+        _begin_forward(engine, last=k == len(micro_batches) - 1)
         aux = None
         if router_aux is None:
             policy = sequence_logps(engine.module, mb.policy, chunk_tokens)
@@ -109,9 +122,13 @@ def train_step(
         loss_sum = out.losses.sum()
         if aux is not None:
             loss_sum = loss_sum + router_aux.coef * aux * len(mb)
+        if k >= real:  # a filler: zero loss and zero gradient, only in step with the other ranks
+            loss_sum = loss_sum * 0.0
         _check_finite_on_every_rank(loss_sum, reduce, world_size)
         engine.backward(loss_sum / global_rows * world_size, scale_wrt_gas=False)
         engine.step()
+        if k >= real:
+            continue
         sums.add(out, policy, ref_y, mb.desirable, z0, tokens=_tokens(mb, estimate_kl), aux_loss=aux)
     grad_norm = _checked_grad_norm(engine)
     keys = TRAIN_KEYS if router_aux is None else (*TRAIN_KEYS, "aux_loss")
@@ -126,27 +143,36 @@ def _kl_pass(
     chunk_tokens: int | None,
     device: torch.device | str,
     estimate_kl: bool = True,
+    real: int | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Reference log-probs of (x, y) per micro-batch and this rank's sum of KL-pair log-ratios (0
-    without `estimate_kl`)."""
+    without `estimate_kl`) over the first `real` micro-batches (all by default; the rest are fillers,
+    run for their forwards only)."""
     ref_logps = []
     kl_sum = torch.zeros((), dtype=torch.float32, device=device)
-    for mb in micro_batches:
+    for k, mb in enumerate(micro_batches):
         ref_y, ref_kl = reference(mb) if reference is not None else (mb.ref_logps, mb.ref_kl_logps)
         ref_logps.append(ref_y.float())
         if estimate_kl:
-            kl_sum += (sequence_logps(module, mb.kl, chunk_tokens) - ref_kl.float()).sum()
+            log_ratios = sequence_logps(module, mb.kl, chunk_tokens) - ref_kl.float()
+            if real is None or k < real:
+                kl_sum += log_ratios.sum()
     return ref_logps, kl_sum
 
 
-def _begin_forward(engine: Engine) -> None:
+def _begin_forward(engine: Engine, last: bool) -> None:
     """What DeepSpeed's `engine.forward` does first: its ZeRO optimizer counts the micro-step there
     (ZeRO-3 copies the first micro-batch's gradient into its partition and adds the later ones by that
     count). The log-probs call the module itself (the chunked head needs the decoder), so without this
-    every backward of an accumulated step overwrote the ones before it."""
+    every backward of an accumulated step overwrote the ones before it. Then the accumulation boundary:
+    `last` (this rank's last micro-batch of the step) rather than DeepSpeed's count of micro-steps,
+    which token-budget micro-batches do not keep to (the same when they are fixed)."""
     begin = getattr(getattr(engine, "optimizer", None), "clear_backward_seen_flag", None)
     if begin is not None:
         begin()
+    boundary = getattr(engine, "set_gradient_accumulation_boundary", None)
+    if boundary is not None:
+        boundary(last)
 
 
 def _check_finite_on_every_rank(loss_sum: torch.Tensor, reduce: Reduce, world_size: int) -> None:

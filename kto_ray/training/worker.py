@@ -49,6 +49,7 @@ from kto_ray.training.loop_config import LoopConfig
 from kto_ray.training.metrics import MetricsLog
 from kto_ray.training.rows import TableRows
 from kto_ray.training.step import LossSettings, NonFiniteError, train_step
+from kto_ray.training.token_budget import budget_batches
 from kto_ray.training.tracking import Tracker, started_trackers
 
 
@@ -227,8 +228,12 @@ def _step(run: WorkerRun, step: int) -> dict[str, Any]:
     parts = [run.reader.take(rows) for rows in run.schedule.rows_for(step, run.rank)]
     if step + 1 < run.loop.total_steps:  # read the next step's rows while this one computes
         run.prefetch(step + 1)
-    packed = run.cfg.model.packed_batches
-    batches = [collate(part, np.arange(len(part)), run.tokenizer.pad_token_id, packed) for part in parts]
+    packed, pad_id = run.cfg.model.packed_batches, run.tokenizer.pad_token_id
+    budget, filler = run.cfg.train.micro_batch_tokens, None
+    if budget is None:
+        batches = [collate(part, np.arange(len(part)), pad_id, packed) for part in parts]
+    else:  # the same rows, re-cut by tokens (training/token_budget.py)
+        batches, filler = budget_batches(pa.concat_tables(parts), budget, pad_id, packed)
     try:
         metrics = train_step(
             run.engine,
@@ -241,6 +246,7 @@ def _step(run: WorkerRun, step: int) -> dict[str, Any]:
             chunk_tokens=run.cfg.model.logprob_chunk_tokens,
             estimate_kl=run.cfg.train.kl_estimate == "batch",
             router_aux=router_aux(run.engine.module) if run.cfg.train.router_aux_loss else None,
+            filler=filler,
         )
     except NonFiniteError as err:
         raise NonFiniteStep(step + 1, str(err)) from None

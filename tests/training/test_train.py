@@ -8,7 +8,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from kto_ray.models.logprobs import pad_sequences, sequence_logps
+from kto_ray.training.batching import Schedule
 from kto_ray.training.driver import train
+from kto_ray.training.token_budget import row_tokens, split_by_tokens
 from tests.conftest import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
@@ -119,3 +121,37 @@ def test_packed_batches_give_the_padded_step_on_two_workers(offline_runs, built_
     weights_packed = load_file(packed.run_dir.local_path / "final" / "model.safetensors")
     for name in weights_padded:
         torch.testing.assert_close(weights_packed[name], weights_padded[name], atol=1e-5, rtol=1e-5)
+
+
+def _budget_with_uneven_counts(built_store, workers: int, micro: int) -> tuple[int, list[int]]:
+    """The smallest token budget under which the ranks of step 0 get different numbers of micro-batches."""
+    cfg, store = built_store
+    table = store.read_split("train")
+    schedule = Schedule.for_table(table, workers, micro, 1, cfg.train.seed, cfg.train.group_by_length)
+    lengths = [row_tokens(table.take(schedule.rows_for(0, rank)[0])) for rank in range(workers)]
+    for budget in range(1, micro * max(int(x.max()) for x in lengths) + 1):
+        counts = [len(split_by_tokens(x, budget)) for x in lengths]
+        if len(set(counts)) > 1:
+            return budget, counts
+    raise AssertionError("no budget splits the ranks' rows differently")
+
+
+def test_token_budget_micro_batches_give_the_fixed_step_on_two_workers(offline_runs, built_store, tmp_path):
+    # train.micro_batch_tokens: each rank's 4 rows re-cut by tokens, a different number of micro-batches
+    # per rank (the one with fewer runs fillers, so ZeRO-3's gathers stay in step); the step equals
+    # the one-micro-batch run's (offline_runs' second), metrics and exported weights.
+    budget, counts = _budget_with_uneven_counts(built_store, 2, 4)
+    assert max(counts) > 1
+    run = train(
+        _config(built_store, tmp_path, "budget", cluster={"workers": 2}, train={"micro_batch_tokens": budget})
+    )
+    fixed_first = read_metrics(offline_runs[1])[0]
+    budget_first = read_metrics(run.run_dir.local_path)[0]
+    assert budget_first["rows"] == fixed_first["rows"] == 8
+    for key in ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
+        assert budget_first[key] == pytest.approx(fixed_first[key], abs=1e-5), key
+    assert budget_first["grad_norm"] == pytest.approx(fixed_first["grad_norm"], rel=1e-5)
+    weights_fixed = load_file(offline_runs[1] / "final" / "model.safetensors")
+    weights_budget = load_file(run.run_dir.local_path / "final" / "model.safetensors")
+    for name in weights_fixed:
+        torch.testing.assert_close(weights_budget[name], weights_fixed[name], atol=1e-5, rtol=1e-5)
