@@ -36,7 +36,7 @@ from kto_ray.rundir import WORKERS_FILE, RunDir
 from kto_ray.timings import RANK0_TIMINGS_FILE, Timeline
 from kto_ray.training.batching import Schedule, collate
 from kto_ray.training.checkpoint import restore, save_and_report
-from kto_ray.training.distributed import all_reduce_sum, gather_objects
+from kto_ray.training.distributed import all_reduce_sum, gather_objects, init_deepspeed_comm
 from kto_ray.training.engine import (
     build_policy_engine,
     deepspeed_config,
@@ -142,17 +142,14 @@ def run_worker(loop: LoopConfig, timeline: Timeline | None = None) -> None:
 def _setup(loop: LoopConfig, teardown: contextlib.ExitStack, timeline: Timeline) -> WorkerRun:
     """Everything the steps need, in the order it must be made; what needs closing goes on `teardown`
     as soon as it is opened, so a failure half-way closes what was opened before it."""
-    import deepspeed
-
-    timeline.mark("deepspeed import")
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     # This group's accumulation, from the run's global batch and the group's actual size.
     loop = dataclasses.replace(loop, config=config_for_world(loop.config, loop.global_batch, world))
     cfg = loop.config
     torch.manual_seed(cfg.train.seed + rank)
-    deepspeed.init_distributed()
-    timeline.mark("deepspeed process group")
+    init_deepspeed_comm(cfg.cluster.use_gpu)
+    timeline.mark("deepspeed import, comm backend")
     device = _device(cfg)
     teardown.push(_stop_together)  # first on, so last off: after every other clean-up
 
