@@ -52,6 +52,9 @@ BENCHES: dict[str, Smoke] = {
     "profile_train": Smoke(("| function (inclusive)", "| function (leaf)")),
     "precompute_throughput": Smoke(("| kto-ray precompute #1", "| naive loop #1")),
     "append_cost": Smoke(("| full precompute #1", "| append of the new rows #1", "append / full precompute")),
+    "fixed_costs": Smoke(
+        ("kto-ray precompute", "| Ray Data pass: tokenize, score, write", "| rank 0: first step")
+    ),
     "driver_overhead": Smoke(("before (HEAD)", "after, cold cache", "after, warm cache")),
     "engine_overhead": Smoke(("| engine", "| 3  ")),
     "reshape": Smoke(("reshape 2 -> 1 ranks, ZeRO-3", "| checkpoint GiB")),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,7 @@ from kto_ray.reference.store import (
     record_data_files,
 )
 from kto_ray.storage import Location, display, files_under, first_line, info, resolve
+from kto_ray.timings import Timeline
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ class _Counter:
 class PrecomputeResult:
     store: Store
     reused: bool
+    timings: list[dict[str, Any]] = field(default_factory=list)  # the phases of a build (kto_ray/timings.py)
 
 
 @dataclass(frozen=True)
@@ -241,7 +243,10 @@ def precompute(cfg: KTOConfig, overwrite: bool = False) -> PrecomputeResult:
     unless another precompute committed meanwhile).
     """
     start = time.perf_counter()
+    timeline = Timeline()
+    timeline.mark("imports, config")
     plan = _plan(with_absolute_paths(cfg))
+    timeline.mark("data read, tokenizer, fingerprint")
     reused = _reuse(plan, overwrite)
     if reused is not None:
         return reused
@@ -254,7 +259,9 @@ def precompute(cfg: KTOConfig, overwrite: bool = False) -> PrecomputeResult:
         committed = _committed_meanwhile(writer, plan.fingerprint, plan.where)
         if committed is not None:
             return committed
+        timeline.mark("ray started, store lease")
         written = _score(_rows_from(plan, first_id), writer)
+        timeline.mark("Ray Data pass: tokenize, score, write")
         if written.rows == 0 and not kept:
             raise UserError("no example has a completion token left under data.max_length; nothing to store")
         write_row_digests(writer.data, plan.text, first_id)
@@ -263,6 +270,8 @@ def precompute(cfg: KTOConfig, overwrite: bool = False) -> PrecomputeResult:
         committed = _commit(plan, writer, [*kept, segment])
         if committed is not None:
             return committed
+        timeline.mark("row digests, commit")
+    timeline.mark("ray shut down")
     dropped = len(plan.text.table) - first_id - written.rows
     what = f"appended segment {len(kept) + 1} to reference store" if kept else "reference store"
     print(
@@ -275,7 +284,7 @@ def precompute(cfg: KTOConfig, overwrite: bool = False) -> PrecomputeResult:
     if kept:
         rows = sum(store.count(s) for s in ("train", "eval"))
         print(f"reference store {plan.where} now holds {rows} rows in {len(kept) + 1} segments", flush=True)
-    return PrecomputeResult(store, reused=False)
+    return PrecomputeResult(store, reused=False, timings=timeline.records())
 
 
 def _plan(cfg: KTOConfig) -> _Plan:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import torch
@@ -50,3 +51,34 @@ def gather_objects(obj: object) -> list[object]:
     out: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+# DeepSpeed's op for its shared-memory all-reduce on CPU, used only by its inference kernels
+# (`inference_all_reduce`, tensor-parallel layers), never by ZeRO training.
+SHM_COMM_OP = "deepspeed_shm_comm"
+
+
+def init_deepspeed_comm(use_gpu: bool) -> None:
+    """DeepSpeed's communication backend over the process group Ray Train made. On CPU, DeepSpeed
+    would JIT-build (tens of seconds on a fresh node, a ninja check and a load on every start after)
+    and load its shared-memory all-reduce op; training never calls it, so it is marked unavailable."""
+    deepspeed = _import_deepspeed()
+    if not use_gpu:
+        deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+    deepspeed.init_distributed()
+
+
+def _import_deepspeed():
+    """DeepSpeed, imported without mlflow: its autotuner (which kto-ray never runs) imports mlflow when
+    it is installed, ~1 s of CPU in every worker. mlflow stays importable afterwards (the mlflow tracker
+    imports it when asked for)."""
+    if "mlflow" in sys.modules:
+        import deepspeed
+
+        return deepspeed
+    sys.modules["mlflow"] = None  # an import of it fails fast: DeepSpeed's optional import gives up
+    try:
+        import deepspeed
+    finally:
+        del sys.modules["mlflow"]
+    return deepspeed

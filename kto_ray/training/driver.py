@@ -40,6 +40,7 @@ from kto_ray.reference.reader import SplitIndex
 from kto_ray.reference.store import SCHEMA
 from kto_ray.rundir import CHECKPOINTS, RunDir
 from kto_ray.storage import endpoint_env, first_line
+from kto_ray.timings import TIMINGS_FILE, Timeline
 from kto_ray.training.global_batch import check_worker_range, first_global_batch
 from kto_ray.training.loop_config import LoopConfig
 from kto_ray.training.placement import Ask, placement_notices
@@ -141,6 +142,8 @@ def total_steps(cfg: KTOConfig, rows: int, global_batch: int | None = None) -> i
 def train(cfg: KTOConfig) -> TrainResult:
     """Check the store (or tokenize, online), size the run, check a rerun against the checkpoint it
     resumes, and fit it on Ray Train."""
+    timeline = Timeline()
+    timeline.mark("imports, config")
     run_dir = RunDir.of(cfg)
     with _storage_errors(run_dir, "read"):
         saved = saved_state(run_dir)
@@ -154,6 +157,7 @@ def train(cfg: KTOConfig) -> TrainResult:
             raise
         raise UserError(f"{err} (the run's global batch, kept from {saved.name})") from None
     rows = split_rows(cfg, ("train", "eval") if cfg.train.eval_every else ("train",))
+    timeline.mark("store checked, rows indexed")
     train_rows = rows["train"]
     steps = total_steps(cfg, row_count(train_rows), global_batch)
     lam_d = desirable_weight(cfg, row_labels(train_rows))
@@ -175,7 +179,14 @@ def train(cfg: KTOConfig) -> TrainResult:
     elif saved is not None and (changes := compare(saved.name, saved.state, state)):
         print(changes, flush=True)
     return fit(
-        cfg, train_rows, steps, lam_d, eval_rows=rows.get("eval"), global_batch=global_batch, run_state=state
+        cfg,
+        train_rows,
+        steps,
+        lam_d,
+        eval_rows=rows.get("eval"),
+        global_batch=global_batch,
+        run_state=state,
+        timeline=timeline,
     )
 
 
@@ -187,11 +198,14 @@ def fit(
     eval_rows: Rows | None = None,
     global_batch: int | None = None,
     run_state: dict | None = None,
+    timeline: Timeline | None = None,
 ) -> TrainResult:
     """Launch the TorchTrainer on `train_rows` for `steps` optimizer steps of `global_batch` rows (the
     first start's by default); with `train.eval_every`, the workers also evaluate on `eval_rows` (the
-    store's eval split)."""
+    store's eval split). `timeline` (train's) gets the driver's phases, written to `timings.json`."""
     import ray
+
+    timeline = timeline or Timeline()
 
     cfg = with_absolute_paths(cfg)
     global_batch = global_batch or first_global_batch(cfg)
@@ -210,9 +224,11 @@ def fit(
     try:
         with _storage_errors(run_dir):
             pin_store(cfg, run_dir)  # a resume after the store changed (an append) refuses here
+        timeline.mark("trackers, lease, store pin")
         # Entering placement_notices refuses a worker group the cluster can never place, in one line;
         # on an autoscaling cluster it says what the run waits for until the minimum fits.
         with ray_session(cfg.cluster.address), placement_notices(Ask.of(cfg)):
+            timeline.mark("ray connected, placement checked")
             # stage auto becomes the planner's pick here (it may read the cluster's memory); the run
             # dir and the checkpoints' run state record the stage that ran.
             cfg, stage = resolve_stage(cfg)
@@ -239,9 +255,11 @@ def fit(
                 storage_env=endpoint_env(),
             )
             progress = TrainingProgress(run_dir, steps, cfg.train.log_every)
+            timeline.mark("stage resolved, config written")
             try:
                 with progress:
                     result = _trainer(cfg, loop).fit()
+                timeline.mark("trainer fit (workers: timings-rank0.json)")
             except ray.train.TrainingFailedError as err:
                 stopped = (
                     _stopped_by_non_finite(err, run_dir)
@@ -252,8 +270,13 @@ def fit(
                 if stopped is None:
                     raise
                 raise stopped from None
+            timeline.mark("progress closed")
+        timeline.mark("ray shut down")
     finally:
         lease.release()
+    timeline.mark("lease released")
+    with _storage_errors(run_dir):
+        run_dir.write_text(TIMINGS_FILE, timeline.as_json())
     return TrainResult(run_dir, steps, dict(result.metrics or {}))
 
 

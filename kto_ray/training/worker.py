@@ -33,9 +33,10 @@ from kto_ray.models.loading import hidden_size_of, load_tokenizer
 from kto_ray.models.moe import router_aux
 from kto_ray.reference.reader import RowReader, SplitIndex
 from kto_ray.rundir import WORKERS_FILE, RunDir
+from kto_ray.timings import RANK0_TIMINGS_FILE, Timeline
 from kto_ray.training.batching import Schedule, collate
 from kto_ray.training.checkpoint import restore, save_and_report
-from kto_ray.training.distributed import all_reduce_sum, gather_objects
+from kto_ray.training.distributed import all_reduce_sum, gather_objects, init_deepspeed_comm
 from kto_ray.training.engine import (
     build_policy_engine,
     deepspeed_config,
@@ -120,29 +121,36 @@ class WorkerRun:
 
 def train_loop(train_loop_config: dict[str, Any]) -> None:
     """Ray Train's entry point on every worker: the driver's LoopConfig, unwrapped here only."""
-    run_worker(LoopConfig.from_train_loop_config(train_loop_config))
+    timeline = Timeline()
+    timeline.mark("worker start, imports")
+    run_worker(LoopConfig.from_train_loop_config(train_loop_config), timeline)
 
 
-def run_worker(loop: LoopConfig) -> None:
+def run_worker(loop: LoopConfig, timeline: Timeline | None = None) -> None:
+    timeline = timeline or Timeline()
     with contextlib.ExitStack() as teardown:
-        run = _setup(loop, teardown)
+        run = _setup(loop, teardown, timeline)
         _train(run)
+        timeline.mark(f"steps {run.start_step + 1}-{run.loop.total_steps} and their checkpoints")
+    timeline.mark("rows closed, trackers finished")
     if run.cfg.run.export:
         export_final(run.engine, run.tokenizer, run.cfg, run.rank)  # the full model, or the LoRA adapter
+        timeline.mark("final export")
+    if run.rank == 0:
+        RunDir.of(run.cfg).write_text(RANK0_TIMINGS_FILE, timeline.as_json())
 
 
-def _setup(loop: LoopConfig, teardown: contextlib.ExitStack) -> WorkerRun:
+def _setup(loop: LoopConfig, teardown: contextlib.ExitStack, timeline: Timeline) -> WorkerRun:
     """Everything the steps need, in the order it must be made; what needs closing goes on `teardown`
     as soon as it is opened, so a failure half-way closes what was opened before it."""
-    import deepspeed
-
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     # This group's accumulation, from the run's global batch and the group's actual size.
     loop = dataclasses.replace(loop, config=config_for_world(loop.config, loop.global_batch, world))
     cfg = loop.config
     torch.manual_seed(cfg.train.seed + rank)
-    deepspeed.init_distributed()
+    init_deepspeed_comm(cfg.cluster.use_gpu)
+    timeline.mark("deepspeed import, comm backend")
     device = _device(cfg)
     teardown.push(_stop_together)  # first on, so last off: after every other clean-up
 
@@ -150,13 +158,16 @@ def _setup(loop: LoopConfig, teardown: contextlib.ExitStack) -> WorkerRun:
     reader, schedule = _open_rows(loop.train_rows, cfg, world)
     teardown.callback(reader.close)
     tokenizer = load_tokenizer(cfg.model)
+    timeline.mark("rows opened, tokenizer")
     hidden_size = hidden_size_of(cfg.model)
     engine = build_policy_engine(cfg, deepspeed_config(cfg, world, hidden_size=hidden_size), loop.total_steps)
     reference = online_reference(cfg, engine, world)  # with LoRA: the policy, adapters disabled
+    timeline.mark("model load, deepspeed engine")
 
     start_step = restore(engine, rank, world, cfg.run.scratch_dir)  # reshaped if `world` changed
     if start_step:  # this start's learning rate, schedule and optimizer settings, not the checkpoint's
         refresh_optimizer_settings(engine, cfg)
+    timeline.mark("checkpoint restore")
     placement = gather_objects(_where_am_i(rank))  # a collective: every rank
     if rank == 0:
         RunDir.of(cfg).write_text(WORKERS_FILE, json.dumps(placement, indent=2) + "\n")
@@ -171,6 +182,7 @@ def _setup(loop: LoopConfig, teardown: contextlib.ExitStack) -> WorkerRun:
                 loop.tracking_env,
             )
         )
+    timeline.mark("workers.json, trackers")
     return WorkerRun(
         loop=loop,
         rank=rank,

@@ -184,6 +184,11 @@ def test_overwrite_replaces_a_mismatched_store(built_store, tmp_path):
     )
     result = precompute(changed, overwrite=True)
     assert not result.reused
+    # A build records its phases (kto_ray/timings.py), the Ray Data pass among them, in order.
+    phases = [r["phase"] for r in result.timings]
+    assert phases[0] == "process start" and phases[-1] == "ray shut down"
+    assert "Ray Data pass: tokenize, score, write" in phases
+    assert [r["at"] for r in result.timings] == sorted(r["at"] for r in result.timings)
     assert result.store.manifest.fingerprint["pairing"] != store.manifest.fingerprint["pairing"]
     assert open_store(copy, _fingerprint(changed)).manifest == result.store.manifest
     # The replaced store's data prefix is removed after the commit; the new manifest names the new one.

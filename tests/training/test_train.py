@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from kto_ray.models.logprobs import pad_sequences, sequence_logps
+from kto_ray.timings import RANK0_TIMINGS_FILE, TIMINGS_FILE
 from kto_ray.training.batching import Schedule
 from kto_ray.training.driver import train
 from kto_ray.training.token_budget import row_tokens, split_by_tokens
@@ -155,3 +158,20 @@ def test_token_budget_micro_batches_give_the_fixed_step_on_two_workers(offline_r
     weights_budget = load_file(run.run_dir.local_path / "final" / "model.safetensors")
     for name in weights_fixed:
         torch.testing.assert_close(weights_budget[name], weights_fixed[name], atol=1e-5, rtol=1e-5)
+
+
+def test_runs_record_their_phases(offline_runs):
+    # timings.json (the driver's phases) and timings-rank0.json (rank 0's, export included) on one
+    # clock: each in order, rank 0's within the driver's launch and the fit's return.
+    for run_dir in offline_runs:
+        driver = json.loads((run_dir / TIMINGS_FILE).read_text())
+        rank0 = json.loads((run_dir / RANK0_TIMINGS_FILE).read_text())
+        for records in (driver, rank0):
+            assert records[0]["phase"] == "process start"
+            assert [r["at"] for r in records] == sorted(r["at"] for r in records)
+            assert all(r["seconds"] >= 0 for r in records)
+        phases = [r["phase"] for r in driver]
+        launched = driver[phases.index("stage resolved, config written")]["at"]
+        fitted = next(r["at"] for r in driver if r["phase"].startswith("trainer fit"))
+        assert launched <= rank0[1]["at"] and rank0[-1]["at"] <= fitted
+        assert [r["phase"] for r in rank0][-1] == "final export"
