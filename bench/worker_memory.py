@@ -25,6 +25,17 @@ from typing import Any
 import common
 
 WORKERS, MICRO_BATCH, ROWS = 2, 4, 512
+# The machine is shared: below this much MemAvailable the guard kills the workers (the run then fails
+# with Ray's actor-died error) before the kernel's OOM killer picks a neighbour's process instead.
+GUARD_MIB = 2048
+
+
+def available_mib() -> float:
+    """MemAvailable of /proc/meminfo, MiB."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return float("inf")
 
 
 def build_qwen2(hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int, vocab: int) -> Path:
@@ -69,6 +80,7 @@ class Timeline:
         self.metrics, self.interval = metrics, interval
         self.samples: list[tuple[float, int, int, int]] = []  # (t, pid, VmRSS KiB, RssAnon KiB)
         self.first_step: float | None = None
+        self.guard_tripped = False
         self._stop = threading.Event()
 
     def _poll(self) -> None:
@@ -76,9 +88,14 @@ class Timeline:
             now = time.perf_counter()
             if self.first_step is None and self.metrics.is_file() and self.metrics.stat().st_size > 0:
                 self.first_step = now
-            for child in common.marked_descendants("RayTrainWorker"):
+            workers = list(common.marked_descendants("RayTrainWorker"))
+            for child in workers:
                 kib = common.status_kib(child.pid, ("VmRSS", "RssAnon"))
                 self.samples.append((now, child.pid, kib["VmRSS"], kib["RssAnon"]))
+            if available_mib() < GUARD_MIB:
+                self.guard_tripped = True
+                for child in workers:  # our own workers only (descendants of this process)
+                    child.kill()
             self._stop.wait(self.interval)
 
     def __enter__(self) -> Timeline:
@@ -131,7 +148,12 @@ def run(model: Path, root: Path, mode: str, steps: int) -> dict[str, Any]:
     rows = SplitIndex.build(open_store(store_path), "train")
     lam_d = desirable_weight(cfg, row_labels(rows), warn=False)
     with Timeline(RunDir.of(cfg).local_path / "metrics.jsonl") as timeline:
-        fit(cfg, rows, steps, lam_d)
+        try:
+            fit(cfg, rows, steps, lam_d)
+        except Exception:
+            if timeline.guard_tripped:
+                raise SystemExit(f"{mode}: stopped, MemAvailable fell under {GUARD_MIB} MiB") from None
+            raise
     return timeline.peaks() | {
         "plan": predicted.setting(predicted.configured).gpu_total / GIB * 1024,
         "params": predicted.arch.total_params,
