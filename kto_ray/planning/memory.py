@@ -48,6 +48,17 @@ def logits_bytes(arch: Architecture, tokens: int, bf16: bool, chunk_tokens: int 
     return min(tokens, chunk_tokens) * arch.vocab * ((2 if bf16 else 0) + 12)
 
 
+def lora_dropout_bytes(
+    arch: Architecture, targets: list[str] | str, tokens: int, elem: int, ckpt: bool
+) -> float:
+    """LoRA with lora.dropout > 0: every adapted linear's input goes through its own dropout, whose
+    output (`elem` bytes) the adapter's backward keeps, with the dropout mask (1 byte), per token: the
+    q, k and v projections each keep a copy of the one input the layer formula counts once. Under
+    gradient checkpointing one layer's worth at a time."""
+    per_token = arch.lora_input_features(targets) / (arch.layers if ckpt else 1)
+    return tokens * per_token * (elem + 1)
+
+
 def activations_bytes(arch: Architecture, seq: int, batch: int, elem: int, checkpointing: bool) -> float:
     # Outside the layers: the final norm (fp32 upcast) and the lm_head's input, ~6h per token.
     outside = seq * batch * 6 * arch.hidden * elem / 2

@@ -17,6 +17,7 @@ from kto_ray.planning.memory import (
     activations_bytes,
     layer_activation_bytes,
     logits_bytes,
+    lora_dropout_bytes,
     model_states,
     zero2_model_states,
 )
@@ -148,6 +149,8 @@ def plan(
     elem = 2 if bf16 else 4
     seq, batch, ckpt = cfg.data.max_length, cfg.train.micro_batch_size, cfg.deepspeed.gradient_checkpointing
     acts = activations_bytes(arch, seq, batch, elem, ckpt)
+    if cfg.lora.enabled and cfg.lora.dropout > 0:
+        acts += lora_dropout_bytes(arch, cfg.lora.target_modules, seq * batch, elem, ckpt)
     logits = logits_bytes(arch, seq * batch, bf16, cfg.model.logprob_chunk_tokens)
     # KTO's KL completions: a no-grad forward of the same batch shape, finished (and freed) before the
     # training forward, so it costs inference activations (one layer + logits) and never adds to them.

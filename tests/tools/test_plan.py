@@ -409,7 +409,12 @@ def test_cpu_workers_plan_fp32_states_and_a_process_baseline(small_llama):
 
 def test_lora_plans_the_adapters_states_and_the_frozen_base(small_llama):
     full = plan(load_config(None, ["cluster.workers=2"]), model_config=small_llama)
-    lora = plan(load_config(None, ["cluster.workers=2", "lora.enabled=true"]), model_config=small_llama)
+    # Without adapter dropout, whose input copies outweigh the optimizer states at this tiny width (they
+    # have a test of their own below).
+    lora = plan(
+        load_config(None, ["cluster.workers=2", "lora.enabled=true", "lora.dropout=0"]),
+        model_config=small_llama,
+    )
     # r=16 on every linear but the head: q, k, v, o (64 -> 64) and gate, up (64 -> 128), down (128 -> 64).
     assert lora.lora_params == 16 * (4 * (64 + 64) + 3 * (64 + 128)) == 17408
     targeted = plan(
@@ -438,3 +443,20 @@ def test_optimizer_step_memory_is_one_sub_group_of_flat_grads_and_adam_temporari
     # The engine configures the sub-group the planner assumes.
     zero = deepspeed_config(load_config(None, ["cluster.workers=2"]), 2, hidden_size=64)["zero_optimization"]
     assert zero["sub_group_size"] == SUB_GROUP_ELEMENTS
+
+
+def test_lora_dropout_keeps_a_copy_of_every_adapted_input_and_its_mask(small_llama):
+    def acts(*overrides: str) -> float:
+        return plan(
+            load_config(None, ["cluster.workers=2", *overrides]), model_config=small_llama
+        ).activations
+
+    full = plan(load_config(None, ["cluster.workers=2"]), model_config=small_llama)
+    tokens = full.seq_len * full.micro_batch
+    # Adapted inputs per token: q, k, v, o, gate, up (64 each) and down (128) = 512; fp32 copy + mask.
+    assert acts("lora.enabled=true") - full.activations == tokens * 512 * (4 + 1)
+    assert acts("lora.enabled=true", "lora.target_modules=[q_proj, down_proj]") - full.activations == (
+        tokens * (64 + 128) * 5
+    )
+    # No dropout: peft's adapter reads the input the layer already keeps.
+    assert acts("lora.enabled=true", "lora.dropout=0") == full.activations
