@@ -3,11 +3,12 @@
 A random-initialised Qwen2-shaped model (untied head, 151,936-token vocabulary by default; the embedded
 character tokenizer's ids are far below it) is saved once under artifacts/bench/, then trained for
 `--steps` steps on 2 CPU workers under ZeRO-3 (fp32, as on CPU), in full fine-tuning and with LoRA, on a
-synthetic store of short rows. Every RayTrainWorker process's VmRSS and RssAnon are sampled every 0.1 s
-(a descendant of this process: other helpers' Rays are not seen); "load" is the peak before rank 0's
-first step record appears in metrics.jsonl (loading, zero.Init, DeepSpeed's optimizer set-up and the
-first step, which allocates Adam's moments), "steady" the peak after it. The plan column is
-`kto-ray plan`'s per-worker total for the same config (CPU workers: no GPU allowance).
+synthetic store of rows that fill max_length (8 prompt + 120 completion tokens: near the planner's worst
+case, max_length x micro-batch tokens, all of them scored). Every RayTrainWorker process's VmRSS and
+RssAnon are sampled every 0.1 s (a descendant of this process: other helpers' Rays are not seen); "load"
+is the peak before rank 0's first step record appears in metrics.jsonl (loading, zero.Init, DeepSpeed's
+optimizer set-up and the first step, which allocates Adam's moments), "steady" the peak after it. The
+plan column is `kto-ray plan`'s per-worker total for the same config (CPU workers: no GPU allowance).
 
     .venv/bin/python bench/worker_memory.py [--hidden 896 --layers 24 --intermediate 4864] [--modes full lora]
     .venv/bin/python bench/worker_memory.py --smoke
@@ -25,6 +26,9 @@ from typing import Any
 import common
 
 WORKERS, MICRO_BATCH, ROWS = 2, 4, 512
+# Rows of max_length with short prompts: the micro-batch's tokens and its completion tokens (the
+# log-prob chunk's) both near the planner's worst case (max_length x micro-batch).
+MAX_LENGTH, PROMPT = 128, 8
 # The machine is shared: below this much MemAvailable the guard kills the workers (the run then fails
 # with Ray's actor-died error) before the kernel's OOM killer picks a neighbour's process instead.
 GUARD_MIB = 2048
@@ -130,14 +134,16 @@ def run(model: Path, root: Path, mode: str, steps: int) -> dict[str, Any]:
     store_path = root / "store"
     if not store_path.exists():
         characters = range(len(SPECIAL_TOKENS), len(SPECIAL_TOKENS) + len(ALPHABET))
-        common.bench_store(store_path, ROWS, characters)
+        full = (PROMPT, PROMPT + 1), (MAX_LENGTH - PROMPT, MAX_LENGTH - PROMPT + 1)
+        common.write_store(
+            store_path, [256], ROWS, seed=ROWS, lengths=(*full, full[1]), vocab=characters, train_fraction=0.9
+        )
     cfg = common.bench_config(
         model,
         common.REPO / "data" / "arithmetic.jsonl",
         root,
         store={"path": str(store_path)},
-        # The store's rows have 20-60 prompt and completion tokens: plan for that length, not 512.
-        data={"max_length": 128, "max_prompt_length": 64, "eval_fraction": 0.0},
+        data={"max_length": MAX_LENGTH, "max_prompt_length": 64, "eval_fraction": 0.0},
         run={"dir": str(root / "runs"), "name": mode},
         cluster={"workers": WORKERS, "address": None},
         train={"micro_batch_size": MICRO_BATCH, "max_steps": steps},
