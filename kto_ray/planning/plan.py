@@ -19,6 +19,7 @@ from kto_ray.planning.memory import (
     logits_bytes,
     lora_dropout_bytes,
     model_states,
+    optimizer_step_bytes,
     zero2_model_states,
 )
 
@@ -172,9 +173,12 @@ def plan(
         ref_shard = elem if online and not params else 0
         ref_fixed = elem * arch.largest_layer_params if online else 0
         ref = ref_shard * arch.total_params / gpus + ref_fixed
-        total = gpu_params + gpu_opt + buffer + ref + acts + logits + overhead
+        # The optimizer step's transient runs after the backward freed the activations and logits.
+        step = optimizer_step_bytes(trainable or arch.total_params, gpus) if elem == 4 and not opt else 0
+        working = buffer - step + max(step, acts + logits)
+        total = gpu_params + gpu_opt + working + ref + overhead
         # What does not shrink with more GPUs, and the bytes that do.
-        fixed = buffer + ref_fixed + acts + logits + overhead
+        fixed = working + ref_fixed + overhead
         sharded = (gpu_params + gpu_opt) * gpus + ref_shard * arch.total_params
         min_gpus = None
         if fixed < budget:

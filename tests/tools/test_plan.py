@@ -460,3 +460,12 @@ def test_lora_dropout_keeps_a_copy_of_every_adapted_input_and_its_mask(small_lla
     )
     # No dropout: peft's adapter reads the input the layer already keeps.
     assert acts("lora.enabled=true", "lora.dropout=0") == full.activations
+
+
+def test_the_optimizer_step_transient_and_the_backward_working_set_do_not_add_up(small_llama):
+    p = plan(load_config(None, ["cluster.workers=2"]), model_config=small_llama)
+    n, largest, s = p.arch.total_params, p.arch.largest_layer_params, p.settings[0]
+    step = 12 * n / 2  # the step runs after the backward freed activations and logits: the larger counts
+    expected = s.gpu_params + s.gpu_optimizer + 8 * largest + max(step, p.activations + p.logits) + p.overhead
+    assert s.gpu_total == pytest.approx(expected, rel=1e-12)
+    assert s.gpu_total < s.gpu_model_states + p.activations + p.logits + p.overhead
