@@ -3,11 +3,12 @@
 A random-initialised Qwen2-shaped model (untied head, 151,936-token vocabulary by default; the embedded
 character tokenizer's ids are far below it) is saved once under artifacts/bench/, then trained for
 `--steps` steps on 2 CPU workers under ZeRO-3 (fp32, as on CPU), in full fine-tuning and with LoRA, on a
-synthetic store of short rows. Every RayTrainWorker process's VmRSS and RssAnon are sampled every 0.1 s
-(a descendant of this process: other helpers' Rays are not seen); "load" is the peak before rank 0's
-first step record appears in metrics.jsonl (loading, zero.Init, DeepSpeed's optimizer set-up and the
-first step, which allocates Adam's moments), "steady" the peak after it. The plan column is
-`kto-ray plan`'s per-worker total for the same config (CPU workers: no GPU allowance).
+synthetic store of rows that fill max_length (8 prompt + 120 completion tokens: near the planner's worst
+case, max_length x micro-batch tokens, all of them scored). Every RayTrainWorker process's VmRSS and
+RssAnon are sampled every 0.1 s (a descendant of this process: other helpers' Rays are not seen); "load"
+is the peak before rank 0's first step record appears in metrics.jsonl (loading, zero.Init, DeepSpeed's
+optimizer set-up and the first step, which allocates Adam's moments), "steady" the peak after it. The
+plan column is `kto-ray plan`'s per-worker total for the same config (CPU workers: no GPU allowance).
 
     .venv/bin/python bench/worker_memory.py [--hidden 896 --layers 24 --intermediate 4864] [--modes full lora]
     .venv/bin/python bench/worker_memory.py --smoke
@@ -25,6 +26,20 @@ from typing import Any
 import common
 
 WORKERS, MICRO_BATCH, ROWS = 2, 4, 512
+# Rows of max_length with short prompts: the micro-batch's tokens and its completion tokens (the
+# log-prob chunk's) both near the planner's worst case (max_length x micro-batch).
+MAX_LENGTH, PROMPT = 128, 8
+# The machine is shared: below this much MemAvailable the guard kills the workers (the run then fails
+# with Ray's actor-died error) before the kernel's OOM killer picks a neighbour's process instead.
+GUARD_MIB = 2048
+
+
+def available_mib() -> float:
+    """MemAvailable of /proc/meminfo, MiB."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return float("inf")
 
 
 def build_qwen2(hidden: int, layers: int, intermediate: int, heads: int, kv_heads: int, vocab: int) -> Path:
@@ -69,6 +84,7 @@ class Timeline:
         self.metrics, self.interval = metrics, interval
         self.samples: list[tuple[float, int, int, int]] = []  # (t, pid, VmRSS KiB, RssAnon KiB)
         self.first_step: float | None = None
+        self.guard_tripped = False
         self._stop = threading.Event()
 
     def _poll(self) -> None:
@@ -76,9 +92,14 @@ class Timeline:
             now = time.perf_counter()
             if self.first_step is None and self.metrics.is_file() and self.metrics.stat().st_size > 0:
                 self.first_step = now
-            for child in common.marked_descendants("RayTrainWorker"):
+            workers = list(common.marked_descendants("RayTrainWorker"))
+            for child in workers:
                 kib = common.status_kib(child.pid, ("VmRSS", "RssAnon"))
                 self.samples.append((now, child.pid, kib["VmRSS"], kib["RssAnon"]))
+            if available_mib() < GUARD_MIB:
+                self.guard_tripped = True
+                for child in workers:  # our own workers only (descendants of this process)
+                    child.kill()
             self._stop.wait(self.interval)
 
     def __enter__(self) -> Timeline:
@@ -113,14 +134,16 @@ def run(model: Path, root: Path, mode: str, steps: int) -> dict[str, Any]:
     store_path = root / "store"
     if not store_path.exists():
         characters = range(len(SPECIAL_TOKENS), len(SPECIAL_TOKENS) + len(ALPHABET))
-        common.bench_store(store_path, ROWS, characters)
+        full = (PROMPT, PROMPT + 1), (MAX_LENGTH - PROMPT, MAX_LENGTH - PROMPT + 1)
+        common.write_store(
+            store_path, [256], ROWS, seed=ROWS, lengths=(*full, full[1]), vocab=characters, train_fraction=0.9
+        )
     cfg = common.bench_config(
         model,
         common.REPO / "data" / "arithmetic.jsonl",
         root,
         store={"path": str(store_path)},
-        # The store's rows have 20-60 prompt and completion tokens: plan for that length, not 512.
-        data={"max_length": 128, "max_prompt_length": 64, "eval_fraction": 0.0},
+        data={"max_length": MAX_LENGTH, "max_prompt_length": 64, "eval_fraction": 0.0},
         run={"dir": str(root / "runs"), "name": mode},
         cluster={"workers": WORKERS, "address": None},
         train={"micro_batch_size": MICRO_BATCH, "max_steps": steps},
@@ -131,7 +154,12 @@ def run(model: Path, root: Path, mode: str, steps: int) -> dict[str, Any]:
     rows = SplitIndex.build(open_store(store_path), "train")
     lam_d = desirable_weight(cfg, row_labels(rows), warn=False)
     with Timeline(RunDir.of(cfg).local_path / "metrics.jsonl") as timeline:
-        fit(cfg, rows, steps, lam_d)
+        try:
+            fit(cfg, rows, steps, lam_d)
+        except Exception:
+            if timeline.guard_tripped:
+                raise SystemExit(f"{mode}: stopped, MemAvailable fell under {GUARD_MIB} MiB") from None
+            raise
     return timeline.peaks() | {
         "plan": predicted.setting(predicted.configured).gpu_total / GIB * 1024,
         "params": predicted.arch.total_params,

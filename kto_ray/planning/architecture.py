@@ -39,11 +39,16 @@ class Architecture:
     def lora_params(self, r: int, targets: list[str] | str) -> int:
         """Parameters of rank-`r` adapters on the linear layers peft would wrap: every linear but the
         output head for "all-linear", else those whose name is or ends with a target."""
+        return sum(r * (i + o) for i, o in self._lora_targets(targets))
+
+    def lora_input_features(self, targets: list[str] | str) -> int:
+        """The in_features of every linear layer peft would wrap, summed over the model."""
+        return sum(i for i, _o in self._lora_targets(targets))
+
+    def _lora_targets(self, targets: list[str] | str) -> list[tuple[int, int]]:
         if targets == "all-linear":
-            chosen = [(i, o) for name, i, o in self.linears if name.split(".")[-1] != "lm_head"]
-        else:
-            chosen = [(i, o) for name, i, o in self.linears if any(_matches(name, t) for t in targets)]
-        return sum(r * (i + o) for i, o in chosen)
+            return [(i, o) for name, i, o in self.linears if name.split(".")[-1] != "lm_head"]
+        return [(i, o) for name, i, o in self.linears if any(_matches(name, t) for t in targets)]
 
     @property
     def active_params(self) -> int:

@@ -9,9 +9,13 @@ from kto_ray.planning.architecture import Architecture
 
 BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor for CPU memory
 # ZeRO-3's optimizer sub-group (DeepSpeed's sub_group_size) the training engine configures: the step
-# flattens one sub-group's gradients into a new fp32 tensor at a time. 1e8 elements caps that at 0.4 GB
-# where DeepSpeed's default (1e9) is a whole second copy of a worker's gradient partition.
-SUB_GROUP_ELEMENTS = 10**8
+# works on one sub-group at a time, with that sub-group's transient copies (`optimizer_step_bytes`).
+# DeepSpeed's default (1e9) makes it a worker's whole partition; 2.5e7 caps the copies at 0.3 GB.
+SUB_GROUP_ELEMENTS = 25_000_000
+# Bytes per element of one sub-group while it steps: DeepSpeed flattens its gradients into a new fp32
+# tensor (4), and torch's AdamW builds its denominator as sqrt(v) / bias_correction (two fp32
+# temporaries, 8) before the in-place update.
+STEP_BYTES_PER_ELEMENT = 4 + 8
 
 
 def layer_activation_bytes(arch: Architecture, seq: int, batch: int, elem: int) -> float:
@@ -42,6 +46,17 @@ def logits_bytes(arch: Architecture, tokens: int, bf16: bool, chunk_tokens: int 
     if chunk_tokens is None:
         return tokens * arch.vocab * ((2 if bf16 else 0) + 8)
     return min(tokens, chunk_tokens) * arch.vocab * ((2 if bf16 else 0) + 12)
+
+
+def lora_dropout_bytes(
+    arch: Architecture, targets: list[str] | str, tokens: int, elem: int, ckpt: bool
+) -> float:
+    """LoRA with lora.dropout > 0: every adapted linear's input goes through its own dropout, whose
+    output (`elem` bytes) the adapter's backward keeps, with the dropout mask (1 byte), per token: the
+    q, k and v projections each keep a copy of the one input the layer formula counts once. Under
+    gradient checkpointing one layer's worth at a time."""
+    per_token = arch.lora_input_features(targets) / (arch.layers if ckpt else 1)
+    return tokens * per_token * (elem + 1)
 
 
 def activations_bytes(arch: Architecture, seq: int, batch: int, elem: int, checkpointing: bool) -> float:
@@ -81,10 +96,16 @@ def model_states(
         cpu = largest * 4 * on_node * BUFFER_FACTOR
     buffer = (2 if trainable == total else 1) * elem * largest
     if elem == 4 and not opt:
-        # fp32: the 4 bytes of "fp32 grads" are the gradient buffer itself; the optimizer step adds one
-        # sub-group's flattened fp32 copy (kto_ray/training/engine.py, SUB_GROUP_ELEMENTS).
-        buffer += 4 * min(SUB_GROUP_ELEMENTS, trainable / gpus)
+        # fp32: the 4 bytes of "fp32 grads" are the gradient buffer itself, and the step's copies come on
+        # top (with 16-bit params DeepSpeed's formula counts fp32 grads beside the 16-bit ones).
+        buffer += optimizer_step_bytes(trainable, gpus)
     return gpu_params, gpu_opt, float(buffer), cpu
+
+
+def optimizer_step_bytes(trainable: int, gpus: int) -> float:
+    """The optimizer step's transient memory on a worker: one sub-group (at most SUB_GROUP_ELEMENTS of
+    its partition of the trainable params) of flattened fp32 gradients and Adam's temporaries."""
+    return STEP_BYTES_PER_ELEMENT * min(SUB_GROUP_ELEMENTS, trainable / gpus)
 
 
 def zero2_model_states(arch: Architecture, gpus: int, elem: int = 2, trainable: int | None = None) -> float:

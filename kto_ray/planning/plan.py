@@ -17,7 +17,9 @@ from kto_ray.planning.memory import (
     activations_bytes,
     layer_activation_bytes,
     logits_bytes,
+    lora_dropout_bytes,
     model_states,
+    optimizer_step_bytes,
     zero2_model_states,
 )
 
@@ -148,6 +150,8 @@ def plan(
     elem = 2 if bf16 else 4
     seq, batch, ckpt = cfg.data.max_length, cfg.train.micro_batch_size, cfg.deepspeed.gradient_checkpointing
     acts = activations_bytes(arch, seq, batch, elem, ckpt)
+    if cfg.lora.enabled and cfg.lora.dropout > 0:
+        acts += lora_dropout_bytes(arch, cfg.lora.target_modules, seq * batch, elem, ckpt)
     logits = logits_bytes(arch, seq * batch, bf16, cfg.model.logprob_chunk_tokens)
     # KTO's KL completions: a no-grad forward of the same batch shape, finished (and freed) before the
     # training forward, so it costs inference activations (one layer + logits) and never adds to them.
@@ -169,9 +173,12 @@ def plan(
         ref_shard = elem if online and not params else 0
         ref_fixed = elem * arch.largest_layer_params if online else 0
         ref = ref_shard * arch.total_params / gpus + ref_fixed
-        total = gpu_params + gpu_opt + buffer + ref + acts + logits + overhead
+        # The optimizer step's transient runs after the backward freed the activations and logits.
+        step = optimizer_step_bytes(trainable or arch.total_params, gpus) if elem == 4 and not opt else 0
+        working = buffer - step + max(step, acts + logits)
+        total = gpu_params + gpu_opt + working + ref + overhead
         # What does not shrink with more GPUs, and the bytes that do.
-        fixed = buffer + ref_fixed + acts + logits + overhead
+        fixed = working + ref_fixed + overhead
         sharded = (gpu_params + gpu_opt) * gpus + ref_shard * arch.total_params
         min_gpus = None
         if fixed < budget:

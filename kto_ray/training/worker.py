@@ -34,6 +34,7 @@ from kto_ray.models.moe import router_aux
 from kto_ray.reference.reader import RowReader, SplitIndex
 from kto_ray.rundir import WORKERS_FILE, RunDir
 from kto_ray.timings import RANK0_TIMINGS_FILE, Timeline
+from kto_ray.training import host_memory
 from kto_ray.training.batching import Schedule, collate
 from kto_ray.training.checkpoint import restore, save_and_report
 from kto_ray.training.distributed import all_reduce_sum, gather_objects, init_deepspeed_comm
@@ -149,6 +150,7 @@ def _setup(loop: LoopConfig, teardown: contextlib.ExitStack, timeline: Timeline)
     loop = dataclasses.replace(loop, config=config_for_world(loop.config, loop.global_batch, world))
     cfg = loop.config
     torch.manual_seed(cfg.train.seed + rank)
+    host_memory.fix_malloc_thresholds()  # before the model loads: freed tensors leave RSS
     init_deepspeed_comm(cfg.cluster.use_gpu)
     timeline.mark("deepspeed import, comm backend")
     device = _device(cfg)
@@ -162,6 +164,7 @@ def _setup(loop: LoopConfig, teardown: contextlib.ExitStack, timeline: Timeline)
     hidden_size = hidden_size_of(cfg.model)
     engine = build_policy_engine(cfg, deepspeed_config(cfg, world, hidden_size=hidden_size), loop.total_steps)
     reference = online_reference(cfg, engine, world)  # with LoRA: the policy, adapters disabled
+    host_memory.release()  # what loading and DeepSpeed's set-up freed
     timeline.mark("model load, deepspeed engine")
 
     start_step = restore(engine, rank, world, cfg.run.scratch_dir)  # reshaped if `world` changed
@@ -221,6 +224,7 @@ def _train(run: WorkerRun) -> None:
     for step in range(run.start_step, total_steps):
         done = step + 1
         metrics = _step(run, step)
+        host_memory.release()  # the step's freed gathers and activations (host_memory.py)
         if run.eval_table is not None and (done % cfg.train.eval_every == 0 or done == total_steps):
             metrics.update({f"eval/{key}": value for key, value in _evaluate(run).items()})
         if run.log is not None:

@@ -399,9 +399,9 @@ def test_cpu_workers_plan_fp32_states_and_a_process_baseline(small_llama):
     none = p.settings[0]
     # fp32 params (4 bytes) beside DeepSpeed's fp32 master copy, grads and Adam moments (16).
     assert (none.gpu_params, none.gpu_optimizer) == (4 * n / 2, 16 * n / 2)
-    # The gathered head and its gradient (fp32), and the optimizer step's flattened fp32 gradients of the
-    # worker's partition (one sub-group: far below SUB_GROUP_ELEMENTS here).
-    assert none.gpu_buffer == 8 * largest + 4 * n / 2 and largest == 1000 * 64
+    # The gathered head and its gradient (fp32), and the optimizer step's flattened fp32 gradients and
+    # Adam's two fp32 temporaries of the worker's partition (one sub-group: far below SUB_GROUP_ELEMENTS).
+    assert none.gpu_buffer == 8 * largest + 12 * n / 2 and largest == 1000 * 64
     assert p.overhead == CPU_BASELINE_GIB * GIB and not p.on_gpu
     assert "worker process baseline" in format_plan(p)
     assert any("GiB CUDA/NCCL allowance replaces" in line for line in p.advice)
@@ -409,7 +409,12 @@ def test_cpu_workers_plan_fp32_states_and_a_process_baseline(small_llama):
 
 def test_lora_plans_the_adapters_states_and_the_frozen_base(small_llama):
     full = plan(load_config(None, ["cluster.workers=2"]), model_config=small_llama)
-    lora = plan(load_config(None, ["cluster.workers=2", "lora.enabled=true"]), model_config=small_llama)
+    # Without adapter dropout, whose input copies outweigh the optimizer states at this tiny width (they
+    # have a test of their own below).
+    lora = plan(
+        load_config(None, ["cluster.workers=2", "lora.enabled=true", "lora.dropout=0"]),
+        model_config=small_llama,
+    )
     # r=16 on every linear but the head: q, k, v, o (64 -> 64) and gate, up (64 -> 128), down (128 -> 64).
     assert lora.lora_params == 16 * (4 * (64 + 64) + 3 * (64 + 128)) == 17408
     targeted = plan(
@@ -420,6 +425,47 @@ def test_lora_plans_the_adapters_states_and_the_frozen_base(small_llama):
     n, largest = lora.arch.total_params, lora.arch.largest_layer_params
     s = lora.settings[0]
     assert (s.gpu_params, s.gpu_optimizer) == (4 * n / 2, 16 * 17408 / 2)
-    assert s.gpu_buffer == 4 * largest + 4 * 17408 / 2  # gathered frozen head (no grad) + flat adapter grads
+    # The gathered frozen head (no grad), the adapters' flat grads and Adam's temporaries at the step.
+    assert s.gpu_buffer == 4 * largest + 12 * 17408 / 2
     assert s.gpu_total < full.settings[0].gpu_total and full.lora_params == 0
     assert any(line.startswith("LoRA: 17.41K adapter params") for line in lora.advice)
+
+
+def test_optimizer_step_memory_is_one_sub_group_of_flat_grads_and_adam_temporaries():
+    from kto_ray.planning.memory import SUB_GROUP_ELEMENTS, optimizer_step_bytes
+    from kto_ray.training.engine import deepspeed_config
+
+    # A partition below one sub-group: 4 (flat fp32 grads) + 8 (sqrt(v), then sqrt(v) / bias correction).
+    assert optimizer_step_bytes(1_000_000, 2) == 12 * 500_000
+    # 630M params on 2 workers: 315M each, stepped 25M at a time (0.3 GB), not all at once (3.8 GB).
+    assert SUB_GROUP_ELEMENTS == 25_000_000
+    assert optimizer_step_bytes(630_000_000, 2) == 12 * 25_000_000 == 300_000_000
+    # The engine configures the sub-group the planner assumes.
+    zero = deepspeed_config(load_config(None, ["cluster.workers=2"]), 2, hidden_size=64)["zero_optimization"]
+    assert zero["sub_group_size"] == SUB_GROUP_ELEMENTS
+
+
+def test_lora_dropout_keeps_a_copy_of_every_adapted_input_and_its_mask(small_llama):
+    def acts(*overrides: str) -> float:
+        return plan(
+            load_config(None, ["cluster.workers=2", *overrides]), model_config=small_llama
+        ).activations
+
+    full = plan(load_config(None, ["cluster.workers=2"]), model_config=small_llama)
+    tokens = full.seq_len * full.micro_batch
+    # Adapted inputs per token: q, k, v, o, gate, up (64 each) and down (128) = 512; fp32 copy + mask.
+    assert acts("lora.enabled=true") - full.activations == tokens * 512 * (4 + 1)
+    assert acts("lora.enabled=true", "lora.target_modules=[q_proj, down_proj]") - full.activations == (
+        tokens * (64 + 128) * 5
+    )
+    # No dropout: peft's adapter reads the input the layer already keeps.
+    assert acts("lora.enabled=true", "lora.dropout=0") == full.activations
+
+
+def test_the_optimizer_step_transient_and_the_backward_working_set_do_not_add_up(small_llama):
+    p = plan(load_config(None, ["cluster.workers=2"]), model_config=small_llama)
+    n, largest, s = p.arch.total_params, p.arch.largest_layer_params, p.settings[0]
+    step = 12 * n / 2  # the step runs after the backward freed activations and logits: the larger counts
+    expected = s.gpu_params + s.gpu_optimizer + 8 * largest + max(step, p.activations + p.logits) + p.overhead
+    assert s.gpu_total == pytest.approx(expected, rel=1e-12)
+    assert s.gpu_total < s.gpu_model_states + p.activations + p.logits + p.overhead
