@@ -141,6 +141,7 @@ class TrainConfig(Section):
         "at most this many tokens (padded: rows x longest; packed_batches: their sum); a longer row runs "
         "alone, and ranks with fewer run masked dummies. The step's loss and gradient are unchanged "
         "(an MoE router_aux_loss, taken per forward, depends on the cut as on micro_batch_size). "
+        "`kto-ray plan` plans its largest forward: budget // max_length rows of max_length. "
         "null: micro_batch_size rows per forward.",
     )
     epochs: int = Field(1, ge=1, description="Passes over the train split (ignored when max_steps is set).")

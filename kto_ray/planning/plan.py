@@ -134,6 +134,16 @@ def _precompute_parts(cfg: KTOConfig, arch: Architecture) -> tuple[float, float]
     )
 
 
+def rows_per_forward(cfg: KTOConfig) -> int:
+    """Rows of max_length in the largest forward a worker runs: `train.micro_batch_size`, or with a token
+    budget (`train.micro_batch_tokens`) as many max-length rows as the budget holds (at least one, at most
+    the worker's rows of a step), since a budget micro-batch may take rows of several fixed ones."""
+    budget, seq = cfg.train.micro_batch_tokens, cfg.data.max_length
+    if budget is None:
+        return cfg.train.micro_batch_size
+    return max(1, min(cfg.train.micro_batch_size * cfg.train.grad_accumulation, budget // seq))
+
+
 def plan(
     cfg: KTOConfig,
     *,
@@ -148,7 +158,7 @@ def plan(
     gpus, budget = cfg.cluster.worker_range[0], gpu_memory_gib * GIB
     bf16 = cfg.cluster.use_gpu if cfg.deepspeed.bf16 == "auto" else bool(cfg.deepspeed.bf16)
     elem = 2 if bf16 else 4
-    seq, batch, ckpt = cfg.data.max_length, cfg.train.micro_batch_size, cfg.deepspeed.gradient_checkpointing
+    seq, batch, ckpt = cfg.data.max_length, rows_per_forward(cfg), cfg.deepspeed.gradient_checkpointing
     acts = activations_bytes(arch, seq, batch, elem, ckpt)
     if cfg.lora.enabled and cfg.lora.dropout > 0:
         acts += lora_dropout_bytes(arch, cfg.lora.target_modules, seq * batch, elem, ckpt)

@@ -155,6 +155,23 @@ def test_activations_grow_with_length_and_shrink_with_checkpointing(llama):
     assert acts(2048, True, chunk="512")[1] == acts(4096, True, chunk="512")[1] == 512 * 128256 * 14
 
 
+def test_a_token_budget_plans_the_rows_it_can_gather(llama):
+    # train.micro_batch_tokens re-cuts a worker's micro_batch_size x grad_accumulation rows of a step:
+    # the largest forward holds budget // max_length max-length rows (at least one, at most all 8).
+    def planned(*overrides: str) -> tuple[int, float]:
+        p = plan(
+            gpu_config("data.max_length=2048", "model.logprob_chunk_tokens=null", *overrides),
+            model_config=llama,
+        )
+        return p.micro_batch, p.logits
+
+    fixed = ("train.micro_batch_size=2", "train.grad_accumulation=4")
+    assert planned(*fixed) == (2, 2 * 2048 * 128256 * 10)
+    assert planned(*fixed, "train.micro_batch_tokens=8192")[0] == 4  # 8192 // 2048
+    assert planned(*fixed, "train.micro_batch_tokens=100000")[0] == 8  # every row of the step
+    assert planned(*fixed, "train.micro_batch_tokens=1000") == (1, 1 * 2048 * 128256 * 10)  # a long row alone
+
+
 def test_advice_for_the_8b_model(llama):
     p = plan(gpu_config("cluster.workers=8"), model_config=llama)
     none = p.setting("no offload")
