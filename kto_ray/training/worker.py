@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import socket
 import time
@@ -32,7 +31,7 @@ from kto_ray.errors import NonFiniteStep
 from kto_ray.models.loading import hidden_size_of, load_tokenizer
 from kto_ray.models.moe import router_aux
 from kto_ray.reference.reader import RowReader, SplitIndex
-from kto_ray.rundir import WORKERS_FILE, RunDir
+from kto_ray.rundir import RunDir
 from kto_ray.training.batching import Schedule, collate
 from kto_ray.training.checkpoint import restore, save_and_report
 from kto_ray.training.distributed import all_reduce_sum, gather_objects
@@ -50,6 +49,7 @@ from kto_ray.training.metrics import MetricsLog
 from kto_ray.training.rows import TableRows
 from kto_ray.training.step import LossSettings, NonFiniteError, train_step
 from kto_ray.training.tracking import Tracker, started_trackers
+from kto_ray.training.worker_groups import record_group
 
 
 def _device(cfg: KTOConfig) -> torch.device:
@@ -157,8 +157,8 @@ def _setup(loop: LoopConfig, teardown: contextlib.ExitStack) -> WorkerRun:
     if start_step:  # this start's learning rate, schedule and optimizer settings, not the checkpoint's
         refresh_optimizer_settings(engine, cfg)
     placement = gather_objects(_where_am_i(rank))  # a collective: every rank
-    if rank == 0:
-        RunDir.of(cfg).write_text(WORKERS_FILE, json.dumps(placement, indent=2) + "\n")
+    if rank == 0:  # this group's entry in the run's history of worker groups
+        record_group(RunDir.of(cfg), start_step, placement)
     trackers: list[Tracker] = []
     if rank == 0 and cfg.run.report_to:
         trackers = teardown.enter_context(
