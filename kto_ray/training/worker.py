@@ -216,7 +216,9 @@ def _train(run: WorkerRun) -> None:
             tracker.log(done, metrics)
         if done % cfg.run.checkpoint_every == 0 or done == total_steps:
             state = dict(run.loop.run_state, world_size=run.world) if run.loop.run_state else None
-            save_and_report(run.engine, done, run.rank, metrics, previous=last_checkpoint, run_state=state)
+            save_and_report(
+                run.engine, done, run.rank, metrics, last_checkpoint, state, run_dir=RunDir.of(cfg)
+            )
             last_checkpoint = done
 
 
