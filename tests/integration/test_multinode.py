@@ -219,7 +219,10 @@ def test_lost_node_is_replaced_and_the_run_matches(steady, cluster, tiny_model, 
     assert sorted(names[node] for node in nodes) == ["head", "head", "node2", "node2"], nodes
     assert len(set(nodes)) == 3 and lost_id in nodes, nodes
     groups = parse_groups(_read(run, "workers.json"))
-    assert [(g.start_step, g.world_size) for g in groups] == [(0, 2), (resume_step, 2)]
+    # The second resumed from the last checkpoint registered: resume_step's, or one reported just
+    # before the kill and registered after it.
+    assert [g.world_size for g in groups] == [2, 2] and groups[0].start_step == 0
+    assert resume_step <= groups[1].start_step < STEPS
     workers = groups[-1].workers  # the last attempt's
     assert sorted(names[w["node_id"]] for w in workers) == ["head", "node2"]
     assert lost_id not in {w["node_id"] for w in workers}
