@@ -238,6 +238,18 @@ class ClusterConfig(Section):
         description="How Ray places the workers' bundles: PACK fills nodes first (fewest cross-node "
         "links); STRICT_SPREAD puts every worker on a different node.",
     )
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each worker asks for besides its CPUs and GPU, e.g. {slot: 1} on "
+        "nodes started with --resources='{\"slot\": 1}' for one worker per node. An elastic range counts "
+        "the workers each node holds from these asks (placement_strategy is not consulted there).",
+    )
+    resize_interval_s: float = Field(
+        60.0,
+        gt=0,
+        description="With a worker range: how often Ray Train checks whether a healthy group can grow "
+        "(a lost worker restarts the group at once, on the workers that remain).",
+    )
 
     @property
     def worker_range(self) -> tuple[int, int]:
@@ -245,6 +257,12 @@ class ClusterConfig(Section):
         if isinstance(self.workers, WorkerRange):
             return self.workers.min, self.workers.max
         return self.workers, self.workers
+
+    @property
+    def worker_bundle(self) -> dict[str, float]:
+        """The Ray resources one worker asks for."""
+        gpu = {"GPU": 1.0} if self.use_gpu else {}
+        return {"CPU": self.cpus_per_worker} | gpu | self.worker_resources
 
 
 class DeepSpeedConfig(Section):

@@ -149,15 +149,15 @@ class Cluster:
             [str(BIN / "ray"), *args], env=self.env, capture_output=True, text=True, timeout=timeout
         )
 
-    def add_node(self, name: str, num_cpus: int = 1) -> Node:
-        """Start a node that joins the head, with its own temp dir, ports and resource `{name: 1}`,
-        and wait until the head lists it alive."""
+    def add_node(self, name: str, num_cpus: int = 1, resources: dict[str, float] | None = None) -> Node:
+        """Start a node that joins the head, with its own temp dir, ports and resource `{name: 1}` (and
+        `resources`), and wait until the head lists it alive."""
         before = set(self.alive_nodes())
         manager, objects, agent_http, agent_grpc, metrics, runtime_env = free_ports(6)
         temp_dir = Path(tempfile.mkdtemp(prefix=f"kto-ray-{name}-", dir="/tmp"))
         process = _start(
             [f"--address=127.0.0.1:{self.gcs_port}", f"--num-cpus={num_cpus}",
-             f"--resources={json.dumps({name: 1})}",
+             f"--resources={json.dumps({name: 1} | (resources or {}))}",
              f"--node-manager-port={manager}", f"--object-manager-port={objects}",
              f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
              f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
@@ -245,10 +245,14 @@ def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
 
 @contextlib.contextmanager
 def ray_cluster(
-    head_cpus: int = 2, extra_env: dict[str, str] | None = None, logs_dir: Path | None = None
+    head_cpus: int = 2,
+    extra_env: dict[str, str] | None = None,
+    logs_dir: Path | None = None,
+    head_resources: dict[str, float] | None = None,
 ) -> Iterator[Cluster]:
-    """A head (resource `head`) with the dashboard and job server; `add_node` joins more nodes. Every
-    node is stopped by its pid at the end; with `logs_dir`, each node's Ray logs are kept there."""
+    """A head (resource `head`, and `head_resources`) with the dashboard and job server; `add_node`
+    joins more nodes. Every node is stopped by its pid at the end; with `logs_dir`, each node's Ray
+    logs are kept there."""
     gcs, dashboard, client, manager, objects, agent_http, agent_grpc, metrics, runtime_env = free_ports(9)
     # Token auth as on a real cluster: head, nodes, job driver and the `ray` client share one secret.
     env = (
@@ -269,8 +273,9 @@ def ray_cluster(
     # mid-run), or, with no such file, fails with "Found multiple active Ray instances".
     env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
     temp_dir = Path(tempfile.mkdtemp(prefix="kto-ray-head-", dir="/tmp"))  # short: socket paths are capped
+    resources = {"head": 1} | (head_resources or {})
     head = _start(
-        ["--head", f"--port={gcs}", f"--num-cpus={head_cpus}", '--resources={"head": 1}',
+        ["--head", f"--port={gcs}", f"--num-cpus={head_cpus}", f"--resources={json.dumps(resources)}",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          f"--ray-client-server-port={client}", f"--node-manager-port={manager}",
          f"--object-manager-port={objects}", f"--dashboard-agent-listen-port={agent_http}",

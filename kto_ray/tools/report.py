@@ -7,7 +7,6 @@ implied-reward accuracy, and summary.md gets an Eval section.
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 from dataclasses import dataclass
 from datetime import timedelta
@@ -20,6 +19,7 @@ from kto_ray.errors import UserError
 from kto_ray.rundir import WORKERS_FILE, RunDir
 from kto_ray.storage import first_line
 from kto_ray.training.metrics import METRICS_FILE, SEGMENTS, metrics_location, read_metrics
+from kto_ray.training.worker_groups import kept_steps, parse_groups
 
 SMOOTH_MIN_STEPS = 20  # below this an EMA hides nothing and just doubles the lines
 CONFIG_KEYS = "model.path train.beta train.lr train.micro_batch_size train.grad_accumulation cluster.workers"
@@ -212,17 +212,23 @@ def _eval_summary(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _worker_rows(run_dir: RunDir) -> list[str]:
-    """Where each rank ran (workers.json, written by rank 0 at the start of the last attempt)."""
-    text = _read(run_dir, WORKERS_FILE)
-    try:
-        workers = json.loads(text) if text else []
-    except ValueError:
+def _worker_rows(run_dir: RunDir, last_step: int) -> list[str]:
+    """Which worker group ran which steps, and where each rank of the last group ran (workers.json,
+    one entry per start of the group: `training/worker_groups.py`)."""
+    groups = parse_groups(_read(run_dir, WORKERS_FILE))
+    if not groups:
         return []
-    if not workers:
-        return []
+    lines = []
+    if groups[-1].start_step is not None:
+        lines += ["", f"## Worker groups ({len(groups)})", ""]
+        lines += ["| group | resumed at step | steps kept | workers | nodes |", "|---|---|---|---|---|"]
+        for number, (group, span) in enumerate(zip(groups, kept_steps(groups, last_step)), 1):
+            kept = f"{span[0]}-{span[1]}" if span else "none (redone)"
+            nodes = len({w.get("node_id") for w in group.workers})
+            lines.append(f"| {number} | {group.start_step} | {kept} | {group.world_size} | {nodes} |")
+    workers = groups[-1].workers
     nodes = {w.get("node_id") for w in workers}
-    lines = ["", f"## Workers ({len(workers)} ranks on {len(nodes)} node{'s' * (len(nodes) != 1)})", ""]
+    lines += ["", f"## Workers ({len(workers)} ranks on {len(nodes)} node{'s' * (len(nodes) != 1)})", ""]
     lines += ["| rank | node | node IP | host | pid |", "|---|---|---|---|---|"]
     for w in workers:
         node = str(w.get("node_id", "—"))[:12]
@@ -266,7 +272,7 @@ def _summary(run_dir: RunDir, records: list[dict[str, Any]], figures: list[Path]
         label = "kl (z0)" if key == "kl" else key
         lines.append(f"| {label} | {_fmt(values[-1])} | {_fmt(_mean(values[-tail:]))} |")
     lines += _eval_summary(records)
-    lines += _worker_rows(run_dir)
+    lines += _worker_rows(run_dir, int(records[-1]["step"]))
     config = _config_rows(run_dir)
     if config:
         lines += ["", "## Config", "", "| key | value |", "|---|---|"]

@@ -20,7 +20,9 @@ import ray.train
 import torch
 
 from kto_ray.errors import CheckpointWriteFailed
-from kto_ray.storage import first_line
+from kto_ray.rundir import CHECKPOINTS, RunDir
+from kto_ray.storage import first_line, remove_tree
+from kto_ray.training.distributed import gather_objects
 from kto_ray.training.reshape import reshaped, saved_world_size
 from kto_ray.training.run_state import RUN_STATE_FILE
 
@@ -46,12 +48,31 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def _clear_unregistered(run_dir: RunDir, step: int, rank: int) -> None:
+    """Collective, before the step's upload: rank 0 removes what a group that died left of this step's
+    checkpoint folder. Ray Train uploads each rank's files into `checkpoints/step_<n>` over what is
+    there, and a group of another size that wrote step n before it died leaves shards that are not
+    this save's (a group of 2 leaves rank 1's, which a group of 1 never overwrites): the saved world
+    size, read from the shards, would be wrong. The folder cannot be registered: a start resumes from
+    the latest registered checkpoint, and every later step is redone."""
+    if rank == 0:
+        remove_tree(run_dir.join(CHECKPOINTS, checkpoint_name(step)))
+    gather_objects(None)  # a barrier: no rank uploads before the folder is gone
+
+
 def save_and_report(
-    engine, step: int, rank: int, metrics: dict, previous: int = 0, run_state: Mapping[str, Any] | None = None
+    engine,
+    step: int,
+    rank: int,
+    metrics: dict,
+    previous: int = 0,
+    run_state: Mapping[str, Any] | None = None,
+    run_dir: RunDir | None = None,
 ) -> None:
     """Collective: all ranks write their shard, then all report the folder (Ray uploads and merges them
     into `checkpoints/step_<n>` of the run dir). `previous` is the last checkpointed step (for the error);
-    a failed write raises CheckpointWriteFailed. Rank 0 also writes `run_state` (when given).
+    a failed write raises CheckpointWriteFailed. Rank 0 also writes `run_state` (when given), and with
+    `run_dir` first clears what a group that died left of this step's folder there.
 
     Frozen weights (the base under LoRA) are left out: they never change and every (re)start loads
     them from the model files, so a LoRA checkpoint holds only the adapters and their optimizer state."""
@@ -63,6 +84,8 @@ def save_and_report(
             if run_state:
                 (Path(tmp) / RUN_STATE_FILE).write_text(json.dumps(dict(run_state), indent=1))
         try:
+            if run_dir is not None:
+                _clear_unregistered(run_dir, step, rank)
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),

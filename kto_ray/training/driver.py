@@ -294,7 +294,7 @@ def _shipped(rows: Rows):
 
 
 def _trainer(cfg: KTOConfig, loop: LoopConfig):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from kto_ray.training.worker import train_loop
@@ -302,20 +302,30 @@ def _trainer(cfg: KTOConfig, loop: LoopConfig):
     return TorchTrainer(
         train_loop,
         train_loop_config=loop.as_train_loop_config(),
-        scaling_config=ScalingConfig(
-            # A range runs at its most workers here (elastic worker groups: issue 18, item 3).
-            num_workers=cfg.cluster.worker_range[1],
-            use_gpu=cfg.cluster.use_gpu,
-            resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}
-            | ({"GPU": 1} if cfg.cluster.use_gpu else {}),
-            placement_strategy=cfg.cluster.placement_strategy,
-        ),
+        scaling_config=_scaling(cfg),
         run_config=RunConfig(
             name=CHECKPOINTS,
             **RunDir.of(cfg).ray_storage(),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
         ),
+    )
+
+
+def _scaling(cfg: KTOConfig):
+    """A fixed group, or with a range Ray Train's elastic one: it starts with as many workers as the
+    cluster holds (at least the minimum), restarts on the workers that remain when one is lost, and
+    grows at the next resize check once nodes join; each (re)start resumes from the last checkpoint
+    (the worker reshapes it to the group's size)."""
+    from ray.train import ScalingConfig
+
+    low, high = cfg.cluster.worker_range
+    return ScalingConfig(
+        num_workers=high if low == high else (low, high),
+        elastic_resize_monitor_interval_s=cfg.cluster.resize_interval_s,
+        use_gpu=cfg.cluster.use_gpu,
+        resources_per_worker=cfg.cluster.worker_bundle,
+        placement_strategy=cfg.cluster.placement_strategy,
     )
 
 

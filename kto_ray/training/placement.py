@@ -36,8 +36,7 @@ class Ask:
 
     @classmethod
     def of(cls, cfg: KTOConfig) -> Ask:
-        bundle = {"CPU": cfg.cluster.cpus_per_worker} | ({"GPU": 1.0} if cfg.cluster.use_gpu else {})
-        return cls(cfg.cluster.worker_range, bundle, cfg.cluster.placement_strategy)
+        return cls(cfg.cluster.worker_range, cfg.cluster.worker_bundle, cfg.cluster.placement_strategy)
 
     def __str__(self) -> str:
         low, high = self.workers

@@ -7,8 +7,8 @@ moments, the step) that any world size loads with the `checkpoint.load_universal
 
 Where: a scratch folder on each node (`run.scratch_dir`, by default the node's temp dir, where Ray
 Train also downloads a checkpoint from object storage), never the checkpoint itself, which stays as
-it was. Who: the node's local rank 0 converts (one node's copy serves all its ranks), every rank waits
-for every node, loads, and waits again before the folder is removed. Memory: the converter reads one
+it was. Who: the lowest rank on each Ray node converts (one copy serves the node's ranks), every rank
+waits for every node, loads, and waits again before the folder is removed. Memory: the converter reads one
 rank's shard file at a time and then one parameter's fragments at a time (one worker process each),
 so a host holds at most one saved shard plus one parameter, never the whole model state.
 """
@@ -79,10 +79,10 @@ def reshaped(
 ) -> Iterator[Path]:
     """Collective: yields a universal copy of the checkpoint in `folder` (saved by `saved` ranks) for
     this world; raises CheckpointReshapeFailed on every rank when any node's conversion failed."""
-    local_rank = ray.train.get_context().get_local_rank()
+    converts = _first_on_its_node()
     scratch = scratch_folder(str(folder), scratch_dir)
     failure = None
-    if local_rank == 0:
+    if converts:
         try:
             shutil.rmtree(scratch, ignore_errors=True)  # a previous attempt's remains
             to_universal(folder, scratch, tag)
@@ -97,5 +97,14 @@ def reshaped(
         yield scratch
         gather_objects(None)  # every rank of every node has loaded before the copy goes
     finally:
-        if local_rank == 0:
+        if converts:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _first_on_its_node() -> bool:
+    """Collective: whether this rank is the lowest of the ranks on its Ray node (the one that converts
+    there). By Ray node id, not Ray Train's local rank, which counts ranks per IP: two Ray nodes on one
+    host (tests/nodes.py) share an IP but not a scratch folder."""
+    node = ray.get_runtime_context().get_node_id()
+    nodes = gather_objects(node)
+    return nodes.index(node) == ray.train.get_context().get_world_rank()

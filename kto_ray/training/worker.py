@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import socket
 import time
@@ -32,7 +31,7 @@ from kto_ray.errors import NonFiniteStep
 from kto_ray.models.loading import hidden_size_of, load_tokenizer
 from kto_ray.models.moe import router_aux
 from kto_ray.reference.reader import RowReader, SplitIndex
-from kto_ray.rundir import WORKERS_FILE, RunDir
+from kto_ray.rundir import RunDir
 from kto_ray.timings import RANK0_TIMINGS_FILE, Timeline
 from kto_ray.training import host_memory
 from kto_ray.training.batching import Schedule, collate
@@ -53,6 +52,7 @@ from kto_ray.training.rows import TableRows
 from kto_ray.training.step import LossSettings, NonFiniteError, train_step
 from kto_ray.training.token_budget import budget_batches
 from kto_ray.training.tracking import Tracker, started_trackers
+from kto_ray.training.worker_groups import record_group
 
 
 def _device(cfg: KTOConfig) -> torch.device:
@@ -172,8 +172,8 @@ def _setup(loop: LoopConfig, teardown: contextlib.ExitStack, timeline: Timeline)
         refresh_optimizer_settings(engine, cfg)
     timeline.mark("checkpoint restore")
     placement = gather_objects(_where_am_i(rank))  # a collective: every rank
-    if rank == 0:
-        RunDir.of(cfg).write_text(WORKERS_FILE, json.dumps(placement, indent=2) + "\n")
+    if rank == 0:  # this group's entry in the run's history of worker groups
+        record_group(RunDir.of(cfg), start_step, placement)
     trackers: list[Tracker] = []
     if rank == 0 and cfg.run.report_to:
         trackers = teardown.enter_context(
@@ -233,7 +233,9 @@ def _train(run: WorkerRun) -> None:
             tracker.log(done, metrics)
         if done % cfg.run.checkpoint_every == 0 or done == total_steps:
             state = dict(run.loop.run_state, world_size=run.world) if run.loop.run_state else None
-            save_and_report(run.engine, done, run.rank, metrics, previous=last_checkpoint, run_state=state)
+            save_and_report(
+                run.engine, done, run.rank, metrics, last_checkpoint, state, run_dir=RunDir.of(cfg)
+            )
             last_checkpoint = done
 
 

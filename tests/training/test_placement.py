@@ -100,3 +100,24 @@ def test_a_group_larger_than_the_local_ray_exits_2_within_seconds(tiny_model, sm
     (err,) = lines
     assert "8 workers x (0.5 CPU) placed PACK asked, it holds 4 (1 node with 2 CPU in all)" in err
     assert elapsed < 60, elapsed  # seconds, not Ray Train's silent wait (the whole CLI path, on a loaded box)
+
+
+def test_a_range_asks_ray_train_for_an_elastic_group_counted_by_the_workers_resources():
+    """The ScalingConfig the driver builds: a range is Ray Train's elastic (min, max) with the resize
+    interval; a custom per-worker resource is part of each worker's ask, here and in the placement check."""
+    from kto_ray.training.driver import _scaling
+
+    elastic = load_config(
+        None, ["cluster.workers=[1, 2]", "cluster.worker_resources={slot: 1}", "cluster.resize_interval_s=5"]
+    )
+    scaling = _scaling(elastic)
+    assert scaling.num_workers == (1, 2) and scaling.elasticity_enabled
+    assert scaling.elastic_resize_monitor_interval_s == 5
+    assert scaling.resources_per_worker == {"CPU": 0.5, "slot": 1.0}
+    fixed = _scaling(load_config(None, ["cluster.workers=2"]))
+    assert fixed.num_workers == 2 and not fixed.elasticity_enabled
+    ask = Ask.of(elastic)
+    assert capacity([NODE | {"slot": 1.0}, NODE], ask.bundle, ask.strategy) == 1  # one slot, one worker
+    two = load_config(None, ["cluster.workers=[2, 4]", "cluster.worker_resources={slot: 1}"])
+    with pytest.raises(UserError, match=r"2-4 workers x \(0.5 CPU, 1 slot\)"):
+        check_placement(Ask.of(two), [NODE | {"slot": 1.0}, NODE], None)

@@ -5,7 +5,6 @@ local disk; the server cut while a checkpoint uploads fails naming the step, and
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from kto_ray.tools.evaluate import evaluate
 from kto_ray.tools.report import write_report
 from kto_ray.training.driver import train
 from kto_ray.training.metrics import read_metrics, segment_name
+from kto_ray.training.worker_groups import parse_groups
 from tests.conftest import (
     REPO,
     assert_same_weights,
@@ -111,8 +111,9 @@ def test_run_dir_on_s3_survives_a_killed_driver(s3_cfg, uninterrupted, tmp_path)
     objects = {path[len(prefix.path) + 1 :] for path in files_under(prefix, "")}
     assert {"config.yaml", segment_name(1), "workers.json", "final/model.safetensors"} <= objects
     assert any(o.startswith("checkpoints/step_00000008/") for o in objects)
-    workers = json.loads(run_dir.read_text("workers.json"))
-    assert [w["rank"] for w in workers] == [0, 1]
+    groups = parse_groups(run_dir.read_text("workers.json"))  # the killed start's group, then the resume's
+    assert groups[0].start_step == 0 and groups[-1].start_step == resume_step
+    assert [w["rank"] for w in groups[-1].workers] == [0, 1]
 
     # evaluate and report read the URI (the model folder is fetched into the local cache).
     metrics = evaluate(cfg, run_dir.child("final"))

@@ -1,0 +1,82 @@
+"""workers.json: the history of a run's worker groups, one entry per (re)start of the group.
+
+Rank 0 adds its group's entry at each start: the step it resumed from, the world size, the time, and
+where each rank ran (node, IP, host, pid, GPU ids). An elastic range (`cluster.workers: [min, max]`)
+restarts the group when a node is lost or joins; a rerun starts one too. The file is replaced whole
+(one PUT), so a reader never sees half of it.
+
+Group i ran the steps after its `start_step`; the ones metrics.jsonl keeps from it are those up to the
+next group's `start_step` (that group resumed from a checkpoint and redid what came after it). A start
+from an earlier checkpoint than a recorded group's drops that group, as metrics.jsonl drops its steps.
+Files written before the history (a bare list of ranks) read as one group whose start is unknown.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from kto_ray.rundir import WORKERS_FILE, RunDir
+
+
+@dataclass(frozen=True)
+class WorkerGroup:
+    start_step: int | None  # None: an entry of a file written before the history
+    world_size: int
+    started_at: float | None  # Unix time
+    workers: list[dict[str, Any]]  # one record per rank
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "start_step": self.start_step,
+            "world_size": self.world_size,
+            "started_at": self.started_at,
+            "workers": self.workers,
+        }
+
+
+def parse_groups(text: str | None) -> list[WorkerGroup]:
+    """The groups of a workers.json text, oldest first ([] for none or for text that does not parse)."""
+    try:
+        data = json.loads(text) if text else None
+    except ValueError:
+        return []
+    if isinstance(data, list):  # before the history: the last start's ranks
+        return [WorkerGroup(None, len(data), None, data)] if data else []
+    if not isinstance(data, dict):
+        return []
+    return [
+        WorkerGroup(g.get("start_step"), g.get("world_size", len(g.get("workers", []))), g.get("started_at"),
+                    g.get("workers", []))
+        for g in data.get("groups", [])
+        if isinstance(g, dict)
+    ]  # fmt: skip
+
+
+def read_groups(run_dir: RunDir) -> list[WorkerGroup]:
+    return parse_groups(run_dir.read_text(WORKERS_FILE))
+
+
+def record_group(run_dir: RunDir, start_step: int, workers: list[dict[str, Any]]) -> list[WorkerGroup]:
+    """Add this start's group to the run dir's history (rank 0, at each start) and return the history."""
+    kept = [g for g in read_groups(run_dir) if g.start_step is not None and g.start_step <= start_step]
+    groups = [*kept, WorkerGroup(start_step, len(workers), round(time.time(), 3), workers)]
+    text = json.dumps({"groups": [g.as_json() for g in groups]}, indent=2) + "\n"
+    run_dir.write_text(WORKERS_FILE, text)
+    return groups
+
+
+def kept_steps(groups: list[WorkerGroup], last_step: int) -> list[tuple[int, int] | None]:
+    """For each group, the (first, last) step metrics.jsonl keeps from it, given the run's last logged
+    step; None for a group whose steps were all redone by the next one (or whose start is unknown)."""
+    spans: list[tuple[int, int] | None] = []
+    for i, group in enumerate(groups):
+        if group.start_step is None:
+            spans.append(None)
+            continue
+        nxt = groups[i + 1].start_step if i + 1 < len(groups) else None
+        end = last_step if nxt is None else min(nxt, last_step)
+        spans.append((group.start_step + 1, end) if end > group.start_step else None)
+    return spans
