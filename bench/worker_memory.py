@@ -123,7 +123,7 @@ class Timeline:
         return out
 
 
-def run(model: Path, root: Path, mode: str, steps: int) -> dict[str, Any]:
+def run(model: Path, root: Path, mode: str, steps: int, release: bool) -> dict[str, Any]:
     from kto_ray.assets.tiny_model import ALPHABET, SPECIAL_TOKENS
     from kto_ray.reference.reader import SplitIndex
     from kto_ray.reference.store import open_store
@@ -145,7 +145,7 @@ def run(model: Path, root: Path, mode: str, steps: int) -> dict[str, Any]:
         store={"path": str(store_path)},
         data={"max_length": MAX_LENGTH, "max_prompt_length": 64, "eval_fraction": 0.0},
         run={"dir": str(root / "runs"), "name": mode},
-        cluster={"workers": WORKERS, "address": None},
+        cluster={"workers": WORKERS, "address": None, "release_host_memory": release},
         train={"micro_batch_size": MICRO_BATCH, "max_steps": steps},
         lora={"enabled": mode == "lora"},
         deepspeed={"stage": 3},
@@ -178,11 +178,14 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--modes", nargs="+", default=["full", "lora"], choices=["full", "lora"])
+    parser.add_argument(
+        "--release-host-memory", action="store_true", help="cluster.release_host_memory on (as in section 12)"
+    )
     smoke = dict(hidden=64, layers=2, intermediate=128, heads=2, kv_heads=1, vocab=4096, steps=2)
     args = common.parse_args(parser, smoke)
     model = build_qwen2(args.hidden, args.layers, args.intermediate, args.heads, args.kv_heads, args.vocab)
     root = common.scratch_dir("worker-memory-")
-    results = {mode: run(model, root, mode, args.steps) for mode in args.modes}
+    results = {mode: run(model, root, mode, args.steps, args.release_host_memory) for mode in args.modes}
     params = next(iter(results.values()))["params"]
     rows = [
         [

@@ -233,6 +233,12 @@ class ClusterConfig(Section):
         0.5, gt=0.0, description="CPUs per worker; fractional on small CPU boxes so Ray Data is not starved."
     )
     address: str | None = Field(None, description="Ray address; null starts or joins a local Ray.")
+    release_host_memory: bool = Field(
+        False,
+        description="Workers hand freed host memory back to the OS (glibc's mmap threshold fixed at 1 MiB, "
+        "malloc_trim after each step): CPU workers peak 7-11% lower, but their steps ran 1.5x slower "
+        "(every large tensor is a fresh mmap). For CPU runs short of RAM; GPU workers gain little.",
+    )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK",
         description="How Ray places the workers' bundles: PACK fills nodes first (fewest cross-node "

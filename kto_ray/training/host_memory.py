@@ -8,6 +8,10 @@ Measured on a 195M-param Qwen2 shape with LoRA on 2 CPU workers: 550-770 MiB per
 `malloc_trim` hands back after each step, growing from step to step (BENCHMARKS.md, "Worker memory").
 Fixing the threshold makes large tensors mmap'd, so they go back to the OS when freed; `release`
 trims what the heap still holds after loading and after each step.
+
+Opt-in (`cluster.release_host_memory`), apart from one trim after set-up: with the threshold fixed,
+every large tensor is a fresh mmap whose pages fault in again, and a ZeRO-3 step on CPU ran 1.5x slower
+(1.85 -> 2.8 s, `bench/engine_overhead.py 3` with glibc's MALLOC_MMAP_THRESHOLD_ at 1 MiB).
 """
 
 from __future__ import annotations

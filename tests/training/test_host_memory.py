@@ -45,11 +45,11 @@ def _retained_mib(mode: str) -> float:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or host_memory._glibc() is None, reason="glibc")
 def test_freed_tensors_leave_rss_with_fixed_thresholds():
-    default, fixed = _retained_mib("default"), _retained_mib("fixed")
-    # glibc's own thresholds keep (most of) the 128 MiB of freed 2 MiB blocks on the heap; fixed, they
-    # were mmap'd and went back to the OS.
-    assert fixed < 16, (default, fixed)
-    assert default > fixed + 64, (default, fixed)
+    # Fixed, the 128 MiB of freed 2 MiB blocks were mmap'd and went back to the OS. (With glibc's own
+    # thresholds they often stay on the heap, but not always: whether its dynamic threshold has moved
+    # depends on what the process freed before, so that side is not asserted.)
+    fixed = _retained_mib("fixed")
+    assert fixed < 16, fixed
 
 
 def test_release_is_safe_to_call_repeatedly():
