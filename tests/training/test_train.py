@@ -113,17 +113,23 @@ def test_packed_batches_give_the_padded_step_on_two_workers(offline_runs, built_
     packed = train(
         _config(built_store, tmp_path, "packed", cluster={"workers": 2}, model={"packed_batches": True})
     )
-    padded_first = read_metrics(offline_runs[1])[0]
-    packed_first = read_metrics(packed.run_dir.local_path)[0]
-    assert packed_first["rows"] == padded_first["rows"] == 8
-    assert packed_first["tokens"] == padded_first["tokens"]
+    padded_first = _assert_same_first_step(packed.run_dir.local_path, offline_runs[1])
+    assert read_metrics(packed.run_dir.local_path)[0]["tokens"] == padded_first["tokens"]
+
+
+def _assert_same_first_step(run_dir, reference_dir) -> dict:
+    """The first step's metrics (1e-5) and the exported weights (1e-5) of two 8-row runs; returns the
+    reference's first record."""
+    reference_first, first = read_metrics(reference_dir)[0], read_metrics(run_dir)[0]
+    assert first["rows"] == reference_first["rows"] == 8
     for key in ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
-        assert packed_first[key] == pytest.approx(padded_first[key], abs=1e-5), key
-    assert packed_first["grad_norm"] == pytest.approx(padded_first["grad_norm"], rel=1e-5)
-    weights_padded = load_file(offline_runs[1] / "final" / "model.safetensors")
-    weights_packed = load_file(packed.run_dir.local_path / "final" / "model.safetensors")
-    for name in weights_padded:
-        torch.testing.assert_close(weights_packed[name], weights_padded[name], atol=1e-5, rtol=1e-5)
+        assert first[key] == pytest.approx(reference_first[key], abs=1e-5), key
+    assert first["grad_norm"] == pytest.approx(reference_first["grad_norm"], rel=1e-5)
+    weights_reference = load_file(reference_dir / "final" / "model.safetensors")
+    weights = load_file(run_dir / "final" / "model.safetensors")
+    for name in weights_reference:
+        torch.testing.assert_close(weights[name], weights_reference[name], atol=1e-5, rtol=1e-5)
+    return reference_first
 
 
 def _budget_with_uneven_counts(built_store, workers: int, micro: int) -> tuple[int, list[int]]:
@@ -148,16 +154,7 @@ def test_token_budget_micro_batches_give_the_fixed_step_on_two_workers(offline_r
     run = train(
         _config(built_store, tmp_path, "budget", cluster={"workers": 2}, train={"micro_batch_tokens": budget})
     )
-    fixed_first = read_metrics(offline_runs[1])[0]
-    budget_first = read_metrics(run.run_dir.local_path)[0]
-    assert budget_first["rows"] == fixed_first["rows"] == 8
-    for key in ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
-        assert budget_first[key] == pytest.approx(fixed_first[key], abs=1e-5), key
-    assert budget_first["grad_norm"] == pytest.approx(fixed_first["grad_norm"], rel=1e-5)
-    weights_fixed = load_file(offline_runs[1] / "final" / "model.safetensors")
-    weights_budget = load_file(run.run_dir.local_path / "final" / "model.safetensors")
-    for name in weights_fixed:
-        torch.testing.assert_close(weights_budget[name], weights_fixed[name], atol=1e-5, rtol=1e-5)
+    _assert_same_first_step(run.run_dir.local_path, offline_runs[1])
 
 
 def test_runs_record_their_phases(offline_runs):
