@@ -296,6 +296,12 @@ def _advice(cfg: KTOConfig, p: Plan) -> list[str]:
             "cluster.use_gpu is false: read 'per GPU' as per worker process (CPU RAM, peak RSS); on GPUs "
             f"the {OVERHEAD_GIB:g} GiB CUDA/NCCL allowance replaces the {CPU_BASELINE_GIB:g} GiB baseline"
         )
+        if not cfg.cluster.release_host_memory:
+            # Measured (BENCHMARKS.md section 12): glibc keeps freed gathers and activations on its heap.
+            out.append(
+                "CPU workers keep freed memory on glibc's heap, so they may peak above this plan: "
+                "cluster.release_host_memory: true holds them to it, at ~1.5x the step time"
+            )
     if p.lora_params:
         out.append(
             f"LoRA: {_count(p.lora_params)} adapter params train (states sharded); the base is frozen "
