@@ -137,11 +137,14 @@ def _precompute_parts(cfg: KTOConfig, arch: Architecture) -> tuple[float, float]
 def rows_per_forward(cfg: KTOConfig) -> int:
     """Rows of max_length in the largest forward a worker runs: `train.micro_batch_size`, or with a token
     budget (`train.micro_batch_tokens`) as many max-length rows as the budget holds (at least one, at most
-    the worker's rows of a step), since a budget micro-batch may take rows of several fixed ones."""
+    the worker's rows of a step), since a budget micro-batch may take rows of several fixed ones. An
+    elastic range at its fewest workers gives each the most rows of the fixed global batch."""
     budget, seq = cfg.train.micro_batch_tokens, cfg.data.max_length
     if budget is None:
         return cfg.train.micro_batch_size
-    return max(1, min(cfg.train.micro_batch_size * cfg.train.grad_accumulation, budget // seq))
+    low, high = cfg.cluster.worker_range
+    rows_per_worker = cfg.train.micro_batch_size * cfg.train.grad_accumulation * high // low
+    return max(1, min(rows_per_worker, budget // seq))
 
 
 def plan(

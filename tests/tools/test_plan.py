@@ -170,6 +170,9 @@ def test_a_token_budget_plans_the_rows_it_can_gather(llama):
     assert planned(*fixed, "train.micro_batch_tokens=8192")[0] == 4  # 8192 // 2048
     assert planned(*fixed, "train.micro_batch_tokens=100000")[0] == 8  # every row of the step
     assert planned(*fixed, "train.micro_batch_tokens=1000") == (1, 1 * 2048 * 128256 * 10)  # a long row alone
+    # An elastic [4, 8] group on 4 workers: each takes 16 of the global batch's 8 x 8 rows.
+    elastic = (*fixed, "train.micro_batch_tokens=100000", "cluster.workers=[4,8]")
+    assert planned(*elastic)[0] == 16
 
 
 def test_advice_for_the_8b_model(llama):
