@@ -497,11 +497,41 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (its cost for subnormal floats, among others, differs by vendor and part)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
 def machine_line() -> str:
     import torch
 
     load = os.getloadavg()[0]
     return (
-        f"{os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads here, "
-        f"load average {load:.1f} at start"
+        f"{os.cpu_count()} cores ({cpu_model()}), torch {torch.__version__}, {torch.get_num_threads()} "
+        f"threads here, load average {load:.1f} at start"
     )
+
+
+VERSIONED = ("python", "torch", "ray", "deepspeed", "transformers", "trl", "accelerate", "pyarrow")
+
+
+def versions_line() -> str:
+    """The versions of the packages a figure depends on, as installed (BENCHMARKS.md records them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in VERSIONED:
+        if name == "python":
+            found.append(f"python {sys.version.split()[0]}")
+            continue
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            continue
+    return ", ".join(found)

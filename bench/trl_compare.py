@@ -26,6 +26,7 @@ import itertools
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -98,6 +99,8 @@ def trl_child(spec: dict[str, Any]) -> None:
     import torch
     from transformers import TrainerCallback
 
+    if spec["flush_denormals"]:  # as kto-ray's workers do: a process flag any TRL user can set too
+        torch.set_flush_denormal(True)
     torch.set_num_threads(spec["threads"])
     ends: list[float] = []
 
@@ -162,10 +165,12 @@ def _free_port() -> int:
 
 
 def run_trl(
-    model: Path, rows_file: Path, setup: TRLSetup, steps: int, batch: int, out: Path
+    model: Path, rows_file: Path, setup: TRLSetup, steps: int, batch: int, out: Path, flush: bool
 ) -> dict[str, Any]:
-    """One TRL run as `setup` says; `batch` is the global batch (split over the processes)."""
+    """One TRL run as `setup` says; `batch` is the global batch (split over the processes); `flush`:
+    subnormal floats flushed to zero in every process, as kto-ray flushes them."""
     spec = {"model": str(model), "rows": str(rows_file), "threads": setup.threads, "steps": steps}
+    spec |= {"flush_denormals": flush}
     spec |= {"batch": batch // setup.processes, "out": str(out)}
     env = os.environ | {"OMP_NUM_THREADS": str(setup.threads), "TQDM_DISABLE": "1", "DS_ACCELERATOR": "cpu"}
     proc = subprocess.run(setup.command(spec), env=env, capture_output=True, text=True)
@@ -350,6 +355,7 @@ HEADERS = [
     "train s",
     "total s",
     "peak RSS MiB",
+    "s/step min / median / max",
     "kto-ray/TRL samples/s",
     "TRL/kto-ray total s",
 ]
@@ -364,6 +370,11 @@ def trl_setups(workers: int, zero_stages: list[int]) -> list[TRLSetup]:
     return setups
 
 
+def spread(step_times: list[float] | tuple[float, ...]) -> str:
+    """min / median / max seconds per step: an outlier step shows here, not only in the mean."""
+    return f"{min(step_times):.2f} / {statistics.median(step_times):.2f} / {max(step_times):.2f}"
+
+
 def speed(
     spec: common.ModelSpec,
     skews: list[common.Skew],
@@ -374,6 +385,7 @@ def speed(
     zero_stages: list[int],
     stage: str,
     packed: bool,
+    trl_flush: bool,
 ):
     model = common.build_model(spec)
     table = []
@@ -392,18 +404,20 @@ def speed(
             trl_runs = []
             for trl_setup in trl_setups(workers, zero_stages):
                 out = root / f"trl-{skew}-{len(trl_runs)}-{workers}"
-                trl_runs.append((trl_setup, run_trl(model, rows_file, trl_setup, 2 * steps, batch, out)))
+                trl = run_trl(model, rows_file, trl_setup, 2 * steps, batch, out, trl_flush)
+                trl_runs.append((trl_setup, trl))
             ours, wall, peak, used_stage = train_kto_ray(cfg, workers, batch, skip=steps)
             for trl_setup, trl in trl_runs:
                 times = trl["step_times"][steps:]
                 trl_rate = batch * len(times) / sum(times)
                 total = trl["setup"] + trl["wall"]
                 row = [skew, trl_setup.name, trl_rate, sum(times) / len(times), trl["setup"], trl["wall"]]
-                row += [total, trl["peak_mib"], f"{ours.samples_per_s / trl_rate:.2f}x"]
+                row += [total, trl["peak_mib"], spread(times), f"{ours.samples_per_s / trl_rate:.2f}x"]
                 table.append([*row, f"{total / (setup + wall):.2f}x"])
             name = f"kto-ray, {workers} worker(s) ZeRO-{used_stage}" + (", packed" if packed else "")
             step = ours.seconds / ours.steps
-            table.append([skew, name, ours.samples_per_s, step, setup, wall, setup + wall, peak, "", ""])
+            row = [skew, name, ours.samples_per_s, step, setup, wall, setup + wall, peak]
+            table.append([*row, spread(ours.step_times), "", ""])
     common.print_table(
         HEADERS,
         table,
@@ -412,6 +426,7 @@ def speed(
             f"{batch}, 2 epochs of {steps} steps (samples/s over the second). setup = reference pass "
             "(kto-ray: precompute, one store for 1 and 2 workers; TRL: KTOTrainer init); "
             "train = train() / trainer.train(); peak RSS is per process (kto-ray: per worker); "
+            f"subnormal floats flushed in TRL's processes: {'yes' if trl_flush else 'no'} (kto-ray: always); "
             "ratios above 1 favour kto-ray"
         ),
     )
@@ -427,6 +442,7 @@ def main() -> None:
     spec = common.SPECS[args.model]
     root = common.scratch_dir("bench-trl-")
     print(f"machine: {common.machine_line()}")
+    print(f"versions: {common.versions_line()}")
     print(f"model {spec.name}: {common.count_parameters(common.build_model(spec)):,} parameters")
     same_loss_check(spec, args.batch, root)
     common.ray_init()
@@ -440,6 +456,7 @@ def main() -> None:
         args.trl_zero,
         args.stage,
         args.packed,
+        not args.trl_no_flush,
     )
 
 
@@ -468,6 +485,11 @@ if __name__ == "__main__":
         help="kto-ray's deepspeed.stage (auto: the fastest that fits, as a user's `stage: auto` picks)",
     )
     parser.add_argument("--packed", action="store_true", help="kto-ray with model.packed_batches on")
+    parser.add_argument(
+        "--trl-no-flush",
+        action="store_true",
+        help="TRL as shipped: without torch.set_flush_denormal(True), which kto-ray's processes set",
+    )
     smoke = {
         "steps": 2,
         "batch": 4,

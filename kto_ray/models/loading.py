@@ -13,6 +13,7 @@ import torch
 
 from kto_ray.config import ModelConfig
 from kto_ray.errors import UserError
+from kto_ray.models.denormals import flush_denormals
 from kto_ray.rundir import fetch_folder
 from kto_ray.storage import display, first_line, is_uri
 
@@ -121,6 +122,7 @@ def load_causal_lm(model: ModelConfig, dtype: torch.dtype, path: str | None = No
     `placement`: transformers' device_map / max_memory, to spread one model over several GPUs."""
     from transformers import AutoModelForCausalLM
 
+    flush_denormals()  # the caller computes with it on this thread next (kto_ray/models/denormals.py)
     path = local_model_path(path or model.path)
     if is_adapter_folder(path):
         return _load_adapter(model, dtype, path, **placement)

@@ -22,6 +22,7 @@ from kto_ray.console import RowProgress, configure_ray_data
 from kto_ray.data.prepare import PreparedText, prepare_text, tokenize_rows
 from kto_ray.errors import StorageError, UserError
 from kto_ray.lease import ensure_free
+from kto_ray.models.denormals import flush_denormals
 from kto_ray.models.loading import check_context_length, load_causal_lm, load_tokenizer, resolve_dtype
 from kto_ray.models.logprobs import length_buckets, pad_sequences, sequence_logps
 from kto_ray.models.packing import pack_sequences
@@ -95,6 +96,7 @@ class ReferenceLogprobs:
         pad_id: int,
         progress=None,
     ):
+        flush_denormals()  # kto_ray/models/denormals.py
         gpu_bytes = [
             torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())
         ]
@@ -110,6 +112,7 @@ class ReferenceLogprobs:
         self.progress = progress  # a _Counter actor for the driver's progress bar, or None
 
     def __call__(self, batch: dict[str, Any]) -> pa.Table:
+        flush_denormals()  # Ray may run this on another thread than __init__'s
         n = len(batch["id"])
         prompts = list(batch["prompt_ids"]) * 2
         completions = list(batch["completion_ids"]) + list(batch["kl_completion_ids"])

@@ -28,6 +28,7 @@ import torch
 
 from kto_ray.config import KTOConfig
 from kto_ray.errors import NonFiniteStep
+from kto_ray.models.denormals import denormals_flushed, flush_denormals
 from kto_ray.models.loading import hidden_size_of, load_tokenizer
 from kto_ray.models.moe import router_aux
 from kto_ray.reference.reader import RowReader, SplitIndex
@@ -89,6 +90,7 @@ def _where_am_i(rank: int) -> dict[str, Any]:
         "hostname": socket.gethostname(),
         "pid": os.getpid(),
         "gpus": [str(g) for g in context.get_accelerator_ids().get("GPU", [])],
+        "denormals_flushed": denormals_flushed(),
     }
 
 
@@ -122,6 +124,7 @@ class WorkerRun:
 
 def train_loop(train_loop_config: dict[str, Any]) -> None:
     """Ray Train's entry point on every worker: the driver's LoopConfig, unwrapped here only."""
+    flush_denormals()  # on this thread, before its first op starts the intra-op threads (denormals.py)
     timeline = Timeline()
     timeline.mark("worker start, imports")
     run_worker(LoopConfig.from_train_loop_config(train_loop_config), timeline)
