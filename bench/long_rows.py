@@ -66,6 +66,74 @@ def replay(model_dir: str, store: str, steps: int, batch: int, seed: int) -> lis
     return seconds
 
 
+def count_subnormals(model_dir: str, store: str, steps: int, batch: int, cfg_tree: dict, flush: bool):
+    """kto-ray's own `train_step` on the run's batches in this process (a plain module and AdamW with
+    the run's settings), counting the subnormal float32 values every op of each step produced; with
+    `flush`, as the workers run now. Returns the counts per step and the final weights."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kto_ray.config import KTOConfig
+    from kto_ray.reference.store import open_store
+    from kto_ray.training.batching import Schedule, collate
+    from kto_ray.training.step import LossSettings, train_step
+
+    tiny = torch.finfo(torch.float32).tiny
+
+    class Subnormals(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.found, self.values = 0, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.is_view or func.name().startswith("aten::empty"):  # computed elsewhere, or garbage
+                return out
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                    size = t.detach().abs()
+                    self.found += int(((size > 0) & (size < tiny)).sum())
+                    self.values += t.numel()
+            return out
+
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(flush)
+    cfg = KTOConfig.model_validate(cfg_tree).train
+    table = open_store(store).read_split("train")
+    schedule = Schedule.for_table(table, 1, batch, 1, cfg.seed, group=True)
+    pad_id = AutoTokenizer.from_pretrained(model_dir).pad_token_id
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    engine = common.PlainEngine(model, optimizer, max_grad_norm=cfg.max_grad_norm)
+    settings = LossSettings(cfg.beta, 1.0, cfg.undesirable_weight)
+    counts = []
+    for step in range(steps):
+        mb = collate(table, schedule.rows_for(step, 0)[0], pad_id)
+        with Subnormals() as mode:
+            train_step(engine, [mb], settings, lambda t: t, 1)
+        counts.append((mode.found, mode.values))
+    return counts, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def subnormal_table(model, cfg, metrics) -> None:
+    replay_args = (str(model), cfg.store.path, args.steps, args.batch, cfg.model_dump(mode="json"))
+    kept, weights_kept = common.run_like_a_worker(count_subnormals, *replay_args, False)
+    flushed, weights_flushed = common.run_like_a_worker(count_subnormals, *replay_args, True)
+    rows = [
+        [m["step"], m["tokens"], f"{a:,} ({a / n:.1e})", f"{b:,}"]
+        for m, (a, n), (b, _) in zip(metrics, kept, flushed)
+    ]
+    common.print_table(
+        ["step", "tokens", "subnormal values computed (share)", "with flushing"],
+        rows,
+        title="kto-ray's train_step on the same batches in one process, every op's float32 outputs counted",
+    )
+    diff = float((weights_kept - weights_flushed).abs().max())
+    print(f"weights after {args.steps} steps, flushed vs not: max abs difference {diff:.3g}")
+
+
 def main() -> int:
     spec = common.SPECS[args.model]
     model = common.build_model(spec)
@@ -103,6 +171,8 @@ def main() -> int:
     print(f"kto-ray / plain: median {statistics.median(ratios):.2f}x, max {max(ratios):.2f}x")
     print(f"kto-ray / plain on the long-row steps: max {max(long_ratios):.2f}x")
     print(f"denormals flushed on the ranks: {flushed}")
+    if args.subnormals:
+        subnormal_table(model, cfg, metrics)
     if args.check is not None and (max(long_ratios) > args.check or not all(flushed)):
         print(f"FAILED: a long step over {args.check}x its replay, or a rank not flushing", file=sys.stderr)
         return 1
@@ -115,6 +185,11 @@ if __name__ == "__main__":
     parser.add_argument("--rows", type=int, default=96, help="rows of skewed data (steps per epoch x batch)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--model", default="small", choices=sorted(common.SPECS))
+    parser.add_argument(
+        "--subnormals",
+        action="store_true",
+        help="also count the subnormal values each step computes, with and without flushing (slow)",
+    )
     parser.add_argument("--check", type=float, default=None, help="exit 1 above this kto-ray/plain ratio")
     args = common.parse_args(parser, {"steps": 2, "rows": 8, "batch": 4, "model": "tiny"})
     sys.exit(main())
