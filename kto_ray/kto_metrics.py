@@ -31,6 +31,7 @@ from kto_ray.loss import KTOLossOutput
 TRAIN_KEYS = (
     "loss",
     "kl",
+    "kl/raw",
     "rewards/chosen",
     "rewards/rejected",
     "rewards/margins",
@@ -47,6 +48,7 @@ EVAL_KEYS = (
     "rows",
     "loss",
     "kl",
+    "kl/raw",
     "reward_accuracy",
     "rewards/chosen",
     "rewards/rejected",
@@ -125,8 +127,11 @@ class KTOSums:
         """The sums over all ranks: ONE call of `reduce_fn` (a collective: every rank must call it)."""
         return KTOSums.from_stacked(reduce_fn(self.stacked()))
 
-    def to_metrics(self, kl: float, keys: Sequence[str] = EVAL_KEYS, **others: float) -> dict[str, float]:
-        """The metrics named in `keys`, in that order; `kl` is z0, `others` the ones not made from
+    def to_metrics(
+        self, kl: float, keys: Sequence[str] = EVAL_KEYS, kl_raw: float | None = None, **others: float
+    ) -> dict[str, float]:
+        """The metrics named in `keys`, in that order; `kl` is z0 and `kl_raw` the mean KL-pair
+        log-ratio before z0's clamp at 0 (`kl` itself when not given), `others` the ones not made from
         sums (the training step's `grad_norm`)."""
         s = dict(zip((f.name for f in fields(self)), self.stacked().tolist()))
         rows = s["chosen"] + s["rejected"]
@@ -141,6 +146,7 @@ class KTOSums:
             "rows": int(rows),
             "loss": mean(s["loss"], rows),
             "kl": kl,
+            "kl/raw": kl if kl_raw is None else kl_raw,
             "reward_accuracy": mean(s["accuracy"], rows),
             "rewards/chosen": rewards[0],
             "rewards/rejected": rewards[1],

@@ -5,7 +5,7 @@
     desirable:   lambda_D * (1 - sigmoid(beta * (r - z0)))
     undesirable: lambda_U * (1 - sigmoid(beta * (z0 - r)))
 
-The distributed z0 (one all-reduce of sum and count, `kto_ray.training.distributed.global_z0`) is
+The distributed z0 (one all-reduce of sum and count, `kto_ray.training.distributed.global_kl`) is
 computed there and passed in; the metrics built from these outputs are in `kto_ray.kto_metrics`.
 """
 
@@ -44,16 +44,25 @@ def completion_logps(
 
 def kl_z0(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
     """Reference point for one process: clamped mean of the KL-pair log-ratios, detached (0 if empty)."""
+    return kl_raw(policy_kl_logps, ref_kl_logps).clamp(min=0.0)
+
+
+def kl_raw(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
+    """The KL estimate before the clamp: mean of the KL-pair log-ratios, detached (0 if empty). Logged
+    as `kl/raw` beside z0, so a clamp at 0 can be told from a policy equal to its reference."""
     ratios = (policy_kl_logps - ref_kl_logps).detach().float()
-    if ratios.numel() == 0:
-        return torch.zeros((), dtype=torch.float32, device=ratios.device)
-    return z0_from_sum(ratios.sum(), ratios.numel())
+    return mean_from_sum(ratios.sum(), ratios.numel())
+
+
+def mean_from_sum(ratio_sum: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
+    """Unclamped mean from a sum and a count (the form an all-reduce produces); 0 for no pairs."""
+    count = torch.as_tensor(count, dtype=torch.float32, device=ratio_sum.device)
+    return ratio_sum.detach().float() / count.clamp(min=1.0)
 
 
 def z0_from_sum(ratio_sum: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
-    """Clamped mean from a sum and a count (the form an all-reduce produces)."""
-    count = torch.as_tensor(count, dtype=torch.float32, device=ratio_sum.device)
-    return (ratio_sum.detach().float() / count.clamp(min=1.0)).clamp(min=0.0)
+    """Clamped mean from a sum and a count."""
+    return mean_from_sum(ratio_sum, count).clamp(min=0.0)
 
 
 def kto_loss(

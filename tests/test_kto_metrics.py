@@ -6,7 +6,7 @@ import torch
 
 from kto_ray.kto_metrics import EVAL_KEYS, TRAIN_KEYS, KTOSums
 from kto_ray.loss import KTOLossOutput
-from kto_ray.training.distributed import global_z0
+from kto_ray.training.distributed import global_kl
 
 # Three rows, beta = 0.5: policy [-1, -3, -2], reference [-2, -2, -2], so r = [1, -1, 0] and the
 # rewards beta * r = [0.5, -0.5, 0]. Rows 0 and 2 are desirable. The losses are written out by hand
@@ -22,6 +22,7 @@ BOTH_CLASSES = {
     "rows": 3,
     "loss": (0.25 + 0.5 + 0.75) / 3,  # 0.5
     "kl": 0.0,
+    "kl/raw": 0.0,  # to_metrics(0.0) without kl_raw: z0's value
     "reward_accuracy": (1 + 1 + 0.5) / 3,
     "rewards/chosen": (0.5 + 0.0) / 2,  # 0.25
     "rewards/rejected": -0.5,
@@ -82,6 +83,7 @@ def test_one_class_batch_has_zero_for_the_absent_class_and_both_margins(desirabl
             "rows": 2,
             "loss": 0.5,
             "kl": 0.5,
+            "kl/raw": 0.5,
             "reward_accuracy": 0.5,
             f"rewards/{present}": (0.5 + 0.0) / 2,
             f"rewards/{absent}": 0.0,
@@ -120,11 +122,11 @@ def _two_ranks(other: torch.Tensor, calls: list):
 def test_a_rank_without_rows_leaves_the_global_metrics_and_z0_unchanged():
     # Rank 0 holds the three rows, with KL log-ratios summing to 1.5 (z0 = 1.5 / 3 = 0.5); rank 1 none.
     calls = []
-    z0, count = global_z0(torch.tensor(1.5), 3, _two_ranks(torch.zeros(2), calls))
-    assert (z0.item(), count.item()) == (0.5, 3.0)
+    z0, raw, count = global_kl(torch.tensor(1.5), 3, _two_ranks(torch.zeros(2), calls))
+    assert (z0.item(), raw.item(), count.item()) == (0.5, 0.5, 3.0)
     # Seen from rank 1: its zeros plus rank 0's [1.5, 3] give the same z0.
-    z0_1, count_1 = global_z0(torch.zeros(()), 0, _two_ranks(torch.tensor([1.5, 3.0]), calls))
-    assert (z0_1.item(), count_1.item()) == (0.5, 3.0)
+    z0_1, raw_1, count_1 = global_kl(torch.zeros(()), 0, _two_ranks(torch.tensor([1.5, 3.0]), calls))
+    assert (z0_1.item(), raw_1.item(), count_1.item()) == (0.5, 0.5, 3.0)
 
     rank_0, rank_1 = _both_classes(), KTOSums.zeros()
     _add_no_rows(rank_1, z0_1)
@@ -135,8 +137,16 @@ def test_a_rank_without_rows_leaves_the_global_metrics_and_z0_unchanged():
 
 
 def test_z0_is_clamped_and_an_empty_world_gives_zero():
-    # A negative mean log-ratio is clamped to 0 (the paper's max(0, .)); no KL pairs anywhere gives 0.
-    z0, count = global_z0(torch.tensor(-6.0), 4, lambda t: t)
-    assert (z0.item(), count.item()) == (0.0, 4.0)
-    z0, count = global_z0(torch.zeros(()), 0, lambda t: t)
-    assert (z0.item(), count.item()) == (0.0, 0.0)
+    # A negative mean log-ratio is clamped to 0 (the paper's max(0, .)), and the raw estimate keeps it:
+    # -6 / 4 = -1.5. No KL pairs anywhere gives 0 for both.
+    z0, raw, count = global_kl(torch.tensor(-6.0), 4, lambda t: t)
+    assert (z0.item(), raw.item(), count.item()) == (0.0, -1.5, 4.0)
+    z0, raw, count = global_kl(torch.zeros(()), 0, lambda t: t)
+    assert (z0.item(), raw.item(), count.item()) == (0.0, 0.0, 0.0)
+
+
+def test_metrics_carry_the_raw_estimate_beside_the_clamped_z0():
+    metrics = _both_classes().to_metrics(0.0, TRAIN_KEYS, kl_raw=-1.5, grad_norm=0.0)
+    assert (metrics["kl"], metrics["kl/raw"]) == (0.0, -1.5)
+    assert list(metrics)[:3] == ["loss", "kl", "kl/raw"]
+    assert _both_classes().to_metrics(0.25)["kl/raw"] == 0.25  # not given: z0 itself

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kto_ray.loss import completion_logps, kl_z0, kto_loss, z0_from_sum
+from kto_ray.loss import completion_logps, kl_raw, kl_z0, kto_loss, z0_from_sum
 
 
 def test_kto_loss_hand_computed_numbers():
@@ -70,6 +70,8 @@ def test_z0_is_detached_and_clamped():
     torch.testing.assert_close(z0, torch.tensor(0.75))  # mean of [1.0, 0.5]
     assert not z0.requires_grad
     assert kl_z0(torch.tensor([-7.0]), torch.tensor([-6.0])).item() == 0.0  # mean -1 clamps to 0
+    assert kl_raw(torch.tensor([-7.0, -5.0]), torch.tensor([-6.0, -3.0])).item() == -1.5  # [-1, -2]
+    assert kl_raw(torch.tensor([]), torch.tensor([])).item() == 0.0
     assert kl_z0(torch.tensor([]), torch.tensor([])).item() == 0.0
     torch.testing.assert_close(z0_from_sum(torch.tensor(3.0), 4), torch.tensor(0.75))
 

@@ -27,6 +27,7 @@ TABLE_ROWS = (
     ("rewards/rejected", "rewards/rejected"),
     ("rewards/margins", "rewards/margins"),
     ("kl", "kl (z0)"),
+    ("kl/raw", "kl before the clamp"),
     ("answer_accuracy", "answer accuracy"),
 )
 

@@ -10,7 +10,7 @@ import torch
 
 from kto_ray.config import KTOConfig, with_absolute_paths
 from kto_ray.kto_metrics import EVAL_KEYS, KTOSums
-from kto_ray.loss import kl_z0
+from kto_ray.loss import kl_raw
 from kto_ray.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
 from kto_ray.models.logprobs import length_buckets, pad_sequences, sequence_logps
 from kto_ray.models.packing import pack_sequences
@@ -45,14 +45,15 @@ def evaluate(cfg: KTOConfig, model_path: str | None = None, split: str = "eval")
     policy_kl = _score(model, part["prompt_ids"], part["kl_completion_ids"], *scoring)
     ref, ref_kl = torch.tensor(part["ref_logps"]), torch.tensor(part["ref_kl_logps"])
     desirable = torch.tensor(part["label"], dtype=torch.bool)
-    z0 = kl_z0(policy_kl, ref_kl)
+    raw = kl_raw(policy_kl, ref_kl)
+    z0 = raw.clamp(min=0.0)
     # The weight training used: `auto` comes from the train split's label counts, not this split's.
     labels = store.read_split("train", columns=["id", "label"])["label"].to_numpy(zero_copy_only=False)
     lam_d = desirable_weight(cfg, labels, warn=False)
     out = LossSettings(cfg.train.beta, lam_d, cfg.train.undesirable_weight).loss(policy, ref, desirable, z0)
     sums = KTOSums.zeros()  # the same sums and metric definitions as eval during training
     sums.add(out, policy, ref, desirable, z0)
-    return sums.to_metrics(z0.item(), EVAL_KEYS)
+    return sums.to_metrics(z0.item(), EVAL_KEYS, kl_raw=raw.item())
 
 
 def format_table(columns: dict[str, dict[str, float]]) -> str:

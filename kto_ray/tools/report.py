@@ -26,7 +26,7 @@ CONFIG_KEYS = "model.path train.beta train.lr train.micro_batch_size train.grad_
 # (file stem, title, y label, metrics keys) of the single-axes figures; a legend label is the key's last part.
 FIGURES = (
     ("loss", "KTO loss", "loss", ("loss",)),
-    ("kl", "KL estimate z0 (clamped at 0)", "kl (z0)", ("kl",)),
+    ("kl", "KL estimate: z0 (clamped at 0) and before the clamp", "kl", ("kl", "kl/raw")),
     ("rewards", "Rewards: chosen vs rejected", "reward", ("rewards/chosen", "rewards/rejected")),
     ("margins", "Reward margin (chosen - rejected)", "margin", ("rewards/margins",)),
 )
@@ -35,7 +35,15 @@ TRAINING_PANELS = (("learning_rate", "learning rate"), ("grad_norm", "grad norm"
 # train.eval_every: `eval/<key>` on the steps that evaluated, drawn over the training curve of <key>.
 EVAL_PREFIX = "eval/"
 EVAL_COLORS = ("tab:purple", "tab:orange", "tab:olive")
-EVAL_SUMMARY_KEYS = ("loss", "kl", "reward_accuracy", "rewards/chosen", "rewards/rejected", "rewards/margins")
+EVAL_SUMMARY_KEYS = (
+    "loss",
+    "kl",
+    "kl/raw",
+    "reward_accuracy",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+)
 
 
 @dataclass(frozen=True)
@@ -267,7 +275,7 @@ def _summary(run_dir: RunDir, records: list[dict[str, Any]], figures: list[Path]
         f"| metric | last step | mean of last {tail} steps (10%) |",
         "|---|---|---|",
     ]
-    for key in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins"):
+    for key in ("kl", "kl/raw", "rewards/chosen", "rewards/rejected", "rewards/margins"):
         values = _series(records, key)
         label = "kl (z0)" if key == "kl" else key
         lines.append(f"| {label} | {_fmt(values[-1])} | {_fmt(_mean(values[-tail:]))} |")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from kto_ray.loss import z0_from_sum
+from kto_ray.loss import mean_from_sum
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -21,13 +22,21 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def global_z0(kl_sum: torch.Tensor, kl_count: int, reduce: Reduce) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z0, global KL-pair count) over every rank's KL pairs, from ONE `reduce` of [sum, count].
+class GlobalKL(NamedTuple):
+    z0: torch.Tensor  # max(0, raw): the reference point the loss uses
+    raw: torch.Tensor  # the global mean log-ratio of the KL pairs, before the clamp (`kl/raw`)
+    count: torch.Tensor  # KL pairs over all ranks (one per row)
+
+
+def global_kl(kl_sum: torch.Tensor, kl_count: int, reduce: Reduce) -> GlobalKL:
+    """z0, the unclamped estimate and the KL-pair count over every rank's KL pairs, from ONE `reduce` of
+    [sum, count].
 
     A collective: every rank calls it, a rank without KL pairs with a zero sum and count. The training
     step and eval during training take z0 (and the step its row count: one KL pair per row) from here."""
     totals = reduce(torch.stack([kl_sum.float(), torch.tensor(float(kl_count), device=kl_sum.device)]))
-    return z0_from_sum(totals[0], totals[1]), totals[1]
+    raw = mean_from_sum(totals[0], totals[1])
+    return GlobalKL(raw.clamp(min=0.0), raw, totals[1])
 
 
 def most_over_ranks(count: int, bound: int, reduce: Reduce, device: torch.device | str = "cpu") -> int:

@@ -5,7 +5,7 @@ DeepSpeed). The split is sorted by length (little padding), rank r takes rows r,
 every rank then runs the SAME number of micro-batches, because under ZeRO-3 a forward is a collective
 (each layer's parameters are all-gathered): a rank with fewer rows runs a dummy micro-batch (one real
 row whose results are dropped) rather than skip a forward its peers are waiting in. The collectives
-are fixed too: one all-reduce of [KL sum, count] for the global z0 (`distributed.global_z0`, as the
+are fixed too: one all-reduce of [KL sum, count] for the global z0 (`distributed.global_kl`, as the
 training step), one of the metric sums (`kto_ray.kto_metrics.KTOSums`); a rank without rows adds zeros.
 """
 
@@ -22,7 +22,7 @@ from kto_ray.kto_metrics import EVAL_KEYS, KTOSums
 from kto_ray.models.logprobs import DEFAULT_CHUNK_TOKENS, sequence_logps
 from kto_ray.reference.store import sequence_lengths
 from kto_ray.training.batching import collate
-from kto_ray.training.distributed import Reduce, global_z0
+from kto_ray.training.distributed import Reduce, global_kl
 from kto_ray.training.step import LossSettings, ReferenceFn
 
 
@@ -61,11 +61,11 @@ def eval_metrics(
         shard = _score_shard(model, table, batches, pad_id, reference, device, chunk_tokens, packed)
     finally:
         model.train(was_training)
-    z0, _ = global_z0(shard.kl_sum, len(shard.desirable), reduce)
+    z0, kl_raw, _ = global_kl(shard.kl_sum, len(shard.desirable), reduce)
     out = settings.loss(shard.policy, shard.ref, shard.desirable, z0)
     sums = KTOSums.zeros(device)
     sums.add(out, shard.policy, shard.ref, shard.desirable, z0)  # a rank without rows adds zeros
-    return sums.reduce(reduce).to_metrics(z0.item(), EVAL_KEYS)
+    return sums.reduce(reduce).to_metrics(z0.item(), EVAL_KEYS, kl_raw=kl_raw.item())
 
 
 @dataclass(frozen=True)

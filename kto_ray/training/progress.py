@@ -16,6 +16,7 @@ from kto_ray.training.metrics import MetricsFollower
 def progress_line(step: int, total: int, metrics: dict[str, Any], eta_s: float) -> str:
     return (
         f"step {step}/{total} loss {metrics['loss']:.4f} kl {metrics['kl']:.4f} "
+        f"(raw {metrics['kl/raw']:.4f}) "
         f"margin {metrics['rewards/margins']:.4f} {metrics['samples/s']:.1f} samples/s eta {eta_s:.0f}s"
     )
 
@@ -95,6 +96,7 @@ class TrainingProgress:
             self._bar.set_postfix(
                 loss=f"{metrics['loss']:.4f}",
                 kl=f"{metrics['kl']:.4f}",
+                kl_raw=f"{metrics['kl/raw']:.4f}",
                 margin=f"{metrics['rewards/margins']:.3f}",
                 samples_s=f"{metrics['samples/s']:.1f}",
                 refresh=False,

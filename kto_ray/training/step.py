@@ -2,7 +2,7 @@
 
 For the global batch of one optimizer step (all workers, all accumulation micro-batches):
 1. policy log-probs of the mismatched (x, y_kl) pairs without gradients, on every micro-batch;
-2. one all-reduce of [KL sum, KL count] gives the exact global z0 and row count (`distributed.global_z0`);
+2. one all-reduce of [KL sum, KL count] gives the exact global z0 and row count (`distributed.global_kl`);
 3. per micro-batch: policy log-probs of (x, y) with gradients, KTO loss from `kto_ray.loss`, backward;
    for an MoE model with `router_aux`, this pass also adds `router_aux_loss_coef x aux_loss` (the
    family's load-balancing loss of this forward's router logits, `kto_ray.models.moe`), per row;
@@ -39,7 +39,7 @@ from kto_ray.models.logprobs import (
 from kto_ray.models.moe import RouterAux
 from kto_ray.models.packing import PackedBatch
 from kto_ray.training.batching import KTOBatch
-from kto_ray.training.distributed import Reduce, global_z0, most_over_ranks
+from kto_ray.training.distributed import Reduce, global_kl, most_over_ranks
 
 # (micro-batch) -> (reference logps of (x, y), reference logps of (x, y_kl)), for the online mode.
 ReferenceFn = Callable[[KTOBatch], tuple[torch.Tensor, torch.Tensor]]
@@ -108,7 +108,7 @@ def train_step(
     ref_logps, kl_sum = _kl_pass(
         engine.module, micro_batches, reference, chunk_tokens, device, estimate_kl, real
     )
-    z0, global_rows = global_z0(kl_sum, rows, reduce)
+    z0, kl_raw, global_rows = global_kl(kl_sum, rows, reduce)
     sums = KTOSums.zeros(device)
     for k, (mb, ref_y) in enumerate(zip(micro_batches, ref_logps)):
         _begin_forward(engine, last=k == len(micro_batches) - 1)
@@ -132,7 +132,7 @@ def train_step(
         sums.add(out, policy, ref_y, mb.desirable, z0, tokens=_tokens(mb, estimate_kl), aux_loss=aux)
     grad_norm = _checked_grad_norm(engine)
     keys = TRAIN_KEYS if router_aux is None else (*TRAIN_KEYS, "aux_loss")
-    return sums.reduce(reduce).to_metrics(z0.item(), keys, grad_norm=grad_norm)
+    return sums.reduce(reduce).to_metrics(z0.item(), keys, kl_raw=kl_raw.item(), grad_norm=grad_norm)
 
 
 @torch.no_grad()

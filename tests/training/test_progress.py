@@ -11,7 +11,8 @@ from kto_ray.training.progress import TrainingProgress
 
 
 def _record(step: int) -> str:
-    metrics = {"step": step, "loss": 0.5 - step / 100, "kl": 0.0, "rewards/margins": step / 10}
+    metrics = {"step": step, "loss": 0.5 - step / 100, "kl": 0.0, "kl/raw": -0.25}
+    metrics["rewards/margins"] = step / 10
     return json.dumps(metrics | {"samples/s": 100.0, "step_time": 0.1}) + "\n"
 
 
@@ -27,7 +28,8 @@ def test_plain_lines_every_log_every_steps_and_the_last(tmp_path):
             progress.poll()  # the thread may or may not have seen it: a step is shown once either way
     lines = out.getvalue().splitlines()
     assert [line.split()[1] for line in lines] == ["3/7", "6/7", "7/7"]
-    assert lines[0].startswith("step 3/7 loss 0.4700 kl 0.0000 margin 0.3000 100.0 samples/s eta")
+    expected = "step 3/7 loss 0.4700 kl 0.0000 (raw -0.2500) margin 0.3000 100.0 samples/s eta"
+    assert lines[0].startswith(expected)
 
 
 def test_a_line_cut_mid_write_waits_for_its_end(tmp_path):

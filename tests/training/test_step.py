@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kto_ray.loss import kl_z0, kto_loss
+from kto_ray.loss import kl_raw, kl_z0, kto_loss
 from kto_ray.models.logprobs import pad_sequences, sequence_logps
 from kto_ray.reference.store import SCHEMA
 from kto_ray.training import step as step_module
@@ -94,6 +94,8 @@ def test_step_loss_and_z0_match_the_loss_module_on_the_whole_batch():
         undesirable_weight=0.8,
     )
     assert metrics["kl"] == pytest.approx(z0.item(), abs=1e-5)
+    raw = kl_raw(policy_kl, torch.tensor(part["ref_kl_logps"])).item()
+    assert metrics["kl/raw"] == pytest.approx(raw, abs=1e-5)  # unclamped: may be negative
     assert metrics["loss"] == pytest.approx(expected.loss.item(), abs=1e-6)
     assert metrics["count/chosen"] + metrics["count/rejected"] == 8
 
