@@ -116,7 +116,7 @@ def _config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.command == "plan":
-        from kto_ray.tools.plan import format_plan, plan
+        from kto_ray.planning.plan import format_plan, plan
 
         print(
             format_plan(

@@ -169,10 +169,3 @@ def fetch_folder(uri: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def has_file(folder: str, name: str) -> bool:
-    """Whether `<folder>/<name>` exists, for a local folder or a URI."""
-    if not is_uri(folder):
-        return (Path(folder).expanduser() / name).is_file()
-    return info(resolve(folder).join(name)).type == pafs.FileType.File

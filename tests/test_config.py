@@ -13,8 +13,8 @@ import yaml
 from kto_ray.cli import main
 from kto_ray.config import KTOConfig, config_from_dict, dump_config, load_config
 from kto_ray.errors import UserError
+from kto_ray.planning.plan import plan
 from kto_ray.rundir import RunDir
-from kto_ray.tools.plan import plan
 from tests.tools.test_plan import save_llama_8b, save_qwen3_30b_a3b, save_qwen_32b
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,9 +22,11 @@ from kto_ray.config import KTOConfig, Section, config_from_dict, parse_override
 from kto_ray.errors import UserError
 from kto_ray.kto_metrics import EVAL_KEYS
 
-# A sweep trains every trial on one store: keys that change what the store holds are not swept.
+# A sweep trains every trial on one store: keys that change what the store holds are not swept (the
+# model keys the store's fingerprint reads: its weights and tokenizer come from model.path at
+# model.revision; model.dtype is the training dtype, the store's is precompute.dtype).
 STORE_SECTIONS = ("data", "store", "precompute", "reference")
-STORE_KEYS = ("model.path", "model.dtype", "model.tokenizer")
+STORE_KEYS = ("model.path", "model.revision", "model.trust_remote_code")
 LAYOUT_KEYS = ("run.dir", "run.name")  # set by the sweep: <run.dir>/<sweep name>/<trial>
 EVAL_METRICS = tuple(f"eval/{key}" for key in EVAL_KEYS if key != "rows")
 

@@ -107,6 +107,7 @@ def test_every_trial_is_a_whole_validated_config_in_its_own_run_dir(tmp_path):
         ("train.beta=0.1,-1", "train.beta: Input should be greater than 0"),
         ("data.seed=1,2", "sweep key data.seed: a sweep trains every trial on one store"),
         ("model.path=a,b", "sweep key model.path"),
+        ("model.revision=a,b", "sweep key model.revision: a sweep trains every trial on one store"),
         ("run.name=a,b", "sweep key run.name: the sweep names"),
     ],
 )

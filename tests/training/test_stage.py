@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from kto_ray.config import load_config
-from kto_ray.tools.plan import GIB
+from kto_ray.planning.plan import GIB
 from kto_ray.training.stage import resolve_stage, stage_of_checkpoint, worker_memory_bytes
 
 
