@@ -11,27 +11,21 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 
-from kto_ray.config import KTOConfig, ModelConfig, with_absolute_paths
+from kto_ray.config import KTOConfig, with_absolute_paths
 from kto_ray.console import RowProgress, configure_ray_data
 from kto_ray.data.prepare import PreparedText, prepare_text, tokenize_rows
 from kto_ray.errors import StorageError, UserError
 from kto_ray.lease import ensure_free
-from kto_ray.models.denormals import flush_denormals
-from kto_ray.models.loading import check_context_length, load_causal_lm, load_tokenizer, resolve_dtype
-from kto_ray.models.logprobs import length_buckets, pad_sequences, sequence_logps
-from kto_ray.models.packing import pack_sequences
+from kto_ray.models.loading import check_context_length, load_tokenizer
 from kto_ray.raycluster import ray_session
 from kto_ray.reference.check import data_file_stats, store_fingerprint
 from kto_ray.reference.fingerprint import FileStat
+from kto_ray.reference.scoring import ActorModel, ProgressCounter, ReferenceLogprobs, on_actors
 from kto_ray.reference.segments import kept_segments, new_segment, segmented_manifest, write_row_digests
 from kto_ray.reference.store import (
-    SCHEMA,
     Manifest,
     Segment,
     Store,
@@ -56,97 +50,6 @@ log = logging.getLogger(__name__)
 # Smaller groups save little more and grow the footers (metadata per group and column) readers keep.
 # Stores written before (a group per Ray Data block, up to precompute.bucket_rows) still read right.
 ROW_GROUP_ROWS = 256
-
-# Share of each GPU the spread reference's weights may take: the rest holds one model batch's
-# activations and logits (kto-ray plan sizes them) and the CUDA context.
-SPREAD_WEIGHTS_SHARE = 0.8
-
-
-def reference_placement(gpus_per_actor: float, gpu_bytes: list[int]) -> dict[str, Any]:
-    """from_pretrained arguments that place a precompute actor's reference: nothing (one device, moved
-    there after loading) for up to one GPU; above that, spread over the actor's GPUs (Ray makes exactly
-    those visible) by accelerate's balanced device_map, each capped so a batch still fits beside it."""
-    if gpus_per_actor <= 1:
-        return {}
-    gpus = int(gpus_per_actor)
-    if len(gpu_bytes) < gpus:
-        raise RuntimeError(f"precompute actor asked for {gpus} GPUs but sees {len(gpu_bytes)}")
-    return {
-        "device_map": "balanced",
-        "max_memory": {i: int(gpu_bytes[i] * SPREAD_WEIGHTS_SHARE) for i in range(gpus)},
-    }
-
-
-class ReferenceLogprobs:
-    """Ray Data callable class: loads the reference model once per actor and scores batches.
-
-    Within each Ray Data batch the (x, y) and (x, y_kl) sequences are scored together, sorted by
-    length into model batches so padding stays small.
-    """
-
-    def __init__(
-        self,
-        model_cfg: ModelConfig,
-        path: str,
-        dtype: str,
-        use_gpu: bool,
-        gpus_per_actor: float,
-        batch_rows: int,
-        batch_tokens: int | None,
-        pad_id: int,
-        progress=None,
-    ):
-        flush_denormals()  # kto_ray/models/denormals.py
-        gpu_bytes = [
-            torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())
-        ]
-        placement = reference_placement(gpus_per_actor if use_gpu else 0, gpu_bytes)
-        model = load_causal_lm(model_cfg, resolve_dtype(dtype, use_gpu), path, **placement)
-        if not placement:
-            model = model.to(torch.device("cuda" if use_gpu else "cpu"))
-        self.model = model.eval()
-        self.device = model.get_input_embeddings().weight.device  # where the input ids go
-        self.batch_rows, self.batch_tokens, self.pad_id = batch_rows, batch_tokens, pad_id
-        self.chunk_tokens = model_cfg.logprob_chunk_tokens
-        self.layout = pack_sequences if model_cfg.packed_batches else pad_sequences
-        self.progress = progress  # a _Counter actor for the driver's progress bar, or None
-
-    def __call__(self, batch: dict[str, Any]) -> pa.Table:
-        flush_denormals()  # Ray may run this on another thread than __init__'s
-        n = len(batch["id"])
-        prompts = list(batch["prompt_ids"]) * 2
-        completions = list(batch["completion_ids"]) + list(batch["kl_completion_ids"])
-        lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
-        scores = np.zeros(2 * n, dtype=np.float32)
-        with torch.inference_mode():
-            for rows in length_buckets(lengths, self.batch_rows, self.batch_tokens):
-                model_batch = self.layout(
-                    [prompts[i] for i in rows], [completions[i] for i in rows], self.pad_id
-                )
-                logps = sequence_logps(self.model, model_batch.to(self.device), self.chunk_tokens)
-                scores[rows] = logps.float().cpu().numpy()
-        if self.progress is not None:
-            self.progress.add.remote(n, sum(lengths))  # fire and forget: the bar is best effort
-        columns = {name: batch[name] for name in ("id", "kl_id", "label", "split")}
-        for name in ("prompt_ids", "completion_ids", "kl_completion_ids"):
-            columns[name] = [np.asarray(ids, dtype=np.int32) for ids in batch[name]]
-        columns["ref_logps"], columns["ref_kl_logps"] = scores[:n], scores[n:]
-        return pa.table(
-            {field.name: pa.array(columns[field.name], field.type) for field in SCHEMA}, schema=SCHEMA
-        )
-
-
-class _Counter:
-    """Rows and tokens scored so far, summed over the actors (a Ray actor with no CPU of its own)."""
-
-    def __init__(self) -> None:
-        self.rows = self.tokens = 0
-
-    def add(self, rows: int, tokens: int) -> None:
-        self.rows, self.tokens = self.rows + rows, self.tokens + tokens
-
-    def read(self) -> tuple[int, int]:
-        return self.rows, self.tokens
 
 
 @dataclass(frozen=True)
@@ -353,7 +256,7 @@ def _score(plan: _Plan, writer: StoreWriter) -> _Written:
     import ray
 
     configure_ray_data()
-    counter = ray.remote(num_cpus=0)(_Counter).remote()
+    counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
     ds = _scoring_dataset(plan, counter)
     try:
         with RowProgress(lambda: ray.get(counter.read.remote()), len(plan.text.table), "reference"):
@@ -382,25 +285,8 @@ def _scoring_dataset(plan: _Plan, counter):
         batch_size=bucket_rows,
         num_cpus=0.25,
     )
-    return ds.map_batches(
-        ReferenceLogprobs,
-        fn_constructor_kwargs={
-            "model_cfg": cfg.model,
-            "path": cfg.reference_path,
-            "dtype": cfg.precompute.dtype,
-            "use_gpu": cfg.precompute.gpus_per_actor > 0,
-            "gpus_per_actor": cfg.precompute.gpus_per_actor,
-            "batch_rows": cfg.precompute.batch_rows,
-            "batch_tokens": cfg.precompute.batch_tokens,
-            "pad_id": plan.tokenizer.pad_token_id,
-            "progress": counter,
-        },
-        batch_size=bucket_rows,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.precompute.actors),
-        num_gpus=cfg.precompute.gpus_per_actor,
-        num_cpus=cfg.precompute.cpus_per_actor,
-    )
+    spec = ActorModel.of(cfg, cfg.reference_path, plan.tokenizer.pad_token_id)
+    return on_actors(ds, ReferenceLogprobs, cfg, bucket_rows, spec=spec, progress=counter)
 
 
 def _commit(plan: _Plan, writer: StoreWriter, segments: list[Segment]) -> PrecomputeResult | None:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from kto_ray.config import KTOConfig
 from kto_ray.data.tokenize import tokenize_batch
 
 Checker = Callable[[Mapping[str, Any], str], bool]
@@ -51,22 +52,26 @@ def prompt_ids(tokenizer: Any, prompts: Sequence[str], max_prompt_length: int) -
 
 
 def generate(
-    model: Any,
-    tokenizer: Any,
+    cfg: KTOConfig,
+    model_path: str,
     prompts: Sequence[str],
     *,
     max_prompt_length: int,
     max_new_tokens: int,
     batch_size: int = 64,
 ) -> list[str]:
-    """Greedy completions (decoded text, special tokens dropped) of rendered prompts, in order."""
-    from kto_ray.tools.samples import GenerationSettings, generate_from_ids
+    """Greedy completions (decoded text, special tokens dropped) of rendered prompts by the model at
+    `model_path`, generated on the cluster's actors (`kto_ray/reference/scoring.py`); in order."""
+    from kto_ray.models.loading import load_tokenizer
+    from kto_ray.raycluster import ray_session
+    from kto_ray.reference.scoring import GenerationSettings, generate_on_actors
 
-    ids = prompt_ids(tokenizer, prompts, max_prompt_length)
+    ids = prompt_ids(load_tokenizer(cfg.model, model_path), prompts, max_prompt_length)
     # Batches of similar length waste less compute on padding; results go back to their prompt's slot.
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size)
-    texts = generate_from_ids(model, tokenizer, [ids[i] for i in order], settings)
+    with ray_session(cfg.cluster.address):
+        texts = generate_on_actors(cfg, model_path, [ids[i] for i in order], settings)
     out = [""] * len(ids)
     for i, text in zip(order, texts, strict=True):
         out[i] = text
@@ -87,8 +92,8 @@ class AnswerScore:
 
 
 def score_answers(
-    model: Any,
-    tokenizer: Any,
+    cfg: KTOConfig,
+    model_path: str,
     rows: Sequence[Mapping[str, Any]],
     checker: Checker,
     *,
@@ -96,11 +101,15 @@ def score_answers(
     max_new_tokens: int,
     batch_size: int = 64,
 ) -> AnswerScore:
-    """Generate greedily for each row["prompt"] and score every completion with `checker`."""
+    """Generate greedily for each row["prompt"] with the model at `model_path` (on the actors) and score
+    every completion with `checker` (here)."""
+    from kto_ray.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model, model_path)
     prompts = [render_prompt(tokenizer, row["prompt"]) for row in rows]
     texts = generate(
-        model,
-        tokenizer,
+        cfg,
+        model_path,
         prompts,
         max_prompt_length=max_prompt_length,
         max_new_tokens=max_new_tokens,

@@ -44,14 +44,11 @@ def training_prompts(cfg: KTOConfig) -> set[str]:
 
 
 def answer_score(cfg: KTOConfig, rows: list[dict[str, Any]], model_path: str) -> AnswerScore:
-    """Greedy answers of the model at `model_path`, scored by the arithmetic checker, on this CPU."""
-    from kto_ray.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
-
-    tokenizer = load_tokenizer(cfg.model, model_path)
-    model = load_causal_lm(cfg.model, resolve_dtype("float32", False), model_path).eval()
+    """Greedy answers of the model at `model_path` (generated on the actors), scored by the arithmetic
+    checker."""
     return score_answers(
-        model,
-        tokenizer,
+        cfg,
+        model_path,
         rows,
         arithmetic_checker,
         max_prompt_length=cfg.data.max_prompt_length,
@@ -99,9 +96,9 @@ def run_demo(cfg: KTOConfig) -> dict[str, dict[str, float]]:
         precompute(cfg, overwrite=True)
         table["before"] = evaluate(cfg)
         result = train(cfg)
-    final = result.run_dir.child("final")
-    table["after"] = evaluate(cfg, final)
-    before, after = answer_score(cfg, heldout, cfg.reference_path), answer_score(cfg, heldout, final)
+        final = result.run_dir.child("final")
+        table["after"] = evaluate(cfg, final)  # on the same actors as precompute, like the answers
+        before, after = answer_score(cfg, heldout, cfg.reference_path), answer_score(cfg, heldout, final)
     table["before"]["answer_accuracy"], table["after"]["answer_accuracy"] = before.accuracy, after.accuracy
     print(
         f"\nimplied rewards: {int(table['before']['rows'])} eval rows of the store; answers: greedy, "

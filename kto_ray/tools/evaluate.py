@@ -1,50 +1,36 @@
-"""Held-out metrics of a model against the store's eval split (KTO loss, z0, reward accuracy, margins)."""
+"""Held-out metrics of a model against the store's eval split (KTO loss, z0, reward accuracy, margins).
+
+The model scores the split on the cluster's actors (`kto_ray/reference/scoring.py`, the stage that
+precompute runs, on the same resources and dtype); this process reads the split and reduces the sums.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from kto_ray.config import KTOConfig, with_absolute_paths
 from kto_ray.kto_metrics import EVAL_KEYS, KTOSums
 from kto_ray.loss import kl_raw
-from kto_ray.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
-from kto_ray.models.logprobs import length_buckets, pad_sequences, sequence_logps
-from kto_ray.models.packing import pack_sequences
+from kto_ray.models.loading import load_tokenizer
+from kto_ray.raycluster import ray_session
 from kto_ray.reference.check import checked_store
+from kto_ray.reference.scoring import score_on_actors
 from kto_ray.training.driver import desirable_weight
 from kto_ray.training.step import LossSettings
 
 
-def _score(
-    model, prompts, completions, pad_id: int, batch_rows: int, chunk_tokens: int | None, packed: bool
-) -> torch.Tensor:
-    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
-    out = np.zeros(len(lengths), dtype=np.float32)
-    layout = pack_sequences if packed else pad_sequences
-    with torch.inference_mode():
-        for rows in length_buckets(lengths, batch_rows):
-            batch = layout([prompts[i] for i in rows], [completions[i] for i in rows], pad_id)
-            out[rows] = sequence_logps(model, batch, chunk_tokens).float().numpy()
-    return torch.from_numpy(out)
-
-
 def evaluate(cfg: KTOConfig, model_path: str | None = None, split: str = "eval") -> dict[str, float]:
-    """Score `model_path` (default: the policy) on a split of the checked store, on this process's CPU."""
+    """Score `model_path` (default: the policy) on a split of the checked store, on the actors."""
     cfg = with_absolute_paths(cfg)
-    tokenizer = load_tokenizer(cfg.model)
-    store = checked_store(cfg, tokenizer)
-    part = store.read_split(split).to_pydict()
-    model = load_causal_lm(cfg.model, resolve_dtype("float32", False), model_path or cfg.model.path).eval()
-    batch_rows, chunk, pad = cfg.precompute.batch_rows, cfg.model.logprob_chunk_tokens, tokenizer.pad_token_id
-    scoring = (pad, batch_rows, chunk, cfg.model.packed_batches)
-    policy = _score(model, part["prompt_ids"], part["completion_ids"], *scoring)
-    policy_kl = _score(model, part["prompt_ids"], part["kl_completion_ids"], *scoring)
-    ref, ref_kl = torch.tensor(part["ref_logps"]), torch.tensor(part["ref_kl_logps"])
-    desirable = torch.tensor(part["label"], dtype=torch.bool)
+    store = checked_store(cfg, load_tokenizer(cfg.model))
+    part = store.read_split(split)
+    with ray_session(cfg.cluster.address):
+        policy, policy_kl = score_on_actors(cfg, model_path or cfg.model.path, part)
+    ref, ref_kl = torch.tensor(part["ref_logps"].to_numpy()), torch.tensor(part["ref_kl_logps"].to_numpy())
+    desirable = torch.tensor(part["label"].to_pylist(), dtype=torch.bool)
     raw = kl_raw(policy_kl, ref_kl)
     z0 = raw.clamp(min=0.0)
     # The weight training used: `auto` comes from the train split's label counts, not this split's.

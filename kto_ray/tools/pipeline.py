@@ -18,8 +18,8 @@ def run_pipeline(cfg: KTOConfig, *, evaluate_before: bool = False) -> dict[str, 
         if evaluate_before:
             table["before"] = evaluate(cfg)
         result = train(cfg)
-    if cfg.run.export:
-        table["after"] = evaluate(cfg, result.run_dir.child("final"))
+        if cfg.run.export:  # on the cluster's actors, as precompute scored the reference
+            table["after"] = evaluate(cfg, result.run_dir.child("final"))
     if table:
         rows = int(next(iter(table.values()))["rows"])
         print(f"\nheld-out eval split of {display(store.path)} ({rows} rows):")

@@ -1,6 +1,7 @@
 """`kto-ray evaluate --generate N`: the trained model's and the reference's completions of eval prompts,
-side by side, in `samples.jsonl` and `samples.md` of the run dir. Generation runs in the calling process,
-batched, on its GPU when it has one (bf16), else on its CPU; not on the training workers.
+side by side, in `samples.jsonl` and `samples.md` of the run dir. Generation runs on the cluster's actors
+(`kto_ray/reference/scoring.py`: precompute's actor stage, its resources and dtype), batched; the calling
+process loads no model.
 
 The prompts are the store's eval-split token ids, so they are rendered (chat template with the
 generation prompt) and truncated (the last `data.max_prompt_length` tokens) exactly as in training;
@@ -14,9 +15,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
 from kto_ray.config import KTOConfig, with_absolute_paths
+from kto_ray.reference.scoring import GenerationSettings, generate_on_actors
 from kto_ray.rundir import RunDir
 
 
@@ -29,47 +29,6 @@ class Sample:
     trained: str
 
 
-@dataclass(frozen=True)
-class GenerationSettings:
-    max_new_tokens: int
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int = 0
-    batch_size: int = 32
-
-
-def generate_from_ids(
-    model, tokenizer, prompts: Sequence[Sequence[int]], settings: GenerationSettings
-) -> list[str]:
-    """Completions (decoded, special tokens dropped) of tokenized prompts, batched with left padding so
-    every row continues from its own last prompt token; seeded when sampling."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    sampling = settings.temperature > 0
-    options = {"do_sample": sampling}
-    if sampling:
-        options |= {"temperature": settings.temperature, "top_p": settings.top_p}
-    if sampling:
-        torch.manual_seed(settings.seed)
-    out: list[str] = []
-    with torch.inference_mode():
-        for start in range(0, len(prompts), settings.batch_size):
-            rows = [list(p) for p in prompts[start : start + settings.batch_size]]
-            width = max(len(r) for r in rows)
-            device = model.get_input_embeddings().weight.device
-            input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-            new = model.generate(
-                input_ids=input_ids,
-                attention_mask=mask,
-                max_new_tokens=settings.max_new_tokens,
-                pad_token_id=pad,
-                eos_token_id=tokenizer.eos_token_id,
-                **options,
-            )[:, width:]
-            out.extend(tokenizer.decode(tokens, skip_special_tokens=True) for tokens in new)
-    return out
-
-
 def write_samples(
     cfg: KTOConfig,
     n: int,
@@ -80,7 +39,8 @@ def write_samples(
 ) -> tuple[Path, Path]:
     """Generate for the first `n` eval prompts (by id) with the trained model (`model_path`, default the
     run's final/ export, else the policy) and the reference; returns the JSONL and Markdown paths."""
-    from kto_ray.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
+    from kto_ray.models.loading import load_tokenizer
+    from kto_ray.raycluster import ray_session
     from kto_ray.reference.check import checked_store
 
     cfg = with_absolute_paths(cfg)
@@ -93,13 +53,11 @@ def write_samples(
     settings = GenerationSettings(
         max_new_tokens=max(1, cfg.data.max_length - longest_prompt), temperature=temperature, seed=seed
     )
-    completions = {}
-    on_gpu = torch.cuda.is_available()  # one GPU when the calling machine has one, else this CPU
-    for role, path in (("reference", cfg.reference_path), ("trained", trained_path)):
-        model = load_causal_lm(cfg.model, resolve_dtype("auto", on_gpu), path)
-        model = model.to("cuda" if on_gpu else "cpu").eval()
-        completions[role] = generate_from_ids(model, tokenizer, part["prompt_ids"], settings)
-        del model
+    with ray_session(cfg.cluster.address):
+        completions = {
+            role: generate_on_actors(cfg, str(path), part["prompt_ids"], settings)
+            for role, path in (("reference", cfg.reference_path), ("trained", trained_path))
+        }
     samples = [
         Sample(
             id=int(row_id),

@@ -101,7 +101,7 @@ def test_a_reference_spread_over_two_gpus_scores_like_one(real_model):
     from kto_ray.config import ModelConfig
     from kto_ray.models.loading import load_causal_lm
     from kto_ray.models.logprobs import pad_sequences, sequence_logps
-    from kto_ray.reference.precompute import reference_placement
+    from kto_ray.reference.scoring import reference_placement
 
     sizes = [torch.cuda.get_device_properties(i).total_memory for i in range(2)]
     spread = load_causal_lm(

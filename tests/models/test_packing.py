@@ -146,7 +146,7 @@ def test_a_train_step_on_packed_micro_batches_equals_the_padded_one():
 
 def test_precompute_scores_packed_batches_as_padded_ones(tiny_model):
     # The reference pass's actor callable itself (no Ray): its store columns, packed vs padded.
-    from kto_ray.reference.precompute import ReferenceLogprobs
+    from kto_ray.reference.scoring import ActorModel, ReferenceLogprobs
 
     n = len(PROMPTS)
     rows = {
@@ -161,7 +161,7 @@ def test_precompute_scores_packed_batches_as_padded_ones(tiny_model):
     tables = {}
     for packed in (False, True):
         model_cfg = ModelConfig(path=str(tiny_model), packed_batches=packed)
-        score = ReferenceLogprobs(model_cfg, str(tiny_model), "float32", False, 0.0, 4, None, pad_id=3)
+        score = ReferenceLogprobs(ActorModel(model_cfg, str(tiny_model), "float32", 0.0, 4, None, pad_id=3))
         tables[packed] = score(rows)
     for column in ("ref_logps", "ref_kl_logps"):
         packed, padded = (torch.tensor(tables[p][column].to_pylist()) for p in (True, False))

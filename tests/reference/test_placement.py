@@ -8,7 +8,7 @@ import pytest
 from kto_ray.config import KTOConfig, load_config
 from kto_ray.errors import UserError
 from kto_ray.planning.plan import plan
-from kto_ray.reference.precompute import SPREAD_WEIGHTS_SHARE, reference_placement
+from kto_ray.reference.scoring import SPREAD_WEIGHTS_SHARE, reference_placement
 
 GIB = 2**30
 

@@ -7,6 +7,7 @@ import pytest
 from kto_ray.assets.arithmetic import heldout_problems
 from kto_ray.data.tokenize import tokenize_example
 from kto_ray.tools.answers import arithmetic_checker, generate, prompt_ids, render_prompt, score_answers
+from tests.helpers import make_config
 
 ROW = {"prompt": "What is 7 * 5?\n", "answer": 35}
 
@@ -32,9 +33,14 @@ def test_arithmetic_checker(completion: str, right: bool) -> None:
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer(tiny_model):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(tiny_model).eval(), AutoTokenizer.from_pretrained(tiny_model)
+    return str(tiny_model), AutoTokenizer.from_pretrained(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_model, small_data, tmp_path_factory):
+    return make_config(tiny_model, small_data, tmp_path_factory.mktemp("answers"))
 
 
 def test_render_prompt_matches_training(model_and_tokenizer) -> None:
@@ -54,25 +60,24 @@ def test_prompt_ids_truncate_like_training(model_and_tokenizer) -> None:
     assert ids[1][0] == tokenizer.bos_token_id and tokenizer.decode(ids[1][1:]) == "Compute 3 - 1.\n"
 
 
-def test_generate_returns_text_for_each_prompt(model_and_tokenizer) -> None:
+def test_generate_returns_text_for_each_prompt(model_and_tokenizer, cfg, ray_local) -> None:
+    # On the actors (kto_ray/reference/scoring.py), as the demo's answer check runs.
     model, tokenizer = model_and_tokenizer
     prompts = ["What is 7 + 3?\n", "Compute 2 * 4.\n", "I am checking my homework. What is 9 - 1?\n" * 3]
-    texts = generate(model, tokenizer, prompts, max_prompt_length=64, max_new_tokens=24, batch_size=2)
+    texts = generate(cfg, model, prompts, max_prompt_length=64, max_new_tokens=24, batch_size=2)
     assert len(texts) == 3 and all(isinstance(t, str) and t for t in texts)
     assert all(len(tokenizer(t, add_special_tokens=False)["input_ids"]) <= 24 for t in texts)
     # Left padding: each prompt's answer is the same alone as in a batch with longer prompts.
-    alone = generate(model, tokenizer, prompts[:1], max_prompt_length=64, max_new_tokens=24)
+    alone = generate(cfg, model, prompts[:1], max_prompt_length=64, max_new_tokens=24)
     assert alone == texts[:1]
 
 
-def test_score_answers_on_heldout_prompts(model_and_tokenizer) -> None:
-    model, tokenizer = model_and_tokenizer
+def test_score_answers_on_heldout_prompts(model_and_tokenizer, cfg, ray_local) -> None:
+    model, _ = model_and_tokenizer
     train = {"What is 7 + 3?\n"}
     rows = heldout_problems(12, seed=3, exclude=train)
     assert len({r["prompt"] for r in rows}) == 12 and not train & {r["prompt"] for r in rows}
-    score = score_answers(
-        model, tokenizer, rows, arithmetic_checker, max_prompt_length=128, max_new_tokens=64
-    )
+    score = score_answers(cfg, model, rows, arithmetic_checker, max_prompt_length=128, max_new_tokens=64)
     assert len(score.answers) == 12 and 0.0 <= score.accuracy <= 1.0
     assert score.accuracy == sum(a.correct for a in score.answers) / 12
     assert [a.prompt for a in score.answers] == [r["prompt"] for r in rows]
