@@ -340,10 +340,12 @@ def _advice(cfg: KTOConfig, p: Plan) -> list[str]:
     if not p.checkpointing and p.activations > 0.25 * p.gpu_memory_gib * GIB:
         out.append("large activations: deepspeed.gradient_checkpointing saves most for ~30% more compute")
     if cfg.precompute.gpus_per_actor == 0:
-        out.append(f"precompute on CPU: ~{p.precompute_gpu / GIB:.0f} GiB of RAM per actor")
+        out.append(f"precompute and evaluate on CPU: ~{p.precompute_gpu / GIB:.0f} GiB of RAM per actor")
     else:
         fit = "fits" if p.precompute_fits else "does NOT fit"
-        out.append(f"precompute actor (whole reference + one batch): {p.precompute_gpu / GIB:.1f} GiB, {fit}")
+        # evaluate and --generate run the same actors on the trained model (same architecture)
+        whole = f"{p.precompute_gpu / GIB:.1f} GiB, {fit}"
+        out.append(f"precompute / evaluate actor (whole model + one batch): {whole}")
         if p.precompute_gpus_needed is None:
             out.append(
                 "precompute: one model batch alone exceeds a GPU: lower precompute.batch_rows/batch_tokens"
@@ -351,8 +353,8 @@ def _advice(cfg: KTOConfig, p: Plan) -> list[str]:
         elif p.precompute_gpus_needed > max(1, cfg.precompute.gpus_per_actor):
             n = p.precompute_gpus_needed
             out.append(
-                f"precompute needs {n} GPUs per actor: set precompute.gpus_per_actor: {n} (the reference is "
-                f"spread over them), or lower precompute.batch_rows/batch_tokens"
+                f"precompute and evaluate need {n} GPUs per actor: set precompute.gpus_per_actor: {n} (the "
+                f"model is spread over them), or lower precompute.batch_rows/batch_tokens"
             )
     return out
 

@@ -63,14 +63,14 @@ def generate(
     """Greedy completions (decoded text, special tokens dropped) of rendered prompts by the model at
     `model_path`, generated on the cluster's actors (`kto_ray/reference/scoring.py`); in order."""
     from kto_ray.models.loading import load_tokenizer
-    from kto_ray.raycluster import ray_session
     from kto_ray.reference.scoring import GenerationSettings, generate_on_actors
+    from kto_ray.tools.evaluate import on_the_cluster
 
     ids = prompt_ids(load_tokenizer(cfg.model, model_path), prompts, max_prompt_length)
     # Batches of similar length waste less compute on padding; results go back to their prompt's slot.
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size)
-    with ray_session(cfg.cluster.address):
+    with on_the_cluster(cfg):
         texts = generate_on_actors(cfg, model_path, [ids[i] for i in order], settings)
     out = [""] * len(ids)
     for i, text in zip(order, texts, strict=True):

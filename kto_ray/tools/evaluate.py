@@ -6,7 +6,9 @@ precompute runs, on the same resources and dtype); this process reads the split 
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -19,7 +21,16 @@ from kto_ray.raycluster import ray_session
 from kto_ray.reference.check import checked_store
 from kto_ray.reference.scoring import score_on_actors
 from kto_ray.training.driver import desirable_weight
+from kto_ray.training.placement import Ask, placement_notices
 from kto_ray.training.step import LossSettings
+
+
+@contextlib.contextmanager
+def on_the_cluster(cfg: KTOConfig) -> Iterator[None]:
+    """A Ray session whose cluster can place precompute's actor pool, where evaluate and generation
+    run; a pool it can never place is refused in one line (exit 2), as a worker group is."""
+    with ray_session(cfg.cluster.address), placement_notices(Ask.of_actors(cfg)):
+        yield
 
 
 def evaluate(cfg: KTOConfig, model_path: str | None = None, split: str = "eval") -> dict[str, float]:
@@ -27,7 +38,7 @@ def evaluate(cfg: KTOConfig, model_path: str | None = None, split: str = "eval")
     cfg = with_absolute_paths(cfg)
     store = checked_store(cfg, load_tokenizer(cfg.model))
     part = store.read_split(split)
-    with ray_session(cfg.cluster.address):
+    with on_the_cluster(cfg):
         policy, policy_kl = score_on_actors(cfg, model_path or cfg.model.path, part)
     ref, ref_kl = torch.tensor(part["ref_logps"].to_numpy()), torch.tensor(part["ref_kl_logps"].to_numpy())
     desirable = torch.tensor(part["label"].to_pylist(), dtype=torch.bool)

@@ -40,8 +40,8 @@ def write_samples(
     """Generate for the first `n` eval prompts (by id) with the trained model (`model_path`, default the
     run's final/ export, else the policy) and the reference; returns the JSONL and Markdown paths."""
     from kto_ray.models.loading import load_tokenizer
-    from kto_ray.raycluster import ray_session
     from kto_ray.reference.check import checked_store
+    from kto_ray.tools.evaluate import on_the_cluster
 
     cfg = with_absolute_paths(cfg)
     tokenizer = load_tokenizer(cfg.model)
@@ -53,7 +53,7 @@ def write_samples(
     settings = GenerationSettings(
         max_new_tokens=max(1, cfg.data.max_length - longest_prompt), temperature=temperature, seed=seed
     )
-    with ray_session(cfg.cluster.address):
+    with on_the_cluster(cfg):
         completions = {
             role: generate_on_actors(cfg, str(path), part["prompt_ids"], settings)
             for role, path in (("reference", cfg.reference_path), ("trained", trained_path))

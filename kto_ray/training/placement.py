@@ -28,21 +28,32 @@ _POLL_S = 5.0
 
 @dataclass(frozen=True)
 class Ask:
-    """The worker group a config asks for."""
+    """The worker group (or actor pool) a config asks for."""
 
     workers: tuple[int, int]  # (min, max)
     bundle: dict[str, float]
     strategy: str
+    group: str = "worker group"  # what is placed, as the one line names it
+    unit: str = "workers"
+    knobs: str = "cluster.workers or cluster.cpus_per_worker"  # what to lower
 
     @classmethod
     def of(cls, cfg: KTOConfig) -> Ask:
         return cls(cfg.cluster.worker_range, cfg.cluster.worker_bundle, cfg.cluster.placement_strategy)
 
+    @classmethod
+    def of_actors(cls, cfg: KTOConfig) -> Ask:
+        """precompute's actor pool, which evaluate and --generate use too (kto_ray/reference/scoring.py)."""
+        p = cfg.precompute
+        bundle = {"CPU": p.cpus_per_actor} | ({"GPU": p.gpus_per_actor} if p.gpus_per_actor else {})
+        knobs = "precompute.actors, precompute.cpus_per_actor or precompute.gpus_per_actor"
+        return cls((p.actors, p.actors), bundle, "PACK", "actor pool", "actors", knobs)
+
     def __str__(self) -> str:
         low, high = self.workers
         count = str(low) if low == high else f"{low}-{high}"
         per = ", ".join(f"{_amount(v)} {k}" for k, v in self.bundle.items())
-        return f"{count} workers x ({per}) placed {self.strategy}"
+        return f"{count} {self.unit} x ({per}) placed {self.strategy}"
 
 
 def _amount(value: float) -> str:
@@ -111,15 +122,15 @@ def check_placement(ask: Ask, nodes: list[dict[str, float]], growth: dict[str, f
     needed = {key: need * low for key, need in ask.bundle.items()}
     if growth is None:
         raise UserError(
-            f"the cluster cannot place the worker group: {ask} asked, it holds {held} "
+            f"the cluster cannot place the {ask.group}: {ask} asked, it holds {held} "
             f"({_describe(nodes)}) and cannot grow (no autoscaler reports node groups); lower "
-            "cluster.workers or cluster.cpus_per_worker, or add nodes"
+            f"{ask.knobs}, or add nodes"
         )
     if not _fits_the_largest(needed, growth):
         most = ", ".join(f"{_amount(growth.get(k, 0.0))} {k}" for k in ask.bundle)
         raise UserError(
-            f"the cluster cannot place the worker group: {ask} asked, and its autoscaler can bring up "
-            f"at most {most}; lower cluster.workers or cluster.cpus_per_worker"
+            f"the cluster cannot place the {ask.group}: {ask} asked, and its autoscaler can bring up "
+            f"at most {most}; lower {ask.knobs}"
         )
     return (
         f"waiting for the autoscaler: {ask} asked (starting at {low}), the cluster holds {held} now "
@@ -153,7 +164,7 @@ def placement_notices(
             except Exception:  # the cluster's state is only advisory here
                 fits = False
             if fits:
-                say(f"the cluster can place the worker group now (waited {now - began:.0f} s)")
+                say(f"the cluster can place the {ask.group} now (waited {now - began:.0f} s)")
                 return
             if now - last >= every_s:
                 say(f"still waiting for nodes for {ask} ({now - began:.0f} s so far)")

@@ -8,6 +8,7 @@ import gc
 import pytest
 import torch
 
+from kto_ray.errors import UserError
 from kto_ray.kto_metrics import EVAL_KEYS
 from kto_ray.loss import kl_raw, kto_loss
 from kto_ray.models.loading import load_tokenizer
@@ -55,3 +56,11 @@ def test_evaluate_on_actors_equals_a_float32_forward_here(cfg, tiny_model):
     assert metrics["loss"] == pytest.approx(expected.loss.item(), abs=1e-5)
     margin = expected.rewards[desirable].mean() - expected.rewards[~desirable].mean()
     assert metrics["rewards/margins"] == pytest.approx(margin.item(), abs=1e-5)
+
+
+def test_an_actor_pool_the_cluster_cannot_place_is_refused_in_one_line(cfg):
+    too_many = cfg.model_copy(deep=True)
+    too_many.precompute.actors, too_many.precompute.cpus_per_actor = 8, 1.0  # the test Ray has 2 CPUs
+    with pytest.raises(UserError, match="cannot place the actor pool: 8 actors x") as err:
+        evaluate(too_many)
+    assert "precompute.actors" in str(err.value) and "\n" not in str(err.value)
