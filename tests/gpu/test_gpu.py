@@ -94,6 +94,38 @@ def test_bf16_precompute_and_training_on_one_gpu(tiny_model, small_data, tmp_pat
     # Step 1: policy == reference, both bf16 on the same GPU kernels: rewards ~0.
     assert abs(metrics[0]["rewards/chosen"]) < 0.05 and abs(metrics[0]["rewards/rejected"]) < 0.05
     assert (result.run_dir.local_path / "final" / "model.safetensors").is_file()
+    # kto-ray evaluate of the export on the same bf16 GPU actor as precompute (the driver loads nothing),
+    # against the same model scored in float32 on CPU actors: equal to bf16's precision.
+    from kto_ray.tools.evaluate import evaluate
+
+    final = str(result.run_dir.local_path / "final")
+    on_gpu = evaluate(cfg, final)
+    on_cpu_cfg = cfg.model_copy(deep=True)
+    on_cpu_cfg.precompute.gpus_per_actor, on_cpu_cfg.precompute.dtype = 0.0, "float32"
+    on_cpu_cfg.store.path = str(tmp_path / "store-fp32")
+    precompute(on_cpu_cfg)
+    on_cpu = evaluate(on_cpu_cfg, final)
+    assert on_gpu["rows"] == on_cpu["rows"] > 0
+    assert on_gpu["reward_accuracy"] == pytest.approx(on_cpu["reward_accuracy"], abs=0.1)
+    assert on_gpu["loss"] == pytest.approx(on_cpu["loss"], abs=0.05)
+
+
+@pytest.mark.usefixtures("ray_local_gpu")
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_evaluate_with_the_model_spread_over_two_gpus_equals_one_gpu(real_model, tmp_path):
+    from kto_ray.reference.precompute import precompute
+    from kto_ray.tools.evaluate import evaluate
+
+    data = REPO / "data" / "chat_sample.jsonl"
+    one = make_config(
+        real_model, data, tmp_path, precompute={"gpus_per_actor": 1, "cpus_per_actor": 1, "actors": 1}
+    )
+    precompute(one)
+    two = one.model_copy(deep=True)
+    two.precompute.gpus_per_actor = 2
+    spread, single = evaluate(two), evaluate(one)
+    for key in ("loss", "kl/raw", "rewards/margins"):
+        assert spread[key] == pytest.approx(single[key], abs=2e-2), key
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
