@@ -24,7 +24,7 @@ from kto_ray.errors import UserError
 from kto_ray.reference.fingerprint import FileStat
 from kto_ray.reference.store import (
     FORMAT_VERSION,
-    SEGMENTED_FORMAT_VERSION,
+    WRITE_OPTIONS,
     Manifest,
     Segment,
 )
@@ -45,7 +45,9 @@ def write_row_digests(data: Location, text: PreparedText, first_id: int) -> None
         },
         schema=_DIGESTS_SCHEMA,
     )
-    pq.write_table(table, data.join(ROW_DIGESTS).path, filesystem=data.fs, compression="zstd")
+    pq.write_table(
+        table, data.join(ROW_DIGESTS).path, filesystem=data.fs, compression="zstd", **WRITE_OPTIONS
+    )
 
 
 def _stored_digests(path: str, manifest: Manifest, where: str) -> tuple[list[bytes], list[str]]:
@@ -116,9 +118,8 @@ def segmented_manifest(
     segments: list[Segment],
     data_files: list[FileStat] | None,
 ) -> Manifest:
-    """The manifest of a store of `segments`: counts, tokens and seconds summed over them. A store of
-    one segment keeps format 1, which earlier readers (`data_dir` alone) read right; more segments are
-    format 2, which they refuse instead of reading the last segment only."""
+    """The manifest of a store of `segments`: counts, tokens and seconds summed over them (its `files`
+    are listed by the writer's commit)."""
     counts: dict[str, dict[str, int]] = {}
     for segment in segments:
         for split, by_label in segment.counts.items():
@@ -126,7 +127,7 @@ def segmented_manifest(
             for label, n in by_label.items():
                 into[label] = into.get(label, 0) + n
     return Manifest(
-        format_version=FORMAT_VERSION if len(segments) == 1 else SEGMENTED_FORMAT_VERSION,
+        format_version=FORMAT_VERSION,
         fingerprint=fingerprint,
         fingerprint_inputs=inputs,
         counts=counts,

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from kto_ray.config import KTOConfig, with_absolute_paths
+from kto_ray.integrity import check_model_folder
 from kto_ray.kto_metrics import EVAL_KEYS, KTOSums
 from kto_ray.loss import kl_z0
 from kto_ray.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
@@ -38,6 +39,7 @@ def evaluate(cfg: KTOConfig, model_path: str | None = None, split: str = "eval")
     tokenizer = load_tokenizer(cfg.model)
     store = checked_store(cfg, tokenizer)
     part = store.read_split(split).to_pydict()
+    check_model_folder(model_path or cfg.model.path)  # a run's final/: its file list, read whole
     model = load_causal_lm(cfg.model, resolve_dtype("float32", False), model_path or cfg.model.path).eval()
     batch_rows, chunk, pad = cfg.precompute.batch_rows, cfg.model.logprob_chunk_tokens, tokenizer.pad_token_id
     scoring = (pad, batch_rows, chunk, cfg.model.packed_batches)
