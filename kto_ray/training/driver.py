@@ -265,7 +265,10 @@ def fit(
                 with progress:
                     result = _trainer(cfg, loop).fit()
                 timeline.mark("trainer fit (workers: timings-rank0.json)")
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, SystemExit):
+                # Ray Train's own SIGINT handler (registered by `fit` on the main thread) aborts the
+                # controller and raises SystemExit(0) here; before it is registered, Ctrl-C is a
+                # KeyboardInterrupt. Either way: the one line, exit 130.
                 raise _interrupted(run_dir) from None
             except ray.train.TrainingFailedError as err:
                 stopped = (
