@@ -9,6 +9,8 @@ without its file list (sizes and CRC-32s).
 - index: `SplitIndex.build` of the train split, seconds, with the three verified columns (`kl_id`,
   `ref_logps`, `ref_kl_logps`, read only so their page checksums are checked on the driver) and
   without.
+- commit: `store.list_files` of the store's prefix (what precompute's commit adds: every file read
+  back, its CRC-32 and its footer's), seconds.
 - checkpoint: `torch.save` of a state dict of `--checkpoint-mib` MiB into a fresh folder (what
   DeepSpeed's save does per rank), then `write_file_list` (each rank's CRC-32 of its files, in
   parallel across ranks: one rank's cost is the added wall time), seconds.
@@ -144,7 +146,16 @@ def main() -> None:
         for name, values in saved.items():
             print(f"| {name} | {statistics.median(values):.3f} | {', '.join(f'{v:.3f}' for v in values)} |")
         share = statistics.median(saved["file list"]) / statistics.median(saved["save"])
-        print(f"file list / save: {share:.3f}; load {os.getloadavg()[0]:.1f}")
+        print(f"file list / save: {share:.3f}")
+        listed = []
+        for _ in range(args.rounds):
+            began = time.perf_counter()
+            store.list_files(opened.location, "data-test")
+            listed.append(time.perf_counter() - began)
+        print(
+            f"\nprecompute's commit, the store's files read back and checksummed ({size:,.0f} MiB): "
+            f"{statistics.median(listed):.3f} s (median of {args.rounds}); load {os.getloadavg()[0]:.1f}"
+        )
 
 
 if __name__ == "__main__":
