@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 from kto_ray import __version__
 from kto_ray.data.prepare import PreparedText
 from kto_ray.data.sources import content_fingerprint
-from kto_ray.errors import UserError
+from kto_ray.errors import StoreDamaged, UserError
+from kto_ray.integrity import check_entry
 from kto_ray.reference.fingerprint import FileStat
 from kto_ray.reference.store import (
     FORMAT_VERSION,
@@ -56,6 +57,10 @@ def _stored_digests(path: str, manifest: Manifest, where: str) -> tuple[list[byt
     digests: list[bytes] = []
     sources: list[str] = []
     for segment in manifest.segments or []:
+        listed = next((f for f in manifest.files if f.path == f"{segment.data_dir}/{ROW_DIGESTS}"), None)
+        problem = check_entry(location, listed) if listed is not None else None  # read whole: small
+        if problem is not None:
+            raise StoreDamaged(where, problem.path, problem.what)
         try:
             digests_file = location.join(segment.data_dir, ROW_DIGESTS).path
             table = pq.read_table(digests_file, filesystem=location.fs)

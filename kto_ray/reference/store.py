@@ -177,14 +177,6 @@ class Store:
         table = pa.concat_tables(parts) if parts else schema.empty_table()
         return table.sort_by("id") if "id" in wanted else table
 
-    def dataset(self, split: str):
-        """The split as a Ray Dataset (streamed from the Parquet files)."""
-        import ray.data
-
-        return ray.data.read_parquet(self.files(), filesystem=self.location.fs).filter(
-            expr=f"split == '{split}'"
-        )
-
     def count(self, split: str, label: bool | None = None) -> int:
         counts = self.manifest.counts.get(split, {})
         if label is None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pyarrow.fs import FileType
 
 from kto_ray.errors import UserError
-from kto_ray.integrity import Problem, check_entry, lists_at
+from kto_ray.integrity import Problem, check_entry, list_name, lists_at
 from kto_ray.reference.store import MANIFEST, READABLE_FORMATS, read_manifest
 from kto_ray.rundir import CHECKPOINTS, RunDir
 from kto_ray.storage import Location, children, first_line, info, resolve
@@ -71,6 +71,8 @@ def _kind(location: Location) -> str | None:
     if info(location.join(MANIFEST)).type == FileType.File:
         return "store"
     names = {e.base_name for e in children(location)}
+    if list_name(0) in names:  # one checkpoint, or an exported model folder
+        return "folder"
     if names & {CHECKPOINTS, *MODEL_FOLDERS, "config.yaml"}:
         return "run"
     if any(_kind(Location(location.fs, e.path, location.given)) for e in children(location)):
@@ -83,11 +85,14 @@ def _verify(location: Location, kind: str, report: Report) -> Iterator[tuple[str
         yield from _store(location, report)
     elif kind == "run":
         yield from _run(location, report)
+    elif kind == "folder":
+        report.checked.append(f"folder {location}")
+        yield from _folder(location, str(location), report)
     else:
         for entry in children(location):
             child = Location(location.fs, entry.path, f"{str(location).rstrip('/')}/{entry.base_name}")
             inner = _kind(child)
-            if inner is not None and inner != "sweep":
+            if inner in ("store", "run"):
                 yield from _verify(child, inner, report)
 
 

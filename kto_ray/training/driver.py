@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import warnings
 from dataclasses import dataclass
 from typing import TypeVar
@@ -183,7 +184,8 @@ def train(cfg: KTOConfig) -> TrainResult:
         )
     elif saved is not None and (changes := compare(saved.name, saved.state, state)):
         print(changes, flush=True)
-    return fit(
+    launched = time.time()
+    result = fit(
         cfg,
         train_rows,
         steps,
@@ -193,6 +195,24 @@ def train(cfg: KTOConfig) -> TrainResult:
         run_state=state,
         timeline=timeline,
     )
+    if saved is not None:
+        _say_workers_fallback(run_dir, checkpoint_step(saved.name) or 0, launched)
+    return result
+
+
+def _say_workers_fallback(run_dir: RunDir, predicted: int, since: float) -> None:
+    """The workers resumed from an earlier step than the driver predicted: the checkpoint's checksums
+    (which only they compute) showed damage its sizes did not. Said once the run is done."""
+    from kto_ray.training.worker_groups import read_groups
+
+    with contextlib.suppress(Exception):  # the history is informative only
+        groups = [g for g in read_groups(run_dir) if (g.started_at or 0) >= since]
+        if groups and groups[0].start_step is not None and groups[0].start_step < predicted:
+            print(
+                f"checkpoint step {predicted} was damaged (its checksums differ: `kto-ray verify "
+                f"{run_dir}` names the file); the workers resumed from step {groups[0].start_step}",
+                flush=True,
+            )
 
 
 def fit(

@@ -134,3 +134,48 @@ def test_file_lists_are_json_with_sizes_and_crc32(tmp_path):
         ("rng_rank0.pt", 3, 8),
         ("zero/shard_0.pt", 256, 8),
     ]
+
+
+def test_a_workers_damage_reaches_the_driver_as_one_line_exit_2(tmp_path):
+    """A worker's StoreDamaged or CheckpointsLost, through pickle as fit() raises it, becomes the
+    driver's one line (exit 2)."""
+    import pickle
+
+    import ray.train
+
+    from kto_ray.errors import CheckpointsLost, StoreDamaged
+    from kto_ray.training.driver import _damaged
+
+    def from_workers(failure: Exception):
+        return pickle.loads(pickle.dumps(ray.train.WorkerGroupError("rank errors", {1: failure})))
+
+    damaged = StoreDamaged("s3://kto/store", "data-x/part-1.parquet", "CRC checksum verification failed")
+    line = _damaged(from_workers(damaged), RunDir(str(tmp_path)))
+    assert str(line) == str(damaged) and line.exit_code == 2 and "\n" not in str(line)
+    lost = CheckpointsLost("checkpoint step 4 is damaged (file zero/a.pt, size 1, expected 2)", 2)
+    line = _damaged(from_workers(lost), RunDir(str(tmp_path)))
+    assert isinstance(line, CheckpointsDamaged) and line.exit_code == 2
+    assert str(line).startswith(
+        "checkpoint step 4 is damaged (file zero/a.pt, size 1, expected 2), and no older"
+    )
+
+
+def test_evaluate_and_report_check_a_runs_final_folder(tmp_path):
+    from kto_ray.errors import UserError
+    from kto_ray.integrity import check_model_folder, model_folder_problems
+
+    run = _run(tmp_path)
+    check_model_folder(str(run / "final"))  # whole: nothing said
+    check_model_folder("some-org/some-model")  # a hub id has no list
+    weights = run / "final" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1])
+    with pytest.raises(
+        UserError, match=r"final: file model.safetensors is damaged \(size 699, expected 700\)"
+    ):
+        check_model_folder(str(run / "final"))
+    (problem,) = model_folder_problems(RunDir(str(run)).join("final"))
+    assert problem.path == "model.safetensors"
+    lines: list[str] = []  # the command the message points to, on the folder itself
+    with pytest.raises(UserError, match="1 problem in"):
+        verify(str(run / "final"), lines.append)
+    assert lines == [f"{run / 'final'}: model.safetensors: size 699, expected 700"]

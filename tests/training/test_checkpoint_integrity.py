@@ -115,7 +115,7 @@ def test_verify_names_the_damaged_shard_and_final_is_listed(fallback):
     assert lists_at(RunDir(str(run_dir)).join("final")).problem is None
 
 
-def test_a_flipped_byte_is_found_by_the_workers_and_none_whole_is_exit_2(fallback):
+def test_a_flipped_byte_is_found_by_the_workers_and_none_whole_is_exit_2(fallback, capsys):
     """Same size, another byte: the driver's listing cannot see it, the workers' checksums do and fall
     back past both damaged step-4 folders to step 2. Then with step 2 damaged too: exit 2, one line."""
     cfg, run_dir, uninterrupted, *_ = fallback
@@ -123,8 +123,13 @@ def test_a_flipped_byte_is_found_by_the_workers_and_none_whole_is_exit_2(fallbac
     data = bytearray(redo.read_bytes())
     data[len(data) // 2] ^= 0xFF
     redo.write_bytes(bytes(data))
-    result = train(cfg)  # in process: the fallback is the workers' (their line is in their log)
+    capsys.readouterr()
+    result = train(cfg)  # the fallback is the workers': the driver says it once the run is done
     assert result.steps == STEPS
+    assert [line for line in own_lines(capsys.readouterr().out) if "damaged" in line] == [
+        f"checkpoint step 4 was damaged (its checksums differ: `kto-ray verify {run_dir}` names the file); "
+        "the workers resumed from step 2"
+    ]
     assert [m["step"] for m in read_metrics(run_dir)] == list(range(1, STEPS + 1))
     assert_same_weights(run_dir / "final", uninterrupted)
     assert (run_dir / "checkpoints" / "step_00000004-2").is_dir() and redo.read_bytes() == bytes(data)
