@@ -212,7 +212,7 @@ def s3():
         yield server
 
 
-@pytest.mark.parametrize("damage", ["truncated", "a bit of a ref_logps page"])
+@pytest.mark.parametrize("damage", ["truncated", "64 flipped bytes", "a bit of a ref_logps page"])
 def test_on_s3_the_damaged_file_is_named_and_verify_lists_it(s3, damage):
     uri = f"s3://kto/stores/{damage.replace(' ', '-')}"
     store, file = _damaged_copy(None, damage, uri)
