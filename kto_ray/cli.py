@@ -98,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=DIST:LOW:HIGH",
         help="a key drawn at random (uniform, loguniform, int), e.g. --sample train.lr=loguniform:1e-6:1e-4",
     )
+    verify = sub.add_parser(
+        "verify",
+        help="check every file of a reference store, a run dir (checkpoints, final/) or a sweep folder "
+        "against its manifest (sizes and checksums); one line per problem, exit 2 when any",
+    )
+    verify.add_argument("path", help="store, run dir or sweep folder: a local path or an s3:// URI")
+    verify.add_argument(
+        "-v", "--verbose", action="store_true", help="show Ray, DeepSpeed and transformers output"
+    )
     report = sub.add_parser("report", help="plots and a markdown summary of a training run or a sweep")
     _common(report)
     report.add_argument("run_dir", nargs="?", help="run folder (default: the config's run.dir/run.name)")
@@ -114,6 +123,11 @@ def _config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.command == "verify":  # no config: a path is all it needs
+        from kto_ray.tools.verify import verify
+
+        print(verify(args.path).summary(args.path))
+        return 0
     cfg = _config(args)
     if args.command == "plan":
         from kto_ray.planning.plan import format_plan, plan
@@ -140,6 +154,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
         result = write_report(run_dir, Path(args.out) if args.out else None)
         print(f"report of {run_dir}: {result.summary}")
+        for problem in result.problems:
+            print(f"warning: {problem}")
         if args.tensorboard:
             write_tensorboard(run_dir, Path(args.tensorboard))
         return 0
@@ -192,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     except KtoRayError as err:
         print(f"kto-ray: error: {err}", file=sys.stderr)
         return err.exit_code
+    except KeyboardInterrupt:  # train says more (errors.Interrupted): the step and its checkpoint
+        print("kto-ray: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

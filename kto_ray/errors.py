@@ -11,6 +11,32 @@ class UserError(KtoRayError):
     exit_code = 2
 
 
+class StoreDamaged(UserError):
+    """A file of the reference store `store` is not what its manifest recorded (`what`: missing,
+    another size, a checksum that differs, bytes that do not decode). Exit 2; nothing is trained on it.
+    Raised on the driver or in a worker (pickled to the driver, so it keeps its facts)."""
+
+    def __init__(self, store: str, file: str, what: str):
+        super().__init__(
+            f"reference store {store}: file {file} is damaged ({what}); check it with `kto-ray verify "
+            f"{store}` and rebuild it with `kto-ray precompute --overwrite`"
+        )
+        self.store, self.file, self.what = store, file, what
+
+    def __reduce__(self):
+        return (type(self), (self.store, self.file, self.what))
+
+
+class CheckpointsDamaged(UserError):
+    """No checkpoint of a run that has some is whole: resuming would start over. Exit 2."""
+
+
+class Interrupted(KtoRayError):
+    """Ctrl-C: the message names the step reached and the checkpoint a rerun resumes from. Exit 130."""
+
+    exit_code = 130
+
+
 class StorageError(KtoRayError):
     """Storage failed (unreachable server, permissions) for a store or a run dir; one line naming the
     location, never its credentials. Exit 1: the inputs were valid, the storage was not there."""
@@ -56,6 +82,18 @@ class CheckpointWriteFailed(WorkerFailure):
 
     def _fields(self) -> tuple:
         return (self.step, self.checkpoint, self.reason, self.previous)
+
+
+class CheckpointsLost(WorkerFailure):
+    """A restore found no whole checkpoint: `newest` says what is wrong with the newest (one line),
+    `count` how many were checked."""
+
+    def __init__(self, newest: str, count: int):
+        super().__init__(f"{newest}, and no older checkpoint is whole ({count} checked)")
+        self.newest, self.count = newest, count
+
+    def _fields(self) -> tuple:
+        return (self.newest, self.count)
 
 
 class CheckpointReshapeFailed(WorkerFailure):

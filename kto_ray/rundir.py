@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
 
+from kto_ray.integrity import write_file_list
 from kto_ray.storage import (
     Location,
     cache_dir,
@@ -111,7 +112,10 @@ class RunDir:
 
     def publish(self, staged: Path, name: str) -> None:
         """Put the local folder `staged` at `<run dir>/<name>`, replacing what was there. Locally a
-        rename; on object storage an upload with `config.json` (`adapter_config.json`) last."""
+        rename; on object storage an upload with `config.json` (`adapter_config.json`) last. The folder
+        first gets its file list with sizes and checksums (`files_rank0.json`, a checkpoint's format),
+        which `evaluate`, `report` and `verify` check."""
+        write_file_list(staged, 0, 0, 1)
         target = self.join(name)
         if not self.is_remote:
             if Path(target.path).exists():

@@ -113,7 +113,15 @@ def write_store(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from kto_ray.reference.store import COMPONENTS, MANIFEST, SCHEMA, build_manifest, open_store
+    from kto_ray.reference.store import (
+        COMPONENTS,
+        MANIFEST,
+        SCHEMA,
+        WRITE_OPTIONS,
+        build_manifest,
+        list_files,
+        open_store,
+    )
     from kto_ray.storage import resolve, write_text_atomically
 
     total = len(group_sizes) * rows_per_file if rows is None else rows
@@ -154,12 +162,13 @@ def write_store(
     ):
         written = table(part)
         with location.fs.open_output_stream(data.join(f"part-{number}.parquet").path) as out:
-            pq.write_table(written, out, row_group_size=group)
+            pq.write_table(written, out, row_group_size=group, **WRITE_OPTIONS)
         for split, label in zip(written["split"].to_pylist(), written["label"].to_pylist()):
             counts[split]["desirable" if label else "undesirable"] += 1
         for column in ("prompt_ids", "completion_ids"):
             token_count += int(pa.compute.sum(pa.compute.list_value_length(written[column])).as_py())
     manifest = build_manifest({c: "test" for c in COMPONENTS}, {}, counts, token_count, 0.0)
-    text = manifest.model_copy(update={"data_dir": "data-test"}).model_dump_json()
+    files = list_files(location, "data-test")
+    text = manifest.model_copy(update={"data_dir": "data-test", "files": files}).model_dump_json()
     write_text_atomically(location.join(MANIFEST), text)
     return open_store(str(path))

@@ -64,9 +64,10 @@ BENCHES: dict[str, Smoke] = {
         ("| full logits", "| chunked, 64 tokens", "soft-capped head (Gemma 3, cap 30): policy")
     ),
     "packing": Smoke(("| reference pass (precompute's batches)", "| training, random micro-batches")),
+    "integrity": Smoke(("| verified |", "| unverified |", "| verified columns |", "| file list |")),
     "token_budget": Smoke(("| fixed, 2 rows x 2", "| budget, 128 tokens", "budget / fixed samples/s")),
 }
-FAST = {"row_memory", "logprob_memory"}  # well under 20 s alone; every other one is `slow`
+FAST = {"row_memory", "logprob_memory", "integrity"}  # well under 20 s alone; every other one is `slow`
 
 
 def missing(need: str) -> str | None:

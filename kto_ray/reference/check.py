@@ -16,7 +16,7 @@ from kto_ray.data.streaming import RULE as STREAM_RULE
 from kto_ray.data.tokenize import TRUNCATION_POLICY
 from kto_ray.models.loading import resolve_dtype
 from kto_ray.reference.fingerprint import FileStat, sha256_text, tokenizer_fingerprint, weights_fingerprint
-from kto_ray.reference.store import Store, open_store, read_manifest
+from kto_ray.reference.store import Store, check_files, open_store, read_manifest
 from kto_ray.storage import display
 
 
@@ -82,6 +82,12 @@ def checked_store(cfg: KTOConfig, tokenizer) -> Store:
     match (no data byte is read); otherwise the data is read and its content compared, as a changed
     mtime alone (a copy, a `touch`) does not make different data.
     """
+    store = _checked_store(cfg, tokenizer)
+    check_files(store)  # every file there at its size (a LIST); pages are checked as they are read
+    return store
+
+
+def _checked_store(cfg: KTOConfig, tokenizer) -> Store:
     manifest = read_manifest(cfg.store.path)
     if manifest is None:
         return open_store(cfg.store.path)  # raises the "run precompute first" error

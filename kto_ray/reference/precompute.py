@@ -26,10 +26,12 @@ from kto_ray.reference.fingerprint import FileStat
 from kto_ray.reference.scoring import ActorModel, ProgressCounter, ReferenceLogprobs, on_actors
 from kto_ray.reference.segments import kept_segments, new_segment, segmented_manifest, write_row_digests
 from kto_ray.reference.store import (
+    WRITE_OPTIONS,
     Manifest,
     Segment,
     Store,
     StoreWriter,
+    check_files,
     differing_components,
     open_store,
     read_manifest,
@@ -221,6 +223,7 @@ def _reuse(plan: _Plan, overwrite: bool) -> PrecomputeResult | None:
     if existing.data_files != plan.data_files:  # same content, new stats: training can trust them
         record_data_files(path, plan.data_files)
     store = open_store(path, plan.fingerprint)
+    check_files(store)  # a damaged store is not reused: one line naming the file
     rows = sum(store.count(s) for s in ("train", "eval"))
     print(f"reference store {plan.where} matches the config ({rows} rows): reusing it", flush=True)
     return PrecomputeResult(store, reused=True)
@@ -260,7 +263,12 @@ def _score(plan: _Plan, writer: StoreWriter) -> _Written:
     ds = _scoring_dataset(plan, counter)
     try:
         with RowProgress(lambda: ray.get(counter.read.remote()), len(plan.text.table), "reference"):
-            ds.write_parquet(writer.data.path, filesystem=writer.location.fs, row_group_size=ROW_GROUP_ROWS)
+            ds.write_parquet(
+                writer.data.path,
+                filesystem=writer.location.fs,
+                row_group_size=ROW_GROUP_ROWS,
+                **WRITE_OPTIONS,  # page checksums, verified by every read (store.open_parquet)
+            )
         return _store_stats(writer.data)
     except Exception as err:
         raise _storage_failure(writer, err) from None

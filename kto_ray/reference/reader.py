@@ -23,14 +23,16 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from kto_ray.errors import StorageError
-from kto_ray.reference.store import SCHEMA, Store, sequence_lengths
-from kto_ray.storage import display, first_line, resolve
+from kto_ray.reference.store import SCHEMA, ParquetOpened, Store, checked_read, open_parquet, sequence_lengths
+from kto_ray.storage import display, resolve
 
 _INDEX_COLUMNS = ["id", "split", "label", "prompt_ids", "completion_ids"]
+# Read by the scan too, unused: a few bytes a row, so their pages' checksums are verified on the driver
+# before any worker starts (a damaged log-prob stops the run before it trains on anything). The KL
+# completions, the one column left, are verified by the workers' reads.
+_VERIFIED_COLUMNS = ["kl_id", "ref_logps", "ref_kl_logps"]
 # Open files (handle + parsed footer) a reader keeps: a cache hit saves a HEAD and a footer GET on S3.
 _OPEN_FILES = 256
 
@@ -44,14 +46,21 @@ def _concat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
 
-def _scan(fs: pafs.FileSystem, path: str, split: str) -> list[tuple]:
+def _scan(store: Store, path: str, split: str) -> list[tuple]:
     """Per row group of one file holding rows of `split`: its index and row count, and per such row
-    its id, row within the group, length and label. Reads one row group at a time."""
+    its id, row within the group, length and label. Reads one row group at a time, checked against
+    the manifest (`open_parquet`: size, footer, page checksums)."""
     found = []
-    with fs.open_input_file(path) as handle:
-        parquet = pq.ParquetFile(handle)
+    with open_parquet(store, path) as opened:
+        parquet = opened.file()
         for g in range(parquet.num_row_groups):
-            part = parquet.read_row_group(g, columns=_INDEX_COLUMNS, use_threads=False)
+            part = checked_read(
+                store,
+                path,
+                lambda g=g: parquet.read_row_group(
+                    g, columns=_INDEX_COLUMNS + _VERIFIED_COLUMNS, use_threads=False
+                ),
+            )
             keep = pc.fill_null(pc.equal(part["split"], split), False)  # as read_split's filter
             rows = np.flatnonzero(keep.to_numpy(zero_copy_only=False))
             if len(rows):
@@ -76,13 +85,14 @@ class SplitIndex:
     row_offset: np.ndarray  # its row within that group,
     row_length: np.ndarray  # its prompt + completion tokens (store.sequence_lengths)
     labels: np.ndarray  # and its label (bool)
+    store: Store  # its manifest lists each file's size and footer checksum, which readers check
 
     @classmethod
     def build(cls, store: Store, split: str, threads: int = 4) -> SplitIndex:
-        files, fs = store.files(), store.location.fs
+        files = store.files()
         # Files scanned in parallel (object storage: latency-bound), results kept in file order.
         with ThreadPoolExecutor(threads) as pool:
-            scanned = list(pool.map(lambda path: _scan(fs, path, split), files))
+            scanned = list(pool.map(lambda path: _scan(store, path, split), files))
         columns: tuple[list, ...] = tuple([] for _ in range(7))
         for number, found in enumerate(scanned):
             for group in found:
@@ -103,6 +113,7 @@ class SplitIndex:
             row_offset=_compact(_concat(offsets, np.int64)[order]),
             row_length=_compact(_concat(lengths, np.int64)[order]),
             labels=_concat(labels, np.bool_)[order],
+            store=store,
         )
 
     @property
@@ -144,7 +155,7 @@ class RowReader:
         self._cache: OrderedDict[int, pa.Table] = OrderedDict()
         self._cached = 0
         self._loading: dict[int, Future[pa.Table]] = {}
-        self._files: OrderedDict[int, tuple[pa.NativeFile, pq.FileMetaData]] = OrderedDict()
+        self._files: OrderedDict[int, ParquetOpened] = OrderedDict()
         self._pending: list[tuple[bytes, np.ndarray, list[Future[pa.Table]]]] = []
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="kto-rows")
 
@@ -230,30 +241,36 @@ class RowReader:
     def _read(self, group: int) -> pa.Table:
         number = int(self.index.group_file[group])
         path = self.index.files[number]
+        store = self.index.store
         try:
-            handle, metadata = self._open(number, path)
-            # pre_buffer: the group's column chunks in one coalesced request (one GET on S3).
-            parquet = pq.ParquetFile(handle, metadata=metadata, pre_buffer=True)
-            table = parquet.read_row_group(
-                int(self.index.group_index[group]), columns=self.schema.names, use_threads=False
+            opened = self._open(number, path)
+            # pre_buffer: the group's column chunks in one coalesced request (one GET on S3); every
+            # page's checksum is verified as it decodes.
+            parquet = opened.file(pre_buffer=True)
+            table = checked_read(
+                store,
+                path,
+                lambda: parquet.read_row_group(
+                    int(self.index.group_index[group]), columns=self.schema.names, use_threads=False
+                ),
             )
-        except OSError as err:
+        except StorageError as err:
             raise StorageError(
                 f"cannot read the {self.index.split} rows of {display(self.index.path)} "
-                f"({path.rsplit('/', 1)[-1]}): {first_line(err)}"
-            ) from err
+                f"({path.rsplit('/', 1)[-1]}): {err}"
+            ) from None
         # read_split's exact types (it reads with the store's SCHEMA): list fields named `item`, not
         # the `element` some writers record; a cast of equal types copies no data.
         return table.cast(self.schema)
 
-    def _open(self, number: int, path: str) -> tuple[pa.NativeFile, pq.FileMetaData]:
+    def _open(self, number: int, path: str) -> ParquetOpened:
         with self._lock:
             opened = self._files.get(number)
             if opened is not None:
                 self._files.move_to_end(number)
                 return opened
-        handle = self._fs.open_input_file(path)  # positional reads: threads may share it
-        opened = (handle, pq.read_metadata(handle))
+        # Positional reads: threads may share it. Its size and footer are checked here, once.
+        opened = open_parquet(self.index.store, path, self._fs)
         with self._lock:
             self._files[number] = opened
             if len(self._files) > _OPEN_FILES:

@@ -20,11 +20,12 @@ import pyarrow.parquet as pq
 from kto_ray import __version__
 from kto_ray.data.prepare import PreparedText
 from kto_ray.data.sources import content_fingerprint
-from kto_ray.errors import UserError
+from kto_ray.errors import StoreDamaged, UserError
+from kto_ray.integrity import check_entry
 from kto_ray.reference.fingerprint import FileStat
 from kto_ray.reference.store import (
     FORMAT_VERSION,
-    SEGMENTED_FORMAT_VERSION,
+    WRITE_OPTIONS,
     Manifest,
     Segment,
 )
@@ -45,7 +46,9 @@ def write_row_digests(data: Location, text: PreparedText, first_id: int) -> None
         },
         schema=_DIGESTS_SCHEMA,
     )
-    pq.write_table(table, data.join(ROW_DIGESTS).path, filesystem=data.fs, compression="zstd")
+    pq.write_table(
+        table, data.join(ROW_DIGESTS).path, filesystem=data.fs, compression="zstd", **WRITE_OPTIONS
+    )
 
 
 def _stored_digests(path: str, manifest: Manifest, where: str) -> tuple[list[bytes], list[str]]:
@@ -54,6 +57,10 @@ def _stored_digests(path: str, manifest: Manifest, where: str) -> tuple[list[byt
     digests: list[bytes] = []
     sources: list[str] = []
     for segment in manifest.segments or []:
+        listed = next((f for f in manifest.files if f.path == f"{segment.data_dir}/{ROW_DIGESTS}"), None)
+        problem = check_entry(location, listed) if listed is not None else None  # read whole: small
+        if problem is not None:
+            raise StoreDamaged(where, problem.path, problem.what)
         try:
             digests_file = location.join(segment.data_dir, ROW_DIGESTS).path
             table = pq.read_table(digests_file, filesystem=location.fs)
@@ -116,9 +123,8 @@ def segmented_manifest(
     segments: list[Segment],
     data_files: list[FileStat] | None,
 ) -> Manifest:
-    """The manifest of a store of `segments`: counts, tokens and seconds summed over them. A store of
-    one segment keeps format 1, which earlier readers (`data_dir` alone) read right; more segments are
-    format 2, which they refuse instead of reading the last segment only."""
+    """The manifest of a store of `segments`: counts, tokens and seconds summed over them (its `files`
+    are listed by the writer's commit)."""
     counts: dict[str, dict[str, int]] = {}
     for segment in segments:
         for split, by_label in segment.counts.items():
@@ -126,7 +132,7 @@ def segmented_manifest(
             for label, n in by_label.items():
                 into[label] = into.get(label, 0) + n
     return Manifest(
-        format_version=FORMAT_VERSION if len(segments) == 1 else SEGMENTED_FORMAT_VERSION,
+        format_version=FORMAT_VERSION,
         fingerprint=fingerprint,
         fingerprint_inputs=inputs,
         counts=counts,

@@ -1,8 +1,11 @@
 """The reference store: Parquet files plus `manifest.json`, fingerprinted, committed atomically, in a
 local folder or at an object-storage URI (kto_ray.storage).
 
-A store is exactly what its `manifest.json` names: the Parquet files under one `data-<id>/` prefix.
-The manifest is written last, in one atomic write, so a reader never sees a partial store.
+A store is exactly what its `manifest.json` names: the files it lists (`files`: path, size, CRC-32)
+under its segments' `data-<id>/` prefixes. The manifest is written last, in one atomic write, so a
+reader never sees a partial store. Readers check each file's size and Parquet footer against the
+manifest when they open it, and pyarrow checks every page's CRC as it decodes (`open_parquet`); a file
+that disagrees is one `StoreDamaged` line naming the store and the file.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import contextlib
 import logging
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,12 +27,14 @@ from pyarrow.fs import FileType
 from pydantic import BaseModel
 
 from kto_ray import __version__
-from kto_ray.errors import StorageError, UserError
+from kto_ray.errors import StorageError, StoreDamaged, UserError
+from kto_ray.integrity import FileEntry, check_sizes, crc32_hex, entry_of, sizes_under
 from kto_ray.lease import Lease, LeaseHeld
 from kto_ray.reference.fingerprint import FileStat
 from kto_ray.storage import (
     Location,
     children,
+    display,
     files_under,
     first_line,
     info,
@@ -41,10 +47,13 @@ from kto_ray.storage import (
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-# A store of several segments: a reader that knows only `data_dir` would miss rows, so it must refuse.
-SEGMENTED_FORMAT_VERSION = 2
-READABLE_FORMATS = (FORMAT_VERSION, SEGMENTED_FORMAT_VERSION)
+# 3: every file listed with its size and checksums, Parquet page checksums written (1 and 2 had none).
+FORMAT_VERSION = 3
+READABLE_FORMATS = (FORMAT_VERSION,)
+# Written into every Parquet file of a store (pyarrow's page CRC), and verified by every read.
+WRITE_OPTIONS = {"write_page_checksum": True}
+READ_OPTIONS = {"page_checksum_verification": True}
+_FOOTER_READ = 64 << 10  # the tail read at open: the footer of a store file fits (pyarrow reads as much)
 MANIFEST = "manifest.json"
 DATA_PREFIX = "data-"
 SPLITS = ("train", "eval")
@@ -90,6 +99,13 @@ class Segment(BaseModel):
     created: str
 
 
+class StoredFile(FileEntry):
+    """A file of the store (path relative to the store) and, for Parquet, the CRC-32 of its footer
+    (the metadata, not covered by page checksums), which a reader checks at open with no extra read."""
+
+    footer_crc32: str | None = None
+
+
 class Manifest(BaseModel):
     format_version: int
     fingerprint: dict[str, str]
@@ -109,6 +125,9 @@ class Manifest(BaseModel):
     # Every segment, in id order (the last is `data_dir`'s); None in stores written before segments.
     # The top-level counts, tokens and seconds are their sums, `fingerprint["data"]` covers all rows.
     segments: list[Segment] | None = None
+    # Every file of the store (the Parquet files and each segment's row digests), segment after
+    # segment: what readers open and `kto-ray verify` checks.
+    files: list[StoredFile] = []
 
     def data_dirs(self) -> list[str]:
         """The prefixes that hold this store's rows (empty: the first layout, files at the top)."""
@@ -134,38 +153,163 @@ class Store:
         return resolve(self.path)
 
     def files(self) -> list[str]:
-        """Paths inside `location.fs` of the store's Parquet files."""
+        """Paths inside `location.fs` of the store's Parquet files, as the manifest lists them."""
         location = self.location
-        dirs = self.manifest.data_dirs()
-        if dirs:  # every segment's files, segment after segment
-            return [f for d in dirs for f in files_under(location.join(d), ".parquet")]
-        found = files_under(location, ".parquet")  # first layout: files at the top, no prefix
-        return [f for f in found if "/" not in f[len(location.path) + 1 :]]
+        return [location.join(f.path).path for f in self.manifest.files if f.path.endswith(".parquet")]
+
+    def entry(self, path: str) -> StoredFile:
+        """The manifest's entry of one of `files()`."""
+        relative = path[len(self.location.path.rstrip("/")) + 1 :]
+        return next(f for f in self.manifest.files if f.path == relative)
 
     def read_split(self, split: str, columns: list[str] | None = None) -> pa.Table:
-        """The rows of one split, ordered by id (deterministic whatever the writers' file order)."""
-        table = pq.read_table(
-            self.files(),
-            columns=columns,
-            filters=[("split", "=", split)],
-            schema=SCHEMA,
-            filesystem=self.location.fs,
-        )
-        return table.sort_by("id")
-
-    def dataset(self, split: str):
-        """The split as a Ray Dataset (streamed from the Parquet files)."""
-        import ray.data
-
-        return ray.data.read_parquet(self.files(), filesystem=self.location.fs).filter(
-            expr=f"split == '{split}'"
-        )
+        """The rows of one split, ordered by id (deterministic whatever the writers' file order); every
+        file checked as it is read (`open_parquet`)."""
+        wanted = list(columns or SCHEMA.names)
+        read = wanted if "split" in wanted else [*wanted, "split"]
+        schema = pa.schema([SCHEMA.field(name) for name in wanted])
+        parts = []
+        for path in self.files():
+            with open_parquet(self, path) as parquet:
+                table = checked_read(self, path, lambda p=parquet: p.read(columns=read, use_threads=False))
+            table = table.filter(pc.fill_null(pc.equal(table["split"], split), False))
+            parts.append(table.select(wanted).cast(schema))
+        table = pa.concat_tables(parts) if parts else schema.empty_table()
+        return table.sort_by("id") if "id" in wanted else table
 
     def count(self, split: str, label: bool | None = None) -> int:
         counts = self.manifest.counts.get(split, {})
         if label is None:
             return sum(counts.values())
         return counts.get("desirable" if label else "undesirable", 0)
+
+
+class ParquetOpened:
+    """An open store file whose size and footer agree with the manifest (`open_parquet`)."""
+
+    def __init__(self, handle: pa.NativeFile, metadata: pq.FileMetaData):
+        self.handle, self.metadata = handle, metadata
+
+    def file(self, **options) -> pq.ParquetFile:
+        return pq.ParquetFile(self.handle, metadata=self.metadata, **READ_OPTIONS, **options)
+
+    def read(self, **options) -> pa.Table:
+        return self.file().read(**options)
+
+    def __enter__(self) -> ParquetOpened:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.handle.close()
+
+
+def damaged(store: Store, path: str, what: str) -> StoreDamaged:
+    relative = path[len(store.location.path.rstrip("/")) + 1 :]
+    return StoreDamaged(display(store.path), relative, what)
+
+
+def open_parquet(store: Store, path: str, fs=None) -> ParquetOpened:
+    """Open one of the store's Parquet files, checked against its manifest entry: its size (what the
+    open returns anyway) and its footer's CRC-32 (the tail is read in one request, as pyarrow would).
+    Reads from it verify every page's CRC (`READ_OPTIONS`); a mismatch is a `StoreDamaged`."""
+    entry = store.entry(path)
+    try:
+        handle = (fs or store.location.fs).open_input_file(path)
+    except FileNotFoundError:
+        raise damaged(store, path, "missing") from None
+    except OSError as err:
+        raise StorageError(
+            f"cannot read the reference store {display(store.path)}: {first_line(err)}"
+        ) from None
+    try:
+        size = handle.size()
+        if size != entry.size:
+            raise damaged(store, path, f"size {size}, expected {entry.size}")
+        footer = checked_read(store, path, lambda: _read_footer(handle, size))
+        if entry.footer_crc32 is not None and crc32_hex(zlib.crc32(footer)) != entry.footer_crc32:
+            raise damaged(store, path, "footer checksum differs")
+        try:
+            metadata = pq.read_metadata(pa.BufferReader(b"PAR1" + footer))
+        except (OSError, pa.ArrowException) as err:
+            raise damaged(store, path, first_line(err)) from None
+    except BaseException:
+        handle.close()
+        raise
+    return ParquetOpened(handle, metadata)
+
+
+def _footer_length(tail: bytes) -> int:
+    return int.from_bytes(tail[-8:-4], "little")
+
+
+def _footer(tail: bytes, size: int) -> bytes | None:
+    """The footer (metadata, its length and the magic) from the file's tail, None when the tail read
+    holds only part of it."""
+    length = _footer_length(tail) if len(tail) >= 12 else -1
+    if length < 0 or tail[-4:] != b"PAR1" or length + 12 > size:
+        return tail[-8:] if len(tail) >= 8 else tail  # not a Parquet file: its checksum differs
+    if length + 8 > len(tail):
+        return None
+    return tail[-(length + 8) :]
+
+
+def _read_footer(handle: pa.NativeFile, size: int) -> bytes:
+    """The footer bytes of an open file: one read of its tail, a second only for a footer larger."""
+    tail = handle.read_at(min(size, _FOOTER_READ), size - min(size, _FOOTER_READ))
+    footer = _footer(tail, size)
+    if footer is None:
+        length = _footer_length(tail) + 8
+        footer = handle.read_at(length, size - length)
+    return footer
+
+
+def footer_crc32(location: Location, relative: str) -> str:
+    """The CRC-32 of a Parquet file's footer, as `open_parquet` computes it."""
+    with location.fs.open_input_file(location.join(relative).path) as handle:
+        return crc32_hex(zlib.crc32(_read_footer(handle, handle.size())))
+
+
+def checked_read(store: Store, path: str, read):
+    """`read()` of an opened store file: a decode error (a page checksum, a truncated page) while the
+    storage answers is a damaged file; storage that does not answer is a StorageError."""
+    try:
+        return read()
+    except (OSError, pa.ArrowException) as err:
+        try:
+            store.location.fs.get_file_info(path)
+        except OSError:
+            raise StorageError(
+                f"cannot read the reference store {display(store.path)}: {first_line(err)}"
+            ) from None
+        raise damaged(store, path, first_line(err)) from None
+
+
+def stored_file(location: Location, relative: str) -> StoredFile:
+    """The manifest entry of a file just written under the store at `location` (read back whole)."""
+    entry = entry_of(location, relative)
+    footer = footer_crc32(location, relative) if relative.endswith(".parquet") else None
+    return StoredFile(**entry.model_dump(), footer_crc32=footer)
+
+
+def list_files(location: Location, data_dir: str) -> list[StoredFile]:
+    """The entries of every file under one prefix of the store, sorted by path."""
+    start = len(location.path.rstrip("/")) + 1
+    return [stored_file(location, f[start:]) for f in files_under(location.join(data_dir), "")]
+
+
+def check_files(store: Store) -> None:
+    """Every file the manifest lists is there with its size (one recursive LIST; no data read): what
+    precompute's reuse, train and evaluate check first. The first one that is not is a StoreDamaged."""
+    location = store.location
+    try:
+        sizes = sizes_under(location)
+    except OSError as err:
+        raise StorageError(
+            f"cannot read the reference store {display(store.path)}: {first_line(err)}"
+        ) from None
+    problems = check_sizes(store.manifest.files, sizes)
+    if problems:
+        raise StoreDamaged(display(store.path), problems[0].path, problems[0].what)
 
 
 def read_manifest(path: str | Path) -> Manifest | None:
@@ -258,8 +402,11 @@ class StoreWriter:
         return Manifest.model_validate_json(current)
 
     def commit(self, manifest: Manifest) -> None:
+        """Commit `manifest`, its `files` made: this writer's prefix read back and checksummed, the
+        kept segments' entries taken from the manifest it replaces."""
         self.lease.check()  # taken over (we looked dead to another writer): commit nothing
         manifest = manifest.model_copy(update={"data_dir": self.data_dir})
+        manifest.files = self._files(manifest)
         write_text_atomically(self.location.join(MANIFEST), manifest.model_dump_json(indent=2))
         self.committed = True
         keep = {self.data_dir, *manifest.data_dirs()}  # an append keeps the earlier segments
@@ -275,6 +422,17 @@ class StoreWriter:
                     _remove_quietly(Location(self.location.fs, entry.path, self.location.given))
             elif entry.type == FileType.File and name.endswith(".parquet"):
                 self.location.fs.delete_file(entry.path)  # the first layout's files, now replaced
+
+    def _files(self, manifest: Manifest) -> list[StoredFile]:
+        kept = _data_dirs(self.previous) & set(manifest.data_dirs())
+        previous = Manifest.model_validate_json(self.previous).files if kept else []
+        files = []
+        for data_dir in dict.fromkeys([*manifest.data_dirs(), self.data_dir]):
+            if data_dir == self.data_dir:
+                files += list_files(self.location, data_dir)
+            else:
+                files += [f for f in previous if f.path.startswith(f"{data_dir}/")]
+        return files
 
     def __exit__(self, *exc_info) -> None:
         if not self.committed:

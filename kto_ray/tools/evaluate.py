@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from kto_ray.config import KTOConfig, with_absolute_paths
+from kto_ray.integrity import check_model_folder
 from kto_ray.kto_metrics import EVAL_KEYS, KTOSums
 from kto_ray.loss import kl_raw
 from kto_ray.models.loading import load_tokenizer
@@ -38,6 +39,7 @@ def evaluate(cfg: KTOConfig, model_path: str | None = None, split: str = "eval")
     cfg = with_absolute_paths(cfg)
     store = checked_store(cfg, load_tokenizer(cfg.model))
     part = store.read_split(split)
+    check_model_folder(model_path or cfg.model.path)  # a run's final/: its file list, read whole
     with on_the_cluster(cfg):
         policy, policy_kl = score_on_actors(cfg, model_path or cfg.model.path, part)
     ref, ref_kl = torch.tensor(part["ref_logps"].to_numpy()), torch.tensor(part["ref_kl_logps"].to_numpy())

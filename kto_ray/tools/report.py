@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from kto_ray.errors import UserError
+from kto_ray.integrity import model_folder_problems
 from kto_ray.rundir import WORKERS_FILE, RunDir
 from kto_ray.storage import first_line
 from kto_ray.training.metrics import METRICS_FILE, SEGMENTS, metrics_location, read_metrics
@@ -50,6 +51,7 @@ EVAL_SUMMARY_KEYS = (
 class ReportResult:
     figures: list[Path]
     summary: Path
+    problems: list[str] = field(default_factory=list)  # exported model folders not as their lists say
 
 
 def _run_dir(run_dir: str | Path | RunDir) -> RunDir:
@@ -309,7 +311,12 @@ def write_report(run_dir: str | Path | RunDir, out_dir: Path | None = None) -> R
     figures = _plot(records, out_dir, run_name(run_dir))
     summary = out_dir / "summary.md"
     summary.write_text(_summary(run_dir, records, figures))
-    return ReportResult(figures=figures, summary=summary)
+    problems = [
+        f"{run_dir.child(name)} is damaged (file {p.path}, {p.what}): `kto-ray verify {run_dir}` lists all"
+        for name in ("final", "merged")
+        for p in model_folder_problems(run_dir.join(name))
+    ]
+    return ReportResult(figures=figures, summary=summary, problems=problems)
 
 
 def write_tensorboard(run_dir: str | Path | RunDir, log_dir: Path) -> Path:

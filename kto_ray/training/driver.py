@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import warnings
 from dataclasses import dataclass
 from typing import TypeVar
@@ -25,9 +26,13 @@ from kto_ray.config import KTOConfig, dump_config, with_absolute_paths
 from kto_ray.data.prepare import prepare_text, tokenize_rows
 from kto_ray.errors import (
     CheckpointReshapeFailed,
+    CheckpointsDamaged,
+    CheckpointsLost,
     CheckpointWriteFailed,
+    Interrupted,
     NonFiniteStep,
     StorageError,
+    StoreDamaged,
     TrainingStopped,
     UserError,
     WorkerFailure,
@@ -41,12 +46,13 @@ from kto_ray.reference.store import SCHEMA
 from kto_ray.rundir import CHECKPOINTS, RunDir
 from kto_ray.storage import endpoint_env, first_line
 from kto_ray.timings import TIMINGS_FILE, Timeline
+from kto_ray.training.checkpoint_files import checkpoint_step
 from kto_ray.training.global_batch import check_worker_range, first_global_batch
 from kto_ray.training.loop_config import LoopConfig
 from kto_ray.training.placement import Ask, placement_notices
 from kto_ray.training.progress import TrainingProgress
 from kto_ray.training.resume_check import compare
-from kto_ray.training.run_state import build_run_state, saved_state
+from kto_ray.training.run_state import build_run_state, latest_checkpoint, saved_state
 from kto_ray.training.stage import resolve_stage, stage_of_checkpoint
 from kto_ray.training.store_pin import pin_store
 from kto_ray.training.tracking import prepare_tracking
@@ -178,7 +184,8 @@ def train(cfg: KTOConfig) -> TrainResult:
         )
     elif saved is not None and (changes := compare(saved.name, saved.state, state)):
         print(changes, flush=True)
-    return fit(
+    launched = time.time()
+    result = fit(
         cfg,
         train_rows,
         steps,
@@ -188,6 +195,24 @@ def train(cfg: KTOConfig) -> TrainResult:
         run_state=state,
         timeline=timeline,
     )
+    if saved is not None:
+        _say_workers_fallback(run_dir, checkpoint_step(saved.name) or 0, launched)
+    return result
+
+
+def _say_workers_fallback(run_dir: RunDir, predicted: int, since: float) -> None:
+    """The workers resumed from an earlier step than the driver predicted: the checkpoint's checksums
+    (which only they compute) showed damage its sizes did not. Said once the run is done."""
+    from kto_ray.training.worker_groups import read_groups
+
+    with contextlib.suppress(Exception):  # the history is informative only
+        groups = [g for g in read_groups(run_dir) if (g.started_at or 0) >= since]
+        if groups and groups[0].start_step is not None and groups[0].start_step < predicted:
+            print(
+                f"checkpoint step {predicted} was damaged (its checksums differ: `kto-ray verify "
+                f"{run_dir}` names the file); the workers resumed from step {groups[0].start_step}",
+                flush=True,
+            )
 
 
 def fit(
@@ -260,9 +285,15 @@ def fit(
                 with progress:
                     result = _trainer(cfg, loop).fit()
                 timeline.mark("trainer fit (workers: timings-rank0.json)")
+            except (KeyboardInterrupt, SystemExit):
+                # Ray Train's own SIGINT handler (registered by `fit` on the main thread) aborts the
+                # controller and raises SystemExit(0) here; before it is registered, Ctrl-C is a
+                # KeyboardInterrupt. Either way: the one line, exit 130.
+                raise _interrupted(run_dir) from None
             except ray.train.TrainingFailedError as err:
                 stopped = (
-                    _stopped_by_non_finite(err, run_dir)
+                    _damaged(err, run_dir)
+                    or _stopped_by_non_finite(err, run_dir)
                     or _stopped_by_storage(err, run_dir)
                     or _stopped_by_reshape(err)
                     or _controller_storage_failure(err, run_dir, progress.shown)
@@ -278,6 +309,23 @@ def fit(
     with _storage_errors(run_dir):
         run_dir.write_text(TIMINGS_FILE, timeline.as_json())
     return TrainResult(run_dir, steps, dict(result.metrics or {}))
+
+
+def _interrupted(run_dir: RunDir) -> Interrupted:
+    """Ctrl-C: one line naming the last step logged and the checkpoint a rerun resumes from."""
+    from kto_ray.training.metrics import read_metrics
+
+    with contextlib.suppress(Exception):  # what can be read of the run dir: the line is best effort
+        records = read_metrics(run_dir)
+        step = f" at step {records[-1]['step']}" if records else " before the first step"
+        saved = latest_checkpoint(run_dir)
+        resumes = (
+            f"a rerun resumes from checkpoint step {checkpoint_step(saved) or saved} ({saved})"
+            if saved
+            else "no checkpoint was written: a rerun starts over"
+        )
+        return Interrupted(f"interrupted{step}; {resumes}")
+    return Interrupted("interrupted; rerun the same command to resume from the last checkpoint")
 
 
 def _workers_text(worker_range: tuple[int, int]) -> str:
@@ -344,6 +392,20 @@ def _worker_failure(err: Exception, kind: type[Failure]) -> Failure | None:
     (unpickled, its own wrapper removed) in `WorkerGroupError.worker_failures`; a ControllerError has none."""
     failures = getattr(err, "worker_failures", None) or {}
     return next((failures[rank] for rank in sorted(failures) if isinstance(failures[rank], kind)), None)
+
+
+def _damaged(err: Exception, run_dir: RunDir) -> UserError | None:
+    """A damaged store file a worker met (it trains on none of it), or no whole checkpoint: one line."""
+    failures = getattr(err, "worker_failures", None) or {}
+    store = next((failures[r] for r in sorted(failures) if isinstance(failures[r], StoreDamaged)), None)
+    if store is not None:
+        return store
+    lost = _worker_failure(err, CheckpointsLost)
+    if lost is None:
+        return None
+    return CheckpointsDamaged(
+        f"{lost} in {run_dir}: `kto-ray verify` lists what is wrong; a new run.name starts over"
+    )
 
 
 def _stopped_by_storage(err: Exception, run_dir: RunDir) -> StorageError | None:

@@ -17,12 +17,14 @@ import numpy as np
 import pyarrow as pa
 
 from kto_ray.config import KTOConfig, with_absolute_paths
-from kto_ray.errors import UserError
+from kto_ray.errors import CheckpointsDamaged, UserError
+from kto_ray.integrity import size_problem
 from kto_ray.reference.fingerprint import sha256_text, weights_fingerprint
 from kto_ray.reference.reader import SplitIndex
 from kto_ray.reference.store import read_manifest, sequence_lengths
 from kto_ray.rundir import CHECKPOINTS, RunDir
 from kto_ray.storage import is_uri, read_text
+from kto_ray.training.checkpoint_files import checkpoint_step, damage_line, older_than
 
 RUN_STATE_FILE = "run_state.json"
 STATE_VERSION = 1
@@ -89,14 +91,44 @@ def _latest_registered(run_dir: RunDir) -> str | None:
     return latest.get("checkpoint_dir_name")
 
 
-def saved_state(run_dir: RunDir) -> SavedCheckpoint | None:
-    """The latest registered checkpoint of `run_dir` and its run state; None for a fresh run."""
+def whole_checkpoint(run_dir: RunDir, name: str, say=print) -> str:
+    """`name`, or when its files are not all there at their sizes (a LIST each; the checksums are the
+    workers' to check as they load), the newest older checkpoint that is whole, said in one line as
+    the workers will resume from it. None whole: `CheckpointsDamaged`, exit 2."""
+    names = [name, *older_than(name, run_dir.checkpoint_names())]
+    first = None
+    for candidate in names:
+        problem = size_problem(run_dir.join(CHECKPOINTS, candidate))
+        if problem is None:
+            if first is not None:
+                say(
+                    f"{damage_line(name, first)}, resuming from step {checkpoint_step(candidate)}", flush=True
+                )
+            return candidate
+        first = first or problem
+    raise CheckpointsDamaged(
+        f"{damage_line(name, first)} and no older checkpoint of {run_dir} is whole ({len(names)} checked): "
+        "`kto-ray verify` lists what is wrong; a new run.name starts over"
+    )
+
+
+def latest_checkpoint(run_dir: RunDir) -> str | None:
+    """The checkpoint Ray Train hands a rerun: the latest registered one, or without a snapshot the
+    newest folder that has its step file; None when there is none."""
     name = _latest_registered(run_dir)
     if name is None:  # no snapshot (yet): the newest folder that has its step file
         names = [n for n in run_dir.checkpoint_names() if read_text(run_dir.join(CHECKPOINTS, n, _STEP_FILE))]
         name = names[-1] if names else None
+    return name
+
+
+def saved_state(run_dir: RunDir) -> SavedCheckpoint | None:
+    """The checkpoint of `run_dir` a rerun resumes (the latest registered, or the newest whole one
+    before it when it is damaged) and its run state; None for a fresh run."""
+    name = latest_checkpoint(run_dir)
     if name is None:
         return None
+    name = whole_checkpoint(run_dir, name)
     text = read_text(run_dir.join(CHECKPOINTS, name, RUN_STATE_FILE))
     if text is None:
         return SavedCheckpoint(name, None)

@@ -109,6 +109,7 @@ class WorkerRun:
     schedule: Schedule
     settings: LossSettings
     start_step: int  # optimizer steps already done (a restored checkpoint's)
+    damaged: tuple[str, ...]  # damaged checkpoints the restore skipped: redone steps save beside them
     log: MetricsLog | None  # rank 0 only
     eval_table: pa.Table | None  # with train.eval_every: the whole eval split, on every rank
     trackers: list[Tracker]  # rank 0 only
@@ -171,7 +172,8 @@ def _setup(loop: LoopConfig, teardown: contextlib.ExitStack, timeline: Timeline)
     host_memory.release()  # what loading and DeepSpeed's set-up freed
     timeline.mark("model load, deepspeed engine")
 
-    start_step = restore(engine, rank, world, cfg.run.scratch_dir)  # reshaped if `world` changed
+    restored = restore(engine, rank, world, cfg.run.scratch_dir)  # reshaped if `world` changed
+    start_step = restored.step
     if start_step:  # this start's learning rate, schedule and optimizer settings, not the checkpoint's
         refresh_optimizer_settings(engine, cfg)
     timeline.mark("checkpoint restore")
@@ -202,6 +204,7 @@ def _setup(loop: LoopConfig, teardown: contextlib.ExitStack, timeline: Timeline)
         schedule=schedule,
         settings=LossSettings(cfg.train.beta, loop.desirable_weight, cfg.train.undesirable_weight),
         start_step=start_step,
+        damaged=restored.damaged,
         log=MetricsLog(RunDir.of(cfg), start_step) if rank == 0 else None,
         # eval_metrics shards the whole split over the ranks.
         eval_table=_whole(loop.eval_rows) if loop.eval_rows is not None else None,
@@ -239,7 +242,15 @@ def _train(run: WorkerRun) -> None:
         if done % cfg.run.checkpoint_every == 0 or done == total_steps:
             state = dict(run.loop.run_state, world_size=run.world) if run.loop.run_state else None
             save_and_report(
-                run.engine, done, run.rank, metrics, last_checkpoint, state, run_dir=RunDir.of(cfg)
+                run.engine,
+                done,
+                run.rank,
+                metrics,
+                last_checkpoint,
+                state,
+                run_dir=RunDir.of(cfg),
+                world=run.world,
+                damaged=run.damaged,
             )
             last_checkpoint = done
 

@@ -81,7 +81,7 @@ def test_a_then_b_equals_a_and_b_at_once(stores):
     assert grown.manifest.fingerprint == full.manifest.fingerprint
     assert grown.manifest.counts == full.manifest.counts
     assert [len(full.manifest.segments), len(grown.manifest.segments)] == [1, 2]
-    assert [full.manifest.format_version, grown.manifest.format_version] == [1, 2]
+    assert [full.manifest.format_version, grown.manifest.format_version] == [3, 3]
     old, new = grown.manifest.segments
     assert (old.first_id, old.end_id, new.first_id, new.end_id) == (0, OLD_ROWS, OLD_ROWS, 240)
     assert old == before.manifest.segments[0] and old.data != new.data

@@ -11,10 +11,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from kto_ray.errors import StoreDamaged
 from kto_ray.reference.reader import RowReader, SplitIndex
 from kto_ray.reference.store import (
     SCHEMA,
-    StorageError,
     Store,
     sequence_lengths,
 )
@@ -134,7 +134,7 @@ def test_a_failed_read_ahead_raises_on_take(tmp_path):
     store.location.fs.delete_file(index.files[1])
     with RowReader(index) as reader:
         reader.prefetch([lost])  # does not raise: the error belongs to the step that needs the rows
-        with pytest.raises(StorageError, match=r"train rows of .*store \(part-1\.parquet\)"):
+        with pytest.raises(StoreDamaged, match=r"file data-test/part-1\.parquet is damaged \(missing\)"):
             reader.take([lost])
         kept = int(np.flatnonzero(index.group_file[index.row_group] == 0)[0])
         assert reader.take([kept]).num_rows == 1

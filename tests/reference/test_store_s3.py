@@ -147,7 +147,7 @@ def test_an_append_on_s3_commits_a_second_segment(s3, ray_with_s3, tiny_model, s
     result = precompute(cfg)
     assert not result.reused
     manifest = result.store.manifest
-    assert manifest.format_version == 2 and manifest.segments[0] == first.manifest.segments[0]
+    assert manifest.format_version == 3 and manifest.segments[0] == first.manifest.segments[0]
     objects = _objects(uri)
     dirs = manifest.data_dirs()
     assert {o.split("/")[0] for o in objects if o != MANIFEST} == set(dirs) and len(dirs) == 2

@@ -18,8 +18,9 @@ import pytest
 import yaml
 
 from kto_ray.errors import TrainingStopped
-from kto_ray.reference.store import MANIFEST
+from kto_ray.reference.store import MANIFEST, WRITE_OPTIONS, list_files
 from kto_ray.rundir import RunDir
+from kto_ray.storage import resolve
 from kto_ray.training.batching import Schedule
 from kto_ray.training.driver import train
 from tests.conftest import assert_same_weights, kill_process_tree, read_metrics, registered_steps, wait_for
@@ -139,7 +140,9 @@ def _poisoned_store(built_store, root: Path, step: int, rank: int, workers: int)
     table = table.set_column(
         table.schema.get_field_index("ref_logps"), "ref_logps", pc.if_else(hit, nan, table["ref_logps"])
     )
-    pq.write_table(table, copy / store.manifest.data_dir / "part-0.parquet")
+    pq.write_table(table, copy / store.manifest.data_dir / "part-0.parquet", **WRITE_OPTIONS)
+    files = list_files(resolve(str(copy)), store.manifest.data_dir)  # the copy's own files, listed
+    (copy / MANIFEST).write_text(store.manifest.model_copy(update={"files": files}).model_dump_json())
     return copy
 
 

@@ -90,6 +90,9 @@ def test_a_checkpoint_without_a_run_state_resumes_unchecked_saying_so(two_steps,
     _cfg, config_file, run_dir = two_steps
     latest = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
     (latest / RUN_STATE_FILE).unlink()
+    listed = json.loads((latest / "files_rank0.json").read_text())  # and from its file list: a whole
+    listed["files"] = [f for f in listed["files"] if f["path"] != RUN_STATE_FILE]  # checkpoint without
+    (latest / "files_rank0.json").write_text(json.dumps(listed))  # one, as `fit` without a run state saves
     capsys.readouterr()
     changed = ["--set", "train.seed=7", "--set", "train.max_steps=4", "--set", "cluster.workers=8"]
     assert main(["train", "--config", str(config_file), *changed]) == 2

@@ -9,6 +9,7 @@ import pytest
 
 from kto_ray.config import load_config
 from kto_ray.errors import UserError
+from kto_ray.integrity import write_file_list
 from kto_ray.rundir import CHECKPOINTS, RunDir
 from kto_ray.training.global_batch import first_global_batch
 from kto_ray.training.resume_check import REFUSED, compare
@@ -124,6 +125,7 @@ def _checkpoint(run_dir: RunDir, name: str, state: dict | None, registered: bool
     (folder / "trainer_state.json").write_text(json.dumps({"step": int(name.split("_")[1])}))
     if state is not None:
         (folder / RUN_STATE_FILE).write_text(json.dumps(state))
+    write_file_list(folder, int(name.split("_")[1]), 0, 1)  # as every rank lists its files
     if registered:
         snapshot = {"latest_checkpoint_result": {"checkpoint_dir_name": name, "metrics": {}}}
         (folder.parent / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
