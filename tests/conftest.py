@@ -39,6 +39,11 @@ def real_model() -> Path:
 # driver propagates to the controller): every train() waited up to 2 s per poll for the last report and the
 # workers' exit. 0.25 s here, for in-process runs and every CLI or bench subprocess the tests start.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# Ray Train's controller waits up to 30 s (TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S) for a worker group's
+# torch process group to shut down, which a group that lost a worker never does (the elastic test waited
+# it out): 5 s here. Read where the controller runs, from its node's environment: every Ray the tests
+# start (the session's, a CLI's `RAY_ADDRESS=local`, tests/nodes.py's nodes) inherits this process's.
+os.environ.setdefault("TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", "5")
 
 
 @contextlib.contextmanager
@@ -91,9 +96,18 @@ def ray_session(s3_session):
         ray.shutdown()
 
 
-# Ray's own actors that live as long as the cluster once something needs them (Ray Train's run-state
-# actor, Ray Data's stats actor): not a module's leftovers.
-RAY_SINGLETONS = {"TrainStateActor", "_StatsActor", "AutoscalingRequester"}
+# Ray's own detached actors that live as long as the cluster once something needs them (Ray Train's
+# run-state actor; Ray Data's stats, autoscaling and actor-location ones): not a module's leftovers. Ray
+# Train's detached PlacementGroupCleaner is not among them: a run's controller stops it on the way out.
+RAY_SINGLETONS = {
+    "TrainStateActor",
+    "_StatsActor",
+    "_StatsSummaryActor",
+    "_AutoscalingCoordinatorActor",
+    "ActorLocationTracker",
+    "_UsageCollectionActor",
+    "AutoscalingRequester",
+}
 
 
 def ray_leftovers() -> dict[str, str]:
@@ -106,7 +120,8 @@ def ray_leftovers() -> dict[str, str]:
     left = {
         actor_id: f"actor {info.get('ActorClassName')} {info.get('Name') or ''}".strip()
         for actor_id, info in state.actors().items()
-        if info["State"] != "DEAD" and info.get("ActorClassName") not in RAY_SINGLETONS
+        if info["State"] != "DEAD"
+        and not (info.get("IsDetached") and info.get("ActorClassName") in RAY_SINGLETONS)
     }
     for group_id, info in ray.util.placement_group_table().items():
         if info["state"] != "REMOVED":
@@ -115,11 +130,21 @@ def ray_leftovers() -> dict[str, str]:
 
 
 def assert_nothing_left(before: dict[str, str], where: str, timeout: float = 60) -> None:
-    """Nothing new in ray_leftovers() since `before` (given `timeout` for what is shutting down to go)."""
+    """Nothing new in ray_leftovers() since `before`, given `timeout` for what is shutting down to go.
+    A non-detached actor lives while a handle to it does: a finished run's handles (Ray Train's
+    controller, precompute's progress counter) often sit in reference cycles (a trainer, a traceback)
+    until the garbage collector runs, as it would in a long-lived driver; it is run first. And Ray Train's
+    fit() leaves its SIGINT handler installed, holding the last run's controller (until the next fit()
+    replaces it): the default handler is put back first."""
+    import gc
+    import signal
     import time
 
+    if getattr(signal.getsignal(signal.SIGINT), "__module__", "").startswith("ray.train"):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     deadline = time.monotonic() + timeout
     while True:
+        gc.collect()
         new = {k: v for k, v in ray_leftovers().items() if k not in before}
         if not new or time.monotonic() > deadline:
             break
@@ -175,6 +200,14 @@ def small_data(tmp_path_factory) -> Path:
     lines = (REPO / "data" / "arithmetic.jsonl").read_text().splitlines()[:240]
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_store(tmp_path_factory) -> Path:
+    """Where the demo's store of the shipped data (configs/demo.yaml's, 3,000 rows) lives for the session:
+    the first `kto-ray demo` of the session (tests/tools/test_demo.py or tests/test_console.py) scores it,
+    the other reuses it (a matching store is reused, as the demo does on a rerun)."""
+    return tmp_path_factory.mktemp("demo") / "store"
 
 
 def kill_process_tree(pid: int) -> None:

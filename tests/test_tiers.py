@@ -8,11 +8,12 @@ The tiers (README, Makefile):
 
 The rule (this file is where it lives; change it here, with the marks):
 1. A test is `extended` exactly when it is in EXTENDED below: a whole module (the multi-node and elastic
-   cluster, the sweep), a test id prefix (each bench smoke but the two shortest), or the model-zoo families
-   beyond the one the first tier keeps. Both ways: a test matching EXTENDED without the marker fails, and
-   so does an `extended` test that EXTENDED does not name, so nothing leaves `make test` unnoticed.
-2. `extended` and `slow` are never both on a test: `slow` only splits the first tier (`make test-fast`
-   skips it).
+   cluster, the sweep), a test id prefix (each bench smoke but the two shortest; a run that re-proves on a
+   second configuration what a first-tier test proves on the same code path, named with that test), or
+   the model-zoo families beyond the one the first tier keeps. Both ways: a test matching EXTENDED without
+   the marker fails, and so does an `extended` test that EXTENDED does not name, so nothing leaves `make
+   test` unnoticed.
+2. `slow` only splits the first tier (`make test-fast` skips it); on an `extended` test it changes nothing.
 3. A first-tier test that uses the session's Ray (one of RAY_FIXTURES) is `slow` (or `gpu`): `make
    test-fast` never waits on a cluster.
 """
@@ -59,6 +60,14 @@ EXTENDED_IDS = (
             "token_budget",
         )
     ),
+    # Runs that re-prove, on a second configuration, what a first-tier test proves on the same code path:
+    # a killed driver's rerun resumes (test_run_s3.py::test_run_dir_on_s3_survives_a_killed_driver asserts
+    # the same, and more, with the run dir on S3); a killed overwrite keeps the previous store
+    # (test_append.py's killed append keeps it, test_precompute.py's killed precompute leaves nothing
+    # complete-looking and its rerun removes the killed prefix, and test_precompute.py's overwrite removes
+    # the replaced one).
+    "tests/training/test_faults.py::test_killed_driver_resumes_on_rerun",
+    "tests/training/test_faults.py::test_killed_overwrite_keeps_the_previous_store",
 )
 # The model zoo's families but the first tier's one (gemma3: a soft-capped head, sliding windows); MoE with
 # its aux loss is the first tier's tests/training/test_moe_train.py.
@@ -106,11 +115,6 @@ def test_every_name_in_the_rule_matches_a_test():
     ids = [t["id"] for t in collected()]
     stale = [prefix for prefix in EXTENDED_IDS if not any(i.startswith(prefix) for i in ids)]
     assert not stale, f"EXTENDED names tests that no longer exist: {stale}"
-
-
-def test_no_test_is_in_two_tiers():
-    both = [t["id"] for t in collected() if {"extended", "slow"} <= set(t["markers"])]
-    assert not both, f"`extended` and `slow` on the same test: {both}"
 
 
 def test_first_tier_tests_that_start_ray_are_slow():
