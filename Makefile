@@ -7,11 +7,12 @@ BIN := $(VENV)/bin
 CPU_TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-fast test-gpu lint format assets real-model clean
+.PHONY: help setup demo test test-extended test-fast test-gpu lint format assets real-model clean
 
 help:
 	@echo "make demo   - run the whole pipeline on the embedded tiny model and data"
-	@echo "make test   - run the test suite (unit + integration on a local Ray cluster)"
+	@echo "make test   - the test suite's first tier: unit + integration on a local Ray cluster (~20 min, 2 cores)"
+	@echo "make test-extended - the second tier: bench smokes, multi-node/elastic, sweep, model zoo"
 	@echo "make lint   - ruff check and format check"
 
 $(BIN)/kto-ray: pyproject.toml
@@ -38,11 +39,16 @@ setup: $(BIN)/kto-ray
 demo: setup
 	$(BIN)/kto-ray demo
 
+# Two tiers, by marker (tests/test_tiers.py checks every test is in the one its rule says): `make test`
+# before every commit, `make test-extended` for what is slow by nature. CI (.ci/run) runs both.
 test: setup real-model
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not extended and not gpu" $(PYTEST_ARGS)
+
+test-extended: setup real-model
+	$(BIN)/python -m pytest -m "extended and not gpu" $(PYTEST_ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not extended and not gpu" $(PYTEST_ARGS)
 
 # On a CUDA machine: bf16 precompute and training on one GPU (NCCL), the chunked log-probs on CUDA,
 # a reference spread over 2 GPUs (when there are 2), and a short bench/gpu_mfu.py.
@@ -71,7 +77,7 @@ clean:
 # Benchmarks (bench/, figures and method in BENCHMARKS.md): every CPU benchmark in turn, each printing
 # its table; ~20 minutes on 2 idle cores. TRL (bench/trl_compare.py) is in the dev extra, never a runtime
 # dependency of kto-ray. bench/gpu_mfu.py needs a CUDA machine and is run by hand there. Every bench's
-# `--smoke` mode (seconds, no figures) runs in `make test` (tests/test_bench.py).
+# `--smoke` mode (seconds, no figures) runs in `make test-extended` (tests/test_bench.py).
 .PHONY: bench
 bench: setup
 	$(BIN)/python bench/offline_vs_online.py

@@ -3,8 +3,9 @@ script's real code path) as a subprocess exits 0 and prints its table.
 
 The smoke runs mostly wait on process and Ray start-up, not on the CPU, so they run a few at a time: the
 first test of the module starts every selected bench (slowest first, `SMOKE_PARALLEL` at once) and each
-test waits for its own (KTO_BENCH_SMOKE_PARALLEL sets how many at once). All but the two shortest are
-`slow`: each starts at least one local Ray.
+test waits for its own (KTO_BENCH_SMOKE_PARALLEL sets how many at once). All but the two shortest are in
+the second tier (`extended`, `make test-extended`): each starts at least one local Ray and takes ~7 minutes
+in all; the code paths they print tables for are the first tier's own tests.
 """
 
 from __future__ import annotations
@@ -66,8 +67,10 @@ BENCHES: dict[str, Smoke] = {
     "packing": Smoke(("| reference pass (precompute's batches)", "| training, random micro-batches")),
     "integrity": Smoke(("| verified |", "| unverified |", "| verified columns |", "| file list |")),
     "token_budget": Smoke(("| fixed, 2 rows x 2", "| budget, 128 tokens", "budget / fixed samples/s")),
+    "long_rows": Smoke(("| step | rows | tokens", "denormals flushed on the ranks: [True]")),
+    "evaluate_memory": Smoke(("| code ", "| this checkout")),
 }
-FAST = {"row_memory", "logprob_memory", "integrity"}  # well under 20 s alone; every other one is `slow`
+FAST = {"row_memory", "logprob_memory", "integrity"}  # well under 20 s alone; every other one is `extended`
 
 
 def missing(need: str) -> str | None:
@@ -124,7 +127,7 @@ def smoke_runs(request):
 
 
 def _param(name: str):
-    marks = [] if name in FAST else [pytest.mark.slow]
+    marks = [] if name in FAST else [pytest.mark.extended]
     if BENCHES[name].needs == "cuda":
         marks.append(pytest.mark.gpu)
     return pytest.param(name, marks=marks, id=name)

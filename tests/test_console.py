@@ -125,8 +125,9 @@ def test_pipeline_on_a_terminal_shows_bars_and_the_table(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_off_a_terminal_fits_in_60_lines(tmp_path):
-    """`kto-ray demo` with its output piped (CI, `ray job logs`): plain lines, each step line once."""
+def test_demo_off_a_terminal_fits_in_60_lines(tiny_model, demo_store, tmp_path):
+    """`kto-ray demo` with its output piped (CI, `ray job logs`): plain lines, each step line once. Its store
+    is the session's demo store (tests/tools/test_demo.py's), scored by whichever demo runs first."""
     import subprocess
 
     from tests.conftest import REPO
@@ -134,7 +135,8 @@ def test_demo_off_a_terminal_fits_in_60_lines(tmp_path):
     command = [
         str(REPO / ".venv" / "bin" / "kto-ray"),
         "demo",
-        f"--set=store.path={tmp_path / 'store'}",
+        f"--set=model.path={tiny_model}",
+        f"--set=store.path={demo_store}",
         f"--set=run.dir={tmp_path / 'runs'}",
         "--set=train.max_steps=20",
         "--set=train.log_every=5",

@@ -26,7 +26,7 @@ from kto_ray.training.worker_groups import parse_groups
 from tests.conftest import REPO, assert_same_tensors, read_metrics, registered_steps
 from tests.nodes import BIN, Cluster, ray_cluster
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.extended  # the second tier: tests/test_tiers.py
 
 BUCKET = "kto"
 STORE = f"s3://{BUCKET}/stores/multinode"

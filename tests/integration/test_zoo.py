@@ -5,10 +5,12 @@ precompute (stored log-probs equal a direct transformers forward), 2-worker ZeRO
 family in tests/assets/test_zoo.py.
 
 Cost: one store and one 2-step run per family, on 40 rows (~40 s each on 2 idle cores); the families
-share the module's Ray. `make test` runs the families whose code paths differ most from the tiny Llama
-the rest of the suite trains (MoE twice, a soft-capped head with sliding windows, other module names
-with an untied head, Conv1D with shipped dropout); KTO_RAY_ZOO=all runs all twelve. (Phi-3's fused
-projections are plain linear layers to ZeRO-3 and the export; tests/assets/test_zoo.py covers them.)"""
+share the session's Ray. `make test` runs gemma3 (a soft-capped head with sliding windows: the code path
+that differs most from the tiny Llama the rest of the suite trains; MoE with its aux loss is
+tests/training/test_moe_train.py's); `make test-extended` the others whose paths differ most (MoE
+twice, other module names with an untied head, Conv1D with shipped dropout); KTO_RAY_ZOO=all runs all
+twelve. (Phi-3's fused projections are plain linear layers to ZeRO-3 and the export;
+tests/assets/test_zoo.py covers them.)"""
 
 from __future__ import annotations
 
@@ -31,8 +33,6 @@ from kto_ray.training.driver import train
 from tests.assets.test_zoo import tensor_names
 from tests.conftest import REPO, make_config, read_metrics
 
-pytestmark = pytest.mark.slow
-
 ROWS = 40  # 30 train rows (2 steps of 2 workers x 2 rows use 8), 10 eval rows
 STEPS = 2
 
@@ -44,8 +44,13 @@ def zoo_data(tmp_path_factory) -> Path:
     return out
 
 
-IN_MAKE_TEST = ("qwen3_moe", "mixtral", "gemma3", "gpt_neox", "gpt2")
-ZOO = list(FAMILIES) if os.environ.get("KTO_RAY_ZOO") == "all" else [f for f in FAMILIES if f in IN_MAKE_TEST]
+IN_FIRST_TIER = "gemma3"  # `slow`, in `make test`; every other family is `extended` (tests/test_tiers.py)
+BY_DEFAULT = ("qwen3_moe", "mixtral", "gemma3", "gpt_neox", "gpt2")
+ZOO = [
+    pytest.param(f, id=f, marks=pytest.mark.slow if f == IN_FIRST_TIER else pytest.mark.extended)
+    for f in FAMILIES
+    if os.environ.get("KTO_RAY_ZOO") == "all" or f in BY_DEFAULT
+]
 
 
 @pytest.fixture(scope="module", params=ZOO)

@@ -167,6 +167,7 @@ def test_verify_a_good_and_a_damaged_store(tmp_path):
     assert lines[0].endswith("(same size)")
 
 
+@pytest.mark.slow
 def test_cli_verify_and_train_on_a_truncated_store_are_one_line_exit_2(tmp_path, built_store):
     """The CLI end to end on a precomputed store: `verify` lists the file, `train` exits 2 in one line
     before Ray starts, and nothing is written into the run dir."""

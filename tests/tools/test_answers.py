@@ -60,6 +60,7 @@ def test_prompt_ids_truncate_like_training(model_and_tokenizer) -> None:
     assert ids[1][0] == tokenizer.bos_token_id and tokenizer.decode(ids[1][1:]) == "Compute 3 - 1.\n"
 
 
+@pytest.mark.slow
 def test_generate_returns_text_for_each_prompt(model_and_tokenizer, cfg, ray_local) -> None:
     # On the actors (kto_ray/reference/scoring.py), as the demo's answer check runs.
     model, tokenizer = model_and_tokenizer
@@ -72,6 +73,7 @@ def test_generate_returns_text_for_each_prompt(model_and_tokenizer, cfg, ray_loc
     assert alone == texts[:1]
 
 
+@pytest.mark.slow
 def test_score_answers_on_heldout_prompts(model_and_tokenizer, cfg, ray_local) -> None:
     model, _ = model_and_tokenizer
     train = {"What is 7 + 3?\n"}

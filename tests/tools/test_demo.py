@@ -16,10 +16,11 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-def test_demo_learns(tiny_model, ray_local, tmp_path, capsys):
+def test_demo_learns(tiny_model, demo_store, ray_local, tmp_path, capsys):
+    # The store is the session's demo store (tests/test_console.py's `kto-ray demo` shares it).
     cfg = load_config(
         REPO / "configs" / "demo.yaml",
-        [f"model.path={tiny_model}", f"store.path={tmp_path / 'store'}", f"run.dir={tmp_path / 'runs'}"],
+        [f"model.path={tiny_model}", f"store.path={demo_store}", f"run.dir={tmp_path / 'runs'}"],
     )
     table = run_demo(cfg)
     before, after = table["before"], table["after"]

@@ -17,6 +17,8 @@ from kto_ray.reference.precompute import precompute
 from kto_ray.tools.evaluate import evaluate
 from tests.helpers import make_config
 
+pytestmark = pytest.mark.slow  # on the session's Ray
+
 
 def _causal_lms_alive() -> int:
     from transformers import PreTrainedModel

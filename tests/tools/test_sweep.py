@@ -20,7 +20,7 @@ import yaml
 from tests.conftest import kill_process_tree, read_metrics, wait_for
 from tests.helpers import make_config
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.extended  # the second tier: tests/test_tiers.py
 
 STEPS = 8  # long enough that ASHA's stop reaches a bad trial before it ends (at 4 one ran through)
 GOOD_LR, BAD_LR = 1e-3, 1e-9

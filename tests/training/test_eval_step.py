@@ -128,35 +128,59 @@ def test_eval_every_without_an_eval_split_is_refused_before_training(tiny_model,
     assert not (tmp_path / "runs").exists()
 
 
-# --- one real run: 2 Ray Train workers under ZeRO-3 against `kto-ray evaluate` -------------------
+# --- one real run: 2 Ray Train workers under ZeRO-3, against `kto-ray evaluate`, with all three trackers --
+# (One run for what were two: this test's and tests/training/test_tracking.py's real run, which read the
+# same kind of 2-worker run; the trackers' assertions are that test's, unchanged.)
 
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("ray_local")
-def test_ray_train_eval_equals_kto_ray_evaluate_of_the_export(tiny_model, small_data, tmp_path):
+def test_ray_train_eval_equals_kto_ray_evaluate_of_the_export(tiny_model, small_data, tmp_path, monkeypatch):
     from kto_ray.reference.precompute import precompute
     from kto_ray.tools.evaluate import evaluate
     from kto_ray.training.driver import train
     from tests.conftest import make_config, read_metrics
+    from tests.training.test_tracking import _losses, mlflow_history, tensorboard_scalars, wandb_history
 
+    # Set after the session's Ray started: only the loop config can carry them to the workers.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("WANDB_MODE", "offline")
     micro = 5
     cfg = make_config(
         tiny_model,
         small_data,
         tmp_path,
         data={"eval_fraction": 0.0875},  # 21 eval rows: shards of 11 and 10 rows
-        train={"max_steps": 2, "micro_batch_size": micro, "lr": 1e-3, "warmup_ratio": 0.0, "eval_every": 1},
-        run={"name": "evaluated", "checkpoint_every": 100},
+        train={"max_steps": 3, "micro_batch_size": micro, "lr": 1e-3, "warmup_ratio": 0.0, "eval_every": 2},
+        run={"name": "tracked", "checkpoint_every": 100, "report_to": ["tensorboard", "mlflow", "wandb"]},
     )
     rows = precompute(cfg).store.read_split("eval").num_rows
     assert rows % (2 * micro) and rows % 2  # uneven shards: rank 1 runs a dummy micro-batch
     assert [len(b) for b in shard_batches(rows, 1, 2, micro, np.ones(rows))][-1] == 0
     result = train(cfg)
-    records = read_metrics(result.run_dir.local_path)
-    assert [r["step"] for r in records] == [1, 2] and all("eval/loss" in r for r in records)
-    # Step 1 evaluates the updated policy: it moved away from the reference (z0 and rewards non-zero).
-    assert records[0]["eval/rows"] == rows and abs(records[0]["eval/rewards/margins"]) > 0
-    expected = evaluate(cfg, str(result.run_dir.local_path / "final"))
+    run_dir = result.run_dir.local_path
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    evaluated = [r for r in records if "eval/loss" in r]
+    assert [r["step"] for r in evaluated] == [2, 3]  # every eval_every steps, and the last
+    # Step 2 evaluates the updated policy: it moved away from the reference (z0 and rewards non-zero).
+    assert evaluated[0]["eval/rows"] == rows and abs(evaluated[0]["eval/rewards/margins"]) > 0
+    scored = evaluate(cfg, str(run_dir / "final"))
     final = records[-1]
-    for key, value in expected.items():
+    for key, value in scored.items():
         assert final[f"eval/{key}"] == pytest.approx(value, abs=1e-4), key
+
+    # Every step's loss, and every eval's, reached all three trackers (test_tracking.py's readers).
+    expected, expected_eval = _losses(records), _losses(records, "eval/loss")
+    assert sorted(expected_eval) == [2, 3]
+    assert tensorboard_scalars(run_dir / "tensorboard", "loss") == pytest.approx(expected)
+    assert tensorboard_scalars(run_dir / "tensorboard", "eval/loss") == pytest.approx(expected_eval)
+    history, params = mlflow_history(uri, "tracked", "loss")
+    assert history == pytest.approx(expected)
+    assert mlflow_history(uri, "tracked", "eval/loss")[0] == pytest.approx(expected_eval)
+    assert params["run.name"] == "tracked" and params["train.eval_every"] == "2"
+    history, config = wandb_history(run_dir, "loss")
+    assert history == pytest.approx(expected)
+    assert wandb_history(run_dir, "eval/loss")[0] == pytest.approx(expected_eval)
+    assert config["train"]["max_steps"] == 3

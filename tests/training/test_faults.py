@@ -94,6 +94,7 @@ def test_sigkilled_worker_restarts_from_the_checkpoint_and_matches(built_store, 
     assert_same_weights(RunDir.of(cfg).local_path / "final", uninterrupted / "final")
 
 
+@pytest.mark.extended  # re-proved, with the run dir on S3, by test_run_s3.py (tests/test_tiers.py)
 def test_killed_driver_resumes_on_rerun(built_store, uninterrupted, tmp_path):
     cfg = _config(built_store, tmp_path, "driver", run={"max_failures": 0})
     run_dir = RunDir.of(cfg).local_path
@@ -206,6 +207,7 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoint(built_store, tmp_
     assert (RunDir.of(cfg).local_path / "final" / "model.safetensors").is_file()
 
 
+@pytest.mark.extended  # re-proved by test_append.py's and test_precompute.py's kills (tests/test_tiers.py)
 def test_killed_overwrite_keeps_the_previous_store(built_store, tiny_model, tmp_path):
     from kto_ray.reference.precompute import precompute
     from kto_ray.reference.store import open_store

@@ -299,43 +299,6 @@ def test_cli_train_with_an_unreachable_tracker_exits_2_before_training(
     assert not (tmp_path / "runs").exists()  # nothing written, nothing launched
 
 
-# --- one real run: 2 Ray Train workers, ZeRO-3, all three trackers ------------------------------
-
-
-@pytest.mark.slow
-@pytest.mark.usefixtures("ray_local")
-def test_ray_run_reports_every_step_to_all_trackers(built_store, tmp_path, monkeypatch):
-    from kto_ray.training.driver import train
-
-    # Set after the module's Ray started: only the loop config can carry them to the workers.
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    cfg, _store = built_store
-    tree = cfg.model_dump(mode="json")
-    tree["train"] |= {"max_steps": 3, "micro_batch_size": 4, "lr": 1e-3, "warmup_ratio": 0.0, "eval_every": 2}
-    tree["cluster"] |= {"workers": 2}
-    tree["run"] |= {
-        "name": "tracked",
-        "dir": str(tmp_path / "runs"),
-        "checkpoint_every": 100,
-        "export": False,
-        "report_to": ["tensorboard", "mlflow", "wandb"],
-    }
-    result = train(cfg.model_validate(tree))
-    records = read_metrics(result.run_dir.local_path)
-    assert [r["step"] for r in records] == [1, 2, 3]
-    expected, expected_eval = _losses(records), _losses(records, "eval/loss")
-    assert sorted(expected_eval) == [2, 3]
-    assert tensorboard_scalars(result.run_dir.local_path / "tensorboard", "loss") == pytest.approx(expected)
-    assert tensorboard_scalars(result.run_dir.local_path / "tensorboard", "eval/loss") == pytest.approx(
-        expected_eval
-    )
-    history, params = mlflow_history(uri, "tracked", "loss")
-    assert history == pytest.approx(expected)
-    assert mlflow_history(uri, "tracked", "eval/loss")[0] == pytest.approx(expected_eval)
-    assert params["run.name"] == "tracked" and params["train.eval_every"] == "2"
-    history, config = wandb_history(result.run_dir.local_path, "loss")
-    assert history == pytest.approx(expected)
-    assert wandb_history(result.run_dir.local_path, "eval/loss")[0] == pytest.approx(expected_eval)
-    assert config["train"]["max_steps"] == 3
+# The real run (2 Ray Train workers, ZeRO-3, all three trackers, every step's loss and eval loss read back
+# with these readers) is in tests/training/test_eval_step.py
+# (test_ray_train_eval_equals_kto_ray_evaluate_of_the_export), which shares its run with the eval test's.
