@@ -4,13 +4,13 @@ A float32 below 1.18e-38 is stored without its leading bit; x86 cores compute wi
 slow microcode path (up to ~100x per operation on some parts). KTO makes them: when the sigmoid of a
 row saturates (large summed log-ratios, long rows first), the gradient it sends back is tiny, and
 products in the backward (attention probabilities times that gradient, above all) land below 1.18e-38.
-Measured on the bench's skewed data (`bench/long_rows.py`, BENCHMARKS.md "Long rows"): 1.6% and then 4%
+Measured on the bench's skewed data (`bench/long_rows.py`, BENCHMARKS.md section 20): 1.6% and then 3.8%
 of every value the two long-row steps computed was subnormal, none in the short steps; on the CPU the
 issue was found on, those two steps took 32 and 68 s where the same padded shape takes 5-7 s.
 
 Flushing (FTZ: results below the range become 0; DAZ: such inputs read as 0) changes only values that
 are already below 1.18e-38, far under float32's resolution of anything they are added to: the bench's
-12 steps end on bit-identical weights either way. GPUs flush in their fast paths anyway.
+8 steps end on bit-identical weights either way (`--subnormals`). GPUs flush in their fast paths anyway.
 
 The x86 control register (MXCSR) is per thread, and a thread copies its creator's when it starts:
 `flush_denormals` sets the calling thread's, so it must run on the thread that computes, before that
