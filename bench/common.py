@@ -258,7 +258,7 @@ def alternating_runs(
     Ray: on a shared machine, alternating keeps the load they meet alike. Returns the table rows (run,
     samples/s, median s/step) and each variant's steady-state samples/s per round."""
     from kto_ray.reference.precompute import precompute
-    from kto_ray.training.driver import train
+    from kto_ray.training.launch.driver import train
 
     table, rates = [], {name: [] for name in variants}
     for r in range(rounds):
@@ -354,7 +354,7 @@ def parse_args(parser: argparse.ArgumentParser, smoke: dict[str, Any]) -> argpar
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The run's metrics records through kto-ray's own reader."""
-    from kto_ray.training.metrics import read_metrics as read
+    from kto_ray.rundir.metrics import read_metrics as read
 
     return read(run_dir)
 

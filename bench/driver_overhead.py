@@ -40,7 +40,7 @@ def child(config: str) -> None:
     import importlib
 
     import kto_ray.cli as cli
-    import kto_ray.training.driver as driver
+    import kto_ray.training.launch.driver as driver
 
     phases = {"weights_fingerprint": 0.0, "data_read": 0.0, "data_reads": 0}
 
@@ -57,8 +57,8 @@ def child(config: str) -> None:
         return wrapper
 
     # Each module calls these through its own namespace: data/prepare.py (and, before the store check
-    # moved out of it, the check too) and reference/check.py, where the code measured has one.
-    for name in ("kto_ray.data.prepare", "kto_ray.reference.check"):
+    # moved out of it, the check too) and store/check.py, where the code measured has one.
+    for name in ("kto_ray.data.prepare", "kto_ray.store.check"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError:

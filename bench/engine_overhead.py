@@ -33,8 +33,8 @@ def main(engine_kind: str, steps: int, batch: int, spec: common.ModelSpec) -> No
     torch.set_num_threads(1)
     from transformers import AutoModelForCausalLM
 
-    from kto_ray.reference.store import open_store
-    from kto_ray.training.batching import Schedule, collate
+    from kto_ray.store.format import open_store
+    from kto_ray.training.schedule.batching import Schedule, collate
     from kto_ray.training.step import LossSettings, train_step
 
     table = open_store(cfg.store.path).read_split("train")

@@ -3,7 +3,7 @@ before the first step and after the last one, from the timings the commands reco
 
 Each command runs as a fresh process (`python -m kto_ray ...`, as a user runs it). `train` writes
 `timings.json` (the driver's phases) and `timings-rank0.json` (rank 0's) in its run dir
-(kto_ray/timings.py); precompute's phases come back in its result, printed by a child process here.
+(kto_ray/rundir/timings.py); precompute's phases come back in its result, printed by a child process here.
 Each train phase is the time since the mark before it, on one clock across the processes; the steps
 are split with metrics.jsonl's step times into the first step, the others, and what follows the last
 (the final checkpoint and the metrics record).

@@ -32,7 +32,7 @@ import common
 def kto_ray_steps(cfg) -> tuple[list[dict], list[dict]]:
     """kto-ray's metrics records and workers.json's ranks of one run of `cfg`."""
     from kto_ray.reference.precompute import precompute
-    from kto_ray.training.driver import train
+    from kto_ray.training.launch.driver import train
 
     precompute(cfg)
     run_dir = train(cfg).run_dir.local_path
@@ -46,8 +46,8 @@ def replay(model_dir: str, store: str, steps: int, batch: int, seed: int) -> lis
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kto_ray.models.logprobs import sequence_logps
-    from kto_ray.reference.store import open_store
-    from kto_ray.training.batching import Schedule, collate
+    from kto_ray.store.format import open_store
+    from kto_ray.training.schedule.batching import Schedule, collate
 
     torch.set_num_threads(1)
     table = open_store(store).read_split("train")
@@ -76,8 +76,8 @@ def count_subnormals(model_dir: str, store: str, steps: int, batch: int, cfg_tre
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kto_ray.config import KTOConfig
-    from kto_ray.reference.store import open_store
-    from kto_ray.training.batching import Schedule, collate
+    from kto_ray.store.format import open_store
+    from kto_ray.training.schedule.batching import Schedule, collate
     from kto_ray.training.step import LossSettings, train_step
 
     tiny = torch.finfo(torch.float32).tiny

@@ -21,7 +21,7 @@ import common
 
 
 def run_one(cfg, name: str, lora: bool, skip: int) -> tuple[common.Steady, float, float]:
-    from kto_ray.training.driver import train
+    from kto_ray.training.launch.driver import train
 
     cfg = cfg.model_copy(deep=True)
     cfg.run.name = name

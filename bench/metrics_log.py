@@ -4,7 +4,7 @@ on local disk and on an S3 server (moto's, on 127.0.0.1: tests/s3server.py).
 - before: the writer this replaced, which kept every line and replaced the whole file each step (a
   rename locally, one PUT of the whole file on S3), and a follower that read the whole file each poll;
   reproduced here (`WholeFileLog`, `whole_file_poll`) so both are measured on the same machine.
-- after: `kto_ray.training.metrics` (MetricsLog appends locally, rewrites only the newest bounded
+- after: `kto_ray.rundir.metrics` (MetricsLog appends locally, rewrites only the newest bounded
   segment on S3; MetricsFollower reads what is new).
 
 For each run length N the run dir is filled with N steps (in the layout the writer leaves), then:
@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kto_ray.rundir import RunDir  # noqa: E402
+from kto_ray.rundir.metrics import METRICS_FILE, MetricsFollower, MetricsLog, parse_metrics  # noqa: E402
 from kto_ray.training import metrics  # noqa: E402
-from kto_ray.training.metrics import METRICS_FILE, MetricsFollower, MetricsLog, parse_metrics  # noqa: E402
 
 KEYS = ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen")
 KEYS += ("logps/rejected", "grad_norm", "learning_rate", "step_time", "samples/s", "tokens/s")
@@ -129,7 +129,7 @@ def measure(run_dir: RunDir, steps: int, writes: int) -> dict[str, float]:
 
 @contextlib.contextmanager
 def s3_bucket() -> Iterator[str]:
-    from kto_ray.training.tracking import environment
+    from kto_ray.training.launch.tracking import environment
     from tests.s3server import s3_server
 
     with s3_server() as server, environment(server.environment()):

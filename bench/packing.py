@@ -50,7 +50,7 @@ def training_batches(rows, batch: int, group: bool):
     """(prompts, completions, kl completions) of the step schedule's micro-batches (1 worker)."""
     import numpy as np
 
-    from kto_ray.training.batching import Schedule
+    from kto_ray.training.schedule.batching import Schedule
 
     lengths = np.asarray([len(p) + len(c) for p, c in zip(rows["prompt_ids"], rows["completion_ids"])])
     schedule = Schedule(len(lengths), 1, batch, 1, seed=42, lengths=lengths if group else None)

@@ -96,7 +96,7 @@ def _short(frame: str) -> str:
 def main() -> None:
     from kto_ray.reference.precompute import precompute
     from kto_ray.rundir import RunDir
-    from kto_ray.training.driver import train
+    from kto_ray.training.launch.driver import train
 
     model = common.build_model(common.SPECS[args.model])
     rows = args.steps * args.batch + args.batch

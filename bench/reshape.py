@@ -44,8 +44,8 @@ def _rank(rank: int, world: int, port: int, cfg_json: str, folder: str, universa
     import torch
 
     from kto_ray.config import KTOConfig
-    from kto_ray.training.checkpoint import _load
     from kto_ray.training.engine import build_policy_engine, deepspeed_config
+    from kto_ray.training.resume.checkpoint import _load
 
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")
@@ -85,7 +85,7 @@ def _convert(source: str, target: str) -> tuple[float, float, float]:
     imports (torch, DeepSpeed) it starts with, and the scratch folder's peak size in GiB (sampled)."""
     import deepspeed.checkpoint.ds_to_universal  # noqa: F401 - in the baseline, not the figure
 
-    from kto_ray.training.reshape import to_universal
+    from kto_ray.training.resume.reshape import to_universal
 
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak, done = [0.0], threading.Event()

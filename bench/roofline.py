@@ -57,8 +57,8 @@ def step_tokens(cfg, workers: int, steps: int) -> list[tuple[int, int]]:
     """(policy tokens, KL tokens) of every step, from the store and kto-ray's schedule."""
     import pyarrow.compute as pc
 
-    from kto_ray.reference.store import open_store, sequence_lengths
-    from kto_ray.training.batching import Schedule
+    from kto_ray.store.format import open_store, sequence_lengths
+    from kto_ray.training.schedule.batching import Schedule
 
     table = open_store(cfg.store.path).read_split("train")
     own = sequence_lengths(table)
@@ -77,7 +77,7 @@ def step_tokens(cfg, workers: int, steps: int) -> list[tuple[int, int]]:
 
 def train_run(cfg, workers: int, skip: int, n_params: int) -> tuple[float, float]:
     """Achieved FLOP/s and samples/s of a real run (steady state)."""
-    from kto_ray.training.driver import train
+    from kto_ray.training.launch.driver import train
 
     cfg = cfg.model_copy(deep=True)
     cfg.run.name = f"roofline-{workers}w"
@@ -98,8 +98,8 @@ def plain_run(cfg, steps: int, skip: int, n_params: int) -> tuple[float, float]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kto_ray.reference.store import open_store
-    from kto_ray.training.batching import Schedule, collate
+    from kto_ray.store.format import open_store
+    from kto_ray.training.schedule.batching import Schedule, collate
     from kto_ray.training.step import LossSettings, train_step
 
     torch.set_num_threads(1)

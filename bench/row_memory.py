@@ -1,5 +1,5 @@
 """Peak memory of getting the train split to the workers: the whole table (today) vs a row index plus
-rows read by position (kto_ray/reference/reader.py), on synthetic stores of 20k and 200k rows.
+rows read by position (kto_ray/store/reader.py), on synthetic stores of 20k and 200k rows.
 
 The stores are written with tests.helpers.write_store (no model): three token lists of 20-60 int32 each
 per row, 90% train, ids shuffled across files of 1,024 rows in row groups of 256 (precompute's layout). Each
@@ -53,9 +53,9 @@ def _peak_mib() -> float:
 
 
 def child(case: str, store_path: str, handoff: str, steps: int, cache_mib: float, step_ms: float) -> dict:
-    from kto_ray.reference.reader import RowReader, SplitIndex
-    from kto_ray.reference.store import open_store
-    from kto_ray.training.batching import Schedule, collate
+    from kto_ray.store.format import open_store
+    from kto_ray.store.reader import RowReader, SplitIndex
+    from kto_ray.training.schedule.batching import Schedule, collate
 
     store = open_store(store_path)
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: count what the case adds

@@ -5,7 +5,7 @@ place of DeepSpeed: one process, no Ray) on the `small` Llama, 1 thread. The sam
 order, `group_by_length: false`) gives both settings the same rows per step, `--micro` x `--accumulation`:
 - fixed: `--accumulation` micro-batches of `--micro` rows, each padded (or packed) as it comes;
 - budget: the step's rows cut longest first into micro-batches of at most `--budget` tokens
-  (training/token_budget.py).
+  (training/schedule/token_budget.py).
 Each setting is a fresh subprocess: samples/s over the steps after the first (`--steps` in all), and
 peak memory, the subprocess's VmHWM and its rise over its RSS once the model and optimizer are built
 (the activations' peak: set by the largest micro-batch). The losses of both must agree (the same math).
@@ -44,9 +44,9 @@ def run_setting(setting: str, args: argparse.Namespace, queue) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from kto_ray.training.batching import Schedule, collate
+    from kto_ray.training.schedule.batching import Schedule, collate
+    from kto_ray.training.schedule.token_budget import budget_batches
     from kto_ray.training.step import LossSettings, train_step
-    from kto_ray.training.token_budget import budget_batches
 
     torch.set_num_threads(1)
     model_dir = common.build_model(common.SPECS[args.model])

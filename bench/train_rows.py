@@ -8,7 +8,7 @@ process and steady step time.
   group, with read-ahead (`RowReader`).
 
 Both feed identical batches. Each case is a fresh subprocess (a clean driver) that starts its own
-local Ray inside `kto_ray.training.driver.fit` and trains the tiny model (configs/demo.yaml: 2 workers
+local Ray inside `kto_ray.training.launch.driver.fit` and trains the tiny model (configs/demo.yaml: 2 workers
 x 0.5 CPU, ZeRO-3, micro-batch 16; no checkpoint before the final one, no export). Figures:
 - driver peak: VmHWM of the subprocess, and its rise above the point just before the case started
   (imports, store opened, VmHWM reset through /proc/self/clear_refs);
@@ -70,7 +70,7 @@ TINY_MODEL = common.REPO / "artifacts" / "tiny-llama"
 def synthetic_store(root: Path, rows: int) -> str:
     """A committed store of `rows` synthetic rows at root/stores/rows-<n> (built once, then reused)."""
     from kto_ray.assets.tiny_model import ALPHABET, SPECIAL_TOKENS
-    from kto_ray.reference.store import open_store, read_manifest
+    from kto_ray.store.format import open_store, read_manifest
 
     path = root / "stores" / f"rows-{rows}"
     if read_manifest(path) is not None:  # committed by an earlier run: reuse it
@@ -129,7 +129,7 @@ class WorkerPeaks(common.PeakMemory):
 def _groups_per_step(index, cfg, steps: int) -> float:
     """Distinct row groups holding rank 0's rows of a step, mean over the run's steps: the groups its
     reader reads per step when nothing is cached."""
-    from kto_ray.training.batching import Schedule
+    from kto_ray.training.schedule.batching import Schedule
 
     train = cfg.train
     schedule = Schedule.for_index(
@@ -148,9 +148,10 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
     import ray.train.torch  # noqa: F401 - imported before the baseline: what every driver loads
 
-    from kto_ray.reference.reader import SplitIndex
-    from kto_ray.reference.store import open_store
-    from kto_ray.training.driver import desirable_weight, fit, row_count, row_labels, split_rows, split_tables
+    from kto_ray.objective import desirable_weight
+    from kto_ray.store.format import open_store
+    from kto_ray.store.reader import SplitIndex
+    from kto_ray.training.launch.driver import fit, row_count, row_labels, split_rows, split_tables
 
     cfg = run_config(spec["store"], Path(spec["run_root"]), spec["name"], spec["steps"])
     store = open_store(spec["store"])

@@ -231,7 +231,7 @@ def same_loss_check(spec: common.ModelSpec, batch: int, root: Path) -> None:
 
     from kto_ray.data.tokenize import tokenize_batch
     from kto_ray.models.logprobs import pad_sequences, sequence_logps
-    from kto_ray.training.batching import KTOBatch
+    from kto_ray.training.schedule.batching import KTOBatch
     from kto_ray.training.step import LossSettings, train_step
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -318,7 +318,7 @@ def kto_ray_runs(cfg, batch: int, rows_by_id: list[dict], root: Path):
     """Store (timed), then TRL's rows in the order of kto-ray's seeded shuffle (TRL builds its KL pairs
     within consecutive batches of its dataset, so it gets a shuffled one, as a user would give it)."""
     from kto_ray.reference.precompute import precompute
-    from kto_ray.training.batching import Schedule
+    from kto_ray.training.schedule.batching import Schedule
 
     with common.timed() as setup:
         store = precompute(cfg).store
@@ -332,7 +332,7 @@ def kto_ray_runs(cfg, batch: int, rows_by_id: list[dict], root: Path):
 def train_kto_ray(cfg, workers: int, batch: int, skip: int) -> tuple[common.Steady, float, float, str]:
     """Train `cfg` on `workers` workers; steady state over the steps after `skip`, and the ZeRO stage
     the run used (what `auto` resolved to)."""
-    from kto_ray.training.driver import train
+    from kto_ray.training.launch.driver import train
 
     cfg = cfg.model_copy(deep=True)
     cfg.run.name = f"kto-ray-{workers}w"

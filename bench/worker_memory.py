@@ -125,11 +125,12 @@ class Timeline:
 
 def run(model: Path, root: Path, mode: str, steps: int, release: bool) -> dict[str, Any]:
     from kto_ray.assets.tiny_model import ALPHABET, SPECIAL_TOKENS
+    from kto_ray.objective import desirable_weight
     from kto_ray.planning.plan import GIB, plan
-    from kto_ray.reference.reader import SplitIndex
-    from kto_ray.reference.store import open_store
     from kto_ray.rundir import RunDir
-    from kto_ray.training.driver import desirable_weight, fit, row_labels
+    from kto_ray.store.format import open_store
+    from kto_ray.store.reader import SplitIndex
+    from kto_ray.training.launch.driver import fit, row_labels
 
     store_path = root / "store"
     if not store_path.exists():

@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
 
         precompute(cfg, overwrite=args.overwrite)
     elif args.command == "train":
-        from kto_ray.training.driver import train
+        from kto_ray.training.launch.driver import train
 
         result = train(cfg)
         print(f"trained {result.steps} steps; run dir {result.run_dir}")

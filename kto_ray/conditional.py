@@ -1,5 +1,5 @@
 """Conditional writes of one small file: create it only when absent, replace or delete it only while it
-is still the version last read. The lease (kto_ray/lease.py) settles races with these wherever the
+is still the version last read. The lease (kto_ray/rundir/lease.py) settles races with these wherever the
 storage has them; `conditional_file` returns None where it has not, and the lease then settles by
 write, wait and re-read.
 

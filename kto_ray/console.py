@@ -4,7 +4,7 @@ Chatter is switched off where it is made, not filtered from the output: Ray does
 output to the driver and logs at error level, Ray Data draws no per-operator bars, and transformers
 draws no weight-loading bars and logs errors only. `-v/--verbose`, or `KTO_RAY_VERBOSE=1` in the
 environment (the way to ask for it under `ray job submit`), brings all of it back.
-Training's progress, which reads metrics.jsonl, is `kto_ray/training/progress.py`.
+Training's progress, which reads metrics.jsonl, is `kto_ray/training/launch/progress.py`.
 """
 
 from __future__ import annotations

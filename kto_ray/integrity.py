@@ -5,7 +5,7 @@ file's size and the CRC-32 of its bytes (zlib's: ~4 GB/s on one core here, ten t
 finds damage, not tampering). Readers check what costs them nothing extra: a file is there and has its
 size (one LIST or the size an open returns anyway); the checksum of a whole file is recomputed where the
 whole file is read anyway (a checkpoint restore, `final/` loaded by evaluate) and by `kto-ray verify`.
-Parquet files also carry page checksums that pyarrow verifies as it decodes (reference/store.py).
+Parquet files also carry page checksums that pyarrow verifies as it decodes (store/format.py).
 """
 
 from __future__ import annotations

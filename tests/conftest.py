@@ -276,7 +276,7 @@ def own_lines(text: str) -> list[str]:
 
 def read_metrics(run_dir) -> list[dict]:
     """The run's metrics records through the product's one reader (a local folder or a URI)."""
-    from kto_ray.training.metrics import read_metrics as read
+    from kto_ray.rundir.metrics import read_metrics as read
 
     return read(run_dir)
 

@@ -113,7 +113,8 @@ def write_store(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from kto_ray.reference.store import (
+    from kto_ray.storage import resolve, write_text_atomically
+    from kto_ray.store.format import (
         COMPONENTS,
         MANIFEST,
         SCHEMA,
@@ -122,7 +123,6 @@ def write_store(
         list_files,
         open_store,
     )
-    from kto_ray.storage import resolve, write_text_atomically
 
     total = len(group_sizes) * rows_per_file if rows is None else rows
     files = -(-total // rows_per_file)

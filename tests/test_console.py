@@ -1,5 +1,5 @@
 """The console: library chatter switched off unless asked for, and what the real CLI prints (bars on a
-terminal, plain lines in a log). Training progress itself: tests/training/test_progress.py."""
+terminal, plain lines in a log). Training progress itself: tests/training/launch/test_progress.py."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ import kto_ray
 
 PACKAGE = Path(kto_ray.__file__).parent
 ROOT = "kto_ray"
-STORAGE = ("kto_ray.rundir", "kto_ray.storage", "kto_ray.lease", "pyarrow")
+STORAGE = ("kto_ray.rundir", "kto_ray.storage", "kto_ray.rundir.lease", "pyarrow")
 
 
 def _module_name(path: Path) -> str:
@@ -124,15 +124,14 @@ def test_every_import_is_counted_lazy_and_relative_ones_too():
     tree = ast.parse(
         "import kto_ray.storage\n"
         "from kto_ray.reference import store\n"
-        "def f():\n    from kto_ray.training.batching import Schedule\n"
+        "def f():\n    from kto_ray.training.schedule.batching import Schedule\n"
         "from . import sibling\n"
     )
     names = {name for name, _ in _imported(tree, "kto_ray.data.prepare", is_package=False)}
-    assert {"kto_ray.storage", "kto_ray.reference.store", "kto_ray.training.batching"} <= names
+    assert {"kto_ray.storage", "kto_ray.store.format", "kto_ray.training.schedule.batching"} <= names
     assert "kto_ray.data.sibling" in names
     assert (
-        _node("kto_ray.reference.store") == "kto_ray.reference"
-        and _node("kto_ray.config") == "kto_ray.config"
+        _node("kto_ray.store.format") == "kto_ray.reference" and _node("kto_ray.config") == "kto_ray.config"
     )
     assert _node("kto_ray.__version__") is None and _node("numpy") is None
 

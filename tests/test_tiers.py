@@ -34,8 +34,8 @@ EXTENDED_MODULES = {
     "tests/integration/test_multinode.py",  # real multi-node clusters: node loss, elastic, reshape
     "tests/tools/test_sweep.py",  # a Ray Tune sweep of several trials
     # checkpoint damage: trained runs killed, damaged and rerun (test_verify.py covers the checks alone)
-    "tests/training/test_checkpoint_integrity.py",
-    "tests/training/test_checkpoint_integrity_s3.py",
+    "tests/training/resume/test_checkpoint_integrity.py",
+    "tests/training/resume/test_checkpoint_integrity_s3.py",
 }
 EXTENDED_IDS = (
     # Each bench's --smoke run: prints its table; the figures are BENCHMARKS.md's, the code paths the

@@ -2,7 +2,7 @@
 
 read + validate (driver, text only) -> KL pairing and split (driver, seeded) -> tokenization
 (`tokenize_rows`, run in Ray Data tasks by precompute, or on the driver online). Rows and text only:
-what a store of these rows must match is `kto_ray.reference.check`'s.
+what a store of these rows must match is `kto_ray.store.check`'s.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """KL pairing and train/eval split that new rows never change (`data.pairing: stream`), so a store can
-grow by appended segments (kto_ray/reference/segments.py) without rescoring a row it holds.
+grow by appended segments (kto_ray/store/segments.py) without rescoring a row it holds.
 
 `kto_ray.data.pairing` draws both from a shuffle of all rows: one more row moves every pair and split.
 Here both depend only on a row and the rows before it in read order, so a data set that grows at its

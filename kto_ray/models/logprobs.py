@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kto_ray.loss import completion_logps
 from kto_ray.models.heads import PLAIN_HEAD, HeadTransform, head_transform, say_once
 from kto_ray.models.packing import PackedBatch, layout_for, packed_full_logps
+from kto_ray.objective import completion_logps
 
 
 @dataclass(frozen=True)

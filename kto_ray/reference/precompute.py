@@ -18,14 +18,15 @@ from kto_ray.config import KTOConfig, with_absolute_paths
 from kto_ray.console import RowProgress, configure_ray_data
 from kto_ray.data.prepare import PreparedText, prepare_text, tokenize_rows
 from kto_ray.errors import StorageError, UserError
-from kto_ray.lease import ensure_free
 from kto_ray.models.loading import check_context_length, load_tokenizer
 from kto_ray.raycluster import ray_session
-from kto_ray.reference.check import data_file_stats, store_fingerprint
-from kto_ray.reference.fingerprint import FileStat
 from kto_ray.reference.scoring import ActorModel, ProgressCounter, ReferenceLogprobs, on_actors
-from kto_ray.reference.segments import kept_segments, new_segment, segmented_manifest, write_row_digests
-from kto_ray.reference.store import (
+from kto_ray.rundir.lease import ensure_free
+from kto_ray.rundir.timings import Timeline
+from kto_ray.storage import Location, display, files_under, first_line, info, resolve
+from kto_ray.store.check import data_file_stats, store_fingerprint
+from kto_ray.store.fingerprint import FileStat
+from kto_ray.store.format import (
     WRITE_OPTIONS,
     Manifest,
     Segment,
@@ -37,14 +38,13 @@ from kto_ray.reference.store import (
     read_manifest,
     record_data_files,
 )
-from kto_ray.storage import Location, display, files_under, first_line, info, resolve
-from kto_ray.timings import Timeline
+from kto_ray.store.segments import kept_segments, new_segment, segmented_manifest, write_row_digests
 
 log = logging.getLogger(__name__)
 
 
 # Rows per Parquet row group of the store. Training workers read their micro-batches' rows by row group
-# (kto_ray/reference/reader.py) and the schedule draws rows at random, so nearly every row a worker needs
+# (kto_ray/store/reader.py) and the schedule draws rows at random, so nearly every row a worker needs
 # sits in a different group and costs a read of the whole group: the smaller the group, the less is
 # read for nothing. At 256 rows a group of typical rows (a few hundred tokens in each of three int32
 # lists, ~4 KB) is ~1 MB: one ranged GET on object storage, where below a few MB a request's latency,
@@ -58,7 +58,9 @@ ROW_GROUP_ROWS = 256
 class PrecomputeResult:
     store: Store
     reused: bool
-    timings: list[dict[str, Any]] = field(default_factory=list)  # the phases of a build (kto_ray/timings.py)
+    timings: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # the phases of a build (kto_ray/rundir/timings.py)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from kto_ray.models.denormals import flush_denormals
 from kto_ray.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
 from kto_ray.models.logprobs import length_buckets, pad_sequences, sequence_logps
 from kto_ray.models.packing import pack_sequences
-from kto_ray.reference.store import SCHEMA
+from kto_ray.store.format import SCHEMA
 
 # Share of each GPU the spread model's weights may take: the rest holds one model batch's activations
 # and logits (kto-ray plan sizes them) and the CUDA context.

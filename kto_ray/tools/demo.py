@@ -79,7 +79,7 @@ def run_demo(cfg: KTOConfig) -> dict[str, dict[str, float]]:
     from kto_ray.raycluster import ray_session
     from kto_ray.reference.precompute import precompute
     from kto_ray.tools.evaluate import evaluate
-    from kto_ray.training.driver import train
+    from kto_ray.training.launch.driver import train
 
     start = time.perf_counter()
     model_dir = ensure_tiny_model(cfg.model.path)

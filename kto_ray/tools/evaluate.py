@@ -15,14 +15,12 @@ import torch
 
 from kto_ray.config import KTOConfig, with_absolute_paths
 from kto_ray.integrity import check_model_folder
-from kto_ray.kto_metrics import EVAL_KEYS, KTOSums
-from kto_ray.loss import kl_raw
 from kto_ray.models.loading import load_tokenizer
+from kto_ray.objective import EVAL_KEYS, KTOSums, desirable_weight, kl_raw
 from kto_ray.raycluster import ray_session
-from kto_ray.reference.check import checked_store
 from kto_ray.reference.scoring import score_on_actors
-from kto_ray.training.driver import desirable_weight
-from kto_ray.training.placement import Ask, placement_notices
+from kto_ray.store.check import checked_store
+from kto_ray.training.launch.placement import Ask, placement_notices
 from kto_ray.training.step import LossSettings
 
 

@@ -7,7 +7,7 @@ from kto_ray.raycluster import ray_session
 from kto_ray.reference.precompute import precompute
 from kto_ray.storage import display
 from kto_ray.tools.evaluate import evaluate, format_table
-from kto_ray.training.driver import train
+from kto_ray.training.launch.driver import train
 
 
 def run_pipeline(cfg: KTOConfig, *, evaluate_before: bool = False) -> dict[str, dict[str, float]]:

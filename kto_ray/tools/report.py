@@ -18,9 +18,9 @@ import yaml
 from kto_ray.errors import UserError
 from kto_ray.integrity import model_folder_problems
 from kto_ray.rundir import WORKERS_FILE, RunDir
+from kto_ray.rundir.metrics import METRICS_FILE, SEGMENTS, metrics_location, read_metrics
+from kto_ray.rundir.worker_groups import kept_steps, parse_groups
 from kto_ray.storage import first_line
-from kto_ray.training.metrics import METRICS_FILE, SEGMENTS, metrics_location, read_metrics
-from kto_ray.training.worker_groups import kept_steps, parse_groups
 
 SMOOTH_MIN_STEPS = 20  # below this an EMA hides nothing and just doubles the lines
 CONFIG_KEYS = "model.path train.beta train.lr train.micro_batch_size train.grad_accumulation cluster.workers"
@@ -224,7 +224,7 @@ def _eval_summary(records: list[dict[str, Any]]) -> list[str]:
 
 def _worker_rows(run_dir: RunDir, last_step: int) -> list[str]:
     """Which worker group ran which steps, and where each rank of the last group ran (workers.json,
-    one entry per start of the group: `training/worker_groups.py`)."""
+    one entry per start of the group: `rundir/worker_groups.py`)."""
     groups = parse_groups(_read(run_dir, WORKERS_FILE))
     if not groups:
         return []

@@ -40,7 +40,7 @@ def write_samples(
     """Generate for the first `n` eval prompts (by id) with the trained model (`model_path`, default the
     run's final/ export, else the policy) and the reference; returns the JSONL and Markdown paths."""
     from kto_ray.models.loading import load_tokenizer
-    from kto_ray.reference.check import checked_store
+    from kto_ray.store.check import checked_store
     from kto_ray.tools.evaluate import on_the_cluster
 
     cfg = with_absolute_paths(cfg)

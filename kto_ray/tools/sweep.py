@@ -27,9 +27,9 @@ from typing import Any
 
 from kto_ray.config import KTOConfig, config_from_dict
 from kto_ray.errors import TrainingStopped, UserError
-from kto_ray.lease import Lease
 from kto_ray.raycluster import ray_session
 from kto_ray.rundir import RunDir
+from kto_ray.rundir.lease import Lease
 from kto_ray.tools.sweep_config import SweepConfig, check_scheduler, sweep_name, trial_configs
 from kto_ray.tools.sweep_report import SWEEP_FILE, TRIAL_FILE, summary_markdown, sweep_rows, table_text
 from kto_ray.tools.sweep_stop import abort_run, controller_mailbox
@@ -104,8 +104,8 @@ def trial_trainable():
     actor before it exits: there the Ray Train run is aborted, see `sweep_stop.py`)."""
     from ray import tune
 
-    from kto_ray.training.driver import train
-    from kto_ray.training.metrics import MetricsFollower, read_metrics
+    from kto_ray.rundir.metrics import MetricsFollower, read_metrics
+    from kto_ray.training.launch.driver import train
 
     class Trial(tune.Trainable):
         """Trains (or resumes) in a thread; each `step` returns the next eval record rank 0 logged, the
@@ -269,7 +269,7 @@ def run_sweep(cfg: KTOConfig, sweep: SweepConfig) -> SweepResult:
             last_steps: dict[str, int] = {}
             if cfg.reference.mode == "offline":
                 from kto_ray.reference.precompute import precompute
-                from kto_ray.training.driver import total_steps
+                from kto_ray.training.launch.driver import total_steps
 
                 store = precompute(cfg)
                 print(f"store {'reused' if store.reused else 'scored'}: {cfg.store.path}", flush=True)

@@ -20,7 +20,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from kto_ray.config import KTOConfig, Section, config_from_dict, parse_override
 from kto_ray.errors import UserError
-from kto_ray.kto_metrics import EVAL_KEYS
+from kto_ray.objective import EVAL_KEYS
 
 # A sweep trains every trial on one store: keys that change what the store holds are not swept (the
 # model keys the store's fingerprint reads: its weights and tokenizer come from model.path at

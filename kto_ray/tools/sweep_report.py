@@ -12,7 +12,7 @@ from typing import Any
 
 from kto_ray.errors import UserError
 from kto_ray.rundir import RunDir
-from kto_ray.training.metrics import read_metrics
+from kto_ray.rundir.metrics import read_metrics
 
 SWEEP_FILE = "sweep.json"  # in the sweep dir: the trials and their swept values, the ranking metric
 TRIAL_FILE = "trial.json"  # in a trial's run dir: how it ended (finished or stopped), its steps and time

@@ -1,6 +1,6 @@
 """Stopping a trial's Ray Train run when Tune stops the trial, the way Ctrl-C stops `kto-ray train`.
 
-The trial's actor calls `TorchTrainer.fit` (in `kto_ray.training.driver`), which keeps the controller's
+The trial's actor calls `TorchTrainer.fit` (in `kto_ray.training.launch.driver`), which keeps the controller's
 handle to itself. Ray Train V2 builds extra controller callbacks from `RAY_TRAIN_CALLBACKS` (import paths),
 so the trial's actor names `SendHandle` there: built in the actor, it carries a small queue, and once
 the controller starts it puts the controller's own handle in it. When Tune stops the trial (the

@@ -14,9 +14,9 @@ from pyarrow.fs import FileType
 
 from kto_ray.errors import UserError
 from kto_ray.integrity import Problem, check_entry, list_name, lists_at
-from kto_ray.reference.store import MANIFEST, READABLE_FORMATS, read_manifest
 from kto_ray.rundir import CHECKPOINTS, RunDir
 from kto_ray.storage import Location, children, first_line, info, resolve
+from kto_ray.store.format import MANIFEST, READABLE_FORMATS, read_manifest
 
 # The model folders a run dir may hold, each with its file list (rundir.RunDir.publish).
 MODEL_FOLDERS = ("final", "merged")

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from kto_ray.loss import mean_from_sum
+from kto_ray.objective import mean_from_sum
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 

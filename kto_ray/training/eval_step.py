@@ -6,7 +6,7 @@ every rank then runs the SAME number of micro-batches, because under ZeRO-3 a fo
 (each layer's parameters are all-gathered): a rank with fewer rows runs a dummy micro-batch (one real
 row whose results are dropped) rather than skip a forward its peers are waiting in. The collectives
 are fixed too: one all-reduce of [KL sum, count] for the global z0 (`distributed.global_kl`, as the
-training step), one of the metric sums (`kto_ray.kto_metrics.KTOSums`); a rank without rows adds zeros.
+training step), one of the metric sums (`kto_ray.objective.KTOSums`); a rank without rows adds zeros.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from kto_ray.kto_metrics import EVAL_KEYS, KTOSums
 from kto_ray.models.logprobs import DEFAULT_CHUNK_TOKENS, sequence_logps
-from kto_ray.reference.store import sequence_lengths
-from kto_ray.training.batching import collate
+from kto_ray.objective import EVAL_KEYS, KTOSums
+from kto_ray.store.format import sequence_lengths
 from kto_ray.training.distributed import Reduce, global_kl
+from kto_ray.training.schedule.batching import collate
 from kto_ray.training.step import LossSettings, ReferenceFn
 
 

@@ -3,12 +3,12 @@
 For the global batch of one optimizer step (all workers, all accumulation micro-batches):
 1. policy log-probs of the mismatched (x, y_kl) pairs without gradients, on every micro-batch;
 2. one all-reduce of [KL sum, KL count] gives the exact global z0 and row count (`distributed.global_kl`);
-3. per micro-batch: policy log-probs of (x, y) with gradients, KTO loss from `kto_ray.loss`, backward;
+3. per micro-batch: policy log-probs of (x, y) with gradients, KTO loss from `kto_ray.objective`, backward;
    for an MoE model with `router_aux`, this pass also adds `router_aux_loss_coef x aux_loss` (the
    family's load-balancing loss of this forward's router logits, `kto_ray.models.moe`), per row;
 4. the engine steps (clip, optimizer, scheduler) once the accumulation boundary is reached;
-5. one all-reduce of the metric sums (`kto_ray.kto_metrics.KTOSums`).
-With token-budget micro-batches (`train.micro_batch_tokens`, training/token_budget.py) ranks bring
+5. one all-reduce of the metric sums (`kto_ray.objective.KTOSums`).
+With token-budget micro-batches (`train.micro_batch_tokens`, training/schedule/token_budget.py) ranks bring
 different numbers of micro-batches: one all-reduce first agrees on the most, and a rank with fewer runs
 its `filler` row in their place through both passes (its forwards, a zero loss, its backward, the
 finite check), its results dropped: under ZeRO-3 every forward and backward gathers parameters, so
@@ -28,8 +28,6 @@ from typing import Protocol
 
 import torch
 
-from kto_ray.kto_metrics import TRAIN_KEYS, KTOSums
-from kto_ray.loss import KTOLossOutput, kto_loss
 from kto_ray.models.logprobs import (
     DEFAULT_CHUNK_TOKENS,
     PaddedBatch,
@@ -38,8 +36,9 @@ from kto_ray.models.logprobs import (
 )
 from kto_ray.models.moe import RouterAux
 from kto_ray.models.packing import PackedBatch
-from kto_ray.training.batching import KTOBatch
+from kto_ray.objective import TRAIN_KEYS, KTOLossOutput, KTOSums, kto_loss
 from kto_ray.training.distributed import Reduce, global_kl, most_over_ranks
+from kto_ray.training.schedule.batching import KTOBatch
 
 # (micro-batch) -> (reference logps of (x, y), reference logps of (x, y_kl)), for the online mode.
 ReferenceFn = Callable[[KTOBatch], tuple[torch.Tensor, torch.Tensor]]

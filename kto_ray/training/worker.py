@@ -1,6 +1,6 @@
 """The Ray Train worker loop: build the DeepSpeed engine, restore, step, log, checkpoint, export.
 
-Everything a worker needs arrives in its LoopConfig (`training/loop_config.py`: the validated config,
+Everything a worker needs arrives in its LoopConfig (`training/schedule/loop_config.py`: the validated config,
 the train split as a store index or, online, a table's object ref, the step count), never through
 globals or the ambient environment. Each worker reads only its own micro-batches' rows, the next
 step's while the current one computes.
@@ -31,12 +31,12 @@ from kto_ray.errors import NonFiniteStep
 from kto_ray.models.denormals import denormals_flushed, flush_denormals
 from kto_ray.models.loading import hidden_size_of, load_tokenizer
 from kto_ray.models.moe import router_aux
-from kto_ray.reference.reader import RowReader, SplitIndex
 from kto_ray.rundir import RunDir
-from kto_ray.timings import RANK0_TIMINGS_FILE, Timeline
+from kto_ray.rundir.metrics import MetricsLog
+from kto_ray.rundir.timings import RANK0_TIMINGS_FILE, Timeline
+from kto_ray.rundir.worker_groups import record_group
+from kto_ray.store.reader import RowReader, SplitIndex
 from kto_ray.training import host_memory
-from kto_ray.training.batching import Schedule, collate
-from kto_ray.training.checkpoint import restore, save_and_report
 from kto_ray.training.distributed import all_reduce_sum, gather_objects, init_deepspeed_comm
 from kto_ray.training.engine import (
     build_policy_engine,
@@ -46,14 +46,14 @@ from kto_ray.training.engine import (
     refresh_optimizer_settings,
 )
 from kto_ray.training.eval_step import eval_metrics
-from kto_ray.training.global_batch import config_for_world
-from kto_ray.training.loop_config import LoopConfig
-from kto_ray.training.metrics import MetricsLog
-from kto_ray.training.rows import TableRows
+from kto_ray.training.launch.tracking import Tracker, started_trackers
+from kto_ray.training.resume.checkpoint import restore, save_and_report
+from kto_ray.training.resume.global_batch import config_for_world
+from kto_ray.training.schedule.batching import Schedule, collate
+from kto_ray.training.schedule.loop_config import LoopConfig
+from kto_ray.training.schedule.rows import TableRows
+from kto_ray.training.schedule.token_budget import budget_batches
 from kto_ray.training.step import LossSettings, NonFiniteError, train_step
-from kto_ray.training.token_budget import budget_batches
-from kto_ray.training.tracking import Tracker, started_trackers
-from kto_ray.training.worker_groups import record_group
 
 
 def _device(cfg: KTOConfig) -> torch.device:
@@ -266,7 +266,7 @@ def _step(run: WorkerRun, step: int) -> dict[str, Any]:
     budget, filler = run.cfg.train.micro_batch_tokens, None
     if budget is None:
         batches = [collate(part, np.arange(len(part)), pad_id, packed) for part in parts]
-    else:  # the same rows, re-cut by tokens (training/token_budget.py)
+    else:  # the same rows, re-cut by tokens (training/schedule/token_budget.py)
         batches, filler = budget_batches(pa.concat_tables(parts), budget, pad_id, packed)
     try:
         metrics = train_step(

@@ -74,7 +74,7 @@ def test_chunked_logprobs_on_cuda_equal_the_full_path_in_a_quarter_of_the_memory
 @pytest.mark.usefixtures("ray_local_gpu")
 def test_bf16_precompute_and_training_on_one_gpu(tiny_model, small_data, tmp_path):
     from kto_ray.reference.precompute import precompute
-    from kto_ray.training.driver import train
+    from kto_ray.training.launch.driver import train
 
     cfg = make_config(
         tiny_model,

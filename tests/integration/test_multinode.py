@@ -20,9 +20,9 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
+from kto_ray.rundir.worker_groups import parse_groups
 from kto_ray.storage import info, read_text, resolve
 from kto_ray.tools.report import write_report
-from kto_ray.training.worker_groups import parse_groups
 from tests.conftest import REPO, assert_same_tensors, read_metrics, registered_steps
 from tests.nodes import BIN, Cluster, ray_cluster
 

@@ -26,7 +26,7 @@ from kto_ray.errors import UserError
 from kto_ray.models.loading import load_causal_lm, load_tokenizer
 from kto_ray.reference.precompute import precompute
 from kto_ray.tools.evaluate import evaluate
-from kto_ray.training.driver import train
+from kto_ray.training.launch.driver import train
 from tests.conftest import REPO, make_config, read_metrics
 
 CHAT_DATA = REPO / "data" / "chat_sample.jsonl"

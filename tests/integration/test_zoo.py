@@ -29,7 +29,7 @@ from kto_ray.assets.tiny_model import build_tokenizer
 from kto_ray.assets.zoo import FAMILIES, build_family
 from kto_ray.cli import main
 from kto_ray.reference.precompute import precompute
-from kto_ray.training.driver import train
+from kto_ray.training.launch.driver import train
 from tests.assets.test_zoo import tensor_names
 from tests.conftest import REPO, make_config, read_metrics
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 import transformers
 
-from kto_ray.loss import completion_logps
 from kto_ray.models import heads
 from kto_ray.models.logprobs import pad_sequences, sequence_logps
+from kto_ray.objective import completion_logps
 
 VOCAB = 3_000
 SHAPE = dict(

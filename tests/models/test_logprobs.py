@@ -4,8 +4,8 @@ positions skipped) give the full forward's sums. The chunked path is tested in t
 import torch
 from transformers import AutoModelForCausalLM
 
-from kto_ray.loss import completion_logps
 from kto_ray.models.logprobs import pad_sequences, sequence_logps
+from kto_ray.objective import completion_logps
 
 # Prompts of different lengths, so the first completion position differs per row.
 PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 10, 11], [1, 12, 13, 14]]

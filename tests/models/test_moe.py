@@ -14,8 +14,8 @@ import transformers
 from kto_ray.models import moe
 from kto_ray.models.logprobs import pad_sequences, sequence_logps, sequence_logps_and_router_logits
 from kto_ray.models.moe import router_aux
-from kto_ray.reference.store import SCHEMA
-from kto_ray.training.batching import collate
+from kto_ray.store.format import SCHEMA
+from kto_ray.training.schedule.batching import collate
 from kto_ray.training.step import LossSettings, train_step
 from tests.helpers import PlainEngine
 

@@ -16,7 +16,7 @@ from kto_ray.models import packing
 from kto_ray.models.loading import load_causal_lm
 from kto_ray.models.logprobs import pad_sequences, sequence_logps
 from kto_ray.models.packing import keeps_rows_apart, pack_sequences, packed_full_logps
-from kto_ray.training.batching import collate
+from kto_ray.training.schedule.batching import collate
 from kto_ray.training.step import LossSettings, train_step
 from tests.helpers import PlainEngine
 from tests.training.test_step import _model, _table

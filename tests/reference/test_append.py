@@ -17,11 +17,12 @@ import pytest
 import yaml
 
 from kto_ray.errors import UserError
+from kto_ray.objective import desirable_weight
 from kto_ray.reference.precompute import precompute
-from kto_ray.reference.reader import RowReader, SplitIndex
-from kto_ray.reference.segments import ROW_DIGESTS
-from kto_ray.reference.store import MANIFEST, open_store
-from kto_ray.training.driver import desirable_weight, train
+from kto_ray.store.format import MANIFEST, open_store
+from kto_ray.store.reader import RowReader, SplitIndex
+from kto_ray.store.segments import ROW_DIGESTS
+from kto_ray.training.launch.driver import train
 from tests.conftest import kill_process_tree, make_config, read_metrics, wait_for
 
 pytestmark = pytest.mark.slow
@@ -179,7 +180,7 @@ def test_killed_append_keeps_the_previous_store_and_a_run_resumes_only_on_its_ow
     assert names == sorted([*result.store.manifest.data_dirs(), MANIFEST]) and len(names) == 3
 
     # The checkpoint's run state names the changed train split first (the store pin, `store.json`, says
-    # the same for a checkpoint without one: tests/training/test_store_pin.py).
+    # the same for a checkpoint without one: tests/training/resume/test_store_pin.py).
     with pytest.raises(UserError, match=r"cannot resume from step_.*: the train split .* another run\.name"):
         train(grown)
     grown.run = grown.run.model_copy(update={"name": "on-the-grown-store"})

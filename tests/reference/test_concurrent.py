@@ -1,4 +1,4 @@
-"""Two writers of one store. StoreWriter holds the store's lease (kto_ray.lease) while it writes: a
+"""Two writers of one store. StoreWriter holds the store's lease (kto_ray.rundir.lease) while it writes: a
 second writer is refused in one line; a writer whose lease was taken over commits nothing; the
 post-commit cleanup never removes a prefix newer than the writer's own. And two real `kto-ray
 precompute` processes started at the same moment on one store, on local disk and on S3 (moto's
@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 from kto_ray.config import with_absolute_paths
-from kto_ray.lease import LEASE, LeaseHeld
-from kto_ray.reference.store import MANIFEST, SCHEMA, StoreWriter, build_manifest, open_store
+from kto_ray.rundir.lease import LEASE, LeaseHeld
 from kto_ray.storage import files_under, resolve, write_text_atomically
+from kto_ray.store.format import MANIFEST, SCHEMA, StoreWriter, build_manifest, open_store
 from tests.conftest import REPO, make_config
 from tests.s3server import s3_server
 
@@ -125,7 +125,7 @@ def s3():
 def _fingerprint(cfg) -> dict[str, str]:
     from kto_ray.data.prepare import prepare_text
     from kto_ray.models.loading import load_tokenizer
-    from kto_ray.reference.check import store_fingerprint
+    from kto_ray.store.check import store_fingerprint
 
     cfg = with_absolute_paths(cfg)
     tokenizer = load_tokenizer(cfg.model)

@@ -21,9 +21,9 @@ from kto_ray.data.prepare import prepare_text
 from kto_ray.data.tokenize import tokenize_example
 from kto_ray.errors import UserError
 from kto_ray.models.loading import load_tokenizer
-from kto_ray.reference.fingerprint import FileStat
 from kto_ray.reference.precompute import precompute
-from kto_ray.reference.store import MANIFEST, open_store
+from kto_ray.store.fingerprint import FileStat
+from kto_ray.store.format import MANIFEST, open_store
 from tests.conftest import kill_process_tree, make_config
 
 pytestmark = pytest.mark.slow
@@ -168,7 +168,7 @@ def test_each_changed_fingerprint_component_is_named(
 
 
 def _fingerprint(cfg):
-    from kto_ray.reference.check import store_fingerprint
+    from kto_ray.store.check import store_fingerprint
 
     tokenizer = load_tokenizer(cfg.model)
     return store_fingerprint(cfg, prepare_text(cfg, tokenizer).data_digest, tokenizer)[0]
@@ -184,7 +184,7 @@ def test_overwrite_replaces_a_mismatched_store(built_store, tmp_path):
     )
     result = precompute(changed, overwrite=True)
     assert not result.reused
-    # A build records its phases (kto_ray/timings.py), the Ray Data pass among them, in order.
+    # A build records its phases (kto_ray/rundir/timings.py), the Ray Data pass among them, in order.
     phases = [r["phase"] for r in result.timings]
     assert phases[0] == "process start" and phases[-1] == "ray shut down"
     assert "Ray Data pass: tokenize, score, write" in phases

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from kto_ray.errors import UserError
-from kto_ray.kto_metrics import EVAL_KEYS
-from kto_ray.loss import kl_raw, kto_loss
 from kto_ray.models.loading import load_tokenizer
 from kto_ray.models.logprobs import pad_sequences, sequence_logps
+from kto_ray.objective import EVAL_KEYS, kl_raw, kto_loss
 from kto_ray.reference.precompute import precompute
 from kto_ray.tools.evaluate import evaluate
 from tests.helpers import make_config

@@ -13,9 +13,9 @@ from kto_ray.errors import CheckpointsDamaged
 from kto_ray.integrity import write_file_list
 from kto_ray.rundir import RunDir
 from kto_ray.tools.verify import VerifyFailed, verify
-from kto_ray.training.checkpoint import checkpoint_name
-from kto_ray.training.checkpoint_files import older_than
-from kto_ray.training.run_state import whole_checkpoint
+from kto_ray.training.resume.checkpoint import checkpoint_name
+from kto_ray.training.resume.checkpoint_files import older_than
+from kto_ray.training.resume.run_state import whole_checkpoint
 from tests.helpers import write_store
 
 
@@ -144,7 +144,7 @@ def test_a_workers_damage_reaches_the_driver_as_one_line_exit_2(tmp_path):
     import ray.train
 
     from kto_ray.errors import CheckpointsLost, StoreDamaged
-    from kto_ray.training.driver import _damaged
+    from kto_ray.training.launch.driver import _damaged
 
     def from_workers(failure: Exception):
         return pickle.loads(pickle.dumps(ray.train.WorkerGroupError("rank errors", {1: failure})))

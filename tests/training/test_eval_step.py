@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from kto_ray.loss import kl_z0, kto_loss
 from kto_ray.models.logprobs import pad_sequences, sequence_logps
+from kto_ray.objective import kl_z0, kto_loss
 from kto_ray.training.distributed import all_reduce_sum
 from kto_ray.training.eval_step import eval_metrics, shard_batches
 from tests.training.test_step import SETTINGS, _model, _table
@@ -111,7 +111,7 @@ def test_two_ranks_match_one_rank_with_the_same_number_of_forwards(two_rank_resu
 
 def test_eval_every_without_an_eval_split_is_refused_before_training(tiny_model, small_data, tmp_path):
     from kto_ray.errors import UserError
-    from kto_ray.training.driver import train
+    from kto_ray.training.launch.driver import train
     from tests.conftest import make_config
 
     # Online reference: the driver only tokenizes (no store, no Ray) before it checks.
@@ -129,8 +129,8 @@ def test_eval_every_without_an_eval_split_is_refused_before_training(tiny_model,
 
 
 # --- one real run: 2 Ray Train workers under ZeRO-3, against `kto-ray evaluate`, with all three trackers --
-# (One run for what were two: this test's and tests/training/test_tracking.py's real run, which read the
-# same kind of 2-worker run; the trackers' assertions are that test's, unchanged.)
+# (One run for what were two: this test's and tests/training/launch/test_tracking.py's real run,
+# which read the same kind of 2-worker run; the trackers' assertions are that test's, unchanged.)
 
 
 @pytest.mark.slow
@@ -138,7 +138,7 @@ def test_eval_every_without_an_eval_split_is_refused_before_training(tiny_model,
 def test_ray_train_eval_equals_kto_ray_evaluate_of_the_export(tiny_model, small_data, tmp_path, monkeypatch):
     from kto_ray.reference.precompute import precompute
     from kto_ray.tools.evaluate import evaluate
-    from kto_ray.training.driver import train
+    from kto_ray.training.launch.driver import train
     from tests.conftest import make_config, read_metrics
     from tests.training.test_tracking import _losses, mlflow_history, tensorboard_scalars, wandb_history
 

@@ -18,11 +18,11 @@ import pytest
 import yaml
 
 from kto_ray.errors import TrainingStopped
-from kto_ray.reference.store import MANIFEST, WRITE_OPTIONS, list_files
 from kto_ray.rundir import RunDir
 from kto_ray.storage import resolve
-from kto_ray.training.batching import Schedule
-from kto_ray.training.driver import train
+from kto_ray.store.format import MANIFEST, WRITE_OPTIONS, list_files
+from kto_ray.training.launch.driver import train
+from kto_ray.training.schedule.batching import Schedule
 from tests.conftest import assert_same_weights, kill_process_tree, read_metrics, registered_steps, wait_for
 from tests.training.test_tracking import mlflow_history, mlflow_status, wandb_exit_code
 
@@ -210,7 +210,7 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoint(built_store, tmp_
 @pytest.mark.extended  # re-proved by test_append.py's and test_precompute.py's kills (tests/test_tiers.py)
 def test_killed_overwrite_keeps_the_previous_store(built_store, tiny_model, tmp_path):
     from kto_ray.reference.precompute import precompute
-    from kto_ray.reference.store import open_store
+    from kto_ray.store.format import open_store
 
     cfg, store = built_store
     path = tmp_path / "store"

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from kto_ray.models.logprobs import pad_sequences, sequence_logps
-from kto_ray.training.batching import Schedule, collate
-from kto_ray.training.driver import train
+from kto_ray.training.launch.driver import train
+from kto_ray.training.schedule.batching import Schedule, collate
 from tests.conftest import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -253,7 +253,7 @@ def _online_reference_process(cfg_tree: dict, port: int, out) -> None:
 
 def collate_like(batch):
     """A micro-batch whose policy and KL pairs are the same padded rows (what the reference reads)."""
-    from kto_ray.training.batching import KTOBatch
+    from kto_ray.training.schedule.batching import KTOBatch
 
     rows = batch.input_ids.shape[0]
     return KTOBatch(

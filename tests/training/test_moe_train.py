@@ -12,7 +12,7 @@ import transformers
 
 from kto_ray.assets.tiny_model import build_tokenizer
 from kto_ray.reference.precompute import precompute
-from kto_ray.training.driver import train
+from kto_ray.training.launch.driver import train
 from tests.conftest import read_metrics
 from tests.helpers import make_config
 

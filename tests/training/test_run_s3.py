@@ -17,12 +17,12 @@ import yaml
 from kto_ray.errors import StorageError
 from kto_ray.reference.precompute import precompute
 from kto_ray.rundir import RunDir, fetch_folder
+from kto_ray.rundir.metrics import read_metrics, segment_name
+from kto_ray.rundir.worker_groups import parse_groups
 from kto_ray.storage import files_under
 from kto_ray.tools.evaluate import evaluate
 from kto_ray.tools.report import write_report
-from kto_ray.training.driver import train
-from kto_ray.training.metrics import read_metrics, segment_name
-from kto_ray.training.worker_groups import parse_groups
+from kto_ray.training.launch.driver import train
 from tests.conftest import (
     REPO,
     assert_same_weights,

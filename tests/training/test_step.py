@@ -15,12 +15,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kto_ray.loss import kl_raw, kl_z0, kto_loss
 from kto_ray.models.logprobs import pad_sequences, sequence_logps
-from kto_ray.reference.store import SCHEMA
+from kto_ray.objective import kl_raw, kl_z0, kto_loss
+from kto_ray.store.format import SCHEMA
 from kto_ray.training import step as step_module
-from kto_ray.training.batching import Schedule, collate
 from kto_ray.training.distributed import all_reduce_sum
+from kto_ray.training.schedule.batching import Schedule, collate
 from kto_ray.training.step import LossSettings, train_step
 from tests.helpers import PlainEngine
 
@@ -139,7 +139,7 @@ def test_micro_batch_times_accumulation_gives_the_same_update():
 
 def test_one_class_step_reports_no_margin():
     # All 8 rows desirable: the rejected mean is 0 by definition and the margin is 0.0, not chosen - 0
-    # (`kto_ray.kto_metrics`, the same definition as eval and `kto-ray evaluate`).
+    # (`kto_ray.objective`, the same definition as eval and `kto-ray evaluate`).
     table = _table(labels=[True] * 8)
     metrics, _ = _run(table, workers=1, rank=0, micro=4, accumulation=2)
     part = table.to_pydict()

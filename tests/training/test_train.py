@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from kto_ray.models.logprobs import pad_sequences, sequence_logps
-from kto_ray.timings import RANK0_TIMINGS_FILE, TIMINGS_FILE
-from kto_ray.training.batching import Schedule
-from kto_ray.training.driver import train
-from kto_ray.training.token_budget import row_tokens, split_by_tokens
+from kto_ray.rundir.timings import RANK0_TIMINGS_FILE, TIMINGS_FILE
+from kto_ray.training.launch.driver import train
+from kto_ray.training.schedule.batching import Schedule
+from kto_ray.training.schedule.token_budget import row_tokens, split_by_tokens
 from tests.conftest import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]

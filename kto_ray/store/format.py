@@ -1,0 +1,508 @@
+"""The reference store: Parquet files plus `manifest.json`, fingerprinted, committed atomically, in a
+local folder or at an object-storage URI (kto_ray.storage).
+
+A store is exactly what its `manifest.json` names: the files it lists (`files`: path, size, CRC-32)
+under its segments' `data-<id>/` prefixes. The manifest is written last, in one atomic write, so a
+reader never sees a partial store. Readers check each file's size and Parquet footer against the
+manifest when they open it, and pyarrow checks every page's CRC as it decodes (`open_parquet`); a file
+that disagrees is one `StoreDamaged` line naming the store and the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pyarrow.fs import FileType
+from pydantic import BaseModel
+
+from kto_ray import __version__
+from kto_ray.errors import StorageError, StoreDamaged, UserError
+from kto_ray.integrity import FileEntry, check_sizes, crc32_hex, entry_of, sizes_under
+from kto_ray.rundir.lease import Lease, LeaseHeld
+from kto_ray.storage import (
+    Location,
+    children,
+    display,
+    files_under,
+    first_line,
+    info,
+    is_uri,
+    read_text,
+    remove_tree,
+    resolve,
+    write_text_atomically,
+)
+from kto_ray.store.fingerprint import FileStat
+
+log = logging.getLogger(__name__)
+
+# 3: every file listed with its size and checksums, Parquet page checksums written (1 and 2 had none).
+FORMAT_VERSION = 3
+READABLE_FORMATS = (FORMAT_VERSION,)
+# Written into every Parquet file of a store (pyarrow's page CRC), and verified by every read.
+WRITE_OPTIONS = {"write_page_checksum": True}
+READ_OPTIONS = {"page_checksum_verification": True}
+_FOOTER_READ = 64 << 10  # the tail read at open: the footer of a store file fits (pyarrow reads as much)
+MANIFEST = "manifest.json"
+DATA_PREFIX = "data-"
+SPLITS = ("train", "eval")
+_UNSEEN: Any = object()  # StoreWriter without `seen`
+
+# The columns of DESIGN.md's contract, with the Arrow types training relies on.
+SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("prompt_ids", pa.list_(pa.int32())),
+        ("completion_ids", pa.list_(pa.int32())),
+        ("kl_completion_ids", pa.list_(pa.int32())),
+        ("kl_id", pa.int64()),  # the row whose completion is this row's KL completion
+        ("label", pa.bool_()),
+        ("ref_logps", pa.float32()),
+        ("ref_kl_logps", pa.float32()),
+        ("split", pa.string()),
+    ]
+)
+
+
+def sequence_lengths(table: pa.Table) -> np.ndarray:
+    """Tokens of each row's (x, y) sequence: what its policy forward and backward are padded to."""
+    prompt = pc.list_value_length(table["prompt_ids"]).to_numpy(zero_copy_only=False)
+    return prompt + pc.list_value_length(table["completion_ids"]).to_numpy(zero_copy_only=False)
+
+
+# Names of the fingerprint components, in the order a mismatch is reported.
+COMPONENTS = ("data", "reference_weights", "tokenizer", "truncation", "pairing", "dtype")
+
+
+class Segment(BaseModel):
+    """One precompute's rows of a store: ids first_id .. end_id - 1 (before truncation drops any)
+    under their own prefix; a store grows by appending segments (kto_ray/store/segments.py)."""
+
+    data_dir: str
+    first_id: int
+    end_id: int
+    data: str  # content_fingerprint of this segment's rows alone
+    counts: dict[str, dict[str, int]]
+    tokens: int
+    seconds: float
+    created: str
+
+
+class StoredFile(FileEntry):
+    """A file of the store (path relative to the store) and, for Parquet, the CRC-32 of its footer
+    (the metadata, not covered by page checksums), which a reader checks at open with no extra read."""
+
+    footer_crc32: str | None = None
+
+
+class Manifest(BaseModel):
+    format_version: int
+    fingerprint: dict[str, str]
+    fingerprint_inputs: dict[str, Any]
+    counts: dict[str, dict[str, int]]
+    tokens: int
+    seconds: float
+    created: str
+    kto_ray_version: str
+    # The data files the `data` component was computed from, stat'ed before they were read: when they
+    # all still match, training trusts `fingerprint["data"]` without re-reading the data. None for a
+    # Hugging Face dataset (nothing to stat) and in manifests written before this field existed.
+    data_files: list[FileStat] | None = None
+    # The prefix (inside the store) that holds this store's Parquet files; None in the first layout,
+    # whose files sit at the top of the store folder.
+    data_dir: str | None = None
+    # Every segment, in id order (the last is `data_dir`'s); None in stores written before segments.
+    # The top-level counts, tokens and seconds are their sums, `fingerprint["data"]` covers all rows.
+    segments: list[Segment] | None = None
+    # Every file of the store (the Parquet files and each segment's row digests), segment after
+    # segment: what readers open and `kto-ray verify` checks.
+    files: list[StoredFile] = []
+
+    def data_dirs(self) -> list[str]:
+        """The prefixes that hold this store's rows (empty: the first layout, files at the top)."""
+        if self.segments:
+            return [segment.data_dir for segment in self.segments]
+        return [self.data_dir] if self.data_dir else []
+
+
+def differing_components(expected: dict[str, str], found: dict[str, str]) -> list[str]:
+    return [name for name in COMPONENTS if expected.get(name) != found.get(name)]
+
+
+@dataclass(frozen=True)
+class Store:
+    """A committed store: its location (local folder or URI) and manifest; its rows are the Parquet
+    files under the data prefix the manifest names."""
+
+    path: str
+    manifest: Manifest
+
+    @property
+    def location(self) -> Location:
+        return resolve(self.path)
+
+    def files(self) -> list[str]:
+        """Paths inside `location.fs` of the store's Parquet files, as the manifest lists them."""
+        location = self.location
+        return [location.join(f.path).path for f in self.manifest.files if f.path.endswith(".parquet")]
+
+    def entry(self, path: str) -> StoredFile:
+        """The manifest's entry of one of `files()`."""
+        relative = path[len(self.location.path.rstrip("/")) + 1 :]
+        return next(f for f in self.manifest.files if f.path == relative)
+
+    def read_split(self, split: str, columns: list[str] | None = None) -> pa.Table:
+        """The rows of one split, ordered by id (deterministic whatever the writers' file order); every
+        file checked as it is read (`open_parquet`)."""
+        wanted = list(columns or SCHEMA.names)
+        read = wanted if "split" in wanted else [*wanted, "split"]
+        schema = pa.schema([SCHEMA.field(name) for name in wanted])
+        parts = []
+        for path in self.files():
+            with open_parquet(self, path) as parquet:
+                table = checked_read(self, path, lambda p=parquet: p.read(columns=read, use_threads=False))
+            table = table.filter(pc.fill_null(pc.equal(table["split"], split), False))
+            parts.append(table.select(wanted).cast(schema))
+        table = pa.concat_tables(parts) if parts else schema.empty_table()
+        return table.sort_by("id") if "id" in wanted else table
+
+    def count(self, split: str, label: bool | None = None) -> int:
+        counts = self.manifest.counts.get(split, {})
+        if label is None:
+            return sum(counts.values())
+        return counts.get("desirable" if label else "undesirable", 0)
+
+
+class ParquetOpened:
+    """An open store file whose size and footer agree with the manifest (`open_parquet`)."""
+
+    def __init__(self, handle: pa.NativeFile, metadata: pq.FileMetaData):
+        self.handle, self.metadata = handle, metadata
+
+    def file(self, **options) -> pq.ParquetFile:
+        return pq.ParquetFile(self.handle, metadata=self.metadata, **READ_OPTIONS, **options)
+
+    def read(self, **options) -> pa.Table:
+        return self.file().read(**options)
+
+    def __enter__(self) -> ParquetOpened:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.handle.close()
+
+
+def damaged(store: Store, path: str, what: str) -> StoreDamaged:
+    relative = path[len(store.location.path.rstrip("/")) + 1 :]
+    return StoreDamaged(display(store.path), relative, what)
+
+
+def open_parquet(store: Store, path: str, fs=None) -> ParquetOpened:
+    """Open one of the store's Parquet files, checked against its manifest entry: its size (what the
+    open returns anyway) and its footer's CRC-32 (the tail is read in one request, as pyarrow would).
+    Reads from it verify every page's CRC (`READ_OPTIONS`); a mismatch is a `StoreDamaged`."""
+    entry = store.entry(path)
+    try:
+        handle = (fs or store.location.fs).open_input_file(path)
+    except FileNotFoundError:
+        raise damaged(store, path, "missing") from None
+    except OSError as err:
+        raise StorageError(
+            f"cannot read the reference store {display(store.path)}: {first_line(err)}"
+        ) from None
+    try:
+        size = handle.size()
+        if size != entry.size:
+            raise damaged(store, path, f"size {size}, expected {entry.size}")
+        footer = checked_read(store, path, lambda: _read_footer(handle, size))
+        if entry.footer_crc32 is not None and crc32_hex(zlib.crc32(footer)) != entry.footer_crc32:
+            raise damaged(store, path, "footer checksum differs")
+        try:
+            metadata = pq.read_metadata(pa.BufferReader(b"PAR1" + footer))
+        except (OSError, pa.ArrowException) as err:
+            raise damaged(store, path, first_line(err)) from None
+    except BaseException:
+        handle.close()
+        raise
+    return ParquetOpened(handle, metadata)
+
+
+def _footer_length(tail: bytes) -> int:
+    return int.from_bytes(tail[-8:-4], "little")
+
+
+def _footer(tail: bytes, size: int) -> bytes | None:
+    """The footer (metadata, its length and the magic) from the file's tail, None when the tail read
+    holds only part of it."""
+    length = _footer_length(tail) if len(tail) >= 12 else -1
+    if length < 0 or tail[-4:] != b"PAR1" or length + 12 > size:
+        return tail[-8:] if len(tail) >= 8 else tail  # not a Parquet file: its checksum differs
+    if length + 8 > len(tail):
+        return None
+    return tail[-(length + 8) :]
+
+
+def _read_footer(handle: pa.NativeFile, size: int) -> bytes:
+    """The footer bytes of an open file: one read of its tail, a second only for a footer larger."""
+    tail = handle.read_at(min(size, _FOOTER_READ), size - min(size, _FOOTER_READ))
+    footer = _footer(tail, size)
+    if footer is None:
+        length = _footer_length(tail) + 8
+        footer = handle.read_at(length, size - length)
+    return footer
+
+
+def footer_crc32(location: Location, relative: str) -> str:
+    """The CRC-32 of a Parquet file's footer, as `open_parquet` computes it."""
+    with location.fs.open_input_file(location.join(relative).path) as handle:
+        return crc32_hex(zlib.crc32(_read_footer(handle, handle.size())))
+
+
+def checked_read(store: Store, path: str, read):
+    """`read()` of an opened store file: a decode error (a page checksum, a truncated page) while the
+    storage answers is a damaged file; storage that does not answer is a StorageError."""
+    try:
+        return read()
+    except (OSError, pa.ArrowException) as err:
+        try:
+            store.location.fs.get_file_info(path)
+        except OSError:
+            raise StorageError(
+                f"cannot read the reference store {display(store.path)}: {first_line(err)}"
+            ) from None
+        raise damaged(store, path, first_line(err)) from None
+
+
+def stored_file(location: Location, relative: str) -> StoredFile:
+    """The manifest entry of a file just written under the store at `location` (read back whole)."""
+    entry = entry_of(location, relative)
+    footer = footer_crc32(location, relative) if relative.endswith(".parquet") else None
+    return StoredFile(**entry.model_dump(), footer_crc32=footer)
+
+
+def list_files(location: Location, data_dir: str) -> list[StoredFile]:
+    """The entries of every file under one prefix of the store, sorted by path."""
+    start = len(location.path.rstrip("/")) + 1
+    return [stored_file(location, f[start:]) for f in files_under(location.join(data_dir), "")]
+
+
+def check_files(store: Store) -> None:
+    """Every file the manifest lists is there with its size (one recursive LIST; no data read): what
+    precompute's reuse, train and evaluate check first. The first one that is not is a StoreDamaged."""
+    location = store.location
+    try:
+        sizes = sizes_under(location)
+    except OSError as err:
+        raise StorageError(
+            f"cannot read the reference store {display(store.path)}: {first_line(err)}"
+        ) from None
+    problems = check_sizes(store.manifest.files, sizes)
+    if problems:
+        raise StoreDamaged(display(store.path), problems[0].path, problems[0].what)
+
+
+def read_manifest(path: str | Path) -> Manifest | None:
+    """The store's manifest, or None when there is no committed store at `path`."""
+    location = resolve(path)
+    try:
+        if info(location).type == FileType.File:
+            raise UserError(f"store path is a file, not a folder: {location}")
+        text = read_text(location.join(MANIFEST))
+    except OSError as err:
+        raise UserError(f"cannot read the reference store {location}: {str(err).splitlines()[0]}") from None
+    if text is None:
+        return None
+    try:
+        return Manifest.model_validate_json(text)
+    except ValueError as err:
+        raise UserError(f"{location}/{MANIFEST}: unreadable manifest ({str(err).splitlines()[0]})") from None
+
+
+def open_store(path: str | Path, expected: dict[str, str] | None = None) -> Store:
+    """Open a complete store; with `expected`, refuse one whose fingerprint differs, naming what."""
+    location = resolve(path)
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise UserError(f"no reference store at {location} (run `kto-ray precompute` first)")
+    if manifest.format_version not in READABLE_FORMATS:
+        expected = " or ".join(map(str, READABLE_FORMATS))
+        raise UserError(f"{location}: store format {manifest.format_version}, expected {expected}")
+    if expected is not None:
+        differing = differing_components(expected, manifest.fingerprint)
+        if differing:
+            raise UserError(
+                f"reference store {location} was built for a different {', '.join(differing)} "
+                "(rerun `kto-ray precompute --overwrite` or point store.path elsewhere)"
+            )
+    return Store(str(path) if is_uri(str(path)) else location.path, manifest)
+
+
+class StoreWriter:
+    """Context manager that commits a store without renames, the same way on local disk and on object
+    storage: the Parquet files go under a fresh prefix `data-<id>/`, then `manifest.json`, naming that
+    prefix, replaces the previous one in one atomic write. Readers only ever follow the manifest, so
+    a killed or failed run leaves the previous store readable and no manifest pointing at partial
+    data. After a commit, prefixes no manifest names and older than this writer are removed; an
+    uncommitted writer removes its own.
+
+    One writer at a time: the store's lease (kto_ray.rundir.lease) is held from `__enter__` to `__exit__`, so
+    a second precompute of the same store fails in one line naming the first (host, pid, since).
+    `seen` is the manifest the caller decided on (None: there was none), so `changed_meanwhile`
+    reports a commit made between that look and this writer's start too; without it, the one found
+    at `__enter__` is the baseline.
+    """
+
+    def __init__(self, path: str | Path, seen: Manifest | object | None = _UNSEEN, **lease_timing: float):
+        self.location = resolve(path)
+        self.seen, self.lease_timing = seen, lease_timing
+        self.committed = False
+
+    def __enter__(self) -> StoreWriter:
+        self.lease = None
+        try:
+            found = info(self.location).type
+            if found == FileType.File:
+                raise UserError(f"store path is a file, not a folder: {self.location}")
+            self.created_root = found == FileType.NotFound
+            self.lease = Lease(self.location, "precompute", **self.lease_timing).acquire()
+            # Named after the lease is taken, in UTC: every prefix named earlier is no live writer's.
+            self.data_dir = f"{DATA_PREFIX}{_utc_stamp()}-{uuid.uuid4().hex[:8]}"
+            self.data = self.location.join(self.data_dir)
+            self.location.fs.create_dir(self.data.path, recursive=True)
+            self.previous = read_text(self.location.join(MANIFEST))
+        except (OSError, LeaseHeld) as err:
+            self._release()
+            if isinstance(err, LeaseHeld):
+                raise
+            raise StorageError(
+                f"cannot write the reference store {self.location}: {first_line(err)}"
+            ) from None
+        return self
+
+    def changed_meanwhile(self) -> Manifest | None:
+        """The manifest another writer committed since the caller looked (`seen`) or, without
+        `seen`, since this writer started; None when the store is as it was."""
+        current = read_text(self.location.join(MANIFEST))
+        if self.seen is not _UNSEEN:
+            found = None if current is None else Manifest.model_validate_json(current)
+            return None if found == self.seen else found
+        if current is None or current == self.previous:
+            return None
+        return Manifest.model_validate_json(current)
+
+    def commit(self, manifest: Manifest) -> None:
+        """Commit `manifest`, its `files` made: this writer's prefix read back and checksummed, the
+        kept segments' entries taken from the manifest it replaces."""
+        self.lease.check()  # taken over (we looked dead to another writer): commit nothing
+        manifest = manifest.model_copy(update={"data_dir": self.data_dir})
+        manifest.files = self._files(manifest)
+        write_text_atomically(self.location.join(MANIFEST), manifest.model_dump_json(indent=2))
+        self.committed = True
+        keep = {self.data_dir, *manifest.data_dirs()}  # an append keeps the earlier segments
+        with contextlib.suppress(OSError):  # whatever manifest is there now keeps its files
+            keep |= _data_dirs(read_text(self.location.join(MANIFEST)))
+        replaced = _data_dirs(self.previous)
+        for entry in children(self.location):
+            name = entry.base_name
+            if entry.type == FileType.Directory and name.startswith(DATA_PREFIX) and name not in keep:
+                # The replaced store's, and prefixes named before this writer's own, which it named
+                # once it held the lease: a dead writer's (a killed run's). A later one may be live.
+                if name in replaced or _stamp(name) < _stamp(self.data_dir):
+                    _remove_quietly(Location(self.location.fs, entry.path, self.location.given))
+            elif entry.type == FileType.File and name.endswith(".parquet"):
+                self.location.fs.delete_file(entry.path)  # the first layout's files, now replaced
+
+    def _files(self, manifest: Manifest) -> list[StoredFile]:
+        kept = _data_dirs(self.previous) & set(manifest.data_dirs())
+        previous = Manifest.model_validate_json(self.previous).files if kept else []
+        files = []
+        for data_dir in dict.fromkeys([*manifest.data_dirs(), self.data_dir]):
+            if data_dir == self.data_dir:
+                files += list_files(self.location, data_dir)
+            else:
+                files += [f for f in previous if f.path.startswith(f"{data_dir}/")]
+        return files
+
+    def __exit__(self, *exc_info) -> None:
+        if not self.committed:
+            _remove_quietly(self.data)
+        self._release()
+        with contextlib.suppress(OSError):  # storage may be gone: the caller reports that
+            if self.created_root and not children(self.location):
+                _remove_quietly(self.location)  # leave no empty store folder behind either
+
+    def _release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
+
+def _utc_stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+
+
+def _data_dirs(manifest_text: str | None) -> set[str]:
+    """The prefixes a manifest's text names (none: no manifest, the first layout, or unreadable)."""
+    with contextlib.suppress(ValueError):
+        return set(Manifest.model_validate_json(manifest_text).data_dirs()) if manifest_text else set()
+    return set()
+
+
+def _stamp(prefix: str) -> str:
+    """The time in a `data-<%Y%m%d-%H%M%S>-<id>` name (UTC; local time in stores written before)."""
+    return prefix[len(DATA_PREFIX) : len(DATA_PREFIX) + 15]
+
+
+def _remove_quietly(location: Location) -> None:
+    with contextlib.suppress(OSError):
+        remove_tree(location)
+
+
+def build_manifest(
+    fingerprint: dict[str, str],
+    inputs: dict[str, Any],
+    table_stats: dict[str, dict[str, int]],
+    tokens: int,
+    seconds: float,
+    data_files: list[FileStat] | None = None,
+) -> Manifest:
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        fingerprint=fingerprint,
+        fingerprint_inputs=inputs,
+        counts=table_stats,
+        tokens=tokens,
+        seconds=round(seconds, 3),
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        kto_ray_version=__version__,
+        data_files=data_files,
+    )
+
+
+def record_data_files(path: str | Path, data_files: list[FileStat] | None) -> None:
+    """Replace the data file stats of a complete store whose content fingerprint was just rechecked.
+
+    The manifest is replaced atomically, so the store never lacks one. The stats only save later runs
+    a re-read of the data: a store that cannot be written (a read-only mount) keeps its old ones, with
+    a warning.
+    """
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise UserError(f"no reference store at {resolve(path)} (run `kto-ray precompute` first)")
+    updated = manifest.model_copy(update={"data_files": data_files})
+    target = resolve(path).join(MANIFEST)
+    try:
+        write_text_atomically(target, updated.model_dump_json(indent=2))
+    except OSError as err:
+        log.warning("could not record the data file stats in %s (%s)", target, first_line(err))

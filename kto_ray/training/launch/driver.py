@@ -1,0 +1,438 @@
+"""Stage 2 on the driver: check the store, size the run, launch the Ray Train TorchTrainer.
+
+Offline, the driver indexes the store's train split (and eval split with `train.eval_every`): a few
+bytes per row, streamed one row group at a time (`reference/reader.py`). The index goes to the workers in
+their LoopConfig and each worker reads its own micro-batches' rows from the store, so the store must be
+where every worker can read it (object storage or a shared mount). Online there is no store: the
+driver tokenizes the data and hands the table to the workers through the object store. The driver
+also checks `run.report_to`'s trackers and takes the run dir's lease before launching. Before any of
+that, a rerun is checked against the run state of the checkpoint it resumes (`resume_check.py`), and
+once connected to Ray, the worker group against what the cluster can place (`placement.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+import pyarrow as pa
+
+from kto_ray.config import KTOConfig, dump_config, with_absolute_paths
+from kto_ray.data.prepare import prepare_text, tokenize_rows
+from kto_ray.errors import (
+    CheckpointReshapeFailed,
+    CheckpointsDamaged,
+    CheckpointsLost,
+    CheckpointWriteFailed,
+    Interrupted,
+    NonFiniteStep,
+    StorageError,
+    StoreDamaged,
+    TrainingStopped,
+    UserError,
+    WorkerFailure,
+)
+from kto_ray.models.loading import check_context_length, load_tokenizer
+from kto_ray.objective import desirable_weight
+from kto_ray.raycluster import ray_session
+from kto_ray.rundir import CHECKPOINTS, RunDir
+from kto_ray.rundir.lease import Lease
+from kto_ray.rundir.timings import TIMINGS_FILE, Timeline
+from kto_ray.storage import endpoint_env, first_line
+from kto_ray.store.check import checked_store
+from kto_ray.store.format import SCHEMA
+from kto_ray.store.reader import SplitIndex
+from kto_ray.training.launch.placement import Ask, placement_notices
+from kto_ray.training.launch.progress import TrainingProgress
+from kto_ray.training.launch.tracking import prepare_tracking
+from kto_ray.training.resume.checkpoint_files import checkpoint_step
+from kto_ray.training.resume.global_batch import check_worker_range, first_global_batch
+from kto_ray.training.resume.resume_check import compare
+from kto_ray.training.resume.run_state import build_run_state, latest_checkpoint, saved_state
+from kto_ray.training.resume.stage import resolve_stage, stage_of_checkpoint
+from kto_ray.training.resume.store_pin import pin_store
+from kto_ray.training.schedule.loop_config import LoopConfig
+
+log = logging.getLogger(__name__)
+
+Rows = SplitIndex | pa.Table  # a split as the workers get it: see split_rows
+Failure = TypeVar("Failure", bound=WorkerFailure)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: RunDir
+    steps: int
+    metrics: dict
+
+
+def train_table(cfg: KTOConfig, split: str = "train") -> pa.Table:
+    """The rows to train on: from the checked store (offline) or tokenized here (online, no log-probs)."""
+    return split_tables(cfg, (split,))[split]
+
+
+def split_rows(cfg: KTOConfig, splits: tuple[str, ...]) -> dict[str, Rows]:
+    """What the workers train on. Offline: an index of each split of the checked store (each worker
+    reads its own rows from the store: nothing O(dataset) on the driver or in the object store).
+    Online: the tokenized table (there is no store), which goes through the object store."""
+    if cfg.reference.mode != "offline":
+        return split_tables(cfg, splits)
+    check_context_length(cfg.model, cfg.data.max_length)
+    store = checked_store(cfg, load_tokenizer(cfg.model))
+    return {split: SplitIndex.build(store, split) for split in splits}
+
+
+def row_count(rows: Rows) -> int:
+    return rows.rows if isinstance(rows, SplitIndex) else len(rows)
+
+
+def row_labels(rows: Rows) -> np.ndarray:
+    return rows.labels if isinstance(rows, SplitIndex) else rows["label"].to_numpy(zero_copy_only=False)
+
+
+def split_tables(cfg: KTOConfig, splits: tuple[str, ...]) -> dict[str, pa.Table]:
+    """`train_table` of several splits, checking the store (or tokenizing) once for all of them."""
+    tokenizer = load_tokenizer(cfg.model)
+    check_context_length(cfg.model, cfg.data.max_length)
+    if cfg.reference.mode == "offline":
+        # The store holds everything training needs (ids, labels, splits, log-probs): the raw data is
+        # only re-read when its files' stats no longer match the ones the store recorded.
+        store = checked_store(cfg, tokenizer)
+        return {split: store.read_split(split) for split in splits}
+    text = prepare_text(cfg, tokenizer)
+    columns = tokenize_rows(
+        text.table.to_pydict(), tokenizer, cfg.data.max_length, cfg.data.max_prompt_length
+    )
+    nan = [float("nan")] * len(columns["id"])
+    columns.update(ref_logps=nan, ref_kl_logps=nan)
+    table = pa.table({f.name: pa.array(columns[f.name], f.type) for f in SCHEMA}, schema=SCHEMA)
+    return {split: table.filter(pa.compute.equal(table["split"], split)) for split in splits}
+
+
+def total_steps(cfg: KTOConfig, rows: int, global_batch: int | None = None) -> int:
+    """Optimizer steps of the run: train.max_steps, or train.epochs of `global_batch`-row steps (the
+    first start's global batch by default)."""
+    global_batch = global_batch or first_global_batch(cfg)
+    if rows // global_batch == 0:
+        raise UserError(
+            f"{rows} training rows cannot fill one step of {global_batch} rows "
+            "(cluster.workers x train.micro_batch_size x train.grad_accumulation)"
+        )
+    return cfg.train.max_steps or cfg.train.epochs * (rows // global_batch)
+
+
+def train(cfg: KTOConfig) -> TrainResult:
+    """Check the store (or tokenize, online), size the run, check a rerun against the checkpoint it
+    resumes, and fit it on Ray Train."""
+    timeline = Timeline()
+    timeline.mark("imports, config")
+    run_dir = RunDir.of(cfg)
+    with _storage_errors(run_dir, "read"):
+        saved = saved_state(run_dir)
+    # A resumed run keeps its global batch (the contract); a fresh one (or an unchecked one) fixes it now.
+    resumed = saved is not None and saved.state is not None
+    global_batch = saved.state["global_batch"] if resumed else first_global_batch(cfg)
+    try:
+        check_worker_range(global_batch, cfg.cluster.worker_range, cfg.train.micro_batch_size)
+    except UserError as err:
+        if not resumed:
+            raise
+        raise UserError(f"{err} (the run's global batch, kept from {saved.name})") from None
+    rows = split_rows(cfg, ("train", "eval") if cfg.train.eval_every else ("train",))
+    timeline.mark("store checked, rows indexed")
+    train_rows = rows["train"]
+    steps = total_steps(cfg, row_count(train_rows), global_batch)
+    lam_d = desirable_weight(cfg, row_labels(train_rows))
+    if cfg.train.kl_estimate == "zero":
+        warnings.warn(
+            "train.kl_estimate: zero fixes z0 at 0 and skips the KL forward: not the paper's estimator "
+            "(the same only while the mean policy/reference log-ratio is negative)",
+            stacklevel=2,
+        )
+    if resumed and cfg.deepspeed.stage == "auto":
+        cfg = stage_of_checkpoint(cfg, saved.name, saved.state)
+    state = build_run_state(cfg, train_rows, global_batch, steps, lam_d)
+    if saved is not None and saved.state is None:
+        print(
+            f"resuming from {saved.name}, written before checkpoints recorded their run state: "
+            "what changed since cannot be checked",
+            flush=True,
+        )
+    elif saved is not None and (changes := compare(saved.name, saved.state, state)):
+        print(changes, flush=True)
+    launched = time.time()
+    result = fit(
+        cfg,
+        train_rows,
+        steps,
+        lam_d,
+        eval_rows=rows.get("eval"),
+        global_batch=global_batch,
+        run_state=state,
+        timeline=timeline,
+    )
+    if saved is not None:
+        _say_workers_fallback(run_dir, checkpoint_step(saved.name) or 0, launched)
+    return result
+
+
+def _say_workers_fallback(run_dir: RunDir, predicted: int, since: float) -> None:
+    """The workers resumed from an earlier step than the driver predicted: the checkpoint's checksums
+    (which only they compute) showed damage its sizes did not. Said once the run is done."""
+    from kto_ray.rundir.worker_groups import read_groups
+
+    with contextlib.suppress(Exception):  # the history is informative only
+        groups = [g for g in read_groups(run_dir) if (g.started_at or 0) >= since]
+        if groups and groups[0].start_step is not None and groups[0].start_step < predicted:
+            print(
+                f"checkpoint step {predicted} was damaged (its checksums differ: `kto-ray verify "
+                f"{run_dir}` names the file); the workers resumed from step {groups[0].start_step}",
+                flush=True,
+            )
+
+
+def fit(
+    cfg: KTOConfig,
+    train_rows: Rows,
+    steps: int,
+    lam_d: float,
+    eval_rows: Rows | None = None,
+    global_batch: int | None = None,
+    run_state: dict | None = None,
+    timeline: Timeline | None = None,
+) -> TrainResult:
+    """Launch the TorchTrainer on `train_rows` for `steps` optimizer steps of `global_batch` rows (the
+    first start's by default); with `train.eval_every`, the workers also evaluate on `eval_rows` (the
+    store's eval split). `timeline` (train's) gets the driver's phases, written to `timings.json`."""
+    import ray
+
+    timeline = timeline or Timeline()
+
+    cfg = with_absolute_paths(cfg)
+    global_batch = global_batch or first_global_batch(cfg)
+    check_worker_range(global_batch, cfg.cluster.worker_range, cfg.train.micro_batch_size)
+    if cfg.train.eval_every and (eval_rows is None or row_count(eval_rows) == 0):
+        raise UserError(
+            "train.eval_every is set but the eval split is empty: raise data.eval_fraction "
+            "or set train.eval_every: null"
+        )
+    run_dir = RunDir.of(cfg)
+    # Before anything is launched: a tracker that cannot start fails here, in one line.
+    tracking_env = prepare_tracking(cfg.run.report_to, run_dir.folder)
+    # One live run per run dir: a second `train` with the same run.name refuses in one line.
+    with _storage_errors(run_dir):
+        lease = Lease(run_dir.location, "training run").acquire()
+    try:
+        with _storage_errors(run_dir):
+            pin_store(cfg, run_dir)  # a resume after the store changed (an append) refuses here
+        timeline.mark("trackers, lease, store pin")
+        # Entering placement_notices refuses a worker group the cluster can never place, in one line;
+        # on an autoscaling cluster it says what the run waits for until the minimum fits.
+        with ray_session(cfg.cluster.address), placement_notices(Ask.of(cfg)):
+            timeline.mark("ray connected, placement checked")
+            # stage auto becomes the planner's pick here (it may read the cluster's memory); the run
+            # dir and the checkpoints' run state record the stage that ran.
+            cfg, stage = resolve_stage(cfg)
+            if run_state is not None:
+                run_state["config"]["deepspeed"] = cfg.deepspeed.model_dump(mode="json")
+            with _storage_errors(run_dir):
+                run_dir.write_text("config.yaml", dump_config(cfg))
+            print(
+                f"training {cfg.model.path} on {row_count(train_rows)} rows for {steps} steps "
+                f"({_workers_text(cfg.cluster.worker_range)}, {global_batch} rows per step, "
+                f"{stage}, reference {cfg.reference.mode})"
+                f" -> {run_dir}",
+                flush=True,
+            )
+            loop = LoopConfig(
+                config=cfg,
+                train_rows=_shipped(train_rows),
+                eval_rows=_shipped(eval_rows) if cfg.train.eval_every else None,
+                total_steps=steps,
+                global_batch=global_batch,
+                desirable_weight=lam_d,
+                run_state=run_state or {},
+                tracking_env=tracking_env,
+                storage_env=endpoint_env(),
+            )
+            progress = TrainingProgress(run_dir, steps, cfg.train.log_every)
+            timeline.mark("stage resolved, config written")
+            try:
+                with progress:
+                    result = _trainer(cfg, loop).fit()
+                timeline.mark("trainer fit (workers: timings-rank0.json)")
+            except (KeyboardInterrupt, SystemExit):
+                # Ray Train's own SIGINT handler (registered by `fit` on the main thread) aborts the
+                # controller and raises SystemExit(0) here; before it is registered, Ctrl-C is a
+                # KeyboardInterrupt. Either way: the one line, exit 130.
+                raise _interrupted(run_dir) from None
+            except ray.train.TrainingFailedError as err:
+                stopped = (
+                    _damaged(err, run_dir)
+                    or _stopped_by_non_finite(err, run_dir)
+                    or _stopped_by_storage(err, run_dir)
+                    or _stopped_by_reshape(err)
+                    or _controller_storage_failure(err, run_dir, progress.shown)
+                )
+                if stopped is None:
+                    raise
+                raise stopped from None
+            timeline.mark("progress closed")
+        timeline.mark("ray shut down")
+    finally:
+        lease.release()
+    timeline.mark("lease released")
+    with _storage_errors(run_dir):
+        run_dir.write_text(TIMINGS_FILE, timeline.as_json())
+    return TrainResult(run_dir, steps, dict(result.metrics or {}))
+
+
+def _interrupted(run_dir: RunDir) -> Interrupted:
+    """Ctrl-C: one line naming the last step logged and the checkpoint a rerun resumes from."""
+    from kto_ray.rundir.metrics import read_metrics
+
+    with contextlib.suppress(Exception):  # what can be read of the run dir: the line is best effort
+        records = read_metrics(run_dir)
+        step = f" at step {records[-1]['step']}" if records else " before the first step"
+        saved = latest_checkpoint(run_dir)
+        resumes = (
+            f"a rerun resumes from checkpoint step {checkpoint_step(saved) or saved} ({saved})"
+            if saved
+            else "no checkpoint was written: a rerun starts over"
+        )
+        return Interrupted(f"interrupted{step}; {resumes}")
+    return Interrupted("interrupted; rerun the same command to resume from the last checkpoint")
+
+
+def _workers_text(worker_range: tuple[int, int]) -> str:
+    low, high = worker_range
+    return f"{low} worker{'s' if low != 1 else ''}" if low == high else f"{low}-{high} workers"
+
+
+def _shipped(rows: Rows):
+    """An index travels in the loop config itself (a few bytes per row); a table once through the
+    object store."""
+    import ray
+
+    return rows if isinstance(rows, SplitIndex) else ray.put(rows)
+
+
+def _trainer(cfg: KTOConfig, loop: LoopConfig):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from kto_ray.training.worker import train_loop
+
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=loop.as_train_loop_config(),
+        scaling_config=_scaling(cfg),
+        run_config=RunConfig(
+            name=CHECKPOINTS,
+            **RunDir.of(cfg).ray_storage(),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+        ),
+    )
+
+
+def _scaling(cfg: KTOConfig):
+    """A fixed group, or with a range Ray Train's elastic one: it starts with as many workers as the
+    cluster holds (at least the minimum), restarts on the workers that remain when one is lost, and
+    grows at the next resize check once nodes join; each (re)start resumes from the last checkpoint
+    (the worker reshapes it to the group's size)."""
+    from ray.train import ScalingConfig
+
+    low, high = cfg.cluster.worker_range
+    return ScalingConfig(
+        num_workers=high if low == high else (low, high),
+        elastic_resize_monitor_interval_s=cfg.cluster.resize_interval_s,
+        use_gpu=cfg.cluster.use_gpu,
+        resources_per_worker=cfg.cluster.worker_bundle,
+        placement_strategy=cfg.cluster.placement_strategy,
+    )
+
+
+@contextlib.contextmanager
+def _storage_errors(run_dir: RunDir, doing: str = "write"):
+    """The run dir's storage failing outside the workers (config, lease, the checkpoint's run state):
+    one line naming it."""
+    try:
+        yield
+    except OSError as err:
+        raise StorageError(f"cannot {doing} the run dir {run_dir}: {first_line(err)}") from None
+
+
+def _worker_failure(err: Exception, kind: type[Failure]) -> Failure | None:
+    """The lowest rank's failure of `kind`. Ray Train V2 hands each worker's exception over as itself
+    (unpickled, its own wrapper removed) in `WorkerGroupError.worker_failures`; a ControllerError has none."""
+    failures = getattr(err, "worker_failures", None) or {}
+    return next((failures[rank] for rank in sorted(failures) if isinstance(failures[rank], kind)), None)
+
+
+def _damaged(err: Exception, run_dir: RunDir) -> UserError | None:
+    """A damaged store file a worker met (it trains on none of it), or no whole checkpoint: one line."""
+    failures = getattr(err, "worker_failures", None) or {}
+    store = next((failures[r] for r in sorted(failures) if isinstance(failures[r], StoreDamaged)), None)
+    if store is not None:
+        return store
+    lost = _worker_failure(err, CheckpointsLost)
+    if lost is None:
+        return None
+    return CheckpointsDamaged(
+        f"{lost} in {run_dir}: `kto-ray verify` lists what is wrong; a new run.name starts over"
+    )
+
+
+def _stopped_by_storage(err: Exception, run_dir: RunDir) -> StorageError | None:
+    """A checkpoint that could not be written, as one line naming the step and the run dir."""
+    failure = _worker_failure(err, CheckpointWriteFailed)
+    if failure is None:
+        return None
+    return StorageError(
+        f"training stopped at {failure} (run dir {run_dir}); rerun to resume once the storage is reachable"
+    )
+
+
+def _stopped_by_reshape(err: Exception) -> StorageError | None:
+    """A checkpoint that could not be reshaped for the new worker count, as one line with the ways out."""
+    failure = _worker_failure(err, CheckpointReshapeFailed)
+    if failure is None:
+        return None
+    return StorageError(
+        f"training stopped: {failure}. Free space there or set run.scratch_dir, then rerun; or rerun "
+        f"with cluster.workers={failure.saved}"
+    )
+
+
+def _controller_storage_failure(err: Exception, run_dir: RunDir, last_step: int) -> StorageError | None:
+    """Ray Train's controller failing to write its own state to the run dir (its checkpoint record):
+    when storage goes away during a checkpoint, this can surface before the workers' own error."""
+    failure = getattr(err, "controller_failure", None)
+    if not isinstance(failure, OSError):
+        return None
+    # The step the progress follower last read (it lags by up to one poll): said only when there is one.
+    seen = f" (last step seen: {last_step})" if last_step else ""
+    return StorageError(
+        f"training stopped{seen}: Ray Train could not write to the run dir "
+        f"{run_dir} ({first_line(failure)}); rerun to resume from its last checkpoint once the storage "
+        "is reachable"
+    )
+
+
+def _stopped_by_non_finite(err: Exception, run_dir: RunDir) -> TrainingStopped | None:
+    """A worker's NonFiniteStep as one line naming the step and the checkpoint a rerun resumes from."""
+    failure = _worker_failure(err, NonFiniteStep)
+    if failure is None:
+        return None
+    saved = run_dir.checkpoint_names()
+    last = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was written"
+    return TrainingStopped(
+        f"training stopped at {failure}; nothing after it was saved and {last}. "
+        "Lower train.lr or check the data, then rerun to resume."
+    )

@@ -1,0 +1,144 @@
+"""What a checkpoint's steps mean, saved with it: `run_state.json`, next to `trainer_state.json`.
+
+The driver builds the state before launch (`build_run_state`) and hands it to the workers in their
+LoopConfig; rank 0 writes it into every checkpoint (with the world size that wrote it). On a rerun the
+driver reads the state of the checkpoint Ray Train will resume from (`saved_state`) and compares it
+with the new one (training/resume_check.py) before anything is launched or written.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from kto_ray.config import KTOConfig, with_absolute_paths
+from kto_ray.errors import CheckpointsDamaged, UserError
+from kto_ray.integrity import size_problem
+from kto_ray.rundir import CHECKPOINTS, RunDir
+from kto_ray.storage import is_uri, read_text
+from kto_ray.store.fingerprint import sha256_text, weights_fingerprint
+from kto_ray.store.format import read_manifest, sequence_lengths
+from kto_ray.store.reader import SplitIndex
+from kto_ray.training.resume.checkpoint_files import checkpoint_step, damage_line, older_than
+
+RUN_STATE_FILE = "run_state.json"
+STATE_VERSION = 1
+# Ray Train's record of the registered checkpoints, in `checkpoints/`: the latest one is resumed.
+_SNAPSHOT = "checkpoint_manager_snapshot.json"
+_STEP_FILE = "trainer_state.json"  # training/checkpoint.STATE_FILE (not imported: it pulls in ray.train)
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """The checkpoint a rerun resumes from, and its saved run state (None: written before run states)."""
+
+    name: str
+    state: dict[str, Any] | None
+
+
+def _model_identity(cfg: KTOConfig) -> str:
+    """The policy's initial weights: their files' hash for a local folder (moving the folder is no
+    change), the hub id and revision otherwise (not downloaded here)."""
+    path = cfg.model.path
+    if not is_uri(path) and Path(path).expanduser().is_dir():
+        return "sha256:" + weights_fingerprint(Path(path).expanduser(), cfg.model.allow_pickle_weights)
+    return f"{path}@{cfg.model.revision or 'main'}"
+
+
+def _rows_identity(cfg: KTOConfig, train_rows: SplitIndex | pa.Table) -> str:
+    """The train split: the store's fingerprint (data, tokenizer, truncation, pairing, reference,
+    dtype) and the split's row count offline; online, a hash of the tokenized split's ids and lengths."""
+    if isinstance(train_rows, SplitIndex):
+        manifest = read_manifest(cfg.store.path)
+        fingerprint = manifest.fingerprint if manifest is not None else {}
+        return "store:" + sha256_text(fingerprint, train_rows.rows)[:16]
+    ids = train_rows["id"].to_numpy(zero_copy_only=False).astype(np.int64)
+    lengths = sequence_lengths(train_rows).astype(np.int64)
+    return "rows:" + sha256_text(ids.tobytes().hex(), lengths.tobytes().hex())[:16]
+
+
+def build_run_state(
+    cfg: KTOConfig, train_rows: SplitIndex | pa.Table, global_batch: int, total_steps: int, lam_d: float
+) -> dict[str, Any]:
+    """The state this start's checkpoints carry: the values resume_check.KEYS compares, the global
+    batch, the run's total steps, and the whole resolved config (for the line naming what changed)."""
+    cfg = with_absolute_paths(cfg)
+    return {
+        "version": STATE_VERSION,
+        "train_rows": _rows_identity(cfg, train_rows),
+        "model": _model_identity(cfg),
+        "desirable_weight": round(float(lam_d), 12),
+        "global_batch": global_batch,
+        "total_steps": total_steps,
+        "config": cfg.model_dump(mode="json"),
+    }
+
+
+def _latest_registered(run_dir: RunDir) -> str | None:
+    """The checkpoint Ray Train resumes: the latest in its snapshot; None when there is no snapshot."""
+    text = read_text(run_dir.join(CHECKPOINTS, _SNAPSHOT))
+    if text is None:
+        return None
+    try:
+        latest = json.loads(text).get("latest_checkpoint_result") or {}
+    except ValueError:
+        return None
+    return latest.get("checkpoint_dir_name")
+
+
+def whole_checkpoint(run_dir: RunDir, name: str, say=print) -> str:
+    """`name`, or when its files are not all there at their sizes (a LIST each; the checksums are the
+    workers' to check as they load), the newest older checkpoint that is whole, said in one line as
+    the workers will resume from it. None whole: `CheckpointsDamaged`, exit 2."""
+    names = [name, *older_than(name, run_dir.checkpoint_names())]
+    first = None
+    for candidate in names:
+        problem = size_problem(run_dir.join(CHECKPOINTS, candidate))
+        if problem is None:
+            if first is not None:
+                say(
+                    f"{damage_line(name, first)}, resuming from step {checkpoint_step(candidate)}", flush=True
+                )
+            return candidate
+        first = first or problem
+    raise CheckpointsDamaged(
+        f"{damage_line(name, first)} and no older checkpoint of {run_dir} is whole ({len(names)} checked): "
+        "`kto-ray verify` lists what is wrong; a new run.name starts over"
+    )
+
+
+def latest_checkpoint(run_dir: RunDir) -> str | None:
+    """The checkpoint Ray Train hands a rerun: the latest registered one, or without a snapshot the
+    newest folder that has its step file; None when there is none."""
+    name = _latest_registered(run_dir)
+    if name is None:  # no snapshot (yet): the newest folder that has its step file
+        names = [n for n in run_dir.checkpoint_names() if read_text(run_dir.join(CHECKPOINTS, n, _STEP_FILE))]
+        name = names[-1] if names else None
+    return name
+
+
+def saved_state(run_dir: RunDir) -> SavedCheckpoint | None:
+    """The checkpoint of `run_dir` a rerun resumes (the latest registered, or the newest whole one
+    before it when it is damaged) and its run state; None for a fresh run."""
+    name = latest_checkpoint(run_dir)
+    if name is None:
+        return None
+    name = whole_checkpoint(run_dir, name)
+    text = read_text(run_dir.join(CHECKPOINTS, name, RUN_STATE_FILE))
+    if text is None:
+        return SavedCheckpoint(name, None)
+    try:
+        state = json.loads(text)
+    except ValueError as err:
+        raise UserError(f"{run_dir.child(CHECKPOINTS, name, RUN_STATE_FILE)} cannot be read: {err}") from None
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise UserError(
+            f"{run_dir.child(CHECKPOINTS, name, RUN_STATE_FILE)} is not a run state this kto-ray reads "
+            f"(version {state.get('version') if isinstance(state, dict) else None}, expected {STATE_VERSION})"
+        )
+    return SavedCheckpoint(name, state)

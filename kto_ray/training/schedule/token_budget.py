@@ -1,0 +1,64 @@
+"""Micro-batches by token budget (`train.micro_batch_tokens`): the same rows per step, fewer forwards.
+
+The schedule (training/batching.py) still fixes which rows each rank takes in a step, so the global
+batch, z0 and the loss normalisation stay as they are; only how a rank's rows are cut into forwards
+changes. Its rows are sorted longest first and cut greedily: a micro-batch takes rows while its cost
+stays within the budget, the cost being what its forwards run on (padded: rows x its longest row,
+packed: the rows' sum). A row longer than the budget is a micro-batch of its own. A row's length is
+the longer of its (x, y) and (x, y_kl) sequences, so the budget bounds the KL forward as well as the
+policy forward, and both passes of a step use the same micro-batches.
+
+Ranks then differ in their number of micro-batches; `train_step` evens them out with dummies
+(`filler`: a rank's shortest row, run with zero loss), because under ZeRO-3 every forward and
+backward is a collective.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from kto_ray.training.schedule.batching import KTOBatch, collate
+
+
+def row_tokens(table: pa.Table) -> np.ndarray:
+    """Tokens of each row's longer forward: prompt + the longer of its completion and KL completion."""
+
+    def length(column: str) -> np.ndarray:
+        return pc.list_value_length(table[column]).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    return length("prompt_ids") + np.maximum(length("completion_ids"), length("kl_completion_ids"))
+
+
+def split_by_tokens(lengths: np.ndarray, budget: int, packed: bool = False) -> list[np.ndarray]:
+    """Positions into `lengths`, cut into micro-batches of at most `budget` tokens each (longest first;
+    padded cost rows x longest, `packed` cost the sum); a row over the budget is alone. Every position
+    is in exactly one micro-batch."""
+    if budget < 1:
+        raise ValueError(f"a token budget must be positive, not {budget}")
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    batches: list[np.ndarray] = []
+    start, tokens = 0, 0
+    for end, position in enumerate(order):
+        length = int(lengths[position])
+        # Longest first: a padded batch costs its row count x its first row's length.
+        cost = tokens + length if packed else (end - start + 1) * int(lengths[order[start]])
+        if end > start and cost > budget:
+            batches.append(order[start:end])
+            start, cost = end, length
+        tokens = cost if packed else 0
+    if len(order):
+        batches.append(order[start:])
+    return batches
+
+
+def budget_batches(
+    table: pa.Table, budget: int, pad_id: int, packed: bool = False
+) -> tuple[list[KTOBatch], KTOBatch]:
+    """A rank's rows of one step (`table`) as token-budget micro-batches, and the filler `train_step`
+    runs in place of the micro-batches other ranks have more of (one row: the shortest)."""
+    lengths = row_tokens(table)
+    batches = [collate(table, rows, pad_id, packed) for rows in split_by_tokens(lengths, budget, packed)]
+    filler = collate(table, np.array([int(np.argmin(lengths))]), pad_id, packed)
+    return batches, filler
