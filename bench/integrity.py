@@ -39,7 +39,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kto_ray.integrity import write_file_list
-from kto_ray.reference import reader, store
+from kto_ray.store import format as store
+from kto_ray.store import reader
 from tests.helpers import write_store
 
 FILE_ROWS, GROUP_ROWS, MICRO_BATCH = 4096, 256, 16

@@ -32,9 +32,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kto_ray.rundir import RunDir  # noqa: E402
+from kto_ray.rundir import RunDir, metrics  # noqa: E402
 from kto_ray.rundir.metrics import METRICS_FILE, MetricsFollower, MetricsLog, parse_metrics  # noqa: E402
-from kto_ray.training import metrics  # noqa: E402
 
 KEYS = ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen")
 KEYS += ("logps/rejected", "grad_norm", "learning_rate", "step_time", "samples/s", "tokens/s")

@@ -4,7 +4,7 @@ config with no storage dependency.
 Imports are read from the source with `ast`, every one of them: at module level, inside functions
 (lazy imports), under `if TYPE_CHECKING:`. A lazy import still makes the importer depend on the
 imported package, so it counts. Each module maps to its node: a subpackage (`kto_ray.data`,
-`kto_ray.reference`, ...) or a top-level module (`kto_ray.config`, `kto_ray.storage`, ...).
+`kto_ray.store`, ...) or a top-level module (`kto_ray.config`, `kto_ray.storage`, ...).
 """
 
 from __future__ import annotations
@@ -123,22 +123,20 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_every_import_is_counted_lazy_and_relative_ones_too():
     tree = ast.parse(
         "import kto_ray.storage\n"
-        "from kto_ray.reference import store\n"
+        "from kto_ray.store import format\n"
         "def f():\n    from kto_ray.training.schedule.batching import Schedule\n"
         "from . import sibling\n"
     )
     names = {name for name, _ in _imported(tree, "kto_ray.data.prepare", is_package=False)}
     assert {"kto_ray.storage", "kto_ray.store.format", "kto_ray.training.schedule.batching"} <= names
     assert "kto_ray.data.sibling" in names
-    assert (
-        _node("kto_ray.store.format") == "kto_ray.reference" and _node("kto_ray.config") == "kto_ray.config"
-    )
+    assert _node("kto_ray.store.format") == "kto_ray.store" and _node("kto_ray.config") == "kto_ray.config"
     assert _node("kto_ray.__version__") is None and _node("numpy") is None
 
 
 def test_no_import_cycle_between_subpackages_and_top_level_modules():
     edges = _edges()
-    assert ("kto_ray.training", "kto_ray.reference") in edges  # the graph is really built
+    assert ("kto_ray.training", "kto_ray.store") in edges  # the graph is really built
     cycles = _cycles(set(edges))
     where = {
         " <-> ".join(cycle): {

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from kto_ray.rundir import RunDir
+from kto_ray.rundir import RunDir, metrics
 from kto_ray.rundir.metrics import (
     METRICS_FILE,
     MetricsFollower,
@@ -21,7 +21,6 @@ from kto_ray.rundir.metrics import (
     segment_name,
 )
 from kto_ray.storage import files_under
-from kto_ray.training import metrics
 from tests.conftest import REPO
 
 

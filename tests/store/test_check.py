@@ -11,7 +11,7 @@ import pytest
 
 from kto_ray.errors import UserError
 from kto_ray.store.format import MANIFEST, read_manifest
-from tests.reference.conftest import set_mtime
+from tests.store.conftest import set_mtime
 
 
 @pytest.fixture

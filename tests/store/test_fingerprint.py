@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from kto_ray.reference import fingerprint
 from kto_ray.storage import cache_dir
+from kto_ray.store import fingerprint
 from kto_ray.store.fingerprint import DIGEST_CACHE, file_digests, weights_fingerprint
-from tests.reference.conftest import set_mtime
+from tests.store.conftest import set_mtime
 
 GIB = 1 << 30
 

@@ -140,7 +140,12 @@ def test_ray_train_eval_equals_kto_ray_evaluate_of_the_export(tiny_model, small_
     from kto_ray.tools.evaluate import evaluate
     from kto_ray.training.launch.driver import train
     from tests.conftest import make_config, read_metrics
-    from tests.training.test_tracking import _losses, mlflow_history, tensorboard_scalars, wandb_history
+    from tests.training.launch.test_tracking import (
+        _losses,
+        mlflow_history,
+        tensorboard_scalars,
+        wandb_history,
+    )
 
     # Set after the session's Ray started: only the loop config can carry them to the workers.
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

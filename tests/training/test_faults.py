@@ -24,7 +24,7 @@ from kto_ray.store.format import MANIFEST, WRITE_OPTIONS, list_files
 from kto_ray.training.launch.driver import train
 from kto_ray.training.schedule.batching import Schedule
 from tests.conftest import assert_same_weights, kill_process_tree, read_metrics, registered_steps, wait_for
-from tests.training.test_tracking import mlflow_history, mlflow_status, wandb_exit_code
+from tests.training.launch.test_tracking import mlflow_history, mlflow_status, wandb_exit_code
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 

@@ -18,7 +18,7 @@ import pytest
 from kto_ray.errors import UserError
 from kto_ray.rundir import RunDir
 from kto_ray.rundir.metrics import MetricsLog
-from kto_ray.training import tracking
+from kto_ray.training.launch import tracking
 from kto_ray.training.launch.tracking import (
     MlflowTracker,
     TensorBoardTracker,
