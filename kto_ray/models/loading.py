@@ -13,6 +13,7 @@ import torch
 
 from kto_ray.config import ModelConfig
 from kto_ray.errors import UserError
+from kto_ray.internals.transformers_private import supports_sdpa
 from kto_ray.models.denormals import flush_denormals
 from kto_ray.rundir import fetch_folder
 from kto_ray.storage import display, first_line, is_uri
@@ -187,7 +188,7 @@ def attention_kernel(model: ModelConfig, path: str) -> str:
         model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except KeyError:
         return model.attn_implementation
-    if getattr(model_class, "_supports_sdpa", True):
+    if supports_sdpa(model_class):
         return "sdpa"
     if model_class.__name__ not in _EAGER_WARNED:
         _EAGER_WARNED.add(model_class.__name__)

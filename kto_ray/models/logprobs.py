@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from kto_ray.internals.transformers_private import forward_replaced
 from kto_ray.models.heads import PLAIN_HEAD, HeadTransform, head_transform, say_once
 from kto_ray.models.packing import PackedBatch, layout_for, packed_full_logps
 from kto_ray.objective import completion_logps
@@ -191,7 +191,7 @@ def _chunked_sequence_logps(
     rows = batch.rows_of(predicts_completion).to(device)
     states = hidden[:, :-1][predicts_completion].to(device)
     targets = batch.input_ids[:, 1:].to(hidden.device)[predicts_completion].to(device)
-    with _forward_replaced(
+    with forward_replaced(
         head,
         lambda h: _ChunkedTokenLogps.apply(h, head.weight, head.bias, targets, chunk_tokens, transform),
     ):
@@ -201,20 +201,6 @@ def _chunked_sequence_logps(
         token_logps = head(states)
     logps = torch.zeros(batch.rows, dtype=token_logps.dtype, device=token_logps.device)
     return logps.index_add(0, rows, token_logps), getattr(out, "router_logits", None)
-
-
-@contextmanager
-def _forward_replaced(module: torch.nn.Module, forward) -> Iterator[None]:
-    # An instance-level forward may already be there (accelerate's device hooks wrap it): restore it.
-    previous = module.__dict__.get("forward")
-    module.forward = forward
-    try:
-        yield
-    finally:
-        if previous is None:
-            del module.forward  # back to the class's forward
-        else:
-            module.forward = previous
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from kto_ray.internals.transformers_private import attention_kernel
+
 if TYPE_CHECKING:
     from kto_ray.models.logprobs import PaddedBatch
 
@@ -183,7 +185,7 @@ def layout_for(model: torch.nn.Module, batch: PackedBatch) -> PackedBatch | Padd
     packed rows apart."""
     if not keeps_rows_apart(model):
         return batch.padded()
-    if str(getattr(model.config, "_attn_implementation", "")).startswith("flash"):
+    if str(attention_kernel(model.config, "")).startswith("flash"):
         return batch
     lanes = batch.in_lanes(int(batch.lengths.max()) if batch.rows else 1)
     return lanes if lanes.input_ids.shape[0] < batch.rows else batch.padded()
@@ -236,7 +238,7 @@ def _probe(model: torch.nn.Module) -> bool:
 
 
 def _say_fallback(model: torch.nn.Module) -> None:
-    kernel = str(getattr(model.config, "_attn_implementation", "unknown"))
+    kernel = str(attention_kernel(model.config, "unknown"))
     key = (type(model).__name__, kernel)
     if key not in _SAID:
         _SAID.add(key)

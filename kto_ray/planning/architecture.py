@@ -13,6 +13,7 @@ import torch
 
 from kto_ray.config import KTOConfig
 from kto_ray.errors import UserError
+from kto_ray.internals.transformers_private import attention_kernel
 
 # How transformers' MoE configs name the expert count (Qwen3-MoE / OLMoE, Mixtral, DeepSeek).
 _EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
@@ -120,7 +121,7 @@ def read_architecture(cfg: KTOConfig, model_config: str | None = None) -> Archit
         intermediate=intermediate,
         vocab=int(text.vocab_size),
         gated_mlp=gated,
-        eager_attention=getattr(text, "_attn_implementation", None) == "eager",
+        eager_attention=attention_kernel(text) == "eager",
         expert_params=expert_params,
         experts=experts,
         experts_per_token=per_token,

@@ -18,11 +18,10 @@ import logging
 import os
 from typing import Any
 
-from ray.train.v2._internal.execution.callback import ControllerCallback
+from kto_ray.internals.ray_private import CALLBACKS_ENV, ControllerCallback
 
 log = logging.getLogger(__name__)
 
-CALLBACKS_ENV = "RAY_TRAIN_CALLBACKS"  # ray.train.v2._internal.constants.RAY_TRAIN_CALLBACKS_ENV_VAR
 _mailbox: Any = None  # this trial actor's queue, set by `controller_mailbox`
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
+from kto_ray.internals.deepspeed_private import import_deepspeed, skip_shm_comm_op
 from kto_ray.objective import mean_from_sum
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
@@ -62,32 +62,11 @@ def gather_objects(obj: object) -> list[object]:
     return out
 
 
-# DeepSpeed's op for its shared-memory all-reduce on CPU, used only by its inference kernels
-# (`inference_all_reduce`, tensor-parallel layers), never by ZeRO training.
-SHM_COMM_OP = "deepspeed_shm_comm"
-
-
 def init_deepspeed_comm(use_gpu: bool) -> None:
     """DeepSpeed's communication backend over the process group Ray Train made. On CPU, DeepSpeed
     would JIT-build (tens of seconds on a fresh node, a ninja check and a load on every start after)
     and load its shared-memory all-reduce op; training never calls it, so it is marked unavailable."""
-    deepspeed = _import_deepspeed()
+    deepspeed = import_deepspeed()
     if not use_gpu:
-        deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
+        skip_shm_comm_op(deepspeed)
     deepspeed.init_distributed()
-
-
-def _import_deepspeed():
-    """DeepSpeed, imported without mlflow: its autotuner (which kto-ray never runs) imports mlflow when
-    it is installed, ~1 s of CPU in every worker. mlflow stays importable afterwards (the mlflow tracker
-    imports it when asked for)."""
-    if "mlflow" in sys.modules:
-        import deepspeed
-
-        return deepspeed
-    sys.modules["mlflow"] = None  # an import of it fails fast: DeepSpeed's optional import gives up
-    try:
-        import deepspeed
-    finally:
-        del sys.modules["mlflow"]
-    return deepspeed

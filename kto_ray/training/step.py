@@ -28,6 +28,7 @@ from typing import Protocol
 
 import torch
 
+from kto_ray.internals.deepspeed_private import begin_micro_step
 from kto_ray.models.logprobs import (
     DEFAULT_CHUNK_TOKENS,
     PaddedBatch,
@@ -166,9 +167,7 @@ def _begin_forward(engine: Engine, last: bool) -> None:
     every backward of an accumulated step overwrote the ones before it. Then the accumulation boundary:
     `last` (this rank's last micro-batch of the step) rather than DeepSpeed's count of micro-steps,
     which token-budget micro-batches do not keep to (the same when they are fixed)."""
-    begin = getattr(getattr(engine, "optimizer", None), "clear_backward_seen_flag", None)
-    if begin is not None:
-        begin()
+    begin_micro_step(engine)
     boundary = getattr(engine, "set_gradient_accumulation_boundary", None)
     if boundary is not None:
         boundary(last)

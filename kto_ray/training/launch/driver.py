@@ -37,6 +37,7 @@ from kto_ray.errors import (
     UserError,
     WorkerFailure,
 )
+from kto_ray.internals.ray_private import worker_failures
 from kto_ray.models.loading import check_context_length, load_tokenizer
 from kto_ray.objective import desirable_weight
 from kto_ray.raycluster import ray_session
@@ -371,13 +372,13 @@ def _storage_errors(run_dir: RunDir, doing: str = "write"):
 def _worker_failure(err: Exception, kind: type[Failure]) -> Failure | None:
     """The lowest rank's failure of `kind`. Ray Train V2 hands each worker's exception over as itself
     (unpickled, its own wrapper removed) in `WorkerGroupError.worker_failures`; a ControllerError has none."""
-    failures = getattr(err, "worker_failures", None) or {}
+    failures = worker_failures(err)
     return next((failures[rank] for rank in sorted(failures) if isinstance(failures[rank], kind)), None)
 
 
 def _damaged(err: Exception, run_dir: RunDir) -> UserError | None:
     """A damaged store file a worker met (it trains on none of it), or no whole checkpoint: one line."""
-    failures = getattr(err, "worker_failures", None) or {}
+    failures = worker_failures(err)
     store = next((failures[r] for r in sorted(failures) if isinstance(failures[r], StoreDamaged)), None)
     if store is not None:
         return store

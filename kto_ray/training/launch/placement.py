@@ -3,7 +3,7 @@ group that never fits would hang without a word.
 
 What is asked: `workers` bundles of {CPU: cpus_per_worker (, GPU: 1)} under `placement_strategy`. What
 exists: the alive nodes' total resources (`ray.nodes()`). Whether the cluster can grow: the autoscaler's
-node groups as it reports them to the GCS (`ray._private.state.state.get_cluster_config()`, what Ray
+node groups as it reports them to the GCS (`kto_ray.internals.ray_private.autoscaler_limits`, what Ray
 Train's own resource check and Ray Data's autoscaling check read): a group with max_count above its
 min_count (or -1) can add nodes. Without one (a local Ray, nodes started by hand) the cluster is what
 it is now: a group it cannot place is refused in one line, exit 2. An autoscaling cluster gets one line
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from kto_ray.config import KTOConfig
 from kto_ray.errors import UserError
+from kto_ray.internals.ray_private import autoscaler_limits
 
 NOTICE_EVERY_S = 30.0
 _POLL_S = 5.0
@@ -89,24 +90,6 @@ def _alive_nodes() -> list[dict[str, float]]:
     return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
 
 
-def _growth() -> dict[str, float] | None:
-    """The most resources the autoscaler may bring up, or None when the cluster cannot grow."""
-    try:
-        import ray._private.state as ray_state
-
-        config = ray_state.state.get_cluster_config()
-        if config is None or not any(
-            group.max_count == -1 or group.max_count > group.min_count
-            for group in config.node_group_configs
-            if group.resources and group.max_count != 0
-        ):
-            return None
-        most = ray_state.state.get_max_resources_from_cluster_config() or {}
-    except Exception:  # a private API: if it moved, treat the cluster as fixed (the safe answer)
-        return None
-    return {key: float("inf") if value is None or value < 0 else float(value) for key, value in most.items()}
-
-
 def _fits_the_largest(bundle: dict[str, float], most: dict[str, float]) -> bool:
     return all(most.get(key, 0.0) >= need for key, need in bundle.items())
 
@@ -148,7 +131,7 @@ def placement_notices(
 ) -> Iterator[None]:
     """Check the placement (raising when it can never fit); while the group waits for nodes, say so
     once and then about every `every_s` seconds with the time waited, until the minimum fits."""
-    first = check_placement(ask, nodes(), _growth())
+    first = check_placement(ask, nodes(), autoscaler_limits())
     if first is None:
         yield
         return

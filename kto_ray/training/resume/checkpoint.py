@@ -26,6 +26,7 @@ import torch
 
 from kto_ray.errors import CheckpointsLost, CheckpointWriteFailed
 from kto_ray.integrity import Problem, check_local, lists_in, write_file_list
+from kto_ray.internals.deepspeed_private import universal_load
 from kto_ray.rundir import CHECKPOINTS, RunDir
 from kto_ray.storage import first_line, remove_tree
 from kto_ray.training.distributed import gather_objects
@@ -197,8 +198,7 @@ def _load(engine, folder: Path, universal: bool) -> None:
     """DeepSpeed's load of `folder/TAG`; `universal` for a converted checkpoint. The option is read at
     load time only (`engine.load_universal_checkpoint()`), so it is set for this load and put back:
     the engine is built before the checkpoint is seen."""
-    engine._config.load_universal_checkpoint = universal
-    try:
+    with universal_load(engine, universal):
         engine.load_checkpoint(
             str(folder),
             tag=TAG,
@@ -208,5 +208,3 @@ def _load(engine, folder: Path, universal: bool) -> None:
             # values just loaded from the model files.
             load_module_strict=not _has_frozen_parameters(engine),
         )
-    finally:
-        engine._config.load_universal_checkpoint = False

@@ -15,10 +15,8 @@ so a host holds at most one saved shard plus one parameter, never the whole mode
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
-import io
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -28,6 +26,7 @@ import ray
 import ray.train
 
 from kto_ray.errors import CheckpointReshapeFailed
+from kto_ray.internals.deepspeed_private import convert_to_universal
 from kto_ray.storage import first_line
 from kto_ray.training.distributed import gather_objects
 
@@ -45,24 +44,9 @@ def saved_world_size(folder: Path, tag: str) -> int:
 
 def to_universal(source: Path, target: Path, tag: str) -> None:
     """DeepSpeed's converter: `source/tag` (a ZeRO-2 or ZeRO-3 checkpoint) into `target/tag` and
-    `target/latest_universal`. Its progress output (prints, tqdm) is kept out of the worker's log.
-
-    `inject_missing_state`: Hugging Face models carry no `universal_checkpoint_info` (Megatron's
-    pattern lists for tensor-parallel merges); without tensor or pipeline parallelism none is needed."""
-    from deepspeed.checkpoint import ds_to_universal
-
-    args = argparse.Namespace(
-        input_folder=str(source / tag),
-        output_folder=str(target / tag),
-        num_extract_workers=_EXTRACT_WORKERS,
-        num_merge_workers=_MERGE_WORKERS,
-        keep_temp_folder=False,
-        strict=True,
-        inject_missing_state=True,
-    )
+    `target/latest_universal`. Its progress output (prints, tqdm) is kept out of the worker's log."""
     target.mkdir(parents=True)
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        ds_to_universal.main(args)
+    convert_to_universal(source / tag, target / tag, _EXTRACT_WORKERS, _MERGE_WORKERS)
 
 
 def scratch_folder(checkpoint_path: str, scratch_dir: str | None) -> Path:

@@ -19,6 +19,7 @@ import pyarrow as pa
 from kto_ray.config import KTOConfig, with_absolute_paths
 from kto_ray.errors import CheckpointsDamaged, UserError
 from kto_ray.integrity import size_problem
+from kto_ray.internals.ray_private import CHECKPOINT_SNAPSHOT, latest_registered
 from kto_ray.rundir import CHECKPOINTS, RunDir
 from kto_ray.storage import is_uri, read_text
 from kto_ray.store.fingerprint import sha256_text, weights_fingerprint
@@ -28,8 +29,6 @@ from kto_ray.training.resume.checkpoint_files import checkpoint_step, damage_lin
 
 RUN_STATE_FILE = "run_state.json"
 STATE_VERSION = 1
-# Ray Train's record of the registered checkpoints, in `checkpoints/`: the latest one is resumed.
-_SNAPSHOT = "checkpoint_manager_snapshot.json"
 _STEP_FILE = "trainer_state.json"  # training/checkpoint.STATE_FILE (not imported: it pulls in ray.train)
 
 
@@ -81,14 +80,7 @@ def build_run_state(
 
 def _latest_registered(run_dir: RunDir) -> str | None:
     """The checkpoint Ray Train resumes: the latest in its snapshot; None when there is no snapshot."""
-    text = read_text(run_dir.join(CHECKPOINTS, _SNAPSHOT))
-    if text is None:
-        return None
-    try:
-        latest = json.loads(text).get("latest_checkpoint_result") or {}
-    except ValueError:
-        return None
-    return latest.get("checkpoint_dir_name")
+    return latest_registered(read_text(run_dir.join(CHECKPOINTS, CHECKPOINT_SNAPSHOT)))
 
 
 def whole_checkpoint(run_dir: RunDir, name: str, say=print) -> str:

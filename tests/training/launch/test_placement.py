@@ -67,7 +67,7 @@ def test_an_autoscaling_cluster_waits_unless_even_its_maximum_is_too_small():
 def test_the_wait_is_said_once_then_every_interval_until_the_nodes_come(monkeypatch):
     import kto_ray.training.launch.placement as placement
 
-    monkeypatch.setattr(placement, "_growth", lambda: {"CPU": 64.0})
+    monkeypatch.setattr(placement, "autoscaler_limits", lambda: {"CPU": 64.0})
     arrived = time.monotonic() + 0.5
     lines: list[str] = []
     with placement_notices(
