@@ -29,9 +29,6 @@ $(BIN)/kto-ray: pyproject.toml
 		fi; \
 	fi
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	@# DeepSpeed JIT-compiles its CPU comm op on first use; build it once here rather than inside
-	@# the first training workers (they would compile it concurrently, under Ray's start-up timeouts).
-	$(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	@touch $@
 
 setup: $(BIN)/kto-ray

@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # only for the type: the config itself knows nothing of stora
     from kto_ray.config import KTOConfig
 
 CHECKPOINTS = "checkpoints"
-WORKERS_FILE = "workers.json"  # each worker group's start step, size and ranks (training/worker_groups.py)
+WORKERS_FILE = "workers.json"  # each worker group's start step, size and ranks (rundir/worker_groups.py)
 # Written last when a model folder is uploaded: transformers and peft cannot load a folder without them.
 LAST_FILES = ("config.json", "adapter_config.json")
 

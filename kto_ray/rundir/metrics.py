@@ -76,10 +76,7 @@ def every_step_once(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def read_metrics(run_dir: RunDir | str | Path) -> list[dict[str, Any]]:
     """The run's records, every step once in step order ([] before the first step is written)."""
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    records = MetricsFollower(run_dir).poll()
-    if not records and run_dir.is_remote:  # a run an older writer left as one object, not resumed since
-        records = parse_metrics(run_dir.read_text(METRICS_FILE))
-    return every_step_once(records)
+    return every_step_once(MetricsFollower(run_dir).poll())
 
 
 def metrics_location(run_dir: RunDir) -> str:
@@ -215,8 +212,60 @@ class _Segments:
     def __init__(self, run_dir: RunDir, resume_step: int):
         self.run_dir = run_dir
         numbers = sorted(_segment_numbers(run_dir.join(SEGMENTS)))
-        if not numbers:
-            numbers = self._adopt_one_file()
+        self.number, self.lines = 1, []
+        # From the newest back: segments entirely past the restored step go, the one holding it is cut.
+        for number in reversed(numbers):
+            text = run_dir.read_text(segment_name(number)) or ""
+            lines = text.splitlines(keepends=True)
+            kept = [line for line in lines if _step(_parse_line(line) or {}) <= resume_step]
+            if kept or number == numbers[0]:
+                self.number, self.lines = number, kept
+                if len(kept) < len(lines):
+                    self._put_or_delete()
+                break
+            self._delete(number)
+        self.size = sum(len(line.encode()) for line in self.lines)
+
+    def append(self, line: str) -> None:
+        # One write of the whole line, unbuffered; readers take lines only up to their newline.
+        with open(self.path, "ab", buffering=0) as handle:
+            handle.write(line.encode("utf-8"))
+
+
+def _end_of_kept_lines(handle, resume_step: int, chunk: int = 1 << 16) -> int:
+    """The length of the file up to the end of its last complete line for a step <= resume_step,
+    read back from the end: only the lines past it (and one chunk) are read."""
+    end = handle.seek(0, os.SEEK_END)
+    pos, data, limit = end, b"", end  # data = file[pos:end]; lines from `limit` on are dropped
+    while True:
+        newline = data.rfind(b"\n", 0, limit - pos)  # ends the line to look at
+        begin = data.rfind(b"\n", 0, newline) if newline >= 0 else -1
+        if begin < 0 and pos > 0:  # that line (or its start) lies before what was read
+            start = max(0, pos - chunk)
+            handle.seek(start)
+            data, pos = handle.read(pos - start) + data, start
+            continue
+        if newline < 0:
+            return 0
+        record = _parse_line(data[begin + 1 : newline])
+        if record is not None and _step(record) <= resume_step:
+            return pos + newline + 1
+        limit = pos + begin + 1
+
+
+def _step(record: dict[str, Any]) -> float:
+    try:
+        return int(record["step"])
+    except (KeyError, TypeError, ValueError):
+        return float("inf")
+
+
+class _Segments:
+    """The newest segment's lines are kept here; each append rewrites that segment whole."""
+
+    def __init__(self, run_dir: RunDir, resume_step: int):
+        self.run_dir = run_dir
+        numbers = sorted(_segment_numbers(run_dir.join(SEGMENTS)))
         self.number, self.lines = 1, []
         # From the newest back: segments entirely past the restored step go, the one holding it is cut.
         for number in reversed(numbers):

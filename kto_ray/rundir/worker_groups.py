@@ -8,7 +8,6 @@ restarts the group when a node is lost or joins; a rerun starts one too. The fil
 Group i ran the steps after its `start_step`; the ones metrics.jsonl keeps from it are those up to the
 next group's `start_step` (that group resumed from a checkpoint and redid what came after it). A start
 from an earlier checkpoint than a recorded group's drops that group, as metrics.jsonl drops its steps.
-Files written before the history (a bare list of ranks) read as one group whose start is unknown.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from kto_ray.rundir import WORKERS_FILE, RunDir
 
 @dataclass(frozen=True)
 class WorkerGroup:
-    start_step: int | None  # None: an entry of a file written before the history
+    start_step: int | None  # None: an entry that does not say
     world_size: int
     started_at: float | None  # Unix time
     workers: list[dict[str, Any]]  # one record per rank
@@ -43,8 +42,6 @@ def parse_groups(text: str | None) -> list[WorkerGroup]:
         data = json.loads(text) if text else None
     except ValueError:
         return []
-    if isinstance(data, list):  # before the history: the last start's ranks
-        return [WorkerGroup(None, len(data), None, data)] if data else []
     if not isinstance(data, dict):
         return []
     return [

@@ -56,7 +56,6 @@ READ_OPTIONS = {"page_checksum_verification": True}
 _FOOTER_READ = 64 << 10  # the tail read at open: the footer of a store file fits (pyarrow reads as much)
 MANIFEST = "manifest.json"
 DATA_PREFIX = "data-"
-SPLITS = ("train", "eval")
 _UNSEEN: Any = object()  # StoreWriter without `seen`
 
 # The columns of DESIGN.md's contract, with the Arrow types training relies on.
@@ -460,7 +459,7 @@ def _data_dirs(manifest_text: str | None) -> set[str]:
 
 
 def _stamp(prefix: str) -> str:
-    """The time in a `data-<%Y%m%d-%H%M%S>-<id>` name (UTC; local time in stores written before)."""
+    """The time in a `data-<%Y%m%d-%H%M%S>-<id>` name (UTC)."""
     return prefix[len(DATA_PREFIX) : len(DATA_PREFIX) + 15]
 
 

@@ -175,17 +175,6 @@ def test_s3_resume_from_nothing_and_at_a_segment_boundary(s3_run):
 # ------------------------------------------------------------------------------------------- the bench
 
 
-def test_s3_run_of_an_older_writer_reads_and_resumes_into_segments(s3_run):
-    # Before segments, the whole file was one object, rewritten per step.
-    before = [_record(step) for step in range(1, 6)]
-    s3_run.write_text(METRICS_FILE, "".join(json.dumps(r) + "\n" for r in before))
-    assert read_metrics(s3_run) == before
-    log = MetricsLog(s3_run, 3)
-    assert sorted(_objects(s3_run)) == [segment_name(1)]
-    redone = _write(log, [4, 5], attempt=1)
-    assert read_metrics(s3_run) == before[:3] + redone
-
-
 def test_bench_smoke_runs():
     """bench/metrics_log.py --smoke: both writers and readers, local and S3, in a few seconds."""
     out = subprocess.run(

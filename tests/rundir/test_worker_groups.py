@@ -34,12 +34,10 @@ def test_each_start_adds_a_group_and_an_earlier_resume_drops_the_later_ones(tmp_
     assert kept_steps(groups, 6) == [(1, 4), None, (5, 6)]
 
 
-def test_the_file_before_the_history_reads_as_one_group(tmp_path: Path) -> None:
-    (tmp_path / WORKERS_FILE).write_text(json.dumps(_ranks(2, "a")))
-    (group,) = read_groups(RunDir(tmp_path))
-    assert (group.start_step, group.world_size, group.workers) == (None, 2, _ranks(2, "a"))
+def test_a_file_that_is_no_history_reads_as_none_and_a_start_begins_one(tmp_path: Path) -> None:
+    (tmp_path / WORKERS_FILE).write_text(json.dumps(_ranks(2, "a")))  # a list: no history
+    assert read_groups(RunDir(tmp_path)) == []
     assert parse_groups("not json") == [] and parse_groups(None) == []
-    # A start over an old file begins the history afresh.
     assert [g.start_step for g in record_group(RunDir(tmp_path), 0, _ranks(1, "b"))] == [0]
 
 

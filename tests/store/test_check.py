@@ -11,6 +11,7 @@ import pytest
 
 from kto_ray.errors import UserError
 from kto_ray.store.format import MANIFEST, read_manifest
+from kto_ray.training.launch.driver import split_tables
 from tests.store.conftest import set_mtime
 
 
@@ -59,28 +60,26 @@ def test_precompute_records_the_data_file_stats(own_store):
 
 @pytest.mark.slow
 def test_train_reads_the_data_only_when_its_stats_change(own_store, built_store, monkeypatch):
-    from kto_ray.training.launch.driver import train_table
 
     cfg, data = own_store
     reads = ReadCounter(monkeypatch)
-    table = train_table(cfg)
+    table = split_tables(cfg, ("train",))["train"]
     assert reads.calls == 0
     assert table.equals(built_store[1].read_split("train"))
 
     set_mtime(data, data.stat().st_mtime + 10)  # touched: same content
-    assert train_table(cfg).equals(table)
+    assert split_tables(cfg, ("train",))["train"].equals(table)
     assert reads.calls == 1
 
     lines = data.read_text().splitlines()
     data.write_text("\n".join(lines[:200]) + "\n")  # different content
     with pytest.raises(UserError, match="different data"):
-        train_table(cfg)
+        split_tables(cfg, ("train",))["train"]
     assert reads.calls == 2
 
 
 @pytest.mark.slow
 def test_a_manifest_without_data_file_stats_is_checked_by_content(own_store, monkeypatch):
-    from kto_ray.training.launch.driver import train_table
 
     cfg, _ = own_store
     manifest_file = Path(cfg.store.path) / MANIFEST
@@ -88,7 +87,7 @@ def test_a_manifest_without_data_file_stats_is_checked_by_content(own_store, mon
     del old["data_files"]  # as written before the field existed
     manifest_file.write_text(json.dumps(old))
     reads = ReadCounter(monkeypatch)
-    assert len(train_table(cfg)) > 0
+    assert len(split_tables(cfg, ("train",))["train"]) > 0
     assert reads.calls == 1
 
 

@@ -1,7 +1,7 @@
 """Stage 2 on the driver: check the store, size the run, launch the Ray Train TorchTrainer.
 
 Offline, the driver indexes the store's train split (and eval split with `train.eval_every`): a few
-bytes per row, streamed one row group at a time (`reference/reader.py`). The index goes to the workers in
+bytes per row, streamed one row group at a time (`store/reader.py`). The index goes to the workers in
 their LoopConfig and each worker reads its own micro-batches' rows from the store, so the store must be
 where every worker can read it (object storage or a shared mount). Online there is no store: the
 driver tokenizes the data and hands the table to the workers through the object store. The driver
@@ -72,11 +72,6 @@ class TrainResult:
     metrics: dict
 
 
-def train_table(cfg: KTOConfig, split: str = "train") -> pa.Table:
-    """The rows to train on: from the checked store (offline) or tokenized here (online, no log-probs)."""
-    return split_tables(cfg, (split,))[split]
-
-
 def split_rows(cfg: KTOConfig, splits: tuple[str, ...]) -> dict[str, Rows]:
     """What the workers train on. Offline: an index of each split of the checked store (each worker
     reads its own rows from the store: nothing O(dataset) on the driver or in the object store).
@@ -97,7 +92,8 @@ def row_labels(rows: Rows) -> np.ndarray:
 
 
 def split_tables(cfg: KTOConfig, splits: tuple[str, ...]) -> dict[str, pa.Table]:
-    """`train_table` of several splits, checking the store (or tokenizing) once for all of them."""
+    """The rows of each split: from the checked store (offline) or tokenized here (online, no
+    log-probs), checking the store (or tokenizing) once for all of them."""
     tokenizer = load_tokenizer(cfg.model)
     check_context_length(cfg.model, cfg.data.max_length)
     if cfg.reference.mode == "offline":

@@ -2,7 +2,7 @@
 
 A checkpoint folder holds DeepSpeed's files (model, optimizer and scheduler shards of all ranks), one
 RNG state file per rank, `trainer_state.json` (the optimizer step, which is also the data position) and
-`run_state.json` (what the steps mean: training/run_state.py, checked by the driver on a rerun).
+`run_state.json` (what the steps mean: training/resume/run_state.py, checked by the driver on a rerun).
 The number of workers that saved it is read back from DeepSpeed's files (one optimizer shard per rank).
 Each rank also lists its files with their sizes and checksums (`checkpoint_files.py`); a restore checks
 the checkpoint Ray Train hands it against those lists and, when it is damaged or incomplete, falls back
@@ -128,7 +128,7 @@ def restore(engine, rank: int, world: int, scratch_dir: str | None = None) -> Re
     damaged or incomplete, the newest whole one before it; returns the step already done (0 when
     starting fresh) and the damaged ones skipped. A collective: every rank checks a share of the
     files (its own shards when the world size is unchanged) and all take the same checkpoint. A
-    checkpoint saved by a different number of workers is reshaped first (`training/reshape.py`, in
+    checkpoint saved by a different number of workers is reshaped first (`training/resume/reshape.py`, in
     `scratch_dir`), then loaded. No whole checkpoint is a `CheckpointsLost`.
 
     RNG states are per rank and are restored only when the world size is unchanged: after a reshape

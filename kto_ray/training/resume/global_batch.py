@@ -1,9 +1,10 @@
 """The global batch (rows per optimizer step) is a run's contract, whatever its number of workers.
 
 It is fixed at the run's first start as the most workers x micro-batch x accumulation; a start on W
-workers with micro-batch m accumulates global / (W x m) micro-batches. The schedule's steps depend only
-on the rows per step (training/batching.py) and z0 and the loss are normalised over the global batch, so
-a step is the same rows and the same computation on any worker count the global batch divides.
+workers with micro-batch m accumulates global / (W x m) micro-batches. The schedule's steps depend
+only on the rows per step (training/schedule/batching.py) and z0 and the loss are normalised over the
+global batch, so a step is the same rows and the same computation on any worker count the global
+batch divides.
 """
 
 from __future__ import annotations

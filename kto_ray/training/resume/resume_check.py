@@ -1,7 +1,7 @@
 """A rerun against the checkpoint it resumes: refuse what would break the data position or the
 weights, apply (and name) what is safe. The key table is README's "A resume checks what changed".
 
-`compare(saved, new)` takes two run states (training/run_state.py) and returns the one line that names
+`compare(saved, new)` takes two run states (training/resume/run_state.py) and returns the one line that names
 what the resume applies, or raises a UserError naming the key, both values and the way out.
 """
 

@@ -3,7 +3,7 @@
 The driver builds the state before launch (`build_run_state`) and hands it to the workers in their
 LoopConfig; rank 0 writes it into every checkpoint (with the world size that wrote it). On a rerun the
 driver reads the state of the checkpoint Ray Train will resume from (`saved_state`) and compares it
-with the new one (training/resume_check.py) before anything is launched or written.
+with the new one (training/resume/resume_check.py) before anything is launched or written.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from kto_ray.training.resume.checkpoint_files import checkpoint_step, damage_lin
 
 RUN_STATE_FILE = "run_state.json"
 STATE_VERSION = 1
-_STEP_FILE = "trainer_state.json"  # training/checkpoint.STATE_FILE (not imported: it pulls in ray.train)
+# checkpoint.STATE_FILE, not imported: it pulls in ray.train
+_STEP_FILE = "trainer_state.json"
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ class LoopConfig:
     eval_rows: ShippedRows | None = field(repr=False)
     # Optimizer steps of the whole run (a resumed run continues to the same count).
     total_steps: int
-    # Rows per optimizer step, the run's contract (training/global_batch.py): each worker derives its
+    # Rows per optimizer step, the run's contract (training/resume/global_batch.py): each worker derives its
     # accumulation from it and its world size.
     global_batch: int
     # lambda_D, resolved on the driver (`auto` needs the whole split's label counts).
@@ -47,7 +47,7 @@ class LoopConfig:
     tracking_env: Mapping[str, str] = field(default_factory=dict, repr=False)
     # The S3 endpoint the store's rows are read from (storage.endpoint_env), set before the store opens.
     storage_env: Mapping[str, str] = field(default_factory=dict, repr=False)
-    # What the steps mean (training/run_state.py), written by rank 0 into every checkpoint; empty for
+    # What the steps mean (training/resume/run_state.py), written by rank 0 into every checkpoint; empty for
     # a fit() called without one (benchmarks), whose checkpoints a rerun cannot check.
     run_state: Mapping[str, Any] = field(default_factory=dict, repr=False)
 

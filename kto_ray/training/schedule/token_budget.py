@@ -1,6 +1,6 @@
 """Micro-batches by token budget (`train.micro_batch_tokens`): the same rows per step, fewer forwards.
 
-The schedule (training/batching.py) still fixes which rows each rank takes in a step, so the global
+The schedule (training/schedule/batching.py) still fixes which rows each rank takes in a step, so the global
 batch, z0 and the loss normalisation stay as they are; only how a rank's rows are cut into forwards
 changes. Its rows are sorted longest first and cut greedily: a micro-batch takes rows while its cost
 stays within the budget, the cost being what its forwards run on (padded: rows x its longest row,
