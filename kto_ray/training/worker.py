@@ -240,7 +240,7 @@ def _train(run: WorkerRun) -> None:
         for tracker in run.trackers:  # rank 0 only: live, the same record as metrics.jsonl
             tracker.log(done, metrics)
         if done % cfg.run.checkpoint_every == 0 or done == total_steps:
-            state = dict(run.loop.run_state, world_size=run.world) if run.loop.run_state else None
+            state = dict(run.loop.run_state, world_size=run.world)
             save_and_report(
                 run.engine,
                 done,

@@ -131,8 +131,8 @@ def train(cfg: KTOConfig) -> TrainResult:
     run_dir = RunDir.of(cfg)
     with _storage_errors(run_dir, "read"):
         saved = saved_state(run_dir)
-    # A resumed run keeps its global batch (the contract); a fresh one (or an unchecked one) fixes it now.
-    resumed = saved is not None and saved.state is not None
+    # A resumed run keeps its global batch (the contract); a fresh one fixes it now.
+    resumed = saved is not None
     global_batch = saved.state["global_batch"] if resumed else first_global_batch(cfg)
     try:
         check_worker_range(global_batch, cfg.cluster.worker_range, cfg.train.micro_batch_size)
@@ -154,13 +154,7 @@ def train(cfg: KTOConfig) -> TrainResult:
     if resumed and cfg.deepspeed.stage == "auto":
         cfg = stage_of_checkpoint(cfg, saved.name, saved.state)
     state = build_run_state(cfg, train_rows, global_batch, steps, lam_d)
-    if saved is not None and saved.state is None:
-        print(
-            f"resuming from {saved.name}, written before checkpoints recorded their run state: "
-            "what changed since cannot be checked",
-            flush=True,
-        )
-    elif saved is not None and (changes := compare(saved.name, saved.state, state)):
+    if resumed and (changes := compare(saved.name, saved.state, state)):
         print(changes, flush=True)
     launched = time.time()
     result = fit(
@@ -204,7 +198,8 @@ def fit(
     timeline: Timeline | None = None,
 ) -> TrainResult:
     """Launch the TorchTrainer on `train_rows` for `steps` optimizer steps of `global_batch` rows (the
-    first start's by default); with `train.eval_every`, the workers also evaluate on `eval_rows` (the
+    first start's by default); every checkpoint carries `run_state` (this start's, built here when not
+    given: benches call fit directly); with `train.eval_every`, the workers also evaluate on `eval_rows` (the
     store's eval split). `timeline` (train's) gets the driver's phases, written to `timings.json`."""
     import ray
 
@@ -213,6 +208,7 @@ def fit(
     cfg = with_absolute_paths(cfg)
     global_batch = global_batch or first_global_batch(cfg)
     check_worker_range(global_batch, cfg.cluster.worker_range, cfg.train.micro_batch_size)
+    run_state = run_state or build_run_state(cfg, train_rows, global_batch, steps, lam_d)
     if cfg.train.eval_every and (eval_rows is None or row_count(eval_rows) == 0):
         raise UserError(
             "train.eval_every is set but the eval split is empty: raise data.eval_fraction "
@@ -235,8 +231,7 @@ def fit(
             # stage auto becomes the planner's pick here (it may read the cluster's memory); the run
             # dir and the checkpoints' run state record the stage that ran.
             cfg, stage = resolve_stage(cfg)
-            if run_state is not None:
-                run_state["config"]["deepspeed"] = cfg.deepspeed.model_dump(mode="json")
+            run_state["config"]["deepspeed"] = cfg.deepspeed.model_dump(mode="json")
             with _storage_errors(run_dir):
                 run_dir.write_text("config.yaml", dump_config(cfg))
             print(
@@ -253,7 +248,7 @@ def fit(
                 total_steps=steps,
                 global_batch=global_batch,
                 desirable_weight=lam_d,
-                run_state=run_state or {},
+                run_state=run_state,
                 tracking_env=tracking_env,
                 storage_env=endpoint_env(),
             )

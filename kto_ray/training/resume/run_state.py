@@ -35,10 +35,10 @@ _STEP_FILE = "trainer_state.json"
 
 @dataclass(frozen=True)
 class SavedCheckpoint:
-    """The checkpoint a rerun resumes from, and its saved run state (None: written before run states)."""
+    """The checkpoint a rerun resumes from, and its saved run state."""
 
     name: str
-    state: dict[str, Any] | None
+    state: dict[str, Any]
 
 
 def _model_identity(cfg: KTOConfig) -> str:
@@ -123,8 +123,11 @@ def saved_state(run_dir: RunDir) -> SavedCheckpoint | None:
         return None
     name = whole_checkpoint(run_dir, name)
     text = read_text(run_dir.join(CHECKPOINTS, name, RUN_STATE_FILE))
-    if text is None:
-        return SavedCheckpoint(name, None)
+    if text is None:  # every checkpoint kto-ray writes has one, listed in its file list
+        raise UserError(
+            f"{run_dir.child(CHECKPOINTS, name)} has no {RUN_STATE_FILE}: not a checkpoint of this kto-ray; "
+            "a new run.name starts over"
+        )
     try:
         state = json.loads(text)
     except ValueError as err:

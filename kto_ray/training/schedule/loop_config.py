@@ -47,8 +47,7 @@ class LoopConfig:
     tracking_env: Mapping[str, str] = field(default_factory=dict, repr=False)
     # The S3 endpoint the store's rows are read from (storage.endpoint_env), set before the store opens.
     storage_env: Mapping[str, str] = field(default_factory=dict, repr=False)
-    # What the steps mean (training/resume/run_state.py), written by rank 0 into every checkpoint; empty for
-    # a fit() called without one (benchmarks), whose checkpoints a rerun cannot check.
+    # What the steps mean (training/resume/run_state.py), written by rank 0 into every checkpoint.
     run_state: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     def as_train_loop_config(self) -> dict[str, LoopConfig]:

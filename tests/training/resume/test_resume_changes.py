@@ -83,19 +83,17 @@ def test_a_longer_run_resumes_with_the_schedule_recomputed(two_steps, capsys):
     assert state["total_steps"] == 4
 
 
-def test_a_checkpoint_without_a_run_state_resumes_unchecked_saying_so(two_steps, capsys):
-    # As one written before run states: the rerun is not refused by the check, and goes on to launch. It
-    # asks for more workers than the local Ray has, so the placement check stops it there, in seconds
-    # (the resume itself is the one every rerun takes, tested in test_faults and above).
+def test_a_whole_checkpoint_without_a_run_state_is_refused_in_one_line(two_steps, capsys):
+    # Every checkpoint kto-ray writes has its run state, listed in its file list: one without (listed
+    # as whole, so the damage check passes it) is none of ours, and the rerun stops before it launches.
     _cfg, config_file, run_dir = two_steps
     latest = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
     (latest / RUN_STATE_FILE).unlink()
-    listed = json.loads((latest / "files_rank0.json").read_text())  # and from its file list: a whole
-    listed["files"] = [f for f in listed["files"] if f["path"] != RUN_STATE_FILE]  # checkpoint without
-    (latest / "files_rank0.json").write_text(json.dumps(listed))  # one, as `fit` without a run state saves
+    listed = json.loads((latest / "files_rank0.json").read_text())
+    listed["files"] = [f for f in listed["files"] if f["path"] != RUN_STATE_FILE]
+    (latest / "files_rank0.json").write_text(json.dumps(listed))
     capsys.readouterr()
-    changed = ["--set", "train.seed=7", "--set", "train.max_steps=4", "--set", "cluster.workers=8"]
-    assert main(["train", "--config", str(config_file), *changed]) == 2
-    captured = capsys.readouterr()
-    assert f"resuming from {latest.name}, written before checkpoints recorded their run state" in captured.out
-    assert "the cluster cannot place the worker group: 8 workers" in captured.err
+    assert main(["train", "--config", str(config_file), "--set", "train.max_steps=4"]) == 2
+    err = capsys.readouterr().err
+    assert f"{latest} has no {RUN_STATE_FILE}: not a checkpoint of this kto-ray" in err
+    assert len(err.strip().splitlines()) == 1, err

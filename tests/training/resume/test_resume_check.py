@@ -141,10 +141,11 @@ def test_the_state_of_the_checkpoint_ray_train_resumes_is_read(tmp_path, rows):
     assert saved.name == "step_00000002" and saved.state == state
 
 
-def test_a_checkpoint_from_before_run_states_reads_as_unchecked(tmp_path):
+def test_a_checkpoint_without_a_run_state_is_refused_in_one_line(tmp_path):
     run_dir = RunDir(tmp_path / "run")
     _checkpoint(run_dir, "step_00000002", None)
-    assert saved_state(run_dir).state is None
+    with pytest.raises(UserError, match=f"step_00000002 has no {RUN_STATE_FILE}: not a checkpoint of this"):
+        saved_state(run_dir)
 
 
 def test_an_unreadable_run_state_is_one_line(tmp_path):
