@@ -388,7 +388,8 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _describe(err: ValidationError, source: str) -> str:
+def describe_invalid(err: ValidationError, source: str) -> str:
+    """A pydantic error as the one line a user reads: the first problem, where it is and what was given."""
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "(top level)"
     if first["type"] == "extra_forbidden":
@@ -400,7 +401,7 @@ def config_from_dict(tree: dict[str, Any], source: str = "config") -> KTOConfig:
     try:
         return KTOConfig.model_validate(tree)
     except ValidationError as err:
-        raise UserError(_describe(err, source)) from None
+        raise UserError(describe_invalid(err, source)) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> KTOConfig:

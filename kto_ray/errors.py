@@ -110,3 +110,19 @@ class CheckpointReshapeFailed(WorkerFailure):
 
     def _fields(self) -> tuple:
         return (self.step, self.checkpoint, self.saved, self.world, self.reason)
+
+
+class ResumeUnchecked(WorkerFailure):
+    """The checkpoint `checkpoint` Ray Train handed (or the restore fell back to) was written under
+    another run state than the one the driver checked this start against (`checked`, its name, None
+    for a fresh start): resuming it would skip the checks."""
+
+    def __init__(self, checkpoint: str, checked: str | None):
+        against = (
+            f"the run was checked against {checked}" if checked else "the run was checked as a fresh one"
+        )
+        super().__init__(f"the checkpoint {checkpoint} was written under other settings and {against}")
+        self.checkpoint, self.checked = checkpoint, checked
+
+    def _fields(self) -> tuple:
+        return (self.checkpoint, self.checked)

@@ -4,20 +4,14 @@
 - `ray.train.v2._internal...ControllerCallback` and the `RAY_TRAIN_CALLBACKS` variable: the hook a
   sweep trial uses to reach its Ray Train controller (to abort it when Tune stops the trial).
 - `WorkerGroupError.worker_failures`: the exceptions of the failed workers, by rank.
-- `checkpoint_manager_snapshot.json`: Ray Train's record of the registered checkpoints of a run.
 """
 
 from __future__ import annotations
-
-import json
-from typing import Any
 
 WRITTEN_AGAINST = "2.60.0"
 
 # ray.train.v2._internal.constants.RAY_TRAIN_CALLBACKS_ENV_VAR: import paths of extra controller callbacks.
 CALLBACKS_ENV = "RAY_TRAIN_CALLBACKS"
-# Ray Train's record of the registered checkpoints, in the run's `checkpoints/`: the latest one is resumed.
-CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 def __getattr__(name: str):
@@ -52,15 +46,3 @@ def worker_failures(err: Exception) -> dict[int, BaseException]:
     """The failed workers' own exceptions by rank (Ray Train V2 unpickles each and removes its wrapper);
     empty for a controller error or anything else."""
     return getattr(err, "worker_failures", None) or {}
-
-
-def latest_registered(snapshot_text: str | None) -> str | None:
-    """The folder name of the checkpoint Ray Train resumes, from its snapshot file's text; None when
-    there is no snapshot or it does not name one."""
-    if snapshot_text is None:
-        return None
-    try:
-        latest: dict[str, Any] = json.loads(snapshot_text).get("latest_checkpoint_result") or {}
-    except (ValueError, AttributeError):
-        return None
-    return latest.get("checkpoint_dir_name")

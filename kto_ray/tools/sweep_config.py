@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from kto_ray.config import KTOConfig, Section, config_from_dict, parse_override
+from kto_ray.config import KTOConfig, Section, config_from_dict, describe_invalid, parse_override
 from kto_ray.errors import UserError
 from kto_ray.objective import EVAL_KEYS
 
@@ -116,14 +116,6 @@ class SweepConfig(Section):
         return self
 
 
-def _describe(err: ValidationError, source: str) -> str:
-    first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    if first["type"] == "extra_forbidden":
-        return f"{source}: unknown key '{where}'"
-    return f"{source}: {where}: {first['msg']}"
-
-
 def _number_if_one(value: Any) -> Any:
     """YAML 1.1 reads `1e-5` (no dot) as text; on the command line it means the number."""
     if isinstance(value, str) and any(c.isdigit() for c in value):
@@ -169,7 +161,7 @@ def load_sweep(
     try:
         return SweepConfig.model_validate(tree)
     except ValidationError as err:
-        raise UserError(_describe(err, source)) from None
+        raise UserError(describe_invalid(err, source)) from None
 
 
 def _swept_key_refused(key: str) -> str | None:

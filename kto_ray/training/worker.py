@@ -172,7 +172,8 @@ def _setup(loop: LoopConfig, teardown: contextlib.ExitStack, timeline: Timeline)
     host_memory.release()  # what loading and DeepSpeed's set-up freed
     timeline.mark("model load, deepspeed engine")
 
-    restored = restore(engine, rank, world, cfg.run.scratch_dir)  # reshaped if `world` changed
+    # reshaped if `world` changed; only a checkpoint under a run state the driver checked
+    restored = restore(engine, rank, world, cfg.run.scratch_dir, loop.checked, loop.run_state)
     start_step = restored.step
     if start_step:  # this start's learning rate, schedule and optimizer settings, not the checkpoint's
         refresh_optimizer_settings(engine, cfg)

@@ -3,8 +3,6 @@ when an upgrade moves or changes it."""
 
 from __future__ import annotations
 
-import json
-
 import ray
 import ray._private.state as ray_state
 import ray.train.v2._internal.constants as train_constants
@@ -27,17 +25,6 @@ def test_the_autoscaler_state_functions_are_where_they_were():
 def test_the_controller_callback_hook_and_its_variable_are_where_they_were():
     assert ray_private.CALLBACKS_ENV == train_constants.RAY_TRAIN_CALLBACKS_ENV_VAR, _upgraded()
     assert callable(getattr(ray_private.ControllerCallback, "after_controller_start", None)), _upgraded()
-
-
-def test_the_checkpoint_snapshot_file_is_named_as_it_was_and_read_as_written():
-    assert ray_private.CHECKPOINT_SNAPSHOT == train_constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME, (
-        _upgraded()
-    )
-    snapshot = {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_2026-12-03_06-00-00.000000"}}
-    assert ray_private.latest_registered(json.dumps(snapshot)) == "checkpoint_2026-12-03_06-00-00.000000"
-    assert ray_private.latest_registered(None) is None
-    assert ray_private.latest_registered("not json") is None
-    assert ray_private.latest_registered(json.dumps({"latest_checkpoint_result": None})) is None
 
 
 def test_worker_failures_come_back_by_rank_with_their_own_type():

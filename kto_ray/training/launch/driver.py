@@ -31,6 +31,7 @@ from kto_ray.errors import (
     CheckpointWriteFailed,
     Interrupted,
     NonFiniteStep,
+    ResumeUnchecked,
     StorageError,
     StoreDamaged,
     TrainingStopped,
@@ -165,6 +166,7 @@ def train(cfg: KTOConfig) -> TrainResult:
         eval_rows=rows.get("eval"),
         global_batch=global_batch,
         run_state=state,
+        checked=(saved.name, saved.state) if resumed else None,
         timeline=timeline,
     )
     if saved is not None:
@@ -195,6 +197,7 @@ def fit(
     eval_rows: Rows | None = None,
     global_batch: int | None = None,
     run_state: dict | None = None,
+    checked: tuple[str, dict] | None = None,
     timeline: Timeline | None = None,
 ) -> TrainResult:
     """Launch the TorchTrainer on `train_rows` for `steps` optimizer steps of `global_batch` rows (the
@@ -249,6 +252,7 @@ def fit(
                 global_batch=global_batch,
                 desirable_weight=lam_d,
                 run_state=run_state,
+                checked=checked,
                 tracking_env=tracking_env,
                 storage_env=endpoint_env(),
             )
@@ -368,11 +372,17 @@ def _worker_failure(err: Exception, kind: type[Failure]) -> Failure | None:
 
 
 def _damaged(err: Exception, run_dir: RunDir) -> UserError | None:
-    """A damaged store file a worker met (it trains on none of it), or no whole checkpoint: one line."""
+    """A damaged store file a worker met (it trains on none of it), no whole checkpoint, or a checkpoint
+    the driver did not check the run against: one line."""
     failures = worker_failures(err)
     store = next((failures[r] for r in sorted(failures) if isinstance(failures[r], StoreDamaged)), None)
     if store is not None:
         return store
+    unchecked = _worker_failure(err, ResumeUnchecked)
+    if unchecked is not None:
+        return UserError(
+            f"{unchecked} in {run_dir}: `kto-ray verify` lists its checkpoints; a new run.name starts over"
+        )
     lost = _worker_failure(err, CheckpointsLost)
     if lost is None:
         return None

@@ -24,7 +24,7 @@ import pyarrow.fs as pafs
 import ray.train
 import torch
 
-from kto_ray.errors import CheckpointsLost, CheckpointWriteFailed
+from kto_ray.errors import CheckpointsLost, CheckpointWriteFailed, ResumeUnchecked
 from kto_ray.integrity import Problem, check_local, lists_in, write_file_list
 from kto_ray.internals.deepspeed_private import universal_load
 from kto_ray.rundir import CHECKPOINTS, RunDir
@@ -123,13 +123,25 @@ def save_and_report(
             ) from None
 
 
-def restore(engine, rank: int, world: int, scratch_dir: str | None = None) -> Restored:
+def restore(
+    engine,
+    rank: int,
+    world: int,
+    scratch_dir: str | None = None,
+    checked: tuple[str, Mapping[str, Any]] | None = None,
+    run_state: Mapping[str, Any] | None = None,
+) -> Restored:
     """Load the latest checkpoint Ray Train hands this run (after a restart or a rerun), or, when it is
     damaged or incomplete, the newest whole one before it; returns the step already done (0 when
     starting fresh) and the damaged ones skipped. A collective: every rank checks a share of the
     files (its own shards when the world size is unchanged) and all take the same checkpoint. A
     checkpoint saved by a different number of workers is reshaped first (`training/resume/reshape.py`, in
     `scratch_dir`), then loaded. No whole checkpoint is a `CheckpointsLost`.
+
+    The resume is decided against what is loaded: the checkpoint must hold the run state the driver
+    checked this start against (`checked`: its name and state) or this start's own `run_state` (a
+    checkpoint this start wrote, handed back after a restart); anything else, before a single step,
+    is a `ResumeUnchecked`. (When `run_state` is None nothing is checked: the checkpoint tests.)
 
     RNG states are per rank and are restored only when the world size is unchanged: after a reshape
     each rank keeps the seed `_setup` gave it. The data order never depends on them (the schedule is
@@ -147,11 +159,29 @@ def restore(engine, rank: int, world: int, scratch_dir: str | None = None) -> Re
             if problem is not None:
                 damaged.append((name, problem))
                 continue
+            if run_state is not None:
+                _check_resumed(folder, name, checked, run_state)
             step = _load_folder(engine, folder, name, rank, world, scratch_dir)
         if damaged and rank == 0:  # the driver says it before the launch when the sizes show it
             print(f"{damage_line(*damaged[0])}, resuming from step {step}", flush=True)
         return Restored(step, tuple(n for n, _ in damaged))
     raise CheckpointsLost(damage_line(*damaged[0]), len(damaged))
+
+
+def _check_resumed(
+    folder: Path, name: str, checked: tuple[str, Mapping[str, Any]] | None, run_state: Mapping[str, Any]
+) -> None:
+    """Every rank reads the same file and decides the same: no rank is left in a collective."""
+    saved = _without_world(json.loads((folder / RUN_STATE_FILE).read_text()))
+    accepted = [_without_world(run_state)] + ([_without_world(checked[1])] if checked else [])
+    if saved not in accepted:
+        raise ResumeUnchecked(name, checked[0] if checked else None)
+
+
+def _without_world(state: Mapping[str, Any]) -> dict[str, Any]:
+    # As JSON holds it (tuples read back as lists). The world size that wrote a checkpoint is a fact
+    # of it, not a setting: a reshape changes it.
+    return {key: value for key, value in json.loads(json.dumps(dict(state))).items() if key != "world_size"}
 
 
 def _newest_first(handed: ray.train.Checkpoint) -> Iterator[ray.train.Checkpoint]:

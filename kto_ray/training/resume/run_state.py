@@ -2,8 +2,11 @@
 
 The driver builds the state before launch (`build_run_state`) and hands it to the workers in their
 LoopConfig; rank 0 writes it into every checkpoint (with the world size that wrote it). On a rerun the
-driver reads the state of the checkpoint Ray Train will resume from (`saved_state`) and compares it
-with the new one (training/resume/resume_check.py) before anything is launched or written.
+driver reads the state of the checkpoint Ray Train will resume from (`saved_state`: the latest Ray
+registered, as Ray's own checkpoint manager reads it) and compares it with the new one
+(training/resume/resume_check.py) before anything is launched or written; the stage, the global batch
+and the store pin come from the same checkpoint. The workers' restore then resumes only a checkpoint
+under that state (or one this start wrote), so the checks and what is resumed cannot part.
 """
 
 from __future__ import annotations
@@ -19,9 +22,8 @@ import pyarrow as pa
 from kto_ray.config import KTOConfig, with_absolute_paths
 from kto_ray.errors import CheckpointsDamaged, UserError
 from kto_ray.integrity import size_problem
-from kto_ray.internals.ray_private import CHECKPOINT_SNAPSHOT, latest_registered
 from kto_ray.rundir import CHECKPOINTS, RunDir
-from kto_ray.storage import is_uri, read_text
+from kto_ray.storage import first_line, is_uri, read_text
 from kto_ray.store.fingerprint import sha256_text, weights_fingerprint
 from kto_ray.store.format import read_manifest, sequence_lengths
 from kto_ray.store.reader import SplitIndex
@@ -29,8 +31,6 @@ from kto_ray.training.resume.checkpoint_files import checkpoint_step, damage_lin
 
 RUN_STATE_FILE = "run_state.json"
 STATE_VERSION = 1
-# checkpoint.STATE_FILE, not imported: it pulls in ray.train
-_STEP_FILE = "trainer_state.json"
 
 
 @dataclass(frozen=True)
@@ -79,11 +79,6 @@ def build_run_state(
     }
 
 
-def _latest_registered(run_dir: RunDir) -> str | None:
-    """The checkpoint Ray Train resumes: the latest in its snapshot; None when there is no snapshot."""
-    return latest_registered(read_text(run_dir.join(CHECKPOINTS, CHECKPOINT_SNAPSHOT)))
-
-
 def whole_checkpoint(run_dir: RunDir, name: str, say=print) -> str:
     """`name`, or when its files are not all there at their sizes (a LIST each; the checksums are the
     workers' to check as they load), the newest older checkpoint that is whole, said in one line as
@@ -106,13 +101,23 @@ def whole_checkpoint(run_dir: RunDir, name: str, say=print) -> str:
 
 
 def latest_checkpoint(run_dir: RunDir) -> str | None:
-    """The checkpoint Ray Train hands a rerun: the latest registered one, or without a snapshot the
-    newest folder that has its step file; None when there is none."""
-    name = _latest_registered(run_dir)
-    if name is None:  # no snapshot (yet): the newest folder that has its step file
-        names = [n for n in run_dir.checkpoint_names() if read_text(run_dir.join(CHECKPOINTS, n, _STEP_FILE))]
-        name = names[-1] if names else None
-    return name
+    """The checkpoint Ray Train hands a rerun: the latest one it registered, read by Ray's own
+    checkpoint manager (`ray.train.Result.from_path`, what the controller resumes from); None when it
+    registered none. Folders it never registered (a partial upload, a copy) are never resumed."""
+    import ray.train
+
+    location = run_dir.join(CHECKPOINTS)
+    try:
+        result = ray.train.Result.from_path(location.path, storage_filesystem=location.fs)
+    except RuntimeError:  # no such folder, or no checkpoint registered in it: a fresh run
+        return None
+    except Exception as err:  # e.g. a registered checkpoint's folder deleted: Ray's controller stops too
+        where = run_dir.child(CHECKPOINTS)
+        raise UserError(
+            f"Ray Train cannot resume {where} ({first_line(err)}); a new run.name starts over"
+        ) from None
+    checkpoint = result.checkpoint
+    return None if checkpoint is None else checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def saved_state(run_dir: RunDir) -> SavedCheckpoint | None:

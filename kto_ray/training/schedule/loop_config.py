@@ -49,6 +49,9 @@ class LoopConfig:
     storage_env: Mapping[str, str] = field(default_factory=dict, repr=False)
     # What the steps mean (training/resume/run_state.py), written by rank 0 into every checkpoint.
     run_state: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    # The checkpoint the driver checked this start against and its run state (None: a fresh start).
+    # The restore resumes a checkpoint only under that state or this start's own (one this start wrote).
+    checked: tuple[str, Mapping[str, Any]] | None = field(default=None, repr=False)
 
     def as_train_loop_config(self) -> dict[str, LoopConfig]:
         return {_KEY: self}

@@ -4,6 +4,7 @@ unchecked) on run states built from real configs; the latest registered checkpoi
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -126,8 +127,19 @@ def _checkpoint(run_dir: RunDir, name: str, state: dict | None, registered: bool
     if state is not None:
         (folder / RUN_STATE_FILE).write_text(json.dumps(state))
     write_file_list(folder, int(name.split("_")[1]), 0, 1)  # as every rank lists its files
-    if registered:
-        snapshot = {"latest_checkpoint_result": {"checkpoint_dir_name": name, "metrics": {}}}
+    if registered:  # Ray Train's record, as its checkpoint manager writes it (ray 2.60)
+        result = {"checkpoint_dir_name": name, "metrics": {}}
+        snapshot = {
+            "checkpoint_results": [result],
+            "checkpoint_report_indices": [0],
+            "latest_checkpoint_result": result,
+            "pending_training_results": [],
+            "pending_validation_specs": [],
+            "current_report_index": 1,
+            "validated_checkpoint_dir_names": [],
+            "timed_out_validation_checkpoint_dir_names": [],
+            "failed_validation_checkpoint_dir_names": [],
+        }
         (folder.parent / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
 
 
@@ -139,6 +151,24 @@ def test_the_state_of_the_checkpoint_ray_train_resumes_is_read(tmp_path, rows):
     _checkpoint(run_dir, "step_00000004", None, registered=False)  # a partial, unregistered upload
     saved = saved_state(run_dir)
     assert saved.name == "step_00000002" and saved.state == state
+
+
+def test_folders_ray_train_never_registered_are_a_fresh_run(tmp_path, rows):
+    # No record of Ray Train's at all (it registered nothing): Ray starts the run over, and so do the
+    # checks, however many step folders lie there.
+    run_dir = RunDir(tmp_path / "run")
+    _checkpoint(run_dir, "step_00000002", _state(rows), registered=False)
+    assert saved_state(run_dir) is None
+
+
+def test_a_registered_checkpoint_whose_folder_is_gone_is_one_line(tmp_path, rows):
+    run_dir = RunDir(tmp_path / "run")
+    _checkpoint(run_dir, "step_00000002", _state(rows))
+    shutil.rmtree(run_dir.local_path / CHECKPOINTS / "step_00000002")
+    with pytest.raises(
+        UserError, match=r"Ray Train cannot resume .*checkpoints \(.*\); a new run.name starts over"
+    ):
+        saved_state(run_dir)
 
 
 def test_a_checkpoint_without_a_run_state_is_refused_in_one_line(tmp_path):
