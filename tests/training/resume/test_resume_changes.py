@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -67,10 +68,23 @@ def test_a_changed_seed_exits_2_in_one_line_and_leaves_the_checkpoint_untouched(
 
 def test_a_longer_run_resumes_with_the_schedule_recomputed(two_steps, capsys):
     cfg, config_file, run_dir = two_steps
+    # A newer step folder Ray Train never registered (a copy, a partial upload), written under another
+    # seed by 2 workers: neither the checks nor the stage nor the reshape look at it, and Ray does not
+    # resume it. The checks are made against step 2, the one resumed.
+    registered = run_dir / "checkpoints" / "step_00000002"
+    stray = run_dir / "checkpoints" / "step_00000009"
+    shutil.copytree(registered, stray)
+    state = json.loads((stray / RUN_STATE_FILE).read_text())
+    state["config"]["train"]["seed"], state["world_size"] = 7, 2
+    (stray / RUN_STATE_FILE).write_text(json.dumps(state))
     capsys.readouterr()
-    assert main(["train", "--config", str(config_file), "--set", "train.max_steps=4"]) == 0
+    try:
+        assert main(["train", "--config", str(config_file), "--set", "train.max_steps=4"]) == 0
+    finally:
+        shutil.rmtree(stray)
     out = capsys.readouterr().out
     assert "resuming from step_00000002 with changes: train.max_steps: 2 -> 4 steps" in out
+    assert "step_00000009" not in out and "reshap" not in out
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     # Steps 1-2 ran under the 2-step schedule; 3-4 under the 4-step one, from the first resumed step

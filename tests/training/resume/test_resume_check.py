@@ -153,6 +153,24 @@ def test_the_state_of_the_checkpoint_ray_train_resumes_is_read(tmp_path, rows):
     assert saved.name == "step_00000002" and saved.state == state
 
 
+def test_the_restore_resumes_only_a_checkpoint_under_a_checked_run_state(tmp_path, rows):
+    from kto_ray.errors import ResumeUnchecked
+    from kto_ray.training.resume.checkpoint import _check_resumed
+
+    checked, this_start = _state(rows), _state(rows, "train.max_steps=9")
+    folder = tmp_path / "step_00000002"
+    folder.mkdir()
+    for written, accepted in ((checked, True), (this_start, True), (_state(rows, "train.seed=7"), False)):
+        (folder / RUN_STATE_FILE).write_text(json.dumps(dict(written, world_size=3)))  # any world size
+        if accepted:
+            _check_resumed(folder, folder.name, ("step_00000002", checked), this_start)
+        else:
+            with pytest.raises(ResumeUnchecked, match="step_00000002 was written under other settings"):
+                _check_resumed(folder, folder.name, ("step_00000002", checked), this_start)
+    with pytest.raises(ResumeUnchecked, match="the run was checked as a fresh one"):
+        _check_resumed(folder, folder.name, None, this_start)
+
+
 def test_folders_ray_train_never_registered_are_a_fresh_run(tmp_path, rows):
     # No record of Ray Train's at all (it registered nothing): Ray starts the run over, and so do the
     # checks, however many step folders lie there.
