@@ -64,7 +64,7 @@ def repo_path(span: str) -> str | None:
         if top in RUNTIME_ROOTS or top in ("", ".", ".."):
             return None
         if (REPO / top).exists() or span.endswith(".py"):
-            return span.rstrip("/")
+            return span
         return None
     if span.endswith(_SUFFIXES) and span not in RUNTIME_FILES:
         return span
@@ -92,7 +92,9 @@ def missing_paths(doc: Path, names: set[str]) -> list[str]:
 
 def test_the_generated_references_are_what_the_code_says():
     stale = [str(path) for path, text in docs.generated().items() if (REPO / path).read_text() != text]
-    assert not stale, f"{', '.join(stale)} differ from the code: run `{docs.REGENERATE}` and commit the result"
+    assert not stale, (
+        f"{', '.join(stale)} differ from the code: run `{docs.REGENERATE}` and commit the result"
+    )
 
 
 def test_every_link_and_repository_path_in_the_markdown_exists():
@@ -111,7 +113,7 @@ def test_every_link_and_repository_path_in_the_markdown_exists():
         ("tests/test_docs.py::test_x", "tests/test_docs.py"),
         ("training/x.py", "training/x.py"),
         ("test_docs.py", "test_docs.py"),
-        ("configs/", "configs"),
+        ("configs/", "configs/"),
         ("s3://bucket/runs", None),
         ("<run dir>/final", None),
         ("jobs/*.py", None),

@@ -90,9 +90,9 @@ def config_reference() -> str:
         "",
         "Every key of a kto-ray config (`--config FILE`, `--set section.key=value`) and of a sweep file",
         "(`kto-ray sweep --sweep FILE`). Unknown keys are refused. Types are as written in YAML; `null` is",
-        "YAML's null. Cross-field rules: `data.max_prompt_length < data.max_length`; `precompute.gpus_per_actor`",
-        "above 1 is whole; `deepspeed.stage: auto` leaves both offloads at `none`; `run.report_to: [tensorboard]`",
-        "needs a local `run.dir`.",
+        "YAML's null. Cross-field rules: `data.max_prompt_length < data.max_length`;",
+        "`precompute.gpus_per_actor` above 1 is whole; `deepspeed.stage: auto` leaves both offloads at",
+        "`none`; `run.report_to: [tensorboard]` needs a local `run.dir`.",
     ]
     for name, field in KTOConfig.model_fields.items():
         section = field.annotation
