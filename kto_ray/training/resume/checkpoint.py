@@ -172,7 +172,10 @@ def _check_resumed(
     folder: Path, name: str, checked: tuple[str, Mapping[str, Any]] | None, run_state: Mapping[str, Any]
 ) -> None:
     """Every rank reads the same file and decides the same: no rank is left in a collective."""
-    saved = _without_world(json.loads((folder / RUN_STATE_FILE).read_text()))
+    try:
+        saved = _without_world(json.loads((folder / RUN_STATE_FILE).read_text()))
+    except (OSError, ValueError):  # none, or unreadable: not under any state the driver checked
+        saved = None
     accepted = [_without_world(run_state)] + ([_without_world(checked[1])] if checked else [])
     if saved not in accepted:
         raise ResumeUnchecked(name, checked[0] if checked else None)
