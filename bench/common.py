@@ -276,7 +276,7 @@ def alternating_runs(
 def two_variant_bench(
     args: argparse.Namespace, prefix: str, label: str, variants: dict[str, dict[str, Any]]
 ) -> None:
-    """The body of a two-setting benchmark (zero_stage, kl_estimate): `args.model`, uniform data, 2
+    """The body of a two-setting benchmark (zero_stage, loss_kind): `args.model`, uniform data, 2
     workers x 0.5 CPU, global batch `args.batch`; `args.rounds` alternations of the two variants, a table
     and the second's samples/s over the first's."""
     spec = SPECS[args.model]

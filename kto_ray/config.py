@@ -70,7 +70,7 @@ class DataConfig(Section):
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Seeded fraction held out as 'eval'.")
     seed: int = Field(0, description="Seed of the shuffle that fixes the KL pairing and the eval split.")
     pairing: Literal["shuffle", "stream"] = Field(
-        "shuffle",
+        "stream",
         description="How KL pairs and the eval split are drawn. shuffle: from a seeded shuffle of all rows "
         "(exact eval_fraction; any new row redraws them all). stream: each row's split from a seeded hash "
         "of its content and its KL partner from the rows before it, so new rows at the end of the data "
@@ -123,7 +123,7 @@ class PrecomputeConfig(Section):
 class TrainConfig(Section):
     beta: float = Field(0.1, gt=0.0, description="KTO beta: scale of the implied reward.")
     desirable_weight: float | Literal["auto"] = Field(
-        1.0, description="lambda_D; 'auto' sets it so lambda_D n_D / (lambda_U n_U) = 1 from the store."
+        "auto", description="lambda_D; auto sets it so lambda_D n_D / (lambda_U n_U) = 1 from the store."
     )
     undesirable_weight: float = Field(1.0, gt=0.0, description="lambda_U.")
     lr: float = Field(5e-6, gt=0.0, description="Peak AdamW learning rate (the paper's 5e-6).")
@@ -149,19 +149,19 @@ class TrainConfig(Section):
     max_grad_norm: float = Field(1.0, gt=0.0, description="Gradient clipping norm.")
     seed: int = Field(42, description="Seed of the per-epoch shuffle and of the workers' RNGs.")
     group_by_length: bool = Field(
-        False,
+        True,
         description=(
             "Fill each step with rows of similar length, drawn from a window of 64 shuffled steps: "
             "little padding on length-skewed data (faster), but a step's rows are no longer a uniform "
             "sample, so rewards, z0 and the label mix vary more from step to step."
         ),
     )
-    kl_estimate: Literal["batch", "zero"] = Field(
-        "batch",
-        description="z0 of the training loss: batch = the paper's estimator, max(0, mean policy/reference "
-        "log-ratio of the step's KL pairs) over the global batch; zero = z0 fixed at 0 and the KL "
-        "forward skipped (faster, but not the paper's estimator; equal to it only while that mean is "
-        "negative). Eval and `kto-ray evaluate` still estimate z0.",
+    loss: Literal["kto", "apo_zero_unpaired"] = Field(
+        "kto",
+        description="The objective. kto = the paper's: z0 = max(0, mean policy/reference log-ratio of "
+        "the step's KL pairs) over the global batch. apo_zero_unpaired = z0 fixed at 0 and the KL "
+        "forward skipped (TRL's loss_type of that name): another objective, faster, equal to KTO's only "
+        "while that mean is negative. Eval and `kto-ray evaluate` estimate z0 either way.",
     )
     router_aux_loss: bool = Field(
         True,
@@ -273,7 +273,7 @@ class ClusterConfig(Section):
 
 class DeepSpeedConfig(Section):
     stage: Literal[0, 1, 2, 3, "auto"] = Field(
-        3,
+        "auto",
         description="ZeRO stage; auto = the planner's fastest setting that fits each worker's memory: "
         "ZeRO-2, else ZeRO-3, else ZeRO-3 with offload (the start line says which and why).",
     )

@@ -46,7 +46,7 @@ BENCHES: dict[str, Smoke] = {
     "train_rows": Smoke(("| store rows", "| 2,048      | table", "| 2,048      | index")),
     "roofline": Smoke(("| kto-ray, 1 worker(s)", "| same step, plain torch")),
     "zero_stage": Smoke(("| ZeRO-3 #1", "| ZeRO-2 #1", "ZeRO-2 / ZeRO-3 samples/s")),
-    "kl_estimate": Smoke(("| batch #1", "| zero #1", "zero / batch samples/s")),
+    "loss_kind": Smoke(("| kto #1", "| apo_zero_unpaired #1", "apo_zero_unpaired / kto samples/s")),
     "offline_vs_online": Smoke(("| offline #1", "| online #1", "offline/online samples/s")),
     "lora_vs_full": Smoke(("| full #1", "| lora #1", "lora/full samples/s")),
     "worker_memory": Smoke(("| mode ", "| full ", "| lora ")),

@@ -47,7 +47,7 @@ EXTENDED_IDS = (
             "train_rows",
             "roofline",
             "zero_stage",
-            "kl_estimate",
+            "loss_kind",
             "offline_vs_online",
             "lora_vs_full",
             "worker_memory",

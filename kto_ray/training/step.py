@@ -98,9 +98,9 @@ def train_step(
 
     `chunk_tokens` is the log-prob chunking of `kto_ray.models.logprobs.sequence_logps`; `router_aux`
     (`kto_ray.models.moe.router_aux`) adds the router's load-balancing loss to the policy pass. Without
-    `estimate_kl` (`train.kl_estimate: zero`) the KL forward is skipped and z0 is 0: the all-reduce
-    still runs, on a zero sum, so the collectives are the same either way. With `filler`, the ranks'
-    numbers of micro-batches may differ (see the module docstring)."""
+    `estimate_kl` (false under `train.loss: apo_zero_unpaired`) the KL forward is skipped and z0 is 0:
+    the all-reduce still runs, on a zero sum, so the collectives are the same either way. With `filler`,
+    the ranks' numbers of micro-batches may differ (see the module docstring)."""
     micro_batches = [mb.to(device) for mb in micro_batches]
     real, rows = len(micro_batches), sum(len(mb) for mb in micro_batches)
     if filler is not None:  # every rank has `rows` rows, so at most `rows` micro-batches

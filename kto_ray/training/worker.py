@@ -279,7 +279,7 @@ def _step(run: WorkerRun, step: int) -> dict[str, Any]:
             run.reference,
             run.device,
             chunk_tokens=run.cfg.model.logprob_chunk_tokens,
-            estimate_kl=run.cfg.train.kl_estimate == "batch",
+            estimate_kl=run.cfg.train.loss == "kto",
             router_aux=router_aux(run.engine.module) if run.cfg.train.router_aux_loss else None,
             filler=filler,
         )

@@ -146,9 +146,9 @@ def train(cfg: KTOConfig) -> TrainResult:
     train_rows = rows["train"]
     steps = total_steps(cfg, row_count(train_rows), global_batch)
     lam_d = desirable_weight(cfg, row_labels(train_rows))
-    if cfg.train.kl_estimate == "zero":
+    if cfg.train.loss == "apo_zero_unpaired":
         warnings.warn(
-            "train.kl_estimate: zero fixes z0 at 0 and skips the KL forward: not the paper's estimator "
+            "train.loss: apo_zero_unpaired fixes z0 at 0 and skips the KL forward: not the paper's KTO "
             "(the same only while the mean policy/reference log-ratio is negative)",
             stacklevel=2,
         )

@@ -39,7 +39,7 @@ REFUSED = (
     Key("config.reference.mode", "reference.mode", _LOSS),
     Key("config.reference.path", "reference.path", _LOSS),
     Key("config.train.beta", "train.beta", _LOSS),
-    Key("config.train.kl_estimate", "train.kl_estimate", _LOSS),
+    Key("config.train.loss", "train.loss", _LOSS),
     Key("desirable_weight", "train.desirable_weight (lambda_D, resolved)", _LOSS),
     Key("config.train.undesirable_weight", "train.undesirable_weight", _LOSS),
     Key("config.lora.enabled", "lora.enabled", _WEIGHTS),
