@@ -273,17 +273,30 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     return _accepts_logits_to_keep_type(type(model))
 
 
-def length_buckets(lengths: Sequence[int], max_rows: int, max_tokens: int | None = None) -> list[np.ndarray]:
-    """Split row indices into batches of similar length (longest first) to keep padding small.
-
-    A batch holds at most `max_rows` rows and, when `max_tokens` is set, at most that many padded tokens.
-    """
-    order = np.argsort(-np.asarray(lengths), kind="stable")
+def length_buckets(
+    lengths: Sequence[int] | np.ndarray,
+    max_rows: int | None = None,
+    max_tokens: int | None = None,
+    packed: bool = False,
+) -> list[np.ndarray]:
+    """Positions into `lengths` cut into batches longest first, so rows of similar length share one: at
+    most `max_rows` rows and `max_tokens` tokens each (padded: rows x the batch's longest, its first;
+    `packed`: their sum). A row longer than `max_tokens` is alone. Every position is in exactly one
+    batch. The one longest-first cutter: the scoring actors' batches and token-budget micro-batches."""
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"a token budget must be positive, not {max_tokens}")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
     batches: list[np.ndarray] = []
     start = 0
     while start < len(order):
-        width = lengths[order[start]]
-        size = max_rows if max_tokens is None else max(1, min(max_rows, max_tokens // max(width, 1)))
-        batches.append(order[start : start + size])
-        start += size
+        longest = int(lengths[order[start]])
+        end, tokens = start + 1, longest
+        while end < len(order) and (max_rows is None or end - start < max_rows):
+            tokens += int(lengths[order[end]]) if packed else longest
+            if max_tokens is not None and tokens > max_tokens:
+                break
+            end += 1
+        batches.append(order[start:end])
+        start = end
     return batches

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from kto_ray.models.logprobs import length_buckets
 from kto_ray.training.schedule.batching import KTOBatch, collate
 
 
@@ -31,34 +32,15 @@ def row_tokens(table: pa.Table) -> np.ndarray:
     return length("prompt_ids") + np.maximum(length("completion_ids"), length("kl_completion_ids"))
 
 
-def split_by_tokens(lengths: np.ndarray, budget: int, packed: bool = False) -> list[np.ndarray]:
-    """Positions into `lengths`, cut into micro-batches of at most `budget` tokens each (longest first;
-    padded cost rows x longest, `packed` cost the sum); a row over the budget is alone. Every position
-    is in exactly one micro-batch."""
-    if budget < 1:
-        raise ValueError(f"a token budget must be positive, not {budget}")
-    order = np.argsort(-np.asarray(lengths), kind="stable")
-    batches: list[np.ndarray] = []
-    start, tokens = 0, 0
-    for end, position in enumerate(order):
-        length = int(lengths[position])
-        # Longest first: a padded batch costs its row count x its first row's length.
-        cost = tokens + length if packed else (end - start + 1) * int(lengths[order[start]])
-        if end > start and cost > budget:
-            batches.append(order[start:end])
-            start, cost = end, length
-        tokens = cost if packed else 0
-    if len(order):
-        batches.append(order[start:])
-    return batches
-
-
 def budget_batches(
     table: pa.Table, budget: int, pad_id: int, packed: bool = False
 ) -> tuple[list[KTOBatch], KTOBatch]:
     """A rank's rows of one step (`table`) as token-budget micro-batches, and the filler `train_step`
     runs in place of the micro-batches other ranks have more of (one row: the shortest)."""
     lengths = row_tokens(table)
-    batches = [collate(table, rows, pad_id, packed) for rows in split_by_tokens(lengths, budget, packed)]
+    batches = [
+        collate(table, rows, pad_id, packed)
+        for rows in length_buckets(lengths, max_tokens=budget, packed=packed)
+    ]
     filler = collate(table, np.array([int(np.argmin(lengths))]), pad_id, packed)
     return batches, filler

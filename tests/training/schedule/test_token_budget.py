@@ -13,10 +13,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from kto_ray.models.logprobs import length_buckets
 from kto_ray.store.format import SCHEMA
 from kto_ray.training.distributed import all_reduce_sum, most_over_ranks
 from kto_ray.training.schedule.batching import collate
-from kto_ray.training.schedule.token_budget import budget_batches, row_tokens, split_by_tokens
+from kto_ray.training.schedule.token_budget import budget_batches, row_tokens
 from kto_ray.training.step import train_step
 from tests.helpers import PlainEngine
 from tests.training.test_step import SETTINGS, _model
@@ -28,16 +29,19 @@ def _cost(lengths: np.ndarray, packed: bool) -> int:
 
 def test_rows_are_cut_longest_first_within_the_budget_and_a_long_row_runs_alone():
     lengths = np.array([5, 30, 7, 7, 2, 12])
-    padded = split_by_tokens(lengths, 24)
+    padded = length_buckets(lengths, max_tokens=24)
     assert [b.tolist() for b in padded] == [[1], [5, 2], [3, 0, 4]]  # 3 x 7 = 21; 2 x 12 = 24
-    packed = split_by_tokens(lengths, 24, packed=True)
+    packed = length_buckets(lengths, max_tokens=24, packed=True)
     assert [b.tolist() for b in packed] == [[1], [5, 2], [3, 0, 4]]  # 19; 7 + 5 + 2 = 14
-    assert [b.tolist() for b in split_by_tokens(lengths, 100, packed=True)] == [[1, 5, 2, 3, 0, 4]]
-    assert [b.tolist() for b in split_by_tokens(lengths, 100)] == [[1, 5, 2], [3, 0, 4]]  # 3 x 30 = 90
-    assert [b.tolist() for b in split_by_tokens(lengths, 1)] == [[1], [5], [2], [3], [0], [4]]
-    assert split_by_tokens(np.array([], dtype=np.int64), 8) == []
+    assert [b.tolist() for b in length_buckets(lengths, max_tokens=100, packed=True)] == [[1, 5, 2, 3, 0, 4]]
+    assert [b.tolist() for b in length_buckets(lengths, max_tokens=100)] == [
+        [1, 5, 2],
+        [3, 0, 4],
+    ]  # 3 x 30 = 90
+    assert [b.tolist() for b in length_buckets(lengths, max_tokens=1)] == [[1], [5], [2], [3], [0], [4]]
+    assert length_buckets(np.array([], dtype=np.int64), max_tokens=8) == []
     with pytest.raises(ValueError):
-        split_by_tokens(lengths, 0)
+        length_buckets(lengths, max_tokens=0)
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -46,7 +50,7 @@ def test_every_row_is_in_one_micro_batch_of_at_most_the_budget(packed):
     for _ in range(50):
         lengths = rng.integers(1, 200, size=int(rng.integers(1, 40)))
         budget = int(rng.integers(1, 600))
-        batches = split_by_tokens(lengths, budget, packed)
+        batches = length_buckets(lengths, max_tokens=budget, packed=packed)
         assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
         for rows in batches:
             assert len(rows) == 1 or _cost(lengths[rows], packed) <= budget
@@ -156,3 +160,13 @@ def test_ranks_with_different_micro_batch_counts_run_the_same_collectives_and_th
         for p, value in zip(model.parameters(), params):
             p.copy_(value)
     _assert_same_step(metrics, model, whole_metrics, whole)
+
+
+def test_the_row_cap_and_the_token_cap_cut_together():
+    # Longest first: 30 (1), 28 (5), 25 (4), 20 (2), 10 (0), 5 (3); padded cost rows x the first's length.
+    lengths = np.array([10, 30, 20, 5, 25, 28])
+    both = length_buckets(lengths, max_rows=2, max_tokens=60)
+    assert [b.tolist() for b in both] == [[1, 5], [4, 2], [0, 3]]
+    tighter = length_buckets(lengths, max_rows=2, max_tokens=50)  # 2 x 30 and 2 x 28 exceed 50
+    assert [b.tolist() for b in tighter] == [[1], [5], [4, 2], [0, 3]]
+    assert [b.tolist() for b in length_buckets(lengths, max_rows=4)] == [[1, 5, 4, 2], [0, 3]]
