@@ -33,7 +33,7 @@ def test_job_scripts_are_the_cli(script, tmp_path):
     assert job.stderr.strip() == f"kto-ray: error: config file not found: {tmp_path / 'missing.yaml'}"
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_submitted_pipeline_builds_the_store_and_trains(ray_head, tiny_model, small_data, tmp_path):
     address, env = ray_head
     overrides = {

@@ -9,7 +9,8 @@ The tiers (README, Makefile):
 The rule (this file is where it lives; change it here, with the marks):
 1. A test is `extended` exactly when it is in EXTENDED below: a whole module (the multi-node and elastic
    cluster, the sweep), a test id prefix (each bench smoke but the two shortest; a run that re-proves on a
-   second configuration what a first-tier test proves on the same code path, named with that test), or
+   second configuration what a first-tier test proves on the same code path, named with that test; an
+   end-to-end run whose value is its figures or its environment, with a shorter one in the first tier), or
    the model-zoo families beyond the one the first tier keeps. Both ways: a test matching EXTENDED without
    the marker fails, and so does an `extended` test that EXTENDED does not name, so nothing leaves `make
    test` unnoticed.
@@ -75,6 +76,13 @@ EXTENDED_IDS = (
     # complete-looking and its rerun removes the killed prefix, and test_precompute.py's overwrite removes
     # the replaced one).
     "tests/training/test_faults.py::test_killed_driver_resumes_on_rerun",
+    # End-to-end product runs whose value is their figures or their environment, each run shorter in the
+    # first tier: the demo's 168 steps and its learning figures (test_console.py runs `kto-ray demo`
+    # itself, 20 steps, and test_eval_step.py, test_train.py the numbers); a pipeline through
+    # `ray job submit` to a started head (test_jobs.py's scripts are the CLI, test_console.py runs
+    # `kto-ray pipeline`).
+    "tests/tools/test_demo.py::test_demo_learns",
+    "tests/test_jobs.py::test_submitted_pipeline_builds_the_store_and_trains",
     "tests/training/test_faults.py::test_killed_overwrite_keeps_the_previous_store",
 )
 # The model zoo's families but the first tier's one (gemma3: a soft-capped head, sliding windows); MoE with

@@ -13,7 +13,7 @@ from kto_ray.tools.demo import run_demo
 from kto_ray.tools.report import write_report
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.extended
 
 
 def test_demo_learns(tiny_model, demo_store, ray_local, tmp_path, capsys):
