@@ -144,8 +144,8 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     if args.command == "report":
+        from kto_ray.sweep.report import is_sweep_dir, write_sweep_report
         from kto_ray.tools.report import write_report, write_tensorboard
-        from kto_ray.tools.sweep_report import is_sweep_dir, write_sweep_report
 
         run_dir = RunDir(args.run_dir) if args.run_dir else RunDir.of(cfg)
         if is_sweep_dir(run_dir):
@@ -160,8 +160,8 @@ def run(args: argparse.Namespace) -> int:
             write_tensorboard(run_dir, Path(args.tensorboard))
         return 0
     if args.command == "sweep":
-        from kto_ray.tools.sweep import run_sweep
-        from kto_ray.tools.sweep_config import load_sweep
+        from kto_ray.sweep.config import load_sweep
+        from kto_ray.sweep.run import run_sweep
 
         run_sweep(cfg, load_sweep(args.sweep_file, args.grid, args.sample))
         return 0

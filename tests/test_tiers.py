@@ -33,7 +33,7 @@ from tests.conftest import REPO, TIERS_DUMP_ENV
 
 EXTENDED_MODULES = {
     "tests/integration/test_multinode.py",  # real multi-node clusters: node loss, elastic, reshape
-    "tests/tools/test_sweep.py",  # a Ray Tune sweep of several trials
+    "tests/sweep/test_run.py",  # a Ray Tune sweep of several trials
     # checkpoint damage: trained runs killed, damaged and rerun (test_verify.py covers the checks alone)
     "tests/training/resume/test_checkpoint_integrity.py",
     "tests/training/resume/test_checkpoint_integrity_s3.py",

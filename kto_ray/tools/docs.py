@@ -1,7 +1,7 @@
 """The references in docs/ that are generated from the code: `python -m kto_ray.tools.docs` rewrites them.
 
 - docs/reference/config.md: every field of the config (kto_ray/config.py) and of the sweep file
-  (kto_ray/tools/sweep_config.py), with its type, default and description, walked from the pydantic models.
+  (kto_ray/sweep/config.py), with its type, default and description, walked from the pydantic models.
 - docs/reference/resume.md: what a rerun on a checkpoint refuses or applies, found by asking the code that
   decides it (training/resume/resume_check.py's `compare`) about a change of every key, one key at a time.
 
@@ -25,7 +25,7 @@ from pydantic_core import PydanticUndefined
 
 from kto_ray.config import KTOConfig, WorkerRange
 from kto_ray.errors import UserError
-from kto_ray.tools.sweep_config import Distribution, SweepConfig
+from kto_ray.sweep.config import Distribution, SweepConfig
 from kto_ray.training.resume import resume_check
 
 CONFIG_DOC = Path("docs/reference/config.md")

@@ -8,7 +8,7 @@ import math
 
 from kto_ray.cli import main
 from kto_ray.rundir import RunDir
-from kto_ray.tools.sweep_report import summary_markdown, sweep_rows, table_text
+from kto_ray.sweep.report import summary_markdown, sweep_rows, table_text
 
 
 def _trial(sweep_dir, name, losses, ended=None):

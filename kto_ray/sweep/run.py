@@ -7,7 +7,7 @@ worker group outside Tune's placement group, so Tune reserves only `sweep.trial_
 the sweep caps how many trials run at once by what one trial's workers need) and follows rank 0's
 `metrics.jsonl`, handing each step's eval metrics to Tune, whose scheduler (ASHA or median stopping)
 may stop the trial. The stopped trial's actor then aborts its Ray Train run (worker group and
-placement group; `sweep_stop.py`) before it exits.
+placement group; `sweep/stop.py`) before it exits.
 
 Resuming is bookkeeping in the run dirs, not Tune's experiment restore (which does not keep the
 scheduler's state): a trial that finished or was stopped writes `trial.json`; a rerun of the same
@@ -30,9 +30,9 @@ from kto_ray.errors import TrainingStopped, UserError
 from kto_ray.raycluster import ray_session
 from kto_ray.rundir import RunDir
 from kto_ray.rundir.lease import Lease
-from kto_ray.tools.sweep_config import SweepConfig, check_scheduler, sweep_name, trial_configs
-from kto_ray.tools.sweep_report import SWEEP_FILE, TRIAL_FILE, summary_markdown, sweep_rows, table_text
-from kto_ray.tools.sweep_stop import abort_run, controller_mailbox
+from kto_ray.sweep.config import SweepConfig, check_scheduler, sweep_name, trial_configs
+from kto_ray.sweep.report import SWEEP_FILE, TRIAL_FILE, summary_markdown, sweep_rows, table_text
+from kto_ray.sweep.stop import abort_run, controller_mailbox
 
 SUMMARY_FILE = "summary.md"
 TUNE_DIR = "tune"  # Tune's own experiment folder in the sweep dir
@@ -101,7 +101,7 @@ def _numbers(record: dict[str, Any]) -> dict[str, float]:
 
 def trial_trainable():
     """Tune's class trainable for one trial (a class, so that Tune's stop runs `cleanup` in the trial's
-    actor before it exits: there the Ray Train run is aborted, see `sweep_stop.py`)."""
+    actor before it exits: there the Ray Train run is aborted, see `sweep/stop.py`)."""
     from ray import tune
 
     from kto_ray.rundir.metrics import MetricsFollower, read_metrics

@@ -11,14 +11,14 @@ import yaml
 from kto_ray.cli import main
 from kto_ray.config import load_config
 from kto_ray.errors import UserError
-from kto_ray.tools.sweep import TrialNeed, concurrency, trial_need
-from kto_ray.tools.sweep_config import (
+from kto_ray.sweep.config import (
     SweepConfig,
     check_scheduler,
     load_sweep,
     trial_configs,
     trial_overrides,
 )
+from kto_ray.sweep.run import TrialNeed, concurrency, trial_need
 
 REPO = Path(__file__).resolve().parents[2]
 
