@@ -41,9 +41,12 @@ def configure(verbose: bool | None = None) -> bool:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    # Ray's C++ core logs at error level for conditions Ray handles by itself (Ray Data's actors keep
-    # their constructor arguments in the object store); real failures reach us as Python exceptions.
-    # Ray announces the setting in one line, which is the price of the alarming ones it removes.
+    # Ray's C++ core logs at error level for conditions Ray handles by itself: every Ray Data actor
+    # pool makes the driver log "constructor arguments in the object store and max_restarts > 0" for
+    # Ray Data's own MapWorker arguments (ray-project/ray#57733; an actor class of ours without
+    # constructor arguments still gets it, tried with ray 2.60). Real failures reach us as Python
+    # exceptions. Ray announces the setting in one line, the price of the alarming one it removes;
+    # `max_restarts: 0` would remove both, and with them the pool's restarts after a lost node.
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     # Without CUDA DeepSpeed falls back to its CPU accelerator with a warning that asks whether a GPU
     # went undetected; naming the accelerator (its documented DS_ACCELERATOR override) is the same
