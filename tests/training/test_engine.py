@@ -7,7 +7,7 @@ from kto_ray.training.engine import deepspeed_config
 
 
 def _zero(hidden_size: int | None, **deepspeed) -> dict:
-    cfg = KTOConfig.model_validate({"deepspeed": deepspeed})
+    cfg = KTOConfig.model_validate({"deepspeed": {"stage": 3, **deepspeed}})  # resolved, as workers see it
     return deepspeed_config(cfg, world_size=2, hidden_size=hidden_size)["zero_optimization"]
 
 

@@ -16,7 +16,14 @@ from kto_ray.training.resume.global_batch import first_global_batch
 from kto_ray.training.resume.resume_check import REFUSED, compare
 from kto_ray.training.resume.run_state import RUN_STATE_FILE, build_run_state, saved_state
 
-ONLINE = ["reference.mode=online", "cluster.workers=2", "train.micro_batch_size=4", "train.max_steps=8"]
+# A run state records the stage that ran (stage auto is resolved before it is built): 3 here.
+ONLINE = [
+    "reference.mode=online",
+    "cluster.workers=2",
+    "train.micro_batch_size=4",
+    "train.max_steps=8",
+    "deepspeed.stage=3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +57,7 @@ def _state(rows, *overrides: str, global_batch: int | None = None, steps: int | 
     ("override", "named"),
     [
         ("train.seed=7", "train.seed is 42 there and 7 now"),
-        ("train.group_by_length=true", "train.group_by_length is False there and True now"),
+        ("train.group_by_length=false", "train.group_by_length is True there and False now"),
         ("data.max_length=1024", "data.max_length is 512 there and 1024 now"),
         ("data.seed=3", "data.seed"),
         ("train.beta=0.2", "train.beta is 0.1 there and 0.2 now"),
