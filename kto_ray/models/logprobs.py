@@ -289,14 +289,19 @@ def length_buckets(
     order = np.argsort(-lengths, kind="stable")
     batches: list[np.ndarray] = []
     start = 0
+    rows_cap = len(order) if max_rows is None else max_rows
     while start < len(order):
         longest = int(lengths[order[start]])
-        end, tokens = start + 1, longest
-        while end < len(order) and (max_rows is None or end - start < max_rows):
-            tokens += int(lengths[order[end]]) if packed else longest
-            if max_tokens is not None and tokens > max_tokens:
-                break
-            end += 1
+        if not packed:  # rows x the longest: the size in one step (the scoring actors' hot path)
+            fit = rows_cap if max_tokens is None else max(1, min(rows_cap, max_tokens // max(longest, 1)))
+            end = start + fit
+        else:  # the sum of lengths: add rows while it stays within the budget
+            end, tokens = start + 1, longest
+            while end < len(order) and end - start < rows_cap:
+                tokens += int(lengths[order[end]])
+                if max_tokens is not None and tokens > max_tokens:
+                    break
+                end += 1
         batches.append(order[start:end])
         start = end
     return batches
