@@ -27,7 +27,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 # The helpers the tests share with the benchmarks (tests/helpers.py). Appended, not prepended: kto_ray
-# still comes from PYTHONPATH or the installed package (driver_overhead.py points PYTHONPATH elsewhere).
+# still comes from PYTHONPATH or the installed package.
 if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
 from tests.helpers import PlainEngine, make_config, write_store  # noqa: E402
@@ -193,22 +193,6 @@ def length_summary(path: Path) -> str:
 
 
 # --------------------------------------------------------------------------------------------- configs
-
-
-def bench_store(path: Path, rows: int, vocab: range) -> None:
-    """A committed store of `rows` synthetic rows the way precompute lays one out: files of 1,024 rows
-    in row groups of 256, 20-60 tokens per prompt and completion, 90% train (row_memory, train_rows)."""
-    rows_per_file = 1024
-    write_store(
-        path,
-        [256] * -(-rows // rows_per_file),
-        rows_per_file,
-        seed=rows,
-        rows=rows,
-        lengths=((20, 61), (20, 61), (20, 61)),
-        vocab=vocab,
-        train_fraction=0.9,
-    )
 
 
 def scratch_dir(prefix: str) -> Path:

@@ -182,7 +182,10 @@ def main() -> None:
     parser.add_argument(
         "--release-host-memory", action="store_true", help="cluster.release_host_memory on (as in section 12)"
     )
-    smoke = dict(hidden=64, layers=2, intermediate=128, heads=2, kv_heads=1, vocab=4096, steps=2)
+    # One mode: LoRA runs the same measuring code, and tests/training/test_lora.py trains it.
+    smoke = dict(
+        hidden=64, layers=2, intermediate=128, heads=2, kv_heads=1, vocab=4096, steps=2, modes=["full"]
+    )
     args = common.parse_args(parser, smoke)
     model = build_qwen2(args.hidden, args.layers, args.intermediate, args.heads, args.kv_heads, args.vocab)
     root = common.scratch_dir("worker-memory-")

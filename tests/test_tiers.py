@@ -40,12 +40,11 @@ EXTENDED_MODULES = {
 }
 EXTENDED_IDS = (
     # Each bench's --smoke run: prints its table; the figures are BENCHMARKS.md's, the code paths the
-    # first tier's own tests. row_memory and logprob_memory (well under 20 s, no Ray) stay in the first.
+    # first tier's own tests. logprob_memory and integrity (well under 20 s, no Ray) stay in the first.
     *(
         f"tests/test_bench.py::test_bench_smoke_runs_and_prints_its_table[{name}]"
         for name in (
             "trl_compare",
-            "train_rows",
             "roofline",
             "zero_stage",
             "loss_kind",
@@ -56,7 +55,6 @@ EXTENDED_IDS = (
             "precompute_throughput",
             "append_cost",
             "fixed_costs",
-            "driver_overhead",
             "engine_overhead",
             "reshape",
             "gpu_mfu",

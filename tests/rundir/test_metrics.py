@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -21,7 +19,6 @@ from kto_ray.rundir.metrics import (
     segment_name,
 )
 from kto_ray.storage import files_under
-from tests.conftest import REPO
 
 
 def _record(step: int, attempt: int = 0) -> dict:
@@ -170,25 +167,3 @@ def test_s3_resume_from_nothing_and_at_a_segment_boundary(s3_run):
     log = MetricsLog(s3_run, 0)
     assert _objects(s3_run) == {} and read_metrics(s3_run) == []
     assert _write(log, [1], attempt=1) == read_metrics(s3_run)
-
-
-# ------------------------------------------------------------------------------------------- the bench
-
-
-def test_bench_smoke_runs():
-    """bench/metrics_log.py --smoke: both writers and readers, local and S3, in a few seconds."""
-    out = subprocess.run(
-        [sys.executable, "bench/metrics_log.py", "--smoke"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    rows = [line.split(" | ")[:2] for line in out.stdout.splitlines() if line.startswith("| ")]
-    assert rows[1:] == [
-        ["| local", "150"],
-        ["| local", "1,000"],
-        ["| s3 (moto)", "150"],
-        ["| s3 (moto)", "1,000"],
-    ]
