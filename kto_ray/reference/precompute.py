@@ -31,7 +31,6 @@ from kto_ray.store.format import (
     Manifest,
     Segment,
     Store,
-    StoreWriter,
     check_files,
     differing_components,
     open_store,
@@ -39,6 +38,7 @@ from kto_ray.store.format import (
     record_data_files,
 )
 from kto_ray.store.segments import kept_segments, new_segment, segmented_manifest, write_row_digests
+from kto_ray.store.writer import StoreWriter
 
 log = logging.getLogger(__name__)
 

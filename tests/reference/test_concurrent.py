@@ -22,7 +22,8 @@ import yaml
 from kto_ray.config import with_absolute_paths
 from kto_ray.rundir.lease import LEASE, LeaseHeld
 from kto_ray.storage import files_under, resolve, write_text_atomically
-from kto_ray.store.format import MANIFEST, SCHEMA, StoreWriter, build_manifest, open_store
+from kto_ray.store.format import MANIFEST, SCHEMA, build_manifest, open_store
+from kto_ray.store.writer import StoreWriter
 from tests.conftest import REPO, make_config
 from tests.s3server import s3_server
 
