@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -12,6 +12,7 @@ from kto_ray.internals.deepspeed_private import import_deepspeed, skip_shm_comm_
 from kto_ray.objective import mean_from_sum
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
+T = TypeVar("T")
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -47,6 +48,18 @@ def most_over_ranks(count: int, bound: int, reduce: Reduce, device: torch.device
     histogram = torch.zeros(bound + 1, dtype=torch.float32, device=device)
     histogram[count] = 1.0
     return int(torch.nonzero(reduce(histogram)).max())
+
+
+def evened_out(
+    micro_batches: list[T], filler: T, bound: int, reduce: Reduce, device: torch.device | str
+) -> list[T]:
+    """`micro_batches` followed by `filler`s up to the most micro-batches any rank has (at most `bound`,
+    the same on every rank). Under ZeRO-3 every forward and backward gathers parameters, so all ranks
+    must run the same number; the caller drops what the fillers (always last) compute. The one way
+    ranks are evened out: the training step (token-budget micro-batches) and eval during training (the
+    split's uneven shards). A collective: every rank calls it."""
+    most = most_over_ranks(len(micro_batches), bound, reduce, device)
+    return [*micro_batches, *[filler] * (most - len(micro_batches))]
 
 
 def world_size() -> int:

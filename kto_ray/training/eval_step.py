@@ -3,10 +3,11 @@
 Separate from the loop so it runs with stand-ins (a plain module, gloo process groups; no Ray, no
 DeepSpeed). The split is sorted by length (little padding), rank r takes rows r, r + world, ...;
 every rank then runs the SAME number of micro-batches, because under ZeRO-3 a forward is a collective
-(each layer's parameters are all-gathered): a rank with fewer rows runs a dummy micro-batch (one real
-row whose results are dropped) rather than skip a forward its peers are waiting in. The collectives
-are fixed too: one all-reduce of [KL sum, count] for the global z0 (`distributed.global_kl`, as the
-training step), one of the metric sums (`kto_ray.objective.KTOSums`); a rank without rows adds zeros.
+(each layer's parameters are all-gathered): a rank with fewer runs the split's shortest row in their
+place, its results dropped (`distributed.evened_out`, as the training step's token-budget fillers).
+The other collectives are fixed: one all-reduce of [KL sum, count] for the global z0
+(`distributed.global_kl`, as the training step), one of the metric sums (`kto_ray.objective.KTOSums`);
+a rank without rows adds zeros.
 """
 
 from __future__ import annotations
@@ -21,18 +22,21 @@ import torch
 from kto_ray.models.logprobs import DEFAULT_CHUNK_TOKENS, sequence_logps
 from kto_ray.objective import EVAL_KEYS, KTOSums
 from kto_ray.store.format import sequence_lengths
-from kto_ray.training.distributed import Reduce, global_kl
-from kto_ray.training.schedule.batching import collate
+from kto_ray.training.distributed import Reduce, evened_out, global_kl
+from kto_ray.training.schedule.batching import KTOBatch, collate
 from kto_ray.training.step import LossSettings, ReferenceFn
 
 
 def shard_batches(rows: int, rank: int, world: int, micro_batch_size: int, lengths: np.ndarray) -> list:
-    """Row indices of `rank`'s eval micro-batches; the same count on every rank (some may be empty)."""
+    """Row indices of `rank`'s eval micro-batches (none empty; the last may be short)."""
     order = np.argsort(-lengths, kind="stable")  # longest first: similar lengths share a micro-batch
     shard = order[rank::world]
-    per_rank = math.ceil(rows / world)  # the largest shard: every rank runs its number of batches
-    count = math.ceil(per_rank / micro_batch_size)
-    return [shard[i * micro_batch_size : (i + 1) * micro_batch_size] for i in range(count)]
+    return [shard[i : i + micro_batch_size] for i in range(0, len(shard), micro_batch_size)]
+
+
+def most_batches(rows: int, world: int, micro_batch_size: int) -> int:
+    """The micro-batches of the largest shard: no rank has more."""
+    return math.ceil(math.ceil(rows / world) / micro_batch_size)
 
 
 @torch.no_grad()
@@ -54,11 +58,19 @@ def eval_metrics(
     `table`; every rank must call it with the same table. Restores the model's train/eval mode."""
     if len(table) == 0:
         raise ValueError("the eval split is empty")
-    batches = shard_batches(len(table), rank, world, micro_batch_size, sequence_lengths(table))
+    lengths = sequence_lengths(table)
+    batches = [
+        collate(table, rows, pad_id, packed).to(device)
+        for rows in shard_batches(len(table), rank, world, micro_batch_size, lengths)
+    ]
+    real = len(batches)
+    filler = collate(table, np.array([int(np.argmin(lengths))]), pad_id, packed).to(device)
+    bound = most_batches(len(table), world, micro_batch_size)
+    batches = evened_out(batches, filler, bound, reduce, device)
     was_training = model.training
     model.eval()  # no dropout: the same numbers `kto-ray evaluate` gets from the exported model
     try:
-        shard = _score_shard(model, table, batches, pad_id, reference, device, chunk_tokens, packed)
+        shard = _score_shard(model, batches, real, reference, device, chunk_tokens)
     finally:
         model.train(was_training)
     z0, kl_raw, _ = global_kl(shard.kl_sum, len(shard.desirable), reduce)
@@ -80,23 +92,20 @@ class _ShardScores:
 
 def _score_shard(
     model: torch.nn.Module,
-    table: pa.Table,
-    batches: list,
-    pad_id: int,
+    batches: list[KTOBatch],
+    real: int,
     reference: ReferenceFn | None,
     device: torch.device | str,
     chunk_tokens: int | None,
-    packed: bool,
 ) -> _ShardScores:
+    """Scores of the first `real` micro-batches; the rest are fillers, run for their forwards only."""
     policy, ref, desirable = [], [], []
     kl_sum = torch.zeros((), dtype=torch.float32, device=device)
-    for rows in batches:
-        real = len(rows)
-        mb = collate(table, rows if real else np.zeros(1, dtype=np.int64), pad_id, packed).to(device)
+    for k, mb in enumerate(batches):
         ref_y, ref_kl = reference(mb) if reference is not None else (mb.ref_logps, mb.ref_kl_logps)
         logps = sequence_logps(model, mb.policy, chunk_tokens).float()
         kl_logps = sequence_logps(model, mb.kl, chunk_tokens).float()
-        if real:  # a dummy batch only keeps the forwards in step with the other ranks
+        if k < real:
             policy.append(logps)
             ref.append(ref_y.float())
             desirable.append(mb.desirable)

@@ -9,11 +9,11 @@ For the global batch of one optimizer step (all workers, all accumulation micro-
 4. the engine steps (clip, optimizer, scheduler) once the accumulation boundary is reached;
 5. one all-reduce of the metric sums (`kto_ray.objective.KTOSums`).
 With token-budget micro-batches (`train.micro_batch_tokens`, training/schedule/token_budget.py) ranks bring
-different numbers of micro-batches: one all-reduce first agrees on the most, and a rank with fewer runs
-its `filler` row in their place through both passes (its forwards, a zero loss, its backward, the
-finite check), its results dropped: under ZeRO-3 every forward and backward gathers parameters, so
-all ranks must run the same number. The engine's accumulation boundary is set explicitly at each
-rank's last micro-batch, as their number is no longer DeepSpeed's gradient_accumulation_steps.
+different numbers of micro-batches: `distributed.evened_out` (one all-reduce) agrees on the most, and a
+rank with fewer runs its `filler` row in their place through both passes (its forwards, a zero loss,
+its backward, the finite check), its results dropped. The engine's accumulation boundary is set
+explicitly at each rank's last micro-batch, as their number is no longer DeepSpeed's
+gradient_accumulation_steps.
 The backward loss is sum(local row losses) / global rows * world size: DeepSpeed averages gradients over
 ranks, so the result is the gradient of the mean loss over the global batch, however rows are split. The
 aux term counts once per row of its micro-batch, so it too is a mean over the global batch's rows.
@@ -38,7 +38,7 @@ from kto_ray.models.logprobs import (
 from kto_ray.models.moe import RouterAux
 from kto_ray.models.packing import PackedBatch
 from kto_ray.objective import TRAIN_KEYS, KTOLossOutput, KTOSums, kto_loss
-from kto_ray.training.distributed import Reduce, global_kl, most_over_ranks
+from kto_ray.training.distributed import Reduce, evened_out, global_kl
 from kto_ray.training.schedule.batching import KTOBatch
 
 # (micro-batch) -> (reference logps of (x, y), reference logps of (x, y_kl)), for the online mode.
@@ -104,7 +104,7 @@ def train_step(
     micro_batches = [mb.to(device) for mb in micro_batches]
     real, rows = len(micro_batches), sum(len(mb) for mb in micro_batches)
     if filler is not None:  # every rank has `rows` rows, so at most `rows` micro-batches
-        micro_batches += [filler.to(device)] * (most_over_ranks(real, rows, reduce, device) - real)
+        micro_batches = evened_out(micro_batches, filler.to(device), rows, reduce, device)
     ref_logps, kl_sum = _kl_pass(
         engine.module, micro_batches, reference, chunk_tokens, device, estimate_kl, real
     )

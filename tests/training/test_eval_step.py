@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from kto_ray.models.logprobs import pad_sequences, sequence_logps
 from kto_ray.objective import kl_z0, kto_loss
 from kto_ray.training.distributed import all_reduce_sum
-from kto_ray.training.eval_step import eval_metrics, shard_batches
+from kto_ray.training.eval_step import eval_metrics, most_batches, shard_batches
 from tests.training.test_step import SETTINGS, _model, _table
 
 CASES = {"uneven": 9, "one-row": 1, "even": 8}
@@ -54,14 +54,17 @@ def two_rank_results(tmp_path_factory) -> dict:
         return dict(out)
 
 
-def test_shards_cover_every_row_once_with_the_same_batch_count_on_every_rank():
+def test_shards_cover_every_row_once_and_the_largest_bounds_the_batch_count():
     lengths = np.array([5, 9, 2, 7, 7, 1, 3, 8, 4])
     shards = [shard_batches(9, rank, 2, 4, lengths) for rank in (0, 1)]
-    assert [len(s) for s in shards] == [2, 2]
-    assert [len(b) for b in shards[1]] == [4, 0]  # rank 1 pads with an empty (dummy) batch
+    # Longest first, dealt out: rank 0 gets 9, 7, 5, 3, 1 (rows 1, 3, 0, 6, 5), rank 1 gets 8, 7, 4, 2.
+    assert [b.tolist() for b in shards[0]] == [[1, 3, 0, 6], [5]]
+    assert [b.tolist() for b in shards[1]] == [[7, 4, 8, 2]]  # one fewer: it runs one filler
+    assert most_batches(9, 2, 4) == 2
     rows = np.concatenate([b for s in shards for b in s])
     assert sorted(rows.tolist()) == list(range(9))
-    assert [len(shard_batches(1, rank, 2, 4, lengths[:1])) for rank in (0, 1)] == [1, 1]
+    assert [len(shard_batches(1, rank, 2, 4, lengths[:1])) for rank in (0, 1)] == [1, 0]
+    assert most_batches(1, 2, 4) == 1
 
 
 def test_one_rank_matches_the_loss_module_on_the_whole_split():
@@ -86,15 +89,16 @@ def test_one_rank_matches_the_loss_module_on_the_whole_split():
     assert metrics["reward_accuracy"] == pytest.approx((signed > 0).float().mean().item())
 
 
-def test_eval_calls_the_same_two_collectives_on_a_rank_with_rows_and_one_without():
-    # 1 row over 2 ranks: [KL sum, count] for z0, then the metric sums, on both ranks alike.
+def test_eval_calls_the_same_three_collectives_on_a_rank_with_rows_and_one_without():
+    # 1 row over 2 ranks: the micro-batch counts (a histogram over 0..1, `distributed.evened_out`),
+    # [KL sum, count] for z0, then the metric sums, on both ranks alike.
     calls = {0: [], 1: []}
     for rank in calls:
         eval_metrics(
             _model(), _table(1), rank, 2, 4, 0, SETTINGS, lambda t, c=calls[rank]: c.append(t.shape) or t
         )
     assert calls[0] == calls[1]
-    assert len(calls[0]) == 2 and calls[0][0] == (2,) and calls[0][1][0] > 2
+    assert len(calls[0]) == 3 and calls[0][:2] == [(2,), (2,)] and calls[0][2][0] > 2
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -162,7 +166,7 @@ def test_ray_train_eval_equals_kto_ray_evaluate_of_the_export(tiny_model, small_
     )
     rows = precompute(cfg).store.read_split("eval").num_rows
     assert rows % (2 * micro) and rows % 2  # uneven shards: rank 1 runs a dummy micro-batch
-    assert [len(b) for b in shard_batches(rows, 1, 2, micro, np.ones(rows))][-1] == 0
+    assert len(shard_batches(rows, 1, 2, micro, np.ones(rows))) < most_batches(rows, 2, micro)
     result = train(cfg)
     run_dir = result.run_dir.local_path
     records = read_metrics(run_dir)
