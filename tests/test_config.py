@@ -109,6 +109,22 @@ def test_desirable_weight_accepts_auto():
 
 
 @pytest.mark.parametrize(
+    ("packed", "attention", "mixed", "expected"),
+    [
+        ("auto", "sdpa", False, False),  # length-sorted batches: little padding to save
+        ("auto", "sdpa", True, True),  # ungrouped training steps mix lengths
+        ("auto", "flash_attention_2", False, True),  # one sequence per batch, no padding at all
+        ("auto", "eager", True, True),
+        ("false", "flash_attention_2", True, False),
+        ("true", "sdpa", False, True),
+    ],
+)
+def test_packing_auto_packs_where_it_pays(packed, attention, mixed, expected):
+    cfg = load_config(None, [f"model.packed_batches={packed}", f"model.attn_implementation={attention}"])
+    assert cfg.model.packs(mixed_lengths=mixed) is expected
+
+
+@pytest.mark.parametrize(
     ("args", "needle"),
     [
         (["--set", "train.betta=0.2"], "unknown key 'train.betta'"),

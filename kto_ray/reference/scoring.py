@@ -89,7 +89,8 @@ class _PairScorer(_ActorWithModel):
 
     def __init__(self, spec: ActorModel, progress=None):
         super().__init__(spec)
-        self.layout = pack_sequences if spec.model_cfg.packed_batches else pad_sequences
+        # length_buckets cuts each Ray Data batch into length-sorted model batches
+        self.layout = pack_sequences if spec.model_cfg.packs(mixed_lengths=False) else pad_sequences
         self.progress = progress  # a ProgressCounter actor for the driver's progress bar, or None
 
     def scores(self, batch: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:

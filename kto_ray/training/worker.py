@@ -263,7 +263,8 @@ def _step(run: WorkerRun, step: int) -> dict[str, Any]:
     parts = [run.reader.take(rows) for rows in run.schedule.rows_for(step, run.rank)]
     if step + 1 < run.loop.total_steps:  # read the next step's rows while this one computes
         run.prefetch(step + 1)
-    packed, pad_id = run.cfg.model.packed_batches, run.tokenizer.pad_token_id
+    packed = run.cfg.model.packs(mixed_lengths=not run.cfg.train.group_by_length)
+    pad_id = run.tokenizer.pad_token_id
     budget, filler = run.cfg.train.micro_batch_tokens, None
     if budget is None:
         batches = [collate(part, np.arange(len(part)), pad_id, packed) for part in parts]
@@ -314,5 +315,5 @@ def _evaluate(run: WorkerRun) -> dict[str, float]:
         run.reference,
         run.device,
         chunk_tokens=run.cfg.model.logprob_chunk_tokens,
-        packed=run.cfg.model.packed_batches,
+        packed=run.cfg.model.packs(mixed_lengths=False),  # eval shards are sorted by length
     )
