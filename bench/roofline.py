@@ -57,13 +57,13 @@ def step_tokens(cfg, workers: int, steps: int) -> list[tuple[int, int]]:
     """(policy tokens, KL tokens) of every step, from the store and kto-ray's schedule."""
     import pyarrow.compute as pc
 
-    from kto_ray.store.format import open_store, sequence_lengths
+    from kto_ray.store.format import open_store
     from kto_ray.training.schedule.batching import Schedule
 
     table = open_store(cfg.store.path).read_split("train")
-    own = sequence_lengths(table)
-    kl = pc.add(pc.list_value_length(table["prompt_ids"]), pc.list_value_length(table["kl_completion_ids"]))
-    kl = kl.to_numpy()
+    prompt = pc.list_value_length(table["prompt_ids"])
+    own = pc.add(prompt, pc.list_value_length(table["completion_ids"])).to_numpy()
+    kl = pc.add(prompt, pc.list_value_length(table["kl_completion_ids"])).to_numpy()
     t = cfg.train
     schedule = Schedule.for_table(
         table, workers, t.micro_batch_size, t.grad_accumulation, t.seed, t.group_by_length

@@ -69,10 +69,15 @@ SCHEMA = pa.schema(
 )
 
 
-def sequence_lengths(table: pa.Table) -> np.ndarray:
-    """Tokens of each row's (x, y) sequence: what its policy forward and backward are padded to."""
-    prompt = pc.list_value_length(table["prompt_ids"]).to_numpy(zero_copy_only=False)
-    return prompt + pc.list_value_length(table["completion_ids"]).to_numpy(zero_copy_only=False)
+def row_lengths(table: pa.Table) -> np.ndarray:
+    """A row's length, the one definition: the tokens of its longer forward, prompt + the longer of its
+    completion and its KL completion (what a micro-batch holding it is padded to). Length grouping,
+    eval's sort, token budgets and the reader's index all use it."""
+
+    def tokens(column: str) -> np.ndarray:
+        return pc.list_value_length(table[column]).to_numpy(zero_copy_only=False).astype(np.int64)
+
+    return tokens("prompt_ids") + np.maximum(tokens("completion_ids"), tokens("kl_completion_ids"))
 
 
 # Names of the fingerprint components, in the order a mismatch is reported.

@@ -8,7 +8,7 @@ and a read-ahead, so a step does not wait on storage.
 
 Positions are those of `Store.read_split(split)` (the split's rows sorted by id):
 `RowReader(index).take(p)` equals `store.read_split(split).take(p)`, and `SplitIndex.lengths` equals
-`sequence_lengths(store.read_split(split))`, so the batch schedule training builds from the index
+`row_lengths(store.read_split(split))`, so the batch schedule training builds from the index
 (`Schedule.for_index`) is the one `Schedule.for_table` builds from the table.
 """
 
@@ -26,9 +26,9 @@ import pyarrow.compute as pc
 
 from kto_ray.errors import StorageError
 from kto_ray.storage import display, resolve
-from kto_ray.store.format import SCHEMA, ParquetOpened, Store, checked_read, open_parquet, sequence_lengths
+from kto_ray.store.format import SCHEMA, ParquetOpened, Store, checked_read, open_parquet, row_lengths
 
-_INDEX_COLUMNS = ["id", "split", "label", "prompt_ids", "completion_ids"]
+_INDEX_COLUMNS = ["id", "split", "label", "prompt_ids", "completion_ids", "kl_completion_ids"]
 # Read by the scan too, unused: a few bytes a row, so their pages' checksums are verified on the driver
 # before any worker starts (a damaged log-prob stops the run before it trains on anything). The KL
 # completions, the one column left, are verified by the workers' reads.
@@ -67,7 +67,7 @@ def _scan(store: Store, path: str, split: str) -> list[tuple]:
                 part = part.take(pa.array(rows, pa.int64()))
                 labels = part["label"].to_numpy(zero_copy_only=False).astype(bool)
                 size = parquet.metadata.row_group(g).num_rows
-                found.append((g, size, part["id"].to_numpy(), rows, sequence_lengths(part), labels))
+                found.append((g, size, part["id"].to_numpy(), rows, row_lengths(part), labels))
     return found
 
 
@@ -83,7 +83,7 @@ class SplitIndex:
     group_rows: np.ndarray  # and its row count (all splits)
     row_group: np.ndarray  # per row: its row group (an index into the group_* arrays),
     row_offset: np.ndarray  # its row within that group,
-    row_length: np.ndarray  # its prompt + completion tokens (store.sequence_lengths)
+    row_length: np.ndarray  # its length (store.format.row_lengths)
     labels: np.ndarray  # and its label (bool)
     store: Store  # its manifest lists each file's size and footer checksum, which readers check
 

@@ -21,7 +21,7 @@ import torch
 
 from kto_ray.models.logprobs import DEFAULT_CHUNK_TOKENS, sequence_logps
 from kto_ray.objective import EVAL_KEYS, KTOSums
-from kto_ray.store.format import sequence_lengths
+from kto_ray.store.format import row_lengths
 from kto_ray.training.distributed import Reduce, evened_out, global_kl
 from kto_ray.training.schedule.batching import KTOBatch, collate
 from kto_ray.training.step import LossSettings, ReferenceFn
@@ -58,7 +58,7 @@ def eval_metrics(
     `table`; every rank must call it with the same table. Restores the model's train/eval mode."""
     if len(table) == 0:
         raise ValueError("the eval split is empty")
-    lengths = sequence_lengths(table)
+    lengths = row_lengths(table)
     batches = [
         collate(table, rows, pad_id, packed).to(device)
         for rows in shard_batches(len(table), rank, world, micro_batch_size, lengths)

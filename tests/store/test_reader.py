@@ -15,7 +15,7 @@ from kto_ray.errors import StoreDamaged
 from kto_ray.store.format import (
     SCHEMA,
     Store,
-    sequence_lengths,
+    row_lengths,
 )
 from kto_ray.store.reader import RowReader, SplitIndex
 from kto_ray.training.schedule.batching import Schedule
@@ -55,7 +55,7 @@ def test_take_equals_read_split_take(store, split):
 def test_index_lengths_labels_and_schedule_match_the_table(store, grouped):
     table = store.read_split("train")
     index = SplitIndex.build(store, "train")
-    np.testing.assert_array_equal(index.lengths, sequence_lengths(table))
+    np.testing.assert_array_equal(index.lengths, row_lengths(table))
     np.testing.assert_array_equal(index.labels, table["label"].to_numpy(zero_copy_only=False))
     ours = Schedule.for_index(
         index, workers=2, micro_batch_size=8, grad_accumulation=2, seed=3, group=grouped
@@ -158,7 +158,7 @@ def test_s3_store(monkeypatch):
         assert store.path == "s3://rows/stores/small"
         table = store.read_split("train")
         index = pickle.loads(pickle.dumps(SplitIndex.build(store, "train")))  # as a worker gets it
-        np.testing.assert_array_equal(index.lengths, sequence_lengths(table))
+        np.testing.assert_array_equal(index.lengths, row_lengths(table))
         positions = np.random.default_rng(2).permutation(len(table))
         with RowReader(index) as reader:
             for chunk in np.array_split(positions, 10):

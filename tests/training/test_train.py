@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM
 
 from kto_ray.models.logprobs import length_buckets, pad_sequences, sequence_logps
 from kto_ray.rundir.timings import RANK0_TIMINGS_FILE, TIMINGS_FILE
+from kto_ray.store.format import row_lengths
 from kto_ray.training.launch.driver import train
 from kto_ray.training.schedule.batching import Schedule
-from kto_ray.training.schedule.token_budget import row_tokens
 from tests.conftest import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
@@ -137,7 +137,7 @@ def _budget_with_uneven_counts(built_store, workers: int, micro: int) -> tuple[i
     cfg, store = built_store
     table = store.read_split("train")
     schedule = Schedule.for_table(table, workers, micro, 1, cfg.train.seed, cfg.train.group_by_length)
-    lengths = [row_tokens(table.take(schedule.rows_for(0, rank)[0])) for rank in range(workers)]
+    lengths = [row_lengths(table.take(schedule.rows_for(0, rank)[0])) for rank in range(workers)]
     for budget in range(1, micro * max(int(x.max()) for x in lengths) + 1):
         counts = [len(length_buckets(x, max_tokens=budget)) for x in lengths]
         if len(set(counts)) > 1:

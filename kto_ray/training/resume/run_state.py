@@ -25,7 +25,7 @@ from kto_ray.integrity import size_problem
 from kto_ray.rundir import CHECKPOINTS, RunDir
 from kto_ray.storage import first_line, is_uri, read_text
 from kto_ray.store.fingerprint import sha256_text, weights_fingerprint
-from kto_ray.store.format import read_manifest, sequence_lengths
+from kto_ray.store.format import read_manifest, row_lengths
 from kto_ray.store.reader import SplitIndex
 from kto_ray.training.resume.checkpoint_files import checkpoint_step, damage_line, older_than
 
@@ -58,7 +58,7 @@ def _rows_identity(cfg: KTOConfig, train_rows: SplitIndex | pa.Table) -> str:
         fingerprint = manifest.fingerprint if manifest is not None else {}
         return "store:" + sha256_text(fingerprint, train_rows.rows)[:16]
     ids = train_rows["id"].to_numpy(zero_copy_only=False).astype(np.int64)
-    lengths = sequence_lengths(train_rows).astype(np.int64)
+    lengths = row_lengths(train_rows).astype(np.int64)
     return "rows:" + sha256_text(ids.tobytes().hex(), lengths.tobytes().hex())[:16]
 
 

@@ -23,7 +23,7 @@ import torch
 
 from kto_ray.models.logprobs import PaddedBatch, pad_sequences
 from kto_ray.models.packing import PackedBatch, pack_sequences
-from kto_ray.store.format import sequence_lengths
+from kto_ray.store.format import row_lengths
 
 if TYPE_CHECKING:
     from kto_ray.store.reader import SplitIndex
@@ -63,7 +63,7 @@ class Schedule:
     micro_batch_size: int
     grad_accumulation: int
     seed: int
-    # Per-row sequence lengths; when given, steps are grouped by length (see the module docstring).
+    # Per-row lengths (store.format.row_lengths); when given, steps are grouped by length (module docstring).
     lengths: np.ndarray | None = field(default=None, compare=False, repr=False)
     _orders: dict[int, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
 
@@ -77,7 +77,7 @@ class Schedule:
         seed: int,
         group: bool,
     ) -> Schedule:
-        lengths = sequence_lengths(table) if group else None
+        lengths = row_lengths(table) if group else None
         return cls(len(table), workers, micro_batch_size, grad_accumulation, seed, lengths)
 
     @classmethod

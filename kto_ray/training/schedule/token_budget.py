@@ -4,32 +4,23 @@ The schedule (training/schedule/batching.py) still fixes which rows each rank ta
 batch, z0 and the loss normalisation stay as they are; only how a rank's rows are cut into forwards
 changes. Its rows are sorted longest first and cut greedily: a micro-batch takes rows while its cost
 stays within the budget, the cost being what its forwards run on (padded: rows x its longest row,
-packed: the rows' sum). A row longer than the budget is a micro-batch of its own. A row's length is
-the longer of its (x, y) and (x, y_kl) sequences, so the budget bounds the KL forward as well as the
-policy forward, and both passes of a step use the same micro-batches.
+packed: the rows' sum). A row longer than the budget is a micro-batch of its own. A row's length
+(`store.format.row_lengths`) is the longer of its (x, y) and (x, y_kl) sequences, so the budget bounds
+the KL forward as well as the policy forward, and both passes of a step use the same micro-batches.
 
-Ranks then differ in their number of micro-batches; `train_step` evens them out with dummies
-(`filler`: a rank's shortest row, run with zero loss), because under ZeRO-3 every forward and
-backward is a collective.
+Ranks then differ in their number of micro-batches; `train_step` evens them out with fillers
+(`distributed.evened_out`: a rank's shortest row, run with zero loss), because under ZeRO-3 every
+forward and backward is a collective.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from kto_ray.models.logprobs import length_buckets
+from kto_ray.store.format import row_lengths
 from kto_ray.training.schedule.batching import KTOBatch, collate
-
-
-def row_tokens(table: pa.Table) -> np.ndarray:
-    """Tokens of each row's longer forward: prompt + the longer of its completion and KL completion."""
-
-    def length(column: str) -> np.ndarray:
-        return pc.list_value_length(table[column]).to_numpy(zero_copy_only=False).astype(np.int64)
-
-    return length("prompt_ids") + np.maximum(length("completion_ids"), length("kl_completion_ids"))
 
 
 def budget_batches(
@@ -37,7 +28,7 @@ def budget_batches(
 ) -> tuple[list[KTOBatch], KTOBatch]:
     """A rank's rows of one step (`table`) as token-budget micro-batches, and the filler `train_step`
     runs in place of the micro-batches other ranks have more of (one row: the shortest)."""
-    lengths = row_tokens(table)
+    lengths = row_lengths(table)
     batches = [
         collate(table, rows, pad_id, packed)
         for rows in length_buckets(lengths, max_tokens=budget, packed=packed)

@@ -14,10 +14,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kto_ray.models.logprobs import length_buckets
-from kto_ray.store.format import SCHEMA
+from kto_ray.store.format import SCHEMA, row_lengths
 from kto_ray.training.distributed import all_reduce_sum, most_over_ranks
 from kto_ray.training.schedule.batching import collate
-from kto_ray.training.schedule.token_budget import budget_batches, row_tokens
+from kto_ray.training.schedule.token_budget import budget_batches
 from kto_ray.training.step import train_step
 from tests.helpers import PlainEngine
 from tests.training.test_step import SETTINGS, _model
@@ -122,7 +122,7 @@ def _assert_same_step(metrics, model, reference_metrics, reference_model):
 @pytest.mark.parametrize("packed", [False, True])
 def test_token_budget_micro_batches_give_the_step_of_one_micro_batch(packed):
     table = _skewed_table()
-    assert row_tokens(table).tolist()[:2] == [26 + 2, 20 + 3]  # prompt + the longer completion
+    assert row_lengths(table).tolist()[:2] == [26 + 2, 20 + 3]  # prompt + the longer completion
     whole_metrics, whole, _ = _step(table, 1, None, packed)
     budget_metrics, budgeted, count = _step(table, 1, 40, packed)
     assert count > 2  # really cut
