@@ -17,6 +17,7 @@ import yaml
 
 from kto_ray.errors import UserError
 from kto_ray.integrity import model_folder_problems
+from kto_ray.objective import EVAL_KEYS
 from kto_ray.rundir import WORKERS_FILE, RunDir
 from kto_ray.rundir.metrics import METRICS_FILE, SEGMENTS, metrics_location, read_metrics
 from kto_ray.rundir.worker_groups import kept_steps, parse_groups
@@ -36,15 +37,7 @@ TRAINING_PANELS = (("learning_rate", "learning rate"), ("grad_norm", "grad norm"
 # train.eval_every: `eval/<key>` on the steps that evaluated, drawn over the training curve of <key>.
 EVAL_PREFIX = "eval/"
 EVAL_COLORS = ("tab:purple", "tab:orange", "tab:olive")
-EVAL_SUMMARY_KEYS = (
-    "loss",
-    "kl",
-    "kl/raw",
-    "reward_accuracy",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/margins",
-)
+EVAL_SUMMARY_KEYS = tuple(key for key in EVAL_KEYS if key != "rows")  # the summary's eval table
 
 
 @dataclass(frozen=True)
@@ -216,7 +209,7 @@ def _eval_summary(records: list[dict[str, Any]]) -> list[str]:
         f"| metric | first (step {first['step']}) | last (step {last['step']}) |",
         "|---|---|---|",
     ]
-    for key in EVAL_SUMMARY_KEYS:
+    for key in (k for k in EVAL_SUMMARY_KEYS if EVAL_PREFIX + k in first or EVAL_PREFIX + k in last):
         values = [_series([r], EVAL_PREFIX + key)[0] for r in (first, last)]
         lines.append(f"| eval/{key} | {_fmt(values[0])} | {_fmt(values[1])} |")
     return lines
