@@ -233,11 +233,13 @@ class ClusterConfig(Section):
         0.5, gt=0.0, description="CPUs per worker; fractional on small CPU boxes so Ray Data is not starved."
     )
     address: str | None = Field(None, description="Ray address; null starts or joins a local Ray.")
-    release_host_memory: bool = Field(
-        False,
+    release_host_memory: bool | Literal["auto"] = Field(
+        "auto",
         description="Workers hand freed host memory back to the OS (glibc's mmap threshold fixed at 1 MiB, "
         "malloc_trim after each step): CPU workers peak 7-11% lower, but their steps ran 1.5x slower "
-        "(every large tensor is a fresh mmap). For CPU runs short of RAM; GPU workers gain little.",
+        "(every large tensor is a fresh mmap). auto: on for CPU workers whose planned peak is above 80% "
+        "of their share of the nodes' RAM (the driver decides with the memory planner, as for "
+        "deepspeed.stage auto, and the start line says which), off on GPU workers (they gain little).",
     )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK",

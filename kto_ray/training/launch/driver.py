@@ -41,6 +41,7 @@ from kto_ray.errors import (
 from kto_ray.internals.ray_private import worker_failures
 from kto_ray.models.loading import check_context_length, load_tokenizer
 from kto_ray.objective import desirable_weight
+from kto_ray.planning.host_release import resolve_release
 from kto_ray.raycluster import ray_session
 from kto_ray.rundir import CHECKPOINTS, RunDir
 from kto_ray.rundir.lease import Lease
@@ -235,12 +236,15 @@ def fit(
             # dir and the checkpoints' run state record the stage that ran.
             cfg, stage = resolve_stage(cfg)
             run_state["config"]["deepspeed"] = cfg.deepspeed.model_dump(mode="json")
+            # release_host_memory auto likewise, from the plan of the stage that runs (config.yaml
+            # records the pick; the run state keeps `auto`, so a resume is not told it changed).
+            cfg, release = resolve_release(cfg)
             with _storage_errors(run_dir):
                 run_dir.write_text("config.yaml", dump_config(cfg))
             print(
                 f"training {cfg.model.path} on {row_count(train_rows)} rows for {steps} steps "
                 f"({_workers_text(cfg.cluster.worker_range)}, {global_batch} rows per step, "
-                f"{stage}, reference {cfg.reference.mode})"
+                f"{stage}{release}, reference {cfg.reference.mode})"
                 f" -> {run_dir}",
                 flush=True,
             )
