@@ -177,6 +177,23 @@ class TrainConfig(Section):
         "metrics on the store's eval split (z0 over the whole split); logged as eval/... "
         "in metrics.jsonl. null: no evaluation during training.",
     )
+    eval_at_end: bool = Field(
+        False,
+        description="Evaluate on the store's eval split after the last step even with eval_every null "
+        "(one eval/... record, on the last step's line). `kto-ray sweep` sets it on every trial, so its "
+        "table ranks trials that set no eval_every.",
+    )
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether the run evaluates at all (the driver then ships the eval split to the workers)."""
+        return self.eval_every is not None or self.eval_at_end
+
+    def evaluates_after(self, done: int, total_steps: int) -> bool:
+        """Whether the workers evaluate after optimizer step `done` (1-based) of `total_steps`."""
+        if done == total_steps:
+            return self.evaluates
+        return self.eval_every is not None and done % self.eval_every == 0
 
 
 class LoraConfig(Section):

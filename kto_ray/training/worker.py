@@ -111,7 +111,7 @@ class WorkerRun:
     start_step: int  # optimizer steps already done (a restored checkpoint's)
     damaged: tuple[str, ...]  # damaged checkpoints the restore skipped: redone steps save beside them
     log: MetricsLog | None  # rank 0 only
-    eval_table: pa.Table | None  # with train.eval_every: the whole eval split, on every rank
+    eval_table: pa.Table | None  # with train.eval_every or eval_at_end: the whole eval split, every rank
     trackers: list[Tracker]  # rank 0 only
 
     @property
@@ -234,7 +234,7 @@ def _train(run: WorkerRun) -> None:
         metrics = _step(run, step)
         if cfg.cluster.release_host_memory is True:
             host_memory.release()  # the step's freed gathers and activations (host_memory.py)
-        if run.eval_table is not None and (done % cfg.train.eval_every == 0 or done == total_steps):
+        if run.eval_table is not None and cfg.train.evaluates_after(done, total_steps):
             metrics.update({f"eval/{key}": value for key, value in _evaluate(run).items()})
         if run.log is not None:
             run.log.write(metrics)
