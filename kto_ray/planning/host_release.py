@@ -1,11 +1,12 @@
 """`cluster.release_host_memory: auto`: whether CPU workers hand freed host memory back to the OS.
 
 Releasing (`training/host_memory.py`) holds a CPU worker to the plan, but its steps ran 1.5x slower; glibc
-keeping freed ZeRO-3 gathers and activations on its heap put peaks ~270-290 MiB above the plan, growing
-step to step, and a 630M full fine-tune whose plan was 97% of its RAM share ran out of memory at its third
-step (docs/benchmarks/worker-memory-2026-12-01.md). So it is on only where the plan leaves no room for
-that: a planned peak above NEAR_RAM of the worker's memory. GPU workers hold their model states in GPU
-memory and gain little. One decision, used by the driver (`resolve_release`) and `kto-ray plan`'s advice.
+keeping freed ZeRO-3 gathers and activations on its heap put peaks ~270-290 MiB higher, growing step to
+step, and a 630M full fine-tune (plan 9.7 GiB per worker) ran out of memory at its third step without it
+(docs/benchmarks/worker-memory-2026-12-01.md). So it is on only where the plan leaves little room for
+that: a planned peak above NEAR_RAM of the worker's memory (a judgement, not a measured edge). GPU
+workers hold their model states in GPU memory and gain little. One decision, used by the driver
+(`resolve_release`) and `kto-ray plan`'s advice.
 """
 
 from __future__ import annotations
