@@ -188,6 +188,23 @@ class TrainConfig(Section):
         "metrics on the store's eval split (z0 over the whole split); logged as eval/... "
         "in metrics.jsonl. null: no evaluation during training.",
     )
+    eval_at_end: bool = Field(
+        False,
+        description="Evaluate on the store's eval split after the last step even with eval_every null "
+        "(one eval/... record, on the last step's line). `kto-ray sweep` sets it on every trial, so its "
+        "table ranks trials that set no eval_every.",
+    )
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether the run evaluates at all (the driver then ships the eval split to the workers)."""
+        return self.eval_every is not None or self.eval_at_end
+
+    def evaluates_after(self, done: int, total_steps: int) -> bool:
+        """Whether the workers evaluate after optimizer step `done` (1-based) of `total_steps`."""
+        if done == total_steps:
+            return self.evaluates
+        return self.eval_every is not None and done % self.eval_every == 0
 
 
 class LoraConfig(Section):
@@ -244,11 +261,13 @@ class ClusterConfig(Section):
         0.5, gt=0.0, description="CPUs per worker; fractional on small CPU boxes so Ray Data is not starved."
     )
     address: str | None = Field(None, description="Ray address; null starts or joins a local Ray.")
-    release_host_memory: bool = Field(
-        False,
+    release_host_memory: bool | Literal["auto"] = Field(
+        "auto",
         description="Workers hand freed host memory back to the OS (glibc's mmap threshold fixed at 1 MiB, "
         "malloc_trim after each step): CPU workers peak 7-11% lower, but their steps ran 1.5x slower "
-        "(every large tensor is a fresh mmap). For CPU runs short of RAM; GPU workers gain little.",
+        "(every large tensor is a fresh mmap). auto: on for CPU workers whose planned peak is above 80% "
+        "of their share of the nodes' RAM (the driver decides with the memory planner, as for "
+        "deepspeed.stage auto, and the start line says which), off on GPU workers (they gain little).",
     )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK",

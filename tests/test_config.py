@@ -104,6 +104,19 @@ def test_a_bad_worker_range_is_refused(value):
         load_config(None, [f"cluster.workers={value}"])
 
 
+def test_eval_runs_every_eval_every_steps_and_after_the_last_with_either_setting():
+    def evaluated(**train) -> list[int]:
+        cfg = load_config(None, [f"train.{key}={value}" for key, value in train.items()])
+        return [done for done in range(1, 8) if cfg.train.evaluates_after(done, total_steps=7)]
+
+    assert evaluated() == []  # a plain `kto-ray train`: no eval unless asked
+    assert evaluated(eval_at_end="true") == [7]  # a sweep's trial: once, after the last step
+    assert evaluated(eval_every=3) == [3, 6, 7]
+    assert evaluated(eval_every=3, eval_at_end="true") == [3, 6, 7]  # the last is evaluated once
+    assert evaluated(eval_every=7) == [7]
+    assert not load_config(None, []).train.evaluates
+
+
 def test_desirable_weight_accepts_auto():
     assert load_config(None, ["train.desirable_weight=auto"]).train.desirable_weight == "auto"
 

@@ -7,6 +7,7 @@ import math
 
 from kto_ray.planning.architecture import Architecture
 
+GIB = 2**30
 BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor for CPU memory
 # ZeRO-3's optimizer sub-group (DeepSpeed's sub_group_size) the training engine configures: the step
 # works on one sub-group at a time, with that sub-group's transient copies (`optimizer_step_bytes`).

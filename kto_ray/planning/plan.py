@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 from kto_ray.config import KTOConfig
 from kto_ray.planning.architecture import Architecture, read_architecture
+from kto_ray.planning.host_release import HostRelease, decide_release
 from kto_ray.planning.memory import (
+    GIB,
     activations_bytes,
     layer_activation_bytes,
     logits_bytes,
@@ -23,7 +25,6 @@ from kto_ray.planning.memory import (
     zero2_model_states,
 )
 
-GIB = 2**30
 # CUDA context and kernels, NCCL buffers, ZeRO-3 prefetch/reduce buckets, allocator fragmentation:
 # none of these is in DeepSpeed's estimate, all of them are real on a GPU.
 OVERHEAD_GIB = 4.0
@@ -98,6 +99,7 @@ class Plan:
     zero2_model_states: float  # bytes per GPU at ZeRO-2 without offload (DeepSpeed's formula)
     zero2_total: float  # the same plus reference, activations, logits and overhead
     choice: StageChoice  # what deepspeed.stage auto picks
+    release: HostRelease  # what cluster.release_host_memory auto picks, at the stage that runs
     advice: list[str]
 
     def setting(self, name: str) -> Setting:
@@ -211,6 +213,9 @@ def plan(
         configured = next(
             n for n, o, p in SETTINGS if (o, p) == (choice.offload_optimizer, choice.offload_params)
         )
+    runs_zero2 = ds.stage == 2 or (ds.stage == "auto" and choice.stage == 2)
+    peak = zero2_total if runs_zero2 else next(s.gpu_total for s in settings if s.name == configured)
+    release = decide_release(cfg.cluster.use_gpu, peak, budget)
     pre = precompute_actor_bytes(cfg, arch) + (overhead if cfg.precompute.gpus_per_actor > 0 else 0)
     pre_gpus = precompute_gpus_needed(cfg, arch, budget, overhead)
     advice: list[str] = []
@@ -240,6 +245,7 @@ def plan(
         zero2_model_states=zero2,
         zero2_total=zero2_total,
         choice=choice,
+        release=release,
         advice=advice,
     )
     advice.extend(_advice(cfg, result))
@@ -299,11 +305,17 @@ def _advice(cfg: KTOConfig, p: Plan) -> list[str]:
             "cluster.use_gpu is false: read 'per GPU' as per worker process (CPU RAM, peak RSS); on GPUs "
             f"the {OVERHEAD_GIB:g} GiB CUDA/NCCL allowance replaces the {CPU_BASELINE_GIB:g} GiB baseline"
         )
-        if not cfg.cluster.release_host_memory:
+        release = cfg.cluster.release_host_memory
+        if release == "auto":
+            out.append(
+                f"cluster.release_host_memory auto is {'on' if p.release.on else 'off'}: {p.release.reason}"
+            )
+        elif release is False and p.release.on:
             # Measured (BENCHMARKS.md section 12): glibc keeps freed gathers and activations on its heap.
             out.append(
-                "CPU workers keep freed memory on glibc's heap, so they may peak above this plan: "
-                "cluster.release_host_memory: true holds them to it, at ~1.5x the step time"
+                f"CPU workers keep freed memory on glibc's heap, so they may peak above this plan "
+                f"({p.release.reason}): cluster.release_host_memory: true holds them to it, at ~1.5x the "
+                "step time"
             )
     if p.lora_params:
         out.append(

@@ -28,6 +28,8 @@ from kto_ray.objective import EVAL_KEYS
 STORE_SECTIONS = ("data", "store", "precompute", "reference")
 STORE_KEYS = ("model.path", "model.revision", "model.trust_remote_code")
 LAYOUT_KEYS = ("run.dir", "run.name")  # set by the sweep: <run.dir>/<sweep name>/<trial>
+# Set by the sweep on every trial: an eval after its last step, which the table ranks by.
+RANKING_KEY = "train.eval_at_end"
 EVAL_METRICS = tuple(f"eval/{key}" for key in EVAL_KEYS if key != "rows")
 
 
@@ -85,8 +87,9 @@ class SweepConfig(Section):
     )
     scheduler: Literal["none", "asha", "median"] = Field(
         "none",
-        description="Early stopping on `metric` (needs train.eval_every): ASHA (asynchronous successive "
-        "halving) or the median stopping rule; none runs every trial to its end.",
+        description="Early stopping on `metric`, which needs train.eval_every (the table needs none: "
+        "every trial is evaluated after its last step): ASHA (asynchronous successive halving) or the "
+        "median stopping rule; none runs every trial to its end.",
     )
     metric: str = Field(
         "eval/loss",
@@ -170,6 +173,8 @@ def _swept_key_refused(key: str) -> str | None:
         return "a sweep trains every trial on one store, so it cannot sweep what the store is built from"
     if key in LAYOUT_KEYS:
         return "the sweep names the trials' run dirs itself (<run.dir>/<sweep name>/<trial>)"
+    if key == RANKING_KEY:
+        return "the sweep evaluates every trial after its last step, to rank it"
     return None
 
 
@@ -199,7 +204,8 @@ def sweep_name(cfg: KTOConfig, sweep: SweepConfig) -> str:
 
 def trial_configs(cfg: KTOConfig, sweep: SweepConfig) -> dict[str, tuple[dict[str, Any], KTOConfig]]:
     """Every trial's (swept values, whole config), validated: the first bad one exits 2 naming the
-    trial and the key. The run dirs are `<run.dir>/<sweep name>/<trial>`."""
+    trial and the key. The run dirs are `<run.dir>/<sweep name>/<trial>`; every trial evaluates after its
+    last step (train.eval_at_end), with or without train.eval_every, so the table ranks it."""
     base = cfg.model_dump(mode="json")
     out = {}
     for index, values in enumerate(trial_overrides(sweep)):
@@ -215,6 +221,7 @@ def trial_configs(cfg: KTOConfig, sweep: SweepConfig) -> dict[str, tuple[dict[st
             node[last] = value
         tree["run"]["dir"] = f"{cfg.run.dir.rstrip('/')}/{sweep_name(cfg, sweep)}"
         tree["run"]["name"] = name
+        tree["train"]["eval_at_end"] = True
         shown = ", ".join(f"{key}={value!r}" for key, value in values.items())
         trial_cfg = config_from_dict(tree, f"sweep {name} ({shown})")
         out[name] = (values, trial_cfg)

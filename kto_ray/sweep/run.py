@@ -274,6 +274,11 @@ def run_sweep(cfg: KTOConfig, sweep: SweepConfig) -> SweepResult:
                 store = precompute(cfg)
                 print(f"store {'reused' if store.reused else 'scored'}: {cfg.store.path}", flush=True)
                 rows = sum(store.store.manifest.counts.get("train", {}).values())
+                if not sum(store.store.manifest.counts.get("eval", {}).values()):
+                    raise UserError(
+                        "a sweep ranks its trials on the store's eval split, which is empty: raise "
+                        "data.eval_fraction"
+                    )
                 last_steps = {name: total_steps(t, rows) for name, (_, t) in trials.items()}
             print(
                 f"sweep {sweep_name(cfg, sweep)}: {len(trials)} trials, up to {limit} at a time "

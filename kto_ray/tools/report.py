@@ -197,7 +197,7 @@ def _config_rows(run_dir: RunDir) -> list[tuple[str, str]]:
 
 
 def _eval_summary(records: list[dict[str, Any]]) -> list[str]:
-    """The held-out metrics at the first and the last evaluation (none without train.eval_every)."""
+    """The held-out metrics at the first and the last evaluation (none in a run that did not evaluate)."""
     evaluated = [r for r in records if isinstance(r.get(EVAL_PREFIX + "loss"), (int, float))]
     if not evaluated:
         return []

@@ -111,7 +111,7 @@ class WorkerRun:
     start_step: int  # optimizer steps already done (a restored checkpoint's)
     damaged: tuple[str, ...]  # damaged checkpoints the restore skipped: redone steps save beside them
     log: MetricsLog | None  # rank 0 only
-    eval_table: pa.Table | None  # with train.eval_every: the whole eval split, on every rank
+    eval_table: pa.Table | None  # with train.eval_every or eval_at_end: the whole eval split, every rank
     trackers: list[Tracker]  # rank 0 only
 
     @property
@@ -154,7 +154,7 @@ def _setup(loop: LoopConfig, teardown: contextlib.ExitStack, timeline: Timeline)
     loop = dataclasses.replace(loop, config=config_for_world(loop.config, loop.global_batch, world))
     cfg = loop.config
     torch.manual_seed(cfg.train.seed + rank)
-    if cfg.cluster.release_host_memory:
+    if cfg.cluster.release_host_memory is True:  # the driver resolved auto (planning/host_release.py)
         host_memory.fix_malloc_thresholds()  # before the model loads: freed tensors leave RSS
     init_deepspeed_comm(cfg.cluster.use_gpu)
     timeline.mark("deepspeed import, comm backend")
@@ -232,9 +232,9 @@ def _train(run: WorkerRun) -> None:
     for step in range(run.start_step, total_steps):
         done = step + 1
         metrics = _step(run, step)
-        if cfg.cluster.release_host_memory:
+        if cfg.cluster.release_host_memory is True:
             host_memory.release()  # the step's freed gathers and activations (host_memory.py)
-        if run.eval_table is not None and (done % cfg.train.eval_every == 0 or done == total_steps):
+        if run.eval_table is not None and cfg.train.evaluates_after(done, total_steps):
             metrics.update({f"eval/{key}": value for key, value in _evaluate(run).items()})
         if run.log is not None:
             run.log.write(metrics)

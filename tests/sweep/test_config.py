@@ -96,6 +96,9 @@ def test_every_trial_is_a_whole_validated_config_in_its_own_run_dir(tmp_path):
     assert third.run.dir == f"{cfg.run.dir}/demo-sweep" and third.run.name == "trial-002"
     named = trial_configs(cfg, SweepConfig(name="lr", grid={"train.lr": [1e-5]}))
     assert named["trial-000"][1].run.dir.endswith("/lr")
+    # Every trial evaluates after its last step, so the table ranks it without train.eval_every.
+    assert cfg.train.eval_every is None and not cfg.train.eval_at_end
+    assert all(trial.train.eval_at_end and trial.train.evaluates for _, trial in trials.values())
 
 
 @pytest.mark.parametrize(
@@ -109,6 +112,7 @@ def test_every_trial_is_a_whole_validated_config_in_its_own_run_dir(tmp_path):
         ("model.path=a,b", "sweep key model.path"),
         ("model.revision=a,b", "sweep key model.revision: a sweep trains every trial on one store"),
         ("run.name=a,b", "sweep key run.name: the sweep names"),
+        ("train.eval_at_end=false", "sweep key train.eval_at_end: the sweep evaluates every trial"),
     ],
 )
 def test_a_bad_grid_key_or_value_exits_2_naming_it_before_anything_starts(tmp_path, capsys, grid, named):

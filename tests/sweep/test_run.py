@@ -4,7 +4,8 @@
 One sweep is killed once its first two trials have finished, then rerun: the rerun trains neither of
 them again, stops the two bad trials (a learning rate too small to move the loss), and ends with the
 table; the store is scored once, by the first run. Each trial's metrics equal those of the same config
-trained alone with `kto-ray train` (1e-5)."""
+trained alone with `kto-ray train` (1e-5). A last sweep without train.eval_every on the same store ranks
+its trial by the eval taken after its last step."""
 
 from __future__ import annotations
 
@@ -138,3 +139,20 @@ def test_a_killed_sweep_resumes_stops_bad_trials_and_matches_runs_alone(tiny_mod
     )
     assert "report of the sweep" in report
     assert {p.name for p in (sweep_dir / "report").glob("*.png")} >= {"loss.png", "eval_loss.png"}
+
+    # Without train.eval_every (and no scheduler) the trials are evaluated after their last step, on the
+    # same store, and the table ranks them by that eval.
+    ranked = tmp_path / "ranked.yaml"
+    ranked.write_text(yaml.safe_dump({"name": "ranked", "trial_cpus": 0.5, "metric": "eval/loss"}))
+    out = _finished(
+        _cli("sweep", "--config", str(config), "--sweep", str(ranked), "--set", "train.eval_every=null",
+             "--set", "train.max_steps=2", "--grid", f"train.lr={GOOD_LR}",
+             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    )  # fmt: skip
+    assert "store reused" in out and manifest.stat().st_mtime_ns == scored
+    records = read_metrics(tmp_path / "runs" / "ranked" / "trial-000")
+    assert [r["step"] for r in records] == [1, 2] and "eval/loss" not in records[0]
+    row = next(line for line in (tmp_path / "runs" / "ranked" / "summary.md").read_text().splitlines()
+               if line.startswith("| trial-000"))  # fmt: skip
+    final, best = row.split(" | ")[4:6]
+    assert float(final) == float(best) == pytest.approx(records[-1]["eval/loss"], abs=1e-4), row

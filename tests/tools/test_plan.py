@@ -8,6 +8,7 @@ import pytest
 
 from kto_ray.config import load_config
 from kto_ray.errors import UserError
+from kto_ray.planning.host_release import HostRelease, decide_release, resolve_release
 from kto_ray.planning.plan import GIB, SETTINGS, Setting, choose_stage, format_plan, plan
 
 LLAMA_8B = dict(
@@ -493,11 +494,63 @@ def test_the_optimizer_step_transient_and_the_backward_working_set_do_not_add_up
     assert s.gpu_total < s.gpu_model_states + p.activations + p.logits + p.overhead
 
 
-def test_cpu_workers_are_told_the_plan_assumes_released_host_memory():
+def test_release_host_memory_auto_is_on_only_for_cpu_workers_planned_near_their_ram():
+    # On above 80% of the worker's memory: 8.1 of 10 GiB is 81%, 8 of 10 exactly 80%.
+    assert decide_release(False, 8.1 * GIB, 10 * GIB) == HostRelease(
+        True, "planned peak 8.1 of 10.0 GiB per worker (81%, above 80%)"
+    )
+    assert decide_release(False, 8 * GIB, 10 * GIB) == HostRelease(
+        False, "planned peak 8.0 of 10.0 GiB per worker (80%, within 80%)"
+    )
+    assert not decide_release(True, 79 * GIB, 80 * GIB).on  # GPU workers: off however near
+
+
+def test_the_plan_decides_release_from_the_peak_of_the_stage_that_runs(small_llama):
+    cpu = ["cluster.use_gpu=false", "cluster.workers=2"]
+    roomy = plan(load_config(None, cpu), model_config=small_llama, gpu_memory_gib=80)
+    assert roomy.choice.stage == 2 and not roomy.release.on  # a tiny model in 80 GiB
+    peak = roomy.zero2_total  # stage auto runs ZeRO-2 at any budget above it
+    near = plan(load_config(None, cpu), model_config=small_llama, gpu_memory_gib=peak / GIB / 0.81)
+    far = plan(load_config(None, cpu), model_config=small_llama, gpu_memory_gib=peak / GIB / 0.79)
+    assert near.choice.stage == far.choice.stage == 2
+    assert near.release.on and not far.release.on
+    # ZeRO-3 as configured: the peak is its setting's (no offload here), below ZeRO-2's (params sharded).
+    zero3 = load_config(None, [*cpu, "deepspeed.stage=3"])
+    peak3 = plan(zero3, model_config=small_llama).settings[0].gpu_total
+    assert peak3 < peak
+    assert plan(zero3, model_config=small_llama, gpu_memory_gib=peak3 / GIB / 0.81).release.on
+    assert not plan(zero3, model_config=small_llama, gpu_memory_gib=peak3 / GIB / 0.79).release.on
+
+
+def test_the_driver_resolves_auto_once_and_says_it(small_llama):
+    """resolve_release (the driver's, after the stage is resolved): the worker gets a bool."""
+    base = ["cluster.use_gpu=false", "cluster.workers=2", f"model.path={small_llama}", "deepspeed.stage=2"]
+    peak = plan(load_config(None, base), gpu_memory_gib=80).zero2_total / GIB
+    near, words = resolve_release(load_config(None, [*base, f"deepspeed.worker_memory_gib={peak / 0.81}"]))
+    assert near.cluster.release_host_memory is True and words.startswith(", host memory released (auto: ")
+    far, words = resolve_release(load_config(None, [*base, f"deepspeed.worker_memory_gib={peak / 0.5}"]))
+    assert far.cluster.release_host_memory is False and "host memory kept (auto: " in words
+    gpu, words = resolve_release(load_config(None, [*base, "cluster.use_gpu=true"]))
+    assert gpu.cluster.release_host_memory is False and words == ""
+    chosen = load_config(None, [*base, "cluster.release_host_memory=true"])
+    assert resolve_release(chosen) == (chosen, "")  # not auto: as set, no planning
+
+
+def test_cpu_workers_near_their_ram_are_told_to_release_host_memory(small_llama):
     # Measured: 630M full fine-tuning peaked at 9.3 GiB per worker with cluster.release_host_memory (plan
-    # 9.7 GiB) and ran out of this machine's RAM without it; the plan says so for CPU workers.
+    # 9.7 GiB) and ran out of this machine's RAM without it; the plan says so when it nears the RAM.
     line = "cluster.release_host_memory: true holds them to it"
-    cpu = format_plan(plan(load_config(None, ["cluster.use_gpu=false"])))
-    assert line in cpu
-    released = plan(load_config(None, ["cluster.use_gpu=false", "cluster.release_host_memory=true"]))
-    assert line not in format_plan(released)
+    cpu = ["cluster.use_gpu=false", "cluster.workers=2"]
+    peak = plan(load_config(None, cpu), model_config=small_llama).zero2_total / GIB
+    near, far = peak / 0.9, peak / 0.5
+
+    def advice(*keys: str, memory: float) -> str:
+        return format_plan(
+            plan(load_config(None, [*cpu, *keys]), model_config=small_llama, gpu_memory_gib=memory)
+        )
+
+    assert line in advice("cluster.release_host_memory=false", memory=near)
+    assert line not in advice("cluster.release_host_memory=false", memory=far)
+    assert line not in advice("cluster.release_host_memory=true", memory=near)
+    assert "cluster.release_host_memory auto is on: planned peak" in advice(memory=near)
+    assert "cluster.release_host_memory auto is off: planned peak" in advice(memory=far)

@@ -1,6 +1,6 @@
 """Stage 2 on the driver: check the store, size the run, launch the Ray Train TorchTrainer.
 
-Offline, the driver indexes the store's train split (and eval split with `train.eval_every`): a few
+Offline, the driver indexes the store's train split (and eval split when the run evaluates): a few
 bytes per row, streamed one row group at a time (`store/reader.py`). The index goes to the workers in
 their LoopConfig and each worker reads its own micro-batches' rows from the store, so the store must be
 where every worker can read it (object storage or a shared mount). Online there is no store: the
@@ -41,6 +41,7 @@ from kto_ray.errors import (
 from kto_ray.internals.ray_private import worker_failures
 from kto_ray.models.loading import check_context_length, load_tokenizer
 from kto_ray.objective import desirable_weight
+from kto_ray.planning.host_release import resolve_release
 from kto_ray.raycluster import ray_session
 from kto_ray.rundir import CHECKPOINTS, RunDir
 from kto_ray.rundir.lease import Lease
@@ -141,7 +142,7 @@ def train(cfg: KTOConfig) -> TrainResult:
         if not resumed:
             raise
         raise UserError(f"{err} (the run's global batch, kept from {saved.name})") from None
-    rows = split_rows(cfg, ("train", "eval") if cfg.train.eval_every else ("train",))
+    rows = split_rows(cfg, ("train", "eval") if cfg.train.evaluates else ("train",))
     timeline.mark("store checked, rows indexed")
     train_rows = rows["train"]
     steps = total_steps(cfg, row_count(train_rows), global_batch)
@@ -202,8 +203,9 @@ def fit(
 ) -> TrainResult:
     """Launch the TorchTrainer on `train_rows` for `steps` optimizer steps of `global_batch` rows (the
     first start's by default); every checkpoint carries `run_state` (this start's, built here when not
-    given: benches call fit directly); with `train.eval_every`, the workers also evaluate on `eval_rows` (the
-    store's eval split). `timeline` (train's) gets the driver's phases, written to `timings.json`."""
+    given: benches call fit directly); with `train.eval_every` or `eval_at_end`, the workers also evaluate
+    on `eval_rows` (the store's eval split). `timeline` (train's) gets the driver's phases, written to
+    `timings.json`."""
     import ray
 
     timeline = timeline or Timeline()
@@ -212,10 +214,11 @@ def fit(
     global_batch = global_batch or first_global_batch(cfg)
     check_worker_range(global_batch, cfg.cluster.worker_range, cfg.train.micro_batch_size)
     run_state = run_state or build_run_state(cfg, train_rows, global_batch, steps, lam_d)
-    if cfg.train.eval_every and (eval_rows is None or row_count(eval_rows) == 0):
+    if cfg.train.evaluates and (eval_rows is None or row_count(eval_rows) == 0):
+        asked = "train.eval_every" if cfg.train.eval_every else "train.eval_at_end"
         raise UserError(
-            "train.eval_every is set but the eval split is empty: raise data.eval_fraction "
-            "or set train.eval_every: null"
+            f"{asked} is set but the eval split is empty: raise data.eval_fraction "
+            f"or set {asked}: {'null' if cfg.train.eval_every else 'false'}"
         )
     run_dir = RunDir.of(cfg)
     # Before anything is launched: a tracker that cannot start fails here, in one line.
@@ -235,19 +238,22 @@ def fit(
             # dir and the checkpoints' run state record the stage that ran.
             cfg, stage = resolve_stage(cfg)
             run_state["config"]["deepspeed"] = cfg.deepspeed.model_dump(mode="json")
+            # release_host_memory auto likewise, from the plan of the stage that runs (config.yaml
+            # records the pick; the run state keeps `auto`, so a resume is not told it changed).
+            cfg, release = resolve_release(cfg)
             with _storage_errors(run_dir):
                 run_dir.write_text("config.yaml", dump_config(cfg))
             print(
                 f"training {cfg.model.path} on {row_count(train_rows)} rows for {steps} steps "
                 f"({_workers_text(cfg.cluster.worker_range)}, {global_batch} rows per step, "
-                f"{stage}, reference {cfg.reference.mode})"
+                f"{stage}{release}, reference {cfg.reference.mode})"
                 f" -> {run_dir}",
                 flush=True,
             )
             loop = LoopConfig(
                 config=cfg,
                 train_rows=_shipped(train_rows),
-                eval_rows=_shipped(eval_rows) if cfg.train.eval_every else None,
+                eval_rows=_shipped(eval_rows) if cfg.train.evaluates else None,
                 total_steps=steps,
                 global_batch=global_batch,
                 desirable_weight=lam_d,

@@ -33,7 +33,7 @@ class LoopConfig:
     # The validated config, local paths made absolute (workers do not share the driver's cwd).
     config: KTOConfig = field(repr=False)
     train_rows: ShippedRows = field(repr=False)
-    # The eval split, with train.eval_every; None without it.
+    # The eval split, with train.eval_every or eval_at_end; None without them.
     eval_rows: ShippedRows | None = field(repr=False)
     # Optimizer steps of the whole run (a resumed run continues to the same count).
     total_steps: int

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from kto_ray.config import load_config
+from kto_ray.planning.host_release import resolve_release
 from kto_ray.planning.plan import GIB
 from kto_ray.training.resume.stage import resolve_stage, stage_of_checkpoint, worker_memory_bytes
 
@@ -71,10 +72,15 @@ def test_auto_on_a_cluster_reads_its_memory_and_says_what_it_picked(built_store,
     assert worker_memory_bytes(cfg) == pytest.approx(ram / cfg.cluster.workers) and ram > GIB
     # What this cluster's memory makes auto pick (ZeRO-2 for the tiny model where RAM allows).
     picked, words = resolve_stage(cfg)
+    # ... and cluster.release_host_memory auto, from the plan of that stage (the tiny model: kept).
+    released, release_words = resolve_release(picked)
+    assert release_words.startswith(", host memory kept (auto: planned peak ")
     result = train(cfg)
     start = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("training "))
-    assert f"(2 workers, 8 rows per step, {words}, reference offline)" in start
+    assert f"(2 workers, 8 rows per step, {words}{release_words}, reference offline)" in start
     assert words.startswith(f"ZeRO-{picked.deepspeed.stage}") and "(stage auto: " in words
-    # The run dir records the stage that ran.
+    # The run dir records the stage that ran, and whether the workers released host memory.
     recorded = yaml.safe_load((result.run_dir.local_path / "config.yaml").read_text())
     assert recorded["deepspeed"]["stage"] == picked.deepspeed.stage
+    assert released.cluster.release_host_memory is False
+    assert recorded["cluster"]["release_host_memory"] is False
