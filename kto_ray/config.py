@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from kto_ray.errors import UserError
 
@@ -301,6 +309,24 @@ class ClusterConfig(Section):
         return {"CPU": self.cpus_per_worker} | gpu | self.worker_resources
 
 
+# The DeepSpeed keys kto-ray derives, and the setting each comes from (deepspeed.config refuses them).
+DEEPSPEED_KEY_OWNERS = {
+    "train_batch_size": "train.global_batch_size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.global_batch_size / (workers x train.micro_batch_size)",
+    "gradient_clipping": "train.max_grad_norm",
+    "bf16": "deepspeed.bf16",
+    "fp16": "deepspeed.bf16 (fp16 is not supported)",
+    "optimizer": "train.lr, train.adam_betas, train.weight_decay",
+    "scheduler": "train.schedule, train.warmup_ratio",
+    "zero_optimization.stage": "deepspeed.stage",
+    "zero_optimization.offload_optimizer": "deepspeed.offload_optimizer",
+    "zero_optimization.offload_param": "deepspeed.offload_params",
+}
+DERIVED_DEEPSPEED_KEYS = [k for k in DEEPSPEED_KEY_OWNERS if "." not in k]
+DERIVED_ZERO_KEYS = [k.split(".", 1)[1] for k in DEEPSPEED_KEY_OWNERS if k.startswith("zero_optimization.")]
+
+
 class DeepSpeedConfig(Section):
     stage: Literal[0, 1, 2, 3, "auto"] = Field(
         "auto",
@@ -312,15 +338,14 @@ class DeepSpeedConfig(Section):
     nvme_path: str = Field("/local_nvme", description="Folder for NVMe offload.")
     bf16: bool | Literal["auto"] = Field("auto", description="bf16 mixed precision; auto = on with GPUs.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
-    reduce_bucket_size: int | Literal["auto"] = Field(
-        "auto", description="Elements per gradient reduce bucket; auto = hidden_size^2 (transformers' rule)."
-    )
-    stage3_prefetch_bucket_size: int | Literal["auto"] = Field(
-        "auto", description="Elements of parameters prefetched ahead (stage 3); auto = 0.9 x hidden_size^2."
-    )
-    stage3_param_persistence_threshold: int | Literal["auto"] = Field(
-        "auto",
-        description="Parameters smaller than this stay gathered (stage 3); auto = 10 x hidden_size.",
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="DeepSpeed's own settings, merged last over the config kto-ray builds (mappings "
+        "merge key by key), e.g. {zero_optimization: {reduce_bucket_size: 500000000}}. kto-ray sets "
+        "ZeRO's reduce_bucket_size (hidden_size^2), stage3_prefetch_bucket_size (0.9 x hidden_size^2) "
+        "and stage3_param_persistence_threshold (10 x hidden_size) as transformers does. Keys kto-ray "
+        "derives from its own settings are refused, naming the setting: the batch sizes, "
+        "zero_optimization.stage and the offloads, bf16/fp16, gradient_clipping, optimizer, scheduler.",
     )
     worker_memory_gib: float | None = Field(
         None,
@@ -328,6 +353,18 @@ class DeepSpeedConfig(Section):
         description="GiB per worker that stage auto plans against; null = read from the cluster: one GPU's "
         "memory, or on CPU workers the cluster's RAM divided by cluster.workers.",
     )
+
+    @field_validator("config")
+    @classmethod
+    def _no_derived_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        zero = value.get("zero_optimization", {})
+        found = [k for k in DERIVED_DEEPSPEED_KEYS if k in value] + [
+            f"zero_optimization.{k}" for k in DERIVED_ZERO_KEYS if isinstance(zero, dict) and k in zero
+        ]
+        if found:
+            owners = "; ".join(f"{key}: {DEEPSPEED_KEY_OWNERS[key]}" for key in found)
+            raise ValueError(f"kto-ray sets these from its own settings ({owners})")
+        return value
 
     @model_validator(mode="after")
     def _auto_picks_the_offload(self) -> DeepSpeedConfig:

@@ -30,38 +30,39 @@ def _offload(device: str, nvme_path: str) -> dict[str, Any]:
     return out
 
 
-def _bucket_sizes(cfg: KTOConfig, hidden_size: int | None) -> dict[str, int]:
-    """ZeRO bucket and persistence sizes: set ones as given, "auto" ones from the hidden size the way
-    transformers' DeepSpeed integration fills its "auto" values (DeepSpeed's defaults without one)."""
-    ds = cfg.deepspeed
-    auto = {}
-    if hidden_size is not None:
-        auto = {
-            "reduce_bucket_size": hidden_size * hidden_size,
-            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-            "stage3_param_persistence_threshold": 10 * hidden_size,
-        }
-    out: dict[str, int] = {}
-    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
-        value = getattr(ds, key)
-        if value == "auto":
-            value = auto.get(key)
-        if value is not None and (ds.stage == 3 or not key.startswith("stage3_")):
-            out[key] = value
+def _bucket_sizes(stage: int, hidden_size: int | None) -> dict[str, int]:
+    """ZeRO bucket and persistence sizes from the hidden size, the way transformers' DeepSpeed integration
+    fills its "auto" values (DeepSpeed's defaults without one); deepspeed.config may replace them."""
+    if hidden_size is None:
+        return {}
+    sizes = {
+        "reduce_bucket_size": hidden_size * hidden_size,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+    return {key: value for key, value in sizes.items() if stage == 3 or not key.startswith("stage3_")}
+
+
+def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `overrides` on top, nested mappings merged key by key."""
+    out = dict(base)
+    for key, value in overrides.items():
+        both_mappings = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both_mappings else value
     return out
 
 
 def deepspeed_config(
     cfg: KTOConfig, world_size: int, train: bool = True, hidden_size: int | None = None
 ) -> dict[str, Any]:
-    """The DeepSpeed config of a worker; `hidden_size` resolves the "auto" bucket sizes."""
+    """The DeepSpeed config of a worker, deepspeed.config merged last; `hidden_size` sizes the buckets."""
     ds = cfg.deepspeed
     bf16 = cfg.cluster.use_gpu if ds.bf16 == "auto" else ds.bf16
     zero: dict[str, Any] = {
         "stage": ds.stage,
         "contiguous_gradients": True,
         "overlap_comm": cfg.cluster.use_gpu,
-        **_bucket_sizes(cfg, hidden_size),
+        **_bucket_sizes(ds.stage, hidden_size),
     }
     if ds.stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False
@@ -93,7 +94,7 @@ def deepspeed_config(
                 "weight_decay": cfg.train.weight_decay,
             },
         }
-    return config
+    return _merged(config, ds.config)
 
 
 def lr_lambda(cfg: KTOConfig, total_steps: int):
