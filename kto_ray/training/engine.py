@@ -52,9 +52,14 @@ def _bucket_sizes(cfg: KTOConfig, hidden_size: int | None) -> dict[str, int]:
 
 
 def deepspeed_config(
-    cfg: KTOConfig, world_size: int, train: bool = True, hidden_size: int | None = None
+    cfg: KTOConfig,
+    world_size: int,
+    train: bool = True,
+    hidden_size: int | None = None,
+    accumulation: int = 1,
 ) -> dict[str, Any]:
-    """The DeepSpeed config of a worker; `hidden_size` resolves the "auto" bucket sizes."""
+    """The DeepSpeed config of a worker; `hidden_size` resolves the "auto" bucket sizes, `accumulation`
+    is the micro-batches per optimizer step on `world_size` workers (global_batch.accumulation)."""
     ds = cfg.deepspeed
     bf16 = cfg.cluster.use_gpu if ds.bf16 == "auto" else ds.bf16
     zero: dict[str, Any] = {
@@ -71,11 +76,11 @@ def deepspeed_config(
             zero["offload_param"] = _offload(ds.offload_params, ds.nvme_path)
     if ds.offload_optimizer != "none" and train:
         zero["offload_optimizer"] = _offload(ds.offload_optimizer, ds.nvme_path)
-    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accumulation
+    micro = cfg.train.micro_batch_size
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": accum,
-        "train_batch_size": micro * accum * world_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro * accumulation * world_size,
         "gradient_clipping": cfg.train.max_grad_norm,
         "bf16": {"enabled": bool(bf16)},
         "zero_optimization": zero,
