@@ -129,11 +129,13 @@ class WorkerPeaks(common.PeakMemory):
 def _groups_per_step(index, cfg, steps: int) -> float:
     """Distinct row groups holding rank 0's rows of a step, mean over the run's steps: the groups its
     reader reads per step when nothing is cached."""
+    from kto_ray.training.resume.global_batch import accumulation, first_global_batch
     from kto_ray.training.schedule.batching import Schedule
 
     train = cfg.train
+    micro_batches = accumulation(first_global_batch(cfg), WORKERS, train.micro_batch_size)
     schedule = Schedule.for_index(
-        index, WORKERS, train.micro_batch_size, train.grad_accumulation, train.seed, train.group_by_length
+        index, WORKERS, train.micro_batch_size, micro_batches, train.seed, train.group_by_length
     )
     counts = [
         len(np.unique(np.concatenate([index.row_group[rows] for rows in schedule.rows_for(step, 0)])))
