@@ -151,12 +151,20 @@ class TrainConfig(Section):
     schedule: Literal["constant", "cosine"] = Field("cosine", description="LR after warmup.")
     warmup_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Fraction of steps of linear warmup.")
     micro_batch_size: int = Field(4, ge=1, description="Rows per worker per forward/backward.")
-    grad_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    global_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Rows per optimizer step over all workers: the run's contract, fixed at its first "
+        "start (a resume that changes it is refused). On W workers each accumulates "
+        "global_batch_size / (W x micro_batch_size) micro-batches per step, so W x micro_batch_size must "
+        "divide it for every W of cluster.workers. null: the most workers x micro_batch_size (no "
+        "accumulation at the most workers); a resume keeps the run's.",
+    )
     micro_batch_tokens: int | None = Field(
         None,
         ge=1,
-        description="Token budget per forward: a worker's rows of a step (micro_batch_size x "
-        "grad_accumulation, the global batch unchanged) are re-cut, longest first, into micro-batches of "
+        description="Token budget per forward: a worker's rows of a step (global_batch_size / "
+        "workers, the global batch unchanged) are re-cut, longest first, into micro-batches of "
         "at most this many tokens (padded: rows x longest; packed_batches: their sum); a longer row runs "
         "alone, and ranks with fewer run masked dummies. The step's loss and gradient are unchanged "
         "(an MoE router_aux_loss, taken per forward, depends on the cut as on micro_batch_size). "
@@ -261,8 +269,8 @@ class ClusterConfig(Section):
         2,
         description="Ray Train workers (one per GPU on GPU clusters): a count, or a range [min, max] "
         "(also {min: .., max: ..}) for an elastic worker group. The global batch (rows per optimizer "
-        "step) is fixed at the run's first start as max x train.micro_batch_size x "
-        "train.grad_accumulation; on W workers, accumulation is global / (W x micro-batch).",
+        "step) is train.global_batch_size (null: max x train.micro_batch_size), fixed at the run's "
+        "first start; on W workers, accumulation is global / (W x micro-batch).",
     )
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: float = Field(

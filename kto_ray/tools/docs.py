@@ -193,8 +193,8 @@ def resume_table() -> str:
         refused_paths.add(key.path)
         verdict, why = _outcome(_set(base, key.path, _other(_get(base, key.path))))
         rows.append((_key_name(key.name), verdict, why))
-    verdict, why = _outcome(_set(base, "config.train.grad_accumulation", 2))
-    rows.append(("`train.grad_accumulation` asking for another global batch", verdict, why))
+    verdict, why = _outcome(_set(base, "config.train.global_batch_size", 2 * base["global_batch"]))
+    rows.append(("`train.global_batch_size` asking for another global batch", verdict, why))
     verdict, why = _outcome(_set(base, "total_steps", 50))
     rows.append(("a shorter run (`train.max_steps`, `train.epochs`)", verdict, why))
     verdict, why = _outcome(_set(base, "total_steps", 200))
@@ -206,9 +206,9 @@ def resume_table() -> str:
         if name in skip:
             continue
         path = f"config.{name}"
-        if name == "train.grad_accumulation":  # alone it asks for another global batch (above)
-            new = _set(_set(base, path, 2), "config.cluster.workers", 1)
-            label = "`train.grad_accumulation` (with `cluster.workers`, the global batch kept)"
+        if name == "train.global_batch_size":  # another global batch is refused (above)
+            new = _set(base, path, base["global_batch"])
+            label = "`train.global_batch_size` (null -> the run's global batch)"
         else:
             new, label = _set(base, path, _other(_get(base, path))), f"`{name}`"
         groups.setdefault(_outcome(new), []).append(label)

@@ -24,7 +24,7 @@ from kto_ray.rundir.worker_groups import kept_steps, parse_groups
 from kto_ray.storage import first_line
 
 SMOOTH_MIN_STEPS = 20  # below this an EMA hides nothing and just doubles the lines
-CONFIG_KEYS = "model.path train.beta train.lr train.micro_batch_size train.grad_accumulation cluster.workers"
+CONFIG_KEYS = "model.path train.beta train.lr train.micro_batch_size train.global_batch_size cluster.workers"
 # (file stem, title, y label, metrics keys) of the single-axes figures; a legend label is the key's last part.
 FIGURES = (
     ("loss", "KTO loss", "loss", ("loss",)),

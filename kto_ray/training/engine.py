@@ -53,9 +53,15 @@ def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 def deepspeed_config(
-    cfg: KTOConfig, world_size: int, train: bool = True, hidden_size: int | None = None
+    cfg: KTOConfig,
+    world_size: int,
+    train: bool = True,
+    hidden_size: int | None = None,
+    accumulation: int = 1,
 ) -> dict[str, Any]:
-    """The DeepSpeed config of a worker, deepspeed.config merged last; `hidden_size` sizes the buckets."""
+    """The DeepSpeed config of a worker, deepspeed.config merged last; `hidden_size` sizes the buckets,
+    `accumulation` is the micro-batches per optimizer step on `world_size` workers
+    (global_batch.accumulation)."""
     ds = cfg.deepspeed
     bf16 = cfg.cluster.use_gpu if ds.bf16 == "auto" else ds.bf16
     zero: dict[str, Any] = {
@@ -72,11 +78,11 @@ def deepspeed_config(
             zero["offload_param"] = _offload(ds.offload_params, ds.nvme_path)
     if ds.offload_optimizer != "none" and train:
         zero["offload_optimizer"] = _offload(ds.offload_optimizer, ds.nvme_path)
-    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accumulation
+    micro = cfg.train.micro_batch_size
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": accum,
-        "train_batch_size": micro * accum * world_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro * accumulation * world_size,
         "gradient_clipping": cfg.train.max_grad_norm,
         "bf16": {"enabled": bool(bf16)},
         "zero_optimization": zero,

@@ -13,7 +13,6 @@ as failed when a step raised) runs on every exit. The export follows a run that 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import socket
 import time
@@ -48,7 +47,7 @@ from kto_ray.training.engine import (
 from kto_ray.training.eval_step import eval_metrics
 from kto_ray.training.launch.tracking import Tracker, started_trackers
 from kto_ray.training.resume.checkpoint import restore, save_and_report
-from kto_ray.training.resume.global_batch import config_for_world
+from kto_ray.training.resume.global_batch import accumulation
 from kto_ray.training.schedule.batching import Schedule, collate
 from kto_ray.training.schedule.loop_config import LoopConfig
 from kto_ray.training.schedule.rows import TableRows
@@ -62,11 +61,13 @@ def _device(cfg: KTOConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def _open_rows(source, cfg: KTOConfig, world: int) -> tuple[RowReader | TableRows, Schedule]:
+def _open_rows(
+    source, cfg: KTOConfig, world: int, accumulation_steps: int
+) -> tuple[RowReader | TableRows, Schedule]:
     """This worker's view of the train split and the step schedule over it: a store index, read by
     row group (offline), or a table the driver put in the object store (online)."""
     train = cfg.train
-    settings = (world, train.micro_batch_size, train.grad_accumulation, train.seed, train.group_by_length)
+    settings = (world, train.micro_batch_size, accumulation_steps, train.seed, train.group_by_length)
     if isinstance(source, SplitIndex):
         return RowReader(source), Schedule.for_index(source, *settings)
     table = ray.get(source)
@@ -150,9 +151,9 @@ def _setup(loop: LoopConfig, teardown: contextlib.ExitStack, timeline: Timeline)
     as soon as it is opened, so a failure half-way closes what was opened before it."""
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    # This group's accumulation, from the run's global batch and the group's actual size.
-    loop = dataclasses.replace(loop, config=config_for_world(loop.config, loop.global_batch, world))
     cfg = loop.config
+    # This group's accumulation, from the run's global batch and the group's actual size.
+    accumulation_steps = accumulation(loop.global_batch, world, cfg.train.micro_batch_size)
     torch.manual_seed(cfg.train.seed + rank)
     if cfg.cluster.release_host_memory is True:  # the driver resolved auto (planning/host_release.py)
         host_memory.fix_malloc_thresholds()  # before the model loads: freed tensors leave RSS
@@ -162,12 +163,16 @@ def _setup(loop: LoopConfig, teardown: contextlib.ExitStack, timeline: Timeline)
     teardown.push(_stop_together)  # first on, so last off: after every other clean-up
 
     os.environ.update(loop.storage_env)  # before the store is opened here
-    reader, schedule = _open_rows(loop.train_rows, cfg, world)
+    reader, schedule = _open_rows(loop.train_rows, cfg, world, accumulation_steps)
     teardown.callback(reader.close)
     tokenizer = load_tokenizer(cfg.model)
     timeline.mark("rows opened, tokenizer")
     hidden_size = hidden_size_of(cfg.model)
-    engine = build_policy_engine(cfg, deepspeed_config(cfg, world, hidden_size=hidden_size), loop.total_steps)
+    engine = build_policy_engine(
+        cfg,
+        deepspeed_config(cfg, world, hidden_size=hidden_size, accumulation=accumulation_steps),
+        loop.total_steps,
+    )
     reference = online_reference(cfg, engine, world)  # with LoRA: the policy, adapters disabled
     host_memory.release()  # what loading and DeepSpeed's set-up freed
     timeline.mark("model load, deepspeed engine")

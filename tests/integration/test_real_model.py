@@ -116,7 +116,7 @@ def real_store(real_model, ray_local, tmp_path_factory):
         precompute={"batch_rows": 8},
         train={
             "micro_batch_size": 2,
-            "grad_accumulation": 1,
+            "global_batch_size": 4,  # 2 workers x 2 rows
             "max_steps": 3,
             "lr": 1e-5,
             "warmup_ratio": 0.0,

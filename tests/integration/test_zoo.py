@@ -67,7 +67,7 @@ def zoo_run(request, ray_local, zoo_data, tmp_path_factory):
         precompute={"batch_rows": 16},
         train={
             "micro_batch_size": 2,
-            "grad_accumulation": 1,
+            "global_batch_size": 4,  # 2 workers x 2 rows
             "max_steps": STEPS,
             "lr": 1e-3,
             "warmup_ratio": 0.0,

@@ -57,12 +57,8 @@ def test_index_lengths_labels_and_schedule_match_the_table(store, grouped):
     index = SplitIndex.build(store, "train")
     np.testing.assert_array_equal(index.lengths, row_lengths(table))
     np.testing.assert_array_equal(index.labels, table["label"].to_numpy(zero_copy_only=False))
-    ours = Schedule.for_index(
-        index, workers=2, micro_batch_size=8, grad_accumulation=2, seed=3, group=grouped
-    )
-    theirs = Schedule.for_table(
-        table, workers=2, micro_batch_size=8, grad_accumulation=2, seed=3, group=grouped
-    )
+    ours = Schedule.for_index(index, workers=2, micro_batch_size=8, accumulation=2, seed=3, group=grouped)
+    theirs = Schedule.for_table(table, workers=2, micro_batch_size=8, accumulation=2, seed=3, group=grouped)
     assert ours == theirs
     for step in (0, 1, ours.steps_per_epoch + 2):
         for rank in (0, 1):
@@ -73,9 +69,7 @@ def test_index_lengths_labels_and_schedule_match_the_table(store, grouped):
 def test_prefetch_then_take_reads_each_group_once(store):
     table = store.read_split("train")
     index = SplitIndex.build(store, "train")
-    schedule = Schedule.for_index(
-        index, workers=2, micro_batch_size=8, grad_accumulation=3, seed=0, group=False
-    )
+    schedule = Schedule.for_index(index, workers=2, micro_batch_size=8, accumulation=3, seed=0, group=False)
     with RowReader(index, cache_bytes=0) as reader:  # no cache: only the read-ahead can save reads
         for step in range(3):
             micro = schedule.rows_for(step, 1)

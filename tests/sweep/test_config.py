@@ -41,9 +41,9 @@ def test_grid_is_the_product_first_key_slowest_and_draws_are_seeded():
     other = trial_overrides(sampled.model_copy(update={"seed": 1}))
     assert [t["train.lr"] for t in other] != [t["train.lr"] for t in trials]
     ints = trial_overrides(
-        load_sweep(None, (), ["train.grad_accumulation=int:1:3"]).model_copy(update={"samples": 20})
+        load_sweep(None, (), ["train.micro_batch_size=int:1:3"]).model_copy(update={"samples": 20})
     )
-    assert {t["train.grad_accumulation"] for t in ints} == {1, 2, 3}
+    assert {t["train.micro_batch_size"] for t in ints} == {1, 2, 3}
 
 
 def test_the_command_line_replaces_the_files_entry(tmp_path):

@@ -158,8 +158,8 @@ def test_activations_grow_with_length_and_shrink_with_checkpointing(llama):
 
 
 def test_a_token_budget_plans_the_rows_it_can_gather(llama):
-    # train.micro_batch_tokens re-cuts a worker's micro_batch_size x grad_accumulation rows of a step:
-    # the largest forward holds budget // max_length max-length rows (at least one, at most all 8).
+    # train.micro_batch_tokens re-cuts a worker's rows of a step (global_batch_size / workers): the
+    # largest forward holds budget // max_length max-length rows (at least one, at most all 8).
     def planned(*overrides: str) -> tuple[int, float]:
         p = plan(
             gpu_config("data.max_length=2048", "model.logprob_chunk_tokens=null", *overrides),
@@ -167,13 +167,13 @@ def test_a_token_budget_plans_the_rows_it_can_gather(llama):
         )
         return p.micro_batch, p.logits
 
-    fixed = ("train.micro_batch_size=2", "train.grad_accumulation=4")
+    fixed = ("train.micro_batch_size=2", "train.global_batch_size=16")  # 2 workers x 2 x 4 micro-batches
     assert planned(*fixed) == (2, 2 * 2048 * 128256 * 10)
     assert planned(*fixed, "train.micro_batch_tokens=8192")[0] == 4  # 8192 // 2048
     assert planned(*fixed, "train.micro_batch_tokens=100000")[0] == 8  # every row of the step
     assert planned(*fixed, "train.micro_batch_tokens=1000") == (1, 1 * 2048 * 128256 * 10)  # a long row alone
     # An elastic [4, 8] group on 4 workers: each takes 16 of the global batch's 8 x 8 rows.
-    elastic = (*fixed, "train.micro_batch_tokens=100000", "cluster.workers=[4,8]")
+    elastic = ("train.global_batch_size=64", "train.micro_batch_tokens=100000", "cluster.workers=[4,8]")
     assert planned(*elastic)[0] == 16
 
 

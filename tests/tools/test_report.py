@@ -53,7 +53,7 @@ def run_dir(tmp_path: Path) -> Path:
     (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"loss": 0.1, "kl": 0.0, "rewa')
     config = {
         "model": {"path": "artifacts/tiny-llama"},
-        "train": {"beta": 0.1, "lr": 3e-4, "micro_batch_size": 16, "grad_accumulation": 2},
+        "train": {"beta": 0.1, "lr": 3e-4, "micro_batch_size": 16, "global_batch_size": 64},
         "cluster": {"workers": 2},
     }
     (run / "config.yaml").write_text(yaml.safe_dump(config))
@@ -93,6 +93,7 @@ def test_report_writes_images_and_summary(run_dir: Path) -> None:
     assert "step_00000050" in summary
     assert "| final/ exported | no |" in summary
     assert "| train.beta | `0.1` |" in summary and "| cluster.workers | `2` |" in summary
+    assert "| train.global_batch_size | `64` |" in summary
     for path in result.figures:
         assert f"]({path.name})" in summary  # relative links, next to summary.md
 

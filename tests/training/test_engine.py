@@ -1,4 +1,5 @@
-"""The DeepSpeed config a worker builds: ZeRO-3 bucket sizes from the hidden size; deepspeed.config on top."""
+"""The DeepSpeed config a worker builds: ZeRO-3 bucket sizes from the hidden size; deepspeed.config on top;
+the accumulation the global batch derives."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from kto_ray.config import KTOConfig, load_config
 from kto_ray.errors import UserError
 from kto_ray.training.engine import deepspeed_config
+from kto_ray.training.resume.global_batch import accumulation
 
 
 def _zero(hidden_size: int | None, **deepspeed) -> dict:
@@ -54,3 +56,11 @@ def test_stage_2_gets_no_stage_3_keys():
     zero = _zero(1024, stage=2)
     assert zero["reduce_bucket_size"] == 1024 * 1024
     assert not [key for key in zero if key.startswith("stage3_")]
+
+
+def test_deepspeed_gets_the_accumulation_the_global_batch_derives():
+    # A global batch of 16 over 2 workers x micro-batch 4: 2 micro-batches each, 16 rows per step.
+    cfg = KTOConfig.model_validate({"train": {"micro_batch_size": 4, "global_batch_size": 16}})
+    config = deepspeed_config(cfg, world_size=2, accumulation=accumulation(16, 2, 4))
+    assert (config["gradient_accumulation_steps"], config["train_batch_size"]) == (2, 16)
+    assert config["train_micro_batch_size_per_gpu"] == 4

@@ -65,11 +65,12 @@ def test_one_worker_equals_two_workers(offline_runs):
 
 def test_accumulation_equals_more_workers(offline_runs, built_store, tmp_path):
     # The global batch is the contract (elastic runs, resumes on another worker count): 1 worker with
-    # micro-batch 4 x accumulation 2 takes the step 2 workers x 4 take (offline_runs' second). Under
-    # ZeRO-3 this failed (grad norm 1.71 vs 2.24) until the step did what DeepSpeed's engine.forward
-    # does first (step._begin_forward): every backward overwrote the accumulated gradient.
+    # micro-batch 4 and a global batch of 8 accumulates 2 micro-batches, the step 2 workers x 4 take
+    # (offline_runs' second). Under ZeRO-3 this failed (grad norm 1.71 vs 2.24) until the step did what
+    # DeepSpeed's engine.forward does first (step._begin_forward): every backward overwrote the
+    # accumulated gradient.
     accumulated = train(
-        _config(built_store, tmp_path, "acc", cluster={"workers": 1}, train={"grad_accumulation": 2})
+        _config(built_store, tmp_path, "acc", cluster={"workers": 1}, train={"global_batch_size": 8})
     )
     two = read_metrics(offline_runs[1])[0]
     one = read_metrics(accumulated.run_dir.local_path)[0]

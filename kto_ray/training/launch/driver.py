@@ -120,7 +120,7 @@ def total_steps(cfg: KTOConfig, rows: int, global_batch: int | None = None) -> i
     if rows // global_batch == 0:
         raise UserError(
             f"{rows} training rows cannot fill one step of {global_batch} rows "
-            "(cluster.workers x train.micro_batch_size x train.grad_accumulation)"
+            "(train.global_batch_size, or null: the most cluster.workers x train.micro_batch_size)"
         )
     return cfg.train.max_steps or cfg.train.epochs * (rows // global_batch)
 

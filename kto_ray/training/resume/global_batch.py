@@ -1,10 +1,10 @@
 """The global batch (rows per optimizer step) is a run's contract, whatever its number of workers.
 
-It is fixed at the run's first start as the most workers x micro-batch x accumulation; a start on W
-workers with micro-batch m accumulates global / (W x m) micro-batches. The schedule's steps depend
-only on the rows per step (training/schedule/batching.py) and z0 and the loss are normalised over the
-global batch, so a step is the same rows and the same computation on any worker count the global
-batch divides.
+It is fixed at the run's first start as train.global_batch_size (null: the most workers x micro-batch);
+a start on W workers with micro-batch m accumulates global / (W x m) micro-batches, derived here only.
+The schedule's steps depend only on the rows per step (training/schedule/batching.py) and z0 and the
+loss are normalised over the global batch, so a step is the same rows and the same computation on any
+worker count the global batch divides.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from kto_ray.errors import UserError
 
 
 def first_global_batch(cfg: KTOConfig) -> int:
-    """The global batch a run's first start fixes: the most workers x micro-batch x accumulation."""
-    return cfg.cluster.worker_range[1] * cfg.train.micro_batch_size * cfg.train.grad_accumulation
+    """The global batch a run's first start fixes: train.global_batch_size, or the most workers x
+    micro-batch (no accumulation at the most workers)."""
+    return cfg.train.global_batch_size or cfg.cluster.worker_range[1] * cfg.train.micro_batch_size
 
 
 def accumulation(global_batch: int, workers: int, micro_batch_size: int) -> int:
@@ -45,11 +46,3 @@ def check_worker_range(global_batch: int, worker_range: tuple[int, int], micro_b
         f"(cluster.workers {low}-{high}): narrow the range or choose a micro-batch that divides "
         f"{global_batch} for every count in it"
     )
-
-
-def config_for_world(cfg: KTOConfig, global_batch: int, workers: int) -> KTOConfig:
-    """A copy of `cfg` whose train.grad_accumulation splits `global_batch` over `workers` workers: what
-    a worker builds its schedule and its DeepSpeed config from."""
-    out = cfg.model_copy(deep=True)
-    out.train.grad_accumulation = accumulation(global_batch, workers, cfg.train.micro_batch_size)
-    return out

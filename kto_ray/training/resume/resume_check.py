@@ -90,22 +90,18 @@ def _refuse(checkpoint: str, name: str, old: Any, new: Any, why: str) -> UserErr
 
 
 def _global_batch(checkpoint: str, saved: dict[str, Any], new: dict[str, Any]) -> None:
-    """The global batch is the run's contract: a worker count or micro-batch change re-splits it, an
-    accumulation change that asks for another one is refused."""
-    before, after = _get(saved, "config.train.grad_accumulation"), _get(new, "config.train.grad_accumulation")
-    if before == after:
-        return
-    workers = _get(new, "config.cluster.workers")
-    most = workers["max"] if isinstance(workers, dict) else workers
-    asked = most * _get(new, "config.train.micro_batch_size") * after
-    if asked != saved["global_batch"]:
+    """The global batch is the run's contract: a worker count or micro-batch change re-splits it (the
+    driver checks it still splits), a train.global_batch_size asking for another one is refused; null
+    keeps the run's."""
+    asked = _get(new, "config.train.global_batch_size")
+    if asked is not None and asked != saved["global_batch"]:
         raise _refuse(
             checkpoint,
-            "train.grad_accumulation",
-            before,
-            after,
-            f"the global batch ({saved['global_batch']} rows per step, fixed at the run's first start; "
-            f"this asks for {asked}), and accumulation is derived from it",
+            "train.global_batch_size",
+            saved["global_batch"],
+            asked,
+            "the global batch (rows per optimizer step, fixed at the run's first start; accumulation is "
+            "derived from it)",
         )
 
 
@@ -140,7 +136,7 @@ def compare(checkpoint: str, saved: dict[str, Any], new: dict[str, Any]) -> str 
         if name in compared or f"config.{name}" in _QUIET or old_flat.get(name) == new_flat.get(name):
             continue
         how = ""
-        if name in ("cluster.workers", "train.micro_batch_size", "train.grad_accumulation"):
+        if name in ("cluster.workers", "train.micro_batch_size", "train.global_batch_size"):
             how = f" (global batch {new['global_batch']} kept, accumulation derived per worker count)"
         elif name.startswith("train.") and name.split(".")[1] in _OPTIMIZER:
             how = " (applied to the restored optimizer)"

@@ -1,7 +1,7 @@
 """Deterministic batch schedule over a split: the same global batches whatever the number of workers.
 
-Each optimizer step consumes `workers * micro_batch_size * grad_accumulation` rows of a seeded
-per-epoch permutation. Accumulation index k of a step owns a contiguous global micro-batch, and rank r
+Each optimizer step consumes `workers * micro_batch_size * accumulation` rows (the global batch) of a
+seeded per-epoch permutation. Accumulation index k of a step owns a contiguous global micro-batch, and rank r
 takes its r-th slice, so 1 worker with micro-batch 2b sees exactly the rows 2 workers with b see
 together. Incomplete global batches are dropped, so every rank takes the same number of steps
 (ZeRO-3 hangs otherwise), and a step index alone is the data position to resume from.
@@ -61,7 +61,7 @@ class Schedule:
     rows: int
     workers: int
     micro_batch_size: int
-    grad_accumulation: int
+    accumulation: int
     seed: int
     # Per-row lengths (store.format.row_lengths); when given, steps are grouped by length (module docstring).
     lengths: np.ndarray | None = field(default=None, compare=False, repr=False)
@@ -73,12 +73,12 @@ class Schedule:
         table: pa.Table,
         workers: int,
         micro_batch_size: int,
-        grad_accumulation: int,
+        accumulation: int,
         seed: int,
         group: bool,
     ) -> Schedule:
         lengths = row_lengths(table) if group else None
-        return cls(len(table), workers, micro_batch_size, grad_accumulation, seed, lengths)
+        return cls(len(table), workers, micro_batch_size, accumulation, seed, lengths)
 
     @classmethod
     def for_index(
@@ -86,17 +86,17 @@ class Schedule:
         index: SplitIndex,
         workers: int,
         micro_batch_size: int,
-        grad_accumulation: int,
+        accumulation: int,
         seed: int,
         group: bool,
     ) -> Schedule:
         """What `for_table(store.read_split(index.split), ...)` returns, without the table."""
         lengths = index.lengths if group else None
-        return cls(index.rows, workers, micro_batch_size, grad_accumulation, seed, lengths)
+        return cls(index.rows, workers, micro_batch_size, accumulation, seed, lengths)
 
     @property
     def rows_per_step(self) -> int:
-        return self.workers * self.micro_batch_size * self.grad_accumulation
+        return self.workers * self.micro_batch_size * self.accumulation
 
     @property
     def steps_per_epoch(self) -> int:
@@ -132,7 +132,7 @@ class Schedule:
         start = rank * self.micro_batch_size
         return [
             step_rows[k * global_micro + start : k * global_micro + start + self.micro_batch_size]
-            for k in range(self.grad_accumulation)
+            for k in range(self.accumulation)
         ]
 
 

@@ -36,7 +36,7 @@ def _config(
     tree["train"] |= {
         "max_steps": steps,
         "micro_batch_size": micro or 8 // workers,
-        "grad_accumulation": 1,
+        "global_batch_size": 8,  # every run and rerun here: the contract the module docstring names
         "lr": 1e-3,
         "warmup_ratio": 0.0,
         "schedule": "constant",

@@ -65,7 +65,7 @@ def _state(rows, *overrides: str, global_batch: int | None = None, steps: int | 
         ("lora.r=8", "lora.r"),
         ("deepspeed.stage=2", "deepspeed.stage is 3 there and 2 now"),
         ("model.path=hub/other", "model.path (its weights) is hub/some-model@main there and hub/other@main"),
-        ("train.grad_accumulation=2", "train.grad_accumulation is 1 there and 2 now"),
+        ("train.global_batch_size=16", "train.global_batch_size is 8 there and 16 now"),
         ("train.max_steps=4", "the run's length (train.max_steps) is 8 steps there and 4 steps now"),
     ],
 )
@@ -121,10 +121,24 @@ def test_safe_changes_are_applied_and_named_in_one_line(rows):
     assert "train.lr: 5e-06 -> 1e-06 (applied to the restored optimizer)" in line
 
 
-def test_an_accumulation_that_keeps_the_global_batch_is_safe(rows):
-    saved = _state(rows)  # 2 workers x 4 x 1 = 8
-    new = _state(rows, "cluster.workers=1", "train.grad_accumulation=2", global_batch=saved["global_batch"])
-    assert "train.grad_accumulation: 1 -> 2" in compare("step_1", saved, new)
+def test_a_global_batch_size_that_keeps_the_global_batch_is_safe(rows):
+    saved = _state(rows)  # null: 2 workers x 4 = 8
+    new = _state(rows, "cluster.workers=1", "train.global_batch_size=8", global_batch=saved["global_batch"])
+    line = compare("step_1", saved, new)
+    assert "train.global_batch_size: None -> 8 (global batch 8 kept, accumulation derived per" in line
+    # A smaller micro-batch re-splits the same 8 rows: 2 workers x 2 x 2 micro-batches.
+    new = _state(rows, "train.micro_batch_size=2", global_batch=saved["global_batch"])
+    assert "train.micro_batch_size: 4 -> 2 (global batch 8 kept" in compare("step_1", saved, new)
+
+
+def test_a_null_global_batch_size_keeps_the_runs_on_resume(rows):
+    saved = _state(rows, "train.global_batch_size=16")  # 2 workers x 4 x 2 micro-batches
+    # Null on 1 worker would fix 1 x 4 = 4 rows on a first start; on a resume it asks for nothing, and
+    # the driver keeps the saved 16 (4 micro-batches of 4 on the one worker).
+    new = _state(rows, "cluster.workers=1", global_batch=saved["global_batch"])
+    line = compare("step_1", saved, new)
+    assert "train.global_batch_size: 16 -> None (global batch 16 kept" in line
+    assert "cluster.workers: 2 -> 1 (global batch 16 kept" in line
 
 
 def _checkpoint(run_dir: RunDir, name: str, state: dict | None, registered: bool = True) -> None:

@@ -18,8 +18,8 @@ GROUPING = pytest.mark.parametrize("grouped", [False, True], ids=["shuffled", "g
 @GROUPING
 def test_one_worker_with_2b_sees_what_two_workers_with_b_see(grouped):
     lengths = _skewed_lengths(50) if grouped else None
-    one = Schedule(rows=50, workers=1, micro_batch_size=8, grad_accumulation=1, seed=3, lengths=lengths)
-    two = Schedule(rows=50, workers=2, micro_batch_size=4, grad_accumulation=1, seed=3, lengths=lengths)
+    one = Schedule(rows=50, workers=1, micro_batch_size=8, accumulation=1, seed=3, lengths=lengths)
+    two = Schedule(rows=50, workers=2, micro_batch_size=4, accumulation=1, seed=3, lengths=lengths)
     assert one.steps_per_epoch == two.steps_per_epoch == 6
     for step in range(8):
         both = np.concatenate([two.rows_for(step, 0)[0], two.rows_for(step, 1)[0]])
@@ -27,8 +27,8 @@ def test_one_worker_with_2b_sees_what_two_workers_with_b_see(grouped):
 
 
 def test_micro_batches_times_accumulation_cover_the_same_rows():
-    flat = Schedule(rows=40, workers=2, micro_batch_size=4, grad_accumulation=1, seed=0)
-    accum = Schedule(rows=40, workers=1, micro_batch_size=2, grad_accumulation=4, seed=0)
+    flat = Schedule(rows=40, workers=2, micro_batch_size=4, accumulation=1, seed=0)
+    accum = Schedule(rows=40, workers=1, micro_batch_size=2, accumulation=4, seed=0)
     flat_rows = np.concatenate([flat.rows_for(0, 0)[0], flat.rows_for(0, 1)[0]])
     assert sorted(np.concatenate(accum.rows_for(0, 0))) == sorted(flat_rows)
 
@@ -36,7 +36,7 @@ def test_micro_batches_times_accumulation_cover_the_same_rows():
 @GROUPING
 def test_every_rank_gets_equal_full_micro_batches_and_no_row_repeats_in_an_epoch(grouped):
     lengths = _skewed_lengths(103) if grouped else None
-    schedule = Schedule(rows=103, workers=3, micro_batch_size=5, grad_accumulation=2, seed=1, lengths=lengths)
+    schedule = Schedule(rows=103, workers=3, micro_batch_size=5, accumulation=2, seed=1, lengths=lengths)
     seen = []
     for step in range(schedule.steps_per_epoch):
         for rank in range(3):
@@ -49,9 +49,9 @@ def test_every_rank_gets_equal_full_micro_batches_and_no_row_repeats_in_an_epoch
 @GROUPING
 def test_epochs_reshuffle_deterministically(grouped):
     lengths = _skewed_lengths(20) if grouped else None
-    schedule = Schedule(rows=20, workers=1, micro_batch_size=10, grad_accumulation=1, seed=5, lengths=lengths)
+    schedule = Schedule(rows=20, workers=1, micro_batch_size=10, accumulation=1, seed=5, lengths=lengths)
     assert not np.array_equal(schedule.rows_for(0, 0)[0], schedule.rows_for(2, 0)[0])
-    again = Schedule(rows=20, workers=1, micro_batch_size=10, grad_accumulation=1, seed=5, lengths=lengths)
+    again = Schedule(rows=20, workers=1, micro_batch_size=10, accumulation=1, seed=5, lengths=lengths)
     np.testing.assert_array_equal(schedule.rows_for(3, 0)[0], again.rows_for(3, 0)[0])
 
 
@@ -67,8 +67,8 @@ def _padded_over_real(schedule: Schedule, lengths: np.ndarray) -> float:
 def test_grouping_by_length_removes_most_padding_and_keeps_steps_shuffled():
     rows = 4 * GROUP_WINDOW_STEPS * 16
     lengths = _skewed_lengths(rows)
-    shuffled = Schedule(rows, workers=1, micro_batch_size=16, grad_accumulation=1, seed=0)
-    grouped = Schedule(rows, workers=1, micro_batch_size=16, grad_accumulation=1, seed=0, lengths=lengths)
+    shuffled = Schedule(rows, workers=1, micro_batch_size=16, accumulation=1, seed=0)
+    grouped = Schedule(rows, workers=1, micro_batch_size=16, accumulation=1, seed=0, lengths=lengths)
     assert _padded_over_real(shuffled, lengths) > 2.0
     assert _padded_over_real(grouped, lengths) < 1.2
     # The same rows per epoch, in steps whose widths are not in sorted order, and a different order
