@@ -33,16 +33,15 @@ def decide_release(on_gpu: bool, planned_peak: float, worker_memory: float) -> H
         return HostRelease(False, "GPU workers gain little")
     share = planned_peak / worker_memory
     near = share > NEAR_RAM
+    where = "above" if near else "within"
     return HostRelease(
-        near,
-        f"planned peak {planned_peak / GIB:.1f} of {worker_memory / GIB:.1f} GiB per worker "
-        f"({share:.0%}, {'above' if near else 'within'} {NEAR_RAM:.0%})",
+        near, f"planned peak {share:.0%} of {worker_memory / GIB:.1f} GiB per worker, {where} {NEAR_RAM:.0%}"
     )
 
 
 def resolve_release(cfg: KTOConfig) -> tuple[KTOConfig, str]:
     """`cfg` with release_host_memory decided (its stage already resolved: the plan of the stage that
-    runs), and the start line's words for it ("" when it was not auto on CPU workers)."""
+    runs), and the start line's words for it: said only when auto turns it on (it slows the steps)."""
     setting = cfg.cluster.release_host_memory
     if setting != "auto":
         return cfg, ""
@@ -58,9 +57,5 @@ def resolve_release(cfg: KTOConfig) -> tuple[KTOConfig, str]:
         architecture = local_model_path(cfg.model.path) if is_uri(cfg.model.path) else None
         release = plan(cfg, model_config=architecture, gpu_memory_gib=memory / GIB).release
     cluster = cfg.cluster.model_copy(update={"release_host_memory": release.on})
-    words = (
-        ""
-        if cfg.cluster.use_gpu
-        else f", host memory {'released' if release.on else 'kept'} (auto: {release.reason})"
-    )
+    words = f", host memory released (auto: {release.reason})" if release.on else ""
     return cfg.model_copy(update={"cluster": cluster}), words
