@@ -58,7 +58,7 @@ def step_tokens(cfg, workers: int, steps: int) -> list[tuple[int, int]]:
     import pyarrow.compute as pc
 
     from kto_ray.store.format import open_store
-    from kto_ray.training.resume.global_batch import accumulation, first_global_batch
+    from kto_ray.training.resume.global_batch import accumulation
     from kto_ray.training.schedule.batching import Schedule
 
     table = open_store(cfg.store.path).read_split("train")
@@ -66,7 +66,7 @@ def step_tokens(cfg, workers: int, steps: int) -> list[tuple[int, int]]:
     own = pc.add(prompt, pc.list_value_length(table["completion_ids"])).to_numpy()
     kl = pc.add(prompt, pc.list_value_length(table["kl_completion_ids"])).to_numpy()
     t = cfg.train
-    micro_batches = accumulation(first_global_batch(cfg), workers, t.micro_batch_size)
+    micro_batches = accumulation(cfg.first_global_batch, workers, t.micro_batch_size)
     schedule = Schedule.for_table(
         table, workers, t.micro_batch_size, micro_batches, t.seed, t.group_by_length
     )

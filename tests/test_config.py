@@ -15,7 +15,7 @@ from kto_ray.config import KTOConfig, config_from_dict, dump_config, load_config
 from kto_ray.errors import UserError
 from kto_ray.planning.plan import plan
 from kto_ray.rundir import RunDir
-from kto_ray.training.resume.global_batch import accumulation, check_worker_range, first_global_batch
+from kto_ray.training.resume.global_batch import accumulation, check_worker_range
 from tests.tools.test_plan import save_llama_8b, save_qwen3_30b_a3b, save_qwen_32b
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,8 +55,8 @@ def test_real_model_config_fits_its_cluster(name, tmp_path):
     assert cfg.cluster.use_gpu and cfg.deepspeed.stage == "auto" and cfg.deepspeed.bf16 is True
     assert p.choice.stage == AUTO_STAGE[name], p.choice.reason
     assert (cfg.train.beta, cfg.train.lr, cfg.train.warmup_ratio) == (0.1, 5e-6, 0.1)
-    assert 32 <= first_global_batch(cfg) <= 64
-    check_worker_range(first_global_batch(cfg), cfg.cluster.worker_range, cfg.train.micro_batch_size)
+    assert 32 <= cfg.first_global_batch <= 64
+    check_worker_range(cfg.first_global_batch, cfg.cluster.worker_range, cfg.train.micro_batch_size)
     # Store and run dir on storage every node shares (the store is a local-filesystem folder).
     assert cfg.store.path.startswith("/mnt/shared/") and cfg.run.dir.startswith("/mnt/shared/")
     assert all(path.startswith("/mnt/shared/") for path in cfg.data.paths)
@@ -121,13 +121,13 @@ def test_eval_runs_every_eval_every_steps_and_after_the_last_with_either_setting
 
 def test_global_batch_size_fixes_the_rows_per_step_and_the_accumulation_follows():
     cfg = load_config(None, ["cluster.workers=2", "train.micro_batch_size=4", "train.global_batch_size=16"])
-    global_batch = first_global_batch(cfg)
+    global_batch = cfg.first_global_batch
     # 16 rows over 2 workers x 4 rows: 2 micro-batches each; over 1 worker: 4.
     assert (global_batch, accumulation(global_batch, 2, 4), accumulation(global_batch, 1, 4)) == (16, 2, 4)
     # null: 2 workers x 4 rows, no accumulation.
     cfg = load_config(None, ["cluster.workers=2", "train.micro_batch_size=4"])
-    assert cfg.train.global_batch_size is None and first_global_batch(cfg) == 8
-    assert accumulation(first_global_batch(cfg), 2, 4) == 1
+    assert cfg.train.global_batch_size is None and cfg.first_global_batch == 8
+    assert accumulation(cfg.first_global_batch, 2, 4) == 1
 
 
 def test_desirable_weight_accepts_auto():

@@ -109,7 +109,7 @@ def test_every_link_and_repository_path_in_the_markdown_exists():
 @pytest.mark.parametrize(
     ("span", "expected"),
     [
-        ("kto_ray/config.py", "kto_ray/config.py"),
+        ("kto_ray/objective.py", "kto_ray/objective.py"),
         ("tests/test_docs.py::test_x", "tests/test_docs.py"),
         ("training/x.py", "training/x.py"),
         ("test_docs.py", "test_docs.py"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kto_ray.config import KTOConfig
+from kto_ray.planning.cluster_memory import worker_memory_bytes
 from kto_ray.planning.memory import GIB
 
 # The share of a CPU worker's memory above which its planned peak is near it: the heap's growth
@@ -51,7 +52,6 @@ def resolve_release(cfg: KTOConfig) -> tuple[KTOConfig, str]:
         from kto_ray.models.loading import local_model_path
         from kto_ray.planning.plan import plan
         from kto_ray.storage import is_uri
-        from kto_ray.training.resume.stage import worker_memory_bytes
 
         memory = (cfg.deepspeed.worker_memory_gib or 0) * GIB or worker_memory_bytes(cfg)
         architecture = local_model_path(cfg.model.path) if is_uri(cfg.model.path) else None

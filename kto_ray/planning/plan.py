@@ -24,7 +24,6 @@ from kto_ray.planning.memory import (
     optimizer_step_bytes,
     zero2_model_states,
 )
-from kto_ray.training.resume.global_batch import first_global_batch
 
 # CUDA context and kernels, NCCL buffers, ZeRO-3 prefetch/reduce buckets, allocator fragmentation:
 # none of these is in DeepSpeed's estimate, all of them are real on a GPU.
@@ -145,7 +144,7 @@ def rows_per_forward(cfg: KTOConfig) -> int:
     budget, seq = cfg.train.micro_batch_tokens, cfg.data.max_length
     if budget is None:
         return cfg.train.micro_batch_size
-    rows_per_worker = first_global_batch(cfg) // cfg.cluster.worker_range[0]
+    rows_per_worker = cfg.first_global_batch // cfg.cluster.worker_range[0]
     return max(1, min(rows_per_worker, budget // seq))
 
 

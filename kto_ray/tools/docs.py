@@ -1,6 +1,6 @@
 """The references in docs/ that are generated from the code: `python -m kto_ray.tools.docs` rewrites them.
 
-- docs/reference/config.md: every field of the config (kto_ray/config.py) and of the sweep file
+- docs/reference/config.md: every field of the config (kto_ray/config/) and of the sweep file
   (kto_ray/sweep/config.py), with its type, default and description, walked from the pydantic models.
 - docs/reference/resume.md: what a rerun on a checkpoint refuses or applies, found by asking the code that
   decides it (training/resume/resume_check.py's `compare`) about a change of every key, one key at a time.

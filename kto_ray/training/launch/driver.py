@@ -54,7 +54,7 @@ from kto_ray.training.launch.placement import Ask, placement_notices
 from kto_ray.training.launch.progress import TrainingProgress
 from kto_ray.training.launch.tracking import prepare_tracking
 from kto_ray.training.resume.checkpoint_files import checkpoint_step
-from kto_ray.training.resume.global_batch import check_worker_range, first_global_batch
+from kto_ray.training.resume.global_batch import check_worker_range
 from kto_ray.training.resume.resume_check import compare
 from kto_ray.training.resume.run_state import build_run_state, latest_checkpoint, saved_state
 from kto_ray.training.resume.stage import resolve_stage, stage_of_checkpoint
@@ -116,7 +116,7 @@ def split_tables(cfg: KTOConfig, splits: tuple[str, ...]) -> dict[str, pa.Table]
 def total_steps(cfg: KTOConfig, rows: int, global_batch: int | None = None) -> int:
     """Optimizer steps of the run: train.max_steps, or train.epochs of `global_batch`-row steps (the
     first start's global batch by default)."""
-    global_batch = global_batch or first_global_batch(cfg)
+    global_batch = global_batch or cfg.first_global_batch
     if rows // global_batch == 0:
         raise UserError(
             f"{rows} training rows cannot fill one step of {global_batch} rows "
@@ -135,7 +135,7 @@ def train(cfg: KTOConfig) -> TrainResult:
         saved = saved_state(run_dir)
     # A resumed run keeps its global batch (the contract); a fresh one fixes it now.
     resumed = saved is not None
-    global_batch = saved.state["global_batch"] if resumed else first_global_batch(cfg)
+    global_batch = saved.state["global_batch"] if resumed else cfg.first_global_batch
     try:
         check_worker_range(global_batch, cfg.cluster.worker_range, cfg.train.micro_batch_size)
     except UserError as err:
@@ -211,7 +211,7 @@ def fit(
     timeline = timeline or Timeline()
 
     cfg = with_absolute_paths(cfg)
-    global_batch = global_batch or first_global_batch(cfg)
+    global_batch = global_batch or cfg.first_global_batch
     check_worker_range(global_batch, cfg.cluster.worker_range, cfg.train.micro_batch_size)
     run_state = run_state or build_run_state(cfg, train_rows, global_batch, steps, lam_d)
     if cfg.train.evaluates and (eval_rows is None or row_count(eval_rows) == 0):

@@ -1,7 +1,8 @@
 """The global batch (rows per optimizer step) is a run's contract, whatever its number of workers.
 
-It is fixed at the run's first start as train.global_batch_size (null: the most workers x micro-batch);
-a start on W workers with micro-batch m accumulates global / (W x m) micro-batches, derived here only.
+It is fixed at the run's first start as `KTOConfig.first_global_batch` (train.global_batch_size, or
+with null the most workers x micro-batch); a start on W workers with micro-batch m accumulates
+global / (W x m) micro-batches, derived here only.
 The schedule's steps depend only on the rows per step (training/schedule/batching.py) and z0 and the
 loss are normalised over the global batch, so a step is the same rows and the same computation on any
 worker count the global batch divides.
@@ -9,14 +10,7 @@ worker count the global batch divides.
 
 from __future__ import annotations
 
-from kto_ray.config import KTOConfig
 from kto_ray.errors import UserError
-
-
-def first_global_batch(cfg: KTOConfig) -> int:
-    """The global batch a run's first start fixes: train.global_batch_size, or the most workers x
-    micro-batch (no accumulation at the most workers)."""
-    return cfg.train.global_batch_size or cfg.cluster.worker_range[1] * cfg.train.micro_batch_size
 
 
 def accumulation(global_batch: int, workers: int, micro_batch_size: int) -> int:

@@ -1,8 +1,7 @@
 """`deepspeed.stage: auto` on the driver: the planner's fastest setting that fits each worker's memory.
 
-The memory is `deepspeed.worker_memory_gib`, or read from the running cluster: one GPU's total memory
-(a zero-CPU task on one GPU), or on CPU workers the RAM Ray reports for all nodes (its `memory` and
-`object_store_memory` resources) divided by the workers. The pick is a pure function of the architecture,
+The memory is `deepspeed.worker_memory_gib`, or read from the running cluster
+(`kto_ray.planning.cluster_memory`). The pick is a pure function of the architecture,
 the config and that figure (`kto_ray.planning.plan.choose_stage`), so a rerun on the same cluster resumes
 with the stage its checkpoints were written in.
 """
@@ -13,6 +12,7 @@ from typing import Any
 
 from kto_ray.config import KTOConfig
 from kto_ray.models.loading import local_model_path
+from kto_ray.planning.cluster_memory import worker_memory_bytes
 from kto_ray.planning.plan import GIB, plan
 from kto_ray.storage import is_uri
 
@@ -49,20 +49,3 @@ def stage_of_checkpoint(cfg: KTOConfig, checkpoint: str, run_state: dict[str, An
         f"deepspeed.stage: auto keeps ZeRO-{kept['stage']}, the stage {checkpoint} was written in", flush=True
     )
     return cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(update=kept)})
-
-
-def worker_memory_bytes(cfg: KTOConfig) -> float:
-    """Memory one worker may use on the connected Ray cluster (see the module docstring)."""
-    import ray
-
-    if cfg.cluster.use_gpu:
-        return float(ray.get(ray.remote(num_gpus=1, num_cpus=0)(_gpu_memory).remote()))
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    ram = sum(r.get("memory", 0) + r.get("object_store_memory", 0) for r in nodes)
-    return ram / cfg.cluster.worker_range[1]  # the most workers share the nodes' RAM
-
-
-def _gpu_memory() -> int:
-    import torch
-
-    return torch.cuda.get_device_properties(0).total_memory

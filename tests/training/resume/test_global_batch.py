@@ -9,7 +9,6 @@ from kto_ray.errors import UserError
 from kto_ray.training.resume.global_batch import (
     accumulation,
     check_worker_range,
-    first_global_batch,
 )
 from kto_ray.training.schedule.batching import Schedule
 
@@ -18,10 +17,10 @@ def test_the_first_start_fixes_it_from_the_config():
     cfg = load_config(
         None, ["cluster.workers=[1, 4]", "train.micro_batch_size=2", "train.global_batch_size=24"]
     )
-    assert first_global_batch(cfg) == 24
+    assert cfg.first_global_batch == 24
     # null: the most workers x micro-batch, no accumulation at the most workers.
     cfg = load_config(None, ["cluster.workers=[1, 4]", "train.micro_batch_size=2"])
-    assert cfg.train.global_batch_size is None and first_global_batch(cfg) == 4 * 2
+    assert cfg.train.global_batch_size is None and cfg.first_global_batch == 4 * 2
 
 
 def test_accumulation_makes_up_for_fewer_workers():
@@ -33,7 +32,7 @@ def test_accumulation_makes_up_for_fewer_workers():
 def test_a_global_batch_size_the_workers_cannot_split_is_refused_in_one_line_naming_the_numbers():
     cfg = load_config(None, ["cluster.workers=2", "train.micro_batch_size=4", "train.global_batch_size=12"])
     with pytest.raises(UserError) as err:
-        check_worker_range(first_global_batch(cfg), cfg.cluster.worker_range, cfg.train.micro_batch_size)
+        check_worker_range(cfg.first_global_batch, cfg.cluster.worker_range, cfg.train.micro_batch_size)
     line = str(err.value)
     assert len(line.splitlines()) == 1
     assert "a global batch of 12 rows cannot be split over 2 workers x train.micro_batch_size 4" in line
@@ -52,7 +51,7 @@ def test_a_worker_builds_its_schedule_from_its_world_size():
     cfg = load_config(
         None, ["cluster.workers=[1, 2]", "train.micro_batch_size=2", "train.global_batch_size=8"]
     )
-    micro, global_batch = cfg.train.micro_batch_size, first_global_batch(cfg)
+    micro, global_batch = cfg.train.micro_batch_size, cfg.first_global_batch
     one, two = (accumulation(global_batch, world, micro) for world in (1, 2))
     assert (one, two) == (4, 2)
     # The same rows make every step on either count: the order depends only on rows per step.

@@ -12,7 +12,6 @@ from kto_ray.config import load_config
 from kto_ray.errors import UserError
 from kto_ray.integrity import write_file_list
 from kto_ray.rundir import CHECKPOINTS, RunDir
-from kto_ray.training.resume.global_batch import first_global_batch
 from kto_ray.training.resume.resume_check import REFUSED, compare
 from kto_ray.training.resume.run_state import RUN_STATE_FILE, build_run_state, saved_state
 
@@ -49,7 +48,7 @@ def rows():
 
 def _state(rows, *overrides: str, global_batch: int | None = None, steps: int | None = None, lam_d=1.0):
     cfg = load_config(None, [*ONLINE, "model.path=hub/some-model", *overrides])
-    batch = global_batch or first_global_batch(cfg)
+    batch = global_batch or cfg.first_global_batch
     return build_run_state(cfg, rows, batch, steps or cfg.train.max_steps, lam_d)
 
 

@@ -6,9 +6,10 @@ import pytest
 import yaml
 
 from kto_ray.config import load_config
+from kto_ray.planning.cluster_memory import worker_memory_bytes
 from kto_ray.planning.host_release import resolve_release
 from kto_ray.planning.plan import GIB
-from kto_ray.training.resume.stage import resolve_stage, stage_of_checkpoint, worker_memory_bytes
+from kto_ray.training.resume.stage import resolve_stage, stage_of_checkpoint
 
 
 def _auto(tiny_model, *overrides: str):
