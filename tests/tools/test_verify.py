@@ -144,7 +144,7 @@ def test_a_workers_damage_reaches_the_driver_as_one_line_exit_2(tmp_path):
     import ray.train
 
     from kto_ray.errors import CheckpointsLost, StoreDamaged
-    from kto_ray.training.launch.driver import _damaged
+    from kto_ray.training.launch.failures import _damaged
 
     def from_workers(failure: Exception):
         return pickle.loads(pickle.dumps(ray.train.WorkerGroupError("rank errors", {1: failure})))

@@ -17,7 +17,6 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass
-from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -25,20 +24,8 @@ import pyarrow as pa
 from kto_ray.config import KTOConfig, dump_config, with_absolute_paths
 from kto_ray.data.prepare import prepare_text, tokenize_rows
 from kto_ray.errors import (
-    CheckpointReshapeFailed,
-    CheckpointsDamaged,
-    CheckpointsLost,
-    CheckpointWriteFailed,
-    Interrupted,
-    NonFiniteStep,
-    ResumeUnchecked,
-    StorageError,
-    StoreDamaged,
-    TrainingStopped,
     UserError,
-    WorkerFailure,
 )
-from kto_ray.internals.ray_private import worker_failures
 from kto_ray.models.loading import check_context_length, load_tokenizer
 from kto_ray.objective import desirable_weight
 from kto_ray.planning.host_release import resolve_release
@@ -46,17 +33,18 @@ from kto_ray.raycluster import ray_session
 from kto_ray.rundir import CHECKPOINTS, RunDir
 from kto_ray.rundir.lease import Lease
 from kto_ray.rundir.timings import TIMINGS_FILE, Timeline
-from kto_ray.storage import endpoint_env, first_line
+from kto_ray.storage import endpoint_env
 from kto_ray.store.check import checked_store
 from kto_ray.store.format import SCHEMA
 from kto_ray.store.reader import SplitIndex
+from kto_ray.training.launch.failures import interrupted, stopped_line, storage_errors
 from kto_ray.training.launch.placement import Ask, placement_notices
 from kto_ray.training.launch.progress import TrainingProgress
 from kto_ray.training.launch.tracking import prepare_tracking
 from kto_ray.training.resume.checkpoint_files import checkpoint_step
 from kto_ray.training.resume.global_batch import check_worker_range
 from kto_ray.training.resume.resume_check import compare
-from kto_ray.training.resume.run_state import build_run_state, latest_checkpoint, saved_state
+from kto_ray.training.resume.run_state import build_run_state, saved_state
 from kto_ray.training.resume.stage import resolve_stage, stage_of_checkpoint
 from kto_ray.training.resume.store_pin import pin_store
 from kto_ray.training.schedule.loop_config import LoopConfig
@@ -64,7 +52,6 @@ from kto_ray.training.schedule.loop_config import LoopConfig
 log = logging.getLogger(__name__)
 
 Rows = SplitIndex | pa.Table  # a split as the workers get it: see split_rows
-Failure = TypeVar("Failure", bound=WorkerFailure)
 
 
 @dataclass(frozen=True)
@@ -131,7 +118,7 @@ def train(cfg: KTOConfig) -> TrainResult:
     timeline = Timeline()
     timeline.mark("imports, config")
     run_dir = RunDir.of(cfg)
-    with _storage_errors(run_dir, "read"):
+    with storage_errors(run_dir, "read"):
         saved = saved_state(run_dir)
     # A resumed run keeps its global batch (the contract); a fresh one fixes it now.
     resumed = saved is not None
@@ -224,10 +211,10 @@ def fit(
     # Before anything is launched: a tracker that cannot start fails here, in one line.
     tracking_env = prepare_tracking(cfg.run.report_to, run_dir.folder)
     # One live run per run dir: a second `train` with the same run.name refuses in one line.
-    with _storage_errors(run_dir):
+    with storage_errors(run_dir):
         lease = Lease(run_dir.location, "training run").acquire()
     try:
-        with _storage_errors(run_dir):
+        with storage_errors(run_dir):
             pin_store(cfg, run_dir)  # a resume after the store changed (an append) refuses here
         timeline.mark("trackers, lease, store pin")
         # Entering placement_notices refuses a worker group the cluster can never place, in one line;
@@ -241,7 +228,7 @@ def fit(
             # release_host_memory auto likewise, from the plan of the stage that runs (config.yaml
             # records the pick; the run state keeps `auto`, so a resume is not told it changed).
             cfg, release = resolve_release(cfg)
-            with _storage_errors(run_dir):
+            with storage_errors(run_dir):
                 run_dir.write_text("config.yaml", dump_config(cfg))
             print(
                 f"training {cfg.model.path} on {row_count(train_rows)} rows for {steps} steps "
@@ -272,15 +259,9 @@ def fit(
                 # Ray Train's own SIGINT handler (registered by `fit` on the main thread) aborts the
                 # controller and raises SystemExit(0) here; before it is registered, Ctrl-C is a
                 # KeyboardInterrupt. Either way: the one line, exit 130.
-                raise _interrupted(run_dir) from None
+                raise interrupted(run_dir) from None
             except ray.train.TrainingFailedError as err:
-                stopped = (
-                    _damaged(err, run_dir)
-                    or _stopped_by_non_finite(err, run_dir)
-                    or _stopped_by_storage(err, run_dir)
-                    or _stopped_by_reshape(err)
-                    or _controller_storage_failure(err, run_dir, progress.shown)
-                )
+                stopped = stopped_line(err, run_dir, progress.shown)
                 if stopped is None:
                     raise
                 raise stopped from None
@@ -289,26 +270,9 @@ def fit(
     finally:
         lease.release()
     timeline.mark("lease released")
-    with _storage_errors(run_dir):
+    with storage_errors(run_dir):
         run_dir.write_text(TIMINGS_FILE, timeline.as_json())
     return TrainResult(run_dir, steps, dict(result.metrics or {}))
-
-
-def _interrupted(run_dir: RunDir) -> Interrupted:
-    """Ctrl-C: one line naming the last step logged and the checkpoint a rerun resumes from."""
-    from kto_ray.rundir.metrics import read_metrics
-
-    with contextlib.suppress(Exception):  # what can be read of the run dir: the line is best effort
-        records = read_metrics(run_dir)
-        step = f" at step {records[-1]['step']}" if records else " before the first step"
-        saved = latest_checkpoint(run_dir)
-        resumes = (
-            f"a rerun resumes from checkpoint step {checkpoint_step(saved) or saved} ({saved})"
-            if saved
-            else "no checkpoint was written: a rerun starts over"
-        )
-        return Interrupted(f"interrupted{step}; {resumes}")
-    return Interrupted("interrupted; rerun the same command to resume from the last checkpoint")
 
 
 def _workers_text(worker_range: tuple[int, int]) -> str:
@@ -357,90 +321,4 @@ def _scaling(cfg: KTOConfig):
         use_gpu=cfg.cluster.use_gpu,
         resources_per_worker=cfg.cluster.worker_bundle,
         placement_strategy=cfg.cluster.placement_strategy,
-    )
-
-
-@contextlib.contextmanager
-def _storage_errors(run_dir: RunDir, doing: str = "write"):
-    """The run dir's storage failing outside the workers (config, lease, the checkpoint's run state):
-    one line naming it."""
-    try:
-        yield
-    except OSError as err:
-        raise StorageError(f"cannot {doing} the run dir {run_dir}: {first_line(err)}") from None
-
-
-def _worker_failure(err: Exception, kind: type[Failure]) -> Failure | None:
-    """The lowest rank's failure of `kind`. Ray Train V2 hands each worker's exception over as itself
-    (unpickled, its own wrapper removed) in `WorkerGroupError.worker_failures`; a ControllerError has none."""
-    failures = worker_failures(err)
-    return next((failures[rank] for rank in sorted(failures) if isinstance(failures[rank], kind)), None)
-
-
-def _damaged(err: Exception, run_dir: RunDir) -> UserError | None:
-    """A damaged store file a worker met (it trains on none of it), no whole checkpoint, or a checkpoint
-    the driver did not check the run against: one line."""
-    failures = worker_failures(err)
-    store = next((failures[r] for r in sorted(failures) if isinstance(failures[r], StoreDamaged)), None)
-    if store is not None:
-        return store
-    unchecked = _worker_failure(err, ResumeUnchecked)
-    if unchecked is not None:
-        return UserError(
-            f"{unchecked} in {run_dir}: `kto-ray verify` lists its checkpoints; a new run.name starts over"
-        )
-    lost = _worker_failure(err, CheckpointsLost)
-    if lost is None:
-        return None
-    return CheckpointsDamaged(
-        f"{lost} in {run_dir}: `kto-ray verify` lists what is wrong; a new run.name starts over"
-    )
-
-
-def _stopped_by_storage(err: Exception, run_dir: RunDir) -> StorageError | None:
-    """A checkpoint that could not be written, as one line naming the step and the run dir."""
-    failure = _worker_failure(err, CheckpointWriteFailed)
-    if failure is None:
-        return None
-    return StorageError(
-        f"training stopped at {failure} (run dir {run_dir}); rerun to resume once the storage is reachable"
-    )
-
-
-def _stopped_by_reshape(err: Exception) -> StorageError | None:
-    """A checkpoint that could not be reshaped for the new worker count, as one line with the ways out."""
-    failure = _worker_failure(err, CheckpointReshapeFailed)
-    if failure is None:
-        return None
-    return StorageError(
-        f"training stopped: {failure}. Free space there or set run.scratch_dir, then rerun; or rerun "
-        f"with cluster.workers={failure.saved}"
-    )
-
-
-def _controller_storage_failure(err: Exception, run_dir: RunDir, last_step: int) -> StorageError | None:
-    """Ray Train's controller failing to write its own state to the run dir (its checkpoint record):
-    when storage goes away during a checkpoint, this can surface before the workers' own error."""
-    failure = getattr(err, "controller_failure", None)
-    if not isinstance(failure, OSError):
-        return None
-    # The step the progress follower last read (it lags by up to one poll): said only when there is one.
-    seen = f" (last step seen: {last_step})" if last_step else ""
-    return StorageError(
-        f"training stopped{seen}: Ray Train could not write to the run dir "
-        f"{run_dir} ({first_line(failure)}); rerun to resume from its last checkpoint once the storage "
-        "is reachable"
-    )
-
-
-def _stopped_by_non_finite(err: Exception, run_dir: RunDir) -> TrainingStopped | None:
-    """A worker's NonFiniteStep as one line naming the step and the checkpoint a rerun resumes from."""
-    failure = _worker_failure(err, NonFiniteStep)
-    if failure is None:
-        return None
-    saved = run_dir.checkpoint_names()
-    last = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was written"
-    return TrainingStopped(
-        f"training stopped at {failure}; nothing after it was saved and {last}. "
-        "Lower train.lr or check the data, then rerun to resume."
     )

@@ -17,7 +17,7 @@ from kto_ray.errors import (
     TrainingStopped,
 )
 from kto_ray.rundir import RunDir
-from kto_ray.training.launch.driver import (
+from kto_ray.training.launch.failures import (
     _controller_storage_failure,
     _stopped_by_non_finite,
     _stopped_by_reshape,
