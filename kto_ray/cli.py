@@ -130,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     cfg = _config(args)
     if args.command == "plan":
-        from kto_ray.planning.plan import format_plan, plan
+        from kto_ray.planning.advice import format_plan
+        from kto_ray.planning.plan import plan
 
         print(
             format_plan(

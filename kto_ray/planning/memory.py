@@ -8,6 +8,12 @@ import math
 from kto_ray.planning.architecture import Architecture
 
 GIB = 2**30
+# CUDA context and kernels, NCCL buffers, ZeRO-3 prefetch/reduce buckets, allocator fragmentation:
+# none of these is in DeepSpeed's estimate, all of them are real on a GPU.
+OVERHEAD_GIB = 4.0
+# A CPU worker's own footprint before any model state: the Python process with torch, DeepSpeed, Ray and
+# transformers imported, gloo and the data reader (~0.65 GiB measured, BENCHMARKS.md "Worker memory").
+CPU_BASELINE_GIB = 0.65
 BUFFER_FACTOR = 1.5  # DeepSpeed's additional_buffer_factor for CPU memory
 # ZeRO-3's optimizer sub-group (DeepSpeed's sub_group_size) the training engine configures: the step
 # works on one sub-group at a time, with that sub-group's transient copies (`optimizer_step_bytes`).

@@ -8,8 +8,9 @@ import pytest
 
 from kto_ray.config import load_config
 from kto_ray.errors import UserError
+from kto_ray.planning.advice import format_plan
 from kto_ray.planning.host_release import HostRelease, decide_release, resolve_release
-from kto_ray.planning.plan import GIB, SETTINGS, Setting, choose_stage, format_plan, plan
+from kto_ray.planning.plan import GIB, SETTINGS, Setting, choose_stage, plan
 
 LLAMA_8B = dict(
     hidden_size=4096,
@@ -414,7 +415,7 @@ def small_llama(tmp_path_factory) -> str:
 
 
 def test_cpu_workers_plan_fp32_states_and_a_process_baseline(small_llama):
-    from kto_ray.planning.plan import CPU_BASELINE_GIB
+    from kto_ray.planning.memory import CPU_BASELINE_GIB
 
     p = plan(load_config(None, ["cluster.workers=2"]), model_config=small_llama)
     n, largest = p.arch.total_params, p.arch.largest_layer_params
