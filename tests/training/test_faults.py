@@ -147,15 +147,15 @@ def _poisoned_store(built_store, root: Path, step: int, rank: int, workers: int)
     return copy
 
 
-def test_non_finite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(built_store, tmp_path):
+def test_non_finite_loss_stops_naming_the_step_keeps_the_good_checkpoint_and_fails_the_trackers(
+    built_store, tmp_path, monkeypatch
+):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # after Ray started: the loop config carries it
+    monkeypatch.setenv("WANDB_MODE", "offline")
     store = _poisoned_store(built_store, tmp_path, step=3, rank=1, workers=2)
-    cfg = _config(
-        built_store,
-        tmp_path,
-        "nan",
-        store={"path": str(store)},
-        run={"checkpoint_every": 1, "max_failures": 0},
-    )
+    run = {"checkpoint_every": 1, "max_failures": 0, "report_to": ["mlflow", "wandb"]}
+    cfg = _config(built_store, tmp_path, "nan", store={"path": str(store)}, run=run)
     with pytest.raises(TrainingStopped, match=r"step 3: non-finite loss.*step_00000002") as stopped:
         train(cfg)  # only rank 1 sees the NaN: both ranks must stop, neither may hang
     assert "\n" not in str(stopped.value)
@@ -165,26 +165,15 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(bui
         "step_00000002",
     ]
     assert not (RunDir.of(cfg).local_path / "final").exists()
+    # Rank 0, which holds the trackers, stopped on the all-reduced loss and closed them as failed.
+    assert mlflow_status(uri, "nan") == "FAILED"
+    assert mlflow_history(uri, "nan", "loss")[0].keys() == {1, 2}
+    assert wandb_exit_code(RunDir.of(cfg).local_path) == 1
     resumed = cfg.model_copy(deep=True)
     resumed.store.path = built_store[0].store.path  # the clean store: the rerun resumes from step 2
+    resumed.run.report_to = []
     # The run's length stays (a resume may not shorten it: README, "A resume checks what changed").
     assert [m["step"] for m in read_metrics(train(resumed).run_dir.local_path)] == list(range(1, STEPS + 1))
-
-
-def test_non_finite_loss_closes_the_trackers_as_failed(built_store, tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # after Ray started: the loop config carries it
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    store = _poisoned_store(built_store, tmp_path, step=2, rank=1, workers=2)
-    report_to = ["mlflow", "wandb"]
-    run = {"checkpoint_every": 100, "max_failures": 0, "export": False, "report_to": report_to}
-    cfg = _config(built_store, tmp_path, "nan-tracked", store={"path": str(store)}, run=run)
-    # Rank 1 sees the NaN; rank 0, which holds the trackers, stops on the all-reduced loss.
-    with pytest.raises(TrainingStopped, match=r"step 2: non-finite loss.*no checkpoint was written"):
-        train(cfg)
-    assert mlflow_status(uri, "nan-tracked") == "FAILED"
-    assert mlflow_history(uri, "nan-tracked", "loss")[0].keys() == {1}
-    assert wandb_exit_code(RunDir.of(cfg).local_path) == 1
 
 
 def test_failed_checkpoint_write_keeps_the_previous_checkpoint(built_store, tmp_path):
