@@ -28,7 +28,6 @@ from kto_ray.errors import (
 )
 from kto_ray.models.loading import check_context_length, load_tokenizer
 from kto_ray.objective import desirable_weight
-from kto_ray.planning.host_release import resolve_release
 from kto_ray.raycluster import ray_session
 from kto_ray.rundir import CHECKPOINTS, RunDir
 from kto_ray.rundir.lease import Lease
@@ -45,7 +44,7 @@ from kto_ray.training.resume.checkpoint_files import checkpoint_step
 from kto_ray.training.resume.global_batch import check_worker_range
 from kto_ray.training.resume.resume_check import compare
 from kto_ray.training.resume.run_state import build_run_state, saved_state
-from kto_ray.training.resume.stage import resolve_stage, stage_of_checkpoint
+from kto_ray.training.resume.stage import auto_plan, resolve_release, resolve_stage, stage_of_checkpoint
 from kto_ray.training.resume.store_pin import pin_store
 from kto_ray.training.schedule.loop_config import LoopConfig
 
@@ -221,13 +220,14 @@ def fit(
         # on an autoscaling cluster it says what the run waits for until the minimum fits.
         with ray_session(cfg.cluster.address), placement_notices(Ask.of(cfg)):
             timeline.mark("ray connected, placement checked")
-            # stage auto becomes the planner's pick here (it may read the cluster's memory); the run
-            # dir and the checkpoints' run state record the stage that ran.
-            cfg, stage = resolve_stage(cfg)
+            # stage auto becomes the planner's pick here (one plan, which may read the cluster's
+            # memory); the run dir and the checkpoints' run state record the stage that ran.
+            planned = auto_plan(cfg)
+            cfg, stage = resolve_stage(cfg, planned)
             run_state["config"]["deepspeed"] = cfg.deepspeed.model_dump(mode="json")
-            # release_host_memory auto likewise, from the plan of the stage that runs (config.yaml
-            # records the pick; the run state keeps `auto`, so a resume is not told it changed).
-            cfg, release = resolve_release(cfg)
+            # release_host_memory auto likewise, from the same plan (config.yaml records the pick; the
+            # run state keeps `auto`, so a resume is not told it changed).
+            cfg, release = resolve_release(cfg, planned)
             with storage_errors(run_dir):
                 run_dir.write_text("config.yaml", dump_config(cfg))
             print(
