@@ -7,13 +7,14 @@ BIN := $(VENV)/bin
 CPU_TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-extended test-fast test-gpu lint format assets real-model clean
+.PHONY: help setup demo test test-extended test-fast test-gpu lint docs format assets real-model clean
 
 help:
 	@echo "make demo   - run the whole pipeline on the embedded tiny model and data"
 	@echo "make test   - the test suite's first tier: unit + integration on a local Ray cluster (25-28 min on 2 idle cores)"
 	@echo "make test-extended - the second tier: bench smokes, multi-node/elastic, sweep, model zoo"
 	@echo "make lint   - ruff check and format check"
+	@echo "make docs   - regenerate docs/reference from the code (tests/test_docs.py checks they are current)"
 
 $(BIN)/kto-ray: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,6 +56,9 @@ test-gpu: setup real-model
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+docs: setup
+	$(BIN)/python -m scripts.reference_docs
 
 format: setup
 	$(BIN)/ruff format .
