@@ -72,6 +72,16 @@ class RunDir:
         """The folder on this machine, or None for a run dir on object storage."""
         return None if self.is_remote else Path(self.location.path)
 
+    @property
+    def name(self) -> str:
+        """The last part of its path: the run's (or the sweep's) name."""
+        return self.location.path.rstrip("/").rsplit("/", 1)[-1]
+
+    def report_dir(self) -> Path:
+        """Where a report goes: <run dir>/report locally; ./<name>-report (to look at here) for a run
+        dir on object storage."""
+        return self.folder / "report" if self.folder else Path(f"{self.name}-report").absolute()
+
     def child(self, *parts: str) -> str:
         """A file or folder inside the run dir, as a string a user can read (URI or local path)."""
         return "/".join([str(self).rstrip("/"), *parts])

@@ -180,13 +180,10 @@ def _plot(sweep_dir: RunDir, rows: list[TrialRow], out_dir: Path) -> list[Path]:
 
 
 def write_sweep_report(sweep_dir: RunDir, out_dir: Path | None = None) -> tuple[list[Path], Path]:
-    """The trials' curves on shared axes and the table, into `out_dir` (default <sweep dir>/report, or
-    ./<sweep name>-report for a sweep on object storage)."""
+    """The trials' curves on shared axes and the table, into `out_dir` (default `RunDir.report_dir`)."""
     plan = _plan(sweep_dir)
     rows = sweep_rows(sweep_dir, plan)
-    if out_dir is None:
-        name = sweep_dir.location.path.rstrip("/").rsplit("/", 1)[-1]
-        out_dir = sweep_dir.folder / "report" if sweep_dir.folder else Path(f"{name}-report").absolute()
+    out_dir = out_dir or sweep_dir.report_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = _plot(sweep_dir, rows, out_dir)
     summary = out_dir / "summary.md"

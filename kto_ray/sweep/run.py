@@ -243,8 +243,8 @@ def run_sweep(cfg: KTOConfig, sweep: SweepConfig) -> None:
 
                 store = precompute(cfg)
                 print(f"store {'reused' if store.reused else 'scored'}: {cfg.store.path}", flush=True)
-                rows = sum(store.store.manifest.counts.get("train", {}).values())
-                if not sum(store.store.manifest.counts.get("eval", {}).values()):
+                rows = store.store.count("train")
+                if not store.store.count("eval"):
                     raise UserError(
                         "a sweep ranks its trials on the store's eval split, which is empty: raise "
                         "data.eval_fraction"
