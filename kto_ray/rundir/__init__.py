@@ -136,10 +136,9 @@ class RunDir:
     @contextlib.contextmanager
     def staging(self, name: str) -> Iterator[Path]:
         """A local folder to write `<name>` into, published when the block ends without an error."""
-        base = None  # object storage: the machine's temp folder
-        if not self.is_remote:  # inside the run dir, so publishing is a rename on one file system
-            self.local_path.mkdir(parents=True, exist_ok=True)
-            base = self.local_path
+        base = self.folder  # the run dir (publishing is a rename on one file system), or the temp folder
+        if base is not None:
+            base.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=base))
         try:
             yield tmp

@@ -127,11 +127,8 @@ def file_digests(files: list[Path]) -> list[str]:
 
 
 def weights_fingerprint(model_dir: str | Path, allow_pickle: bool = False) -> str:
-    """Hash of the weight files (not a state_dict walk) of a local model folder.
-
-    The value is the same whether a file's digest came from its bytes or the cache, so stores built
-    before the cache existed still match.
-    """
+    """Hash of the weight files (not a state_dict walk) of a local model folder: the same whether a
+    file's digest came from its bytes or the cache."""
     model_dir = Path(model_dir)
     patterns = ["*.safetensors"] + (["*.bin", "*.pt"] if allow_pickle else [])
     files = sorted({f for pattern in patterns for f in model_dir.glob(pattern)})

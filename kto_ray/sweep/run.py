@@ -183,24 +183,16 @@ def _stopped_callback(shipped: dict[str, dict[str, Any]]):
 def _scheduler(sweep: SweepConfig, max_steps: int):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
+    common = dict(time_attr="step", metric=sweep.metric, mode=sweep.mode, grace_period=sweep.grace_steps)
     if sweep.scheduler == "asha":
         return ASHAScheduler(
-            time_attr="step",
-            metric=sweep.metric,
-            mode=sweep.mode,
+            **common,
             max_t=max(max_steps, sweep.grace_steps),
-            grace_period=sweep.grace_steps,
             reduction_factor=sweep.reduction_factor,
             stop_last_trials=False,  # a trial at its last step finishes (export) rather than being stopped
         )
     if sweep.scheduler == "median":
-        return MedianStoppingRule(
-            time_attr="step",
-            metric=sweep.metric,
-            mode=sweep.mode,
-            grace_period=sweep.grace_steps,
-            min_samples_required=sweep.min_samples,
-        )
+        return MedianStoppingRule(**common, min_samples_required=sweep.min_samples)
     return FIFOScheduler()
 
 

@@ -121,18 +121,14 @@ def _eval_points(records: list[dict[str, Any]], key: str) -> tuple[list[int], li
     return [s for s, v in points if math.isfinite(v)], [v for _, v in points if math.isfinite(v)]
 
 
-def _draw_eval(ax: Any, records: list[dict[str, Any]], keys: tuple[str, ...]) -> bool:
+def _draw_eval(ax: Any, records: list[dict[str, Any]], keys: tuple[str, ...]) -> None:
     """Held-out points over the training curves (no EMA: evaluations are few and not noisy per row)."""
-    drawn = False
     for color, key in zip(EVAL_COLORS, keys):
         steps, values = _eval_points(records, key)
         if steps:
             label = f"eval {key.split('/')[-1]}"
             ax.plot(steps, values, color=color, ls="--", lw=1.5, marker="s", ms=4, label=label)
-            drawn = True
-    if drawn:
-        ax.legend(loc="best", fontsize="small")
-    return drawn
+            ax.legend(loc="best", fontsize="small")
 
 
 def _plot(records: list[dict[str, Any]], out_dir: Path, name: str) -> list[Path]:
