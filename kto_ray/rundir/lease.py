@@ -201,9 +201,9 @@ class Lease:
                     log.debug("lease heartbeat on %s failed: %s", self.location, err)
 
 
-def ensure_free(location: Location, ttl: float = TTL_S) -> None:
+def ensure_free(location: Location) -> None:
     """Raise `LeaseHeld` when a live job holds `location`'s lease (a cheap early look, taking nothing)."""
-    Lease(location, "check", ttl=ttl).refuse_if_held()
+    Lease(location, "check").refuse_if_held()
 
 
 def _pid_alive(pid: int) -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from kto_ray.rundir import RunDir
-from kto_ray.storage import Location, children
+from kto_ray.storage import children
 
 METRICS_FILE = "metrics.jsonl"  # local run dirs
 SEGMENTS = "metrics"  # object storage: metrics/000001.jsonl, ...
@@ -204,7 +204,11 @@ class _Segments:
 
     def __init__(self, run_dir: RunDir, resume_step: int):
         self.run_dir = run_dir
-        numbers = sorted(_segment_numbers(run_dir.join(SEGMENTS)))
+        numbers = sorted(
+            int(match.group(1))
+            for entry in children(run_dir.join(SEGMENTS))
+            if entry.type == pafs.FileType.File and (match := _SEGMENT.match(entry.base_name))
+        )
         self.number, self.lines = 1, []
         # From the newest back: segments entirely past the restored step go, the one holding it is cut.
         for number in reversed(numbers):
@@ -236,11 +240,3 @@ class _Segments:
         location = self.run_dir.join(segment_name(number))
         with contextlib.suppress(FileNotFoundError):
             location.fs.delete_file(location.path)
-
-
-def _segment_numbers(prefix: Location) -> list[int]:
-    return [
-        int(match.group(1))
-        for entry in children(prefix)
-        if entry.type == pafs.FileType.File and (match := _SEGMENT.match(entry.base_name))
-    ]
