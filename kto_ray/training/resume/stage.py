@@ -1,12 +1,7 @@
-"""The driver's `auto` memory settings, decided from one plan of the running cluster:
-`deepspeed.stage: auto` (the planner's fastest setting that fits each worker's memory) and
-`cluster.release_host_memory: auto` (on for CPU workers whose planned peak nears it,
-`kto_ray.planning.host_release`).
-
-The memory is `deepspeed.worker_memory_gib`, or read from the running cluster
-(`kto_ray.planning.cluster_memory`). The pick is a pure function of the architecture,
-the config and that figure (`kto_ray.planning.plan.choose_stage`), so a rerun on the same cluster resumes
-with the stage its checkpoints were written in.
+"""The driver's `auto` memory settings, decided from one plan: `deepspeed.stage` (the planner's fastest
+setting that fits each worker's memory, `deepspeed.worker_memory_gib` or the running cluster's) and
+`cluster.release_host_memory` (`kto_ray.planning.host_release`). The pick is a pure function of the
+architecture, the config and that memory, so a rerun on the same cluster keeps its checkpoints' stage.
 """
 
 from __future__ import annotations
