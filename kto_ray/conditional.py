@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from kto_ray.storage import Location, s3_endpoint, s3_region
+from kto_ray.storage import Location, resolve, s3_endpoint, s3_region, write_text_atomically
 
 # S3's answers to a condition that does not hold: 412, or 409 while another conditional write of the
 # same key is in flight (AWS), or no such key for If-Match on a deleted object.
@@ -104,7 +104,7 @@ class LocalFile(ConditionalFile):
     def create(self, text: str) -> str | None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         data = text.encode("utf-8")
-        staged = self._aside("tmp")
+        staged = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
             staged.write_bytes(data)
             os.link(staged, self.path)
@@ -135,14 +135,12 @@ class LocalFile(ConditionalFile):
     def replace(self, text: str, version: str) -> str | None:
         """A takeover: one taker at a time holds the guard, so the name is swapped by one `os.replace`
         (never absent, where a newcomer's create could slip in) and only while it is at `version`."""
-        with self._guard(wait_s=0.0) as held:
-            return self._swap(text, version) if held else None
+        return self._swap(text, version, wait_s=0.0)
 
     def refresh(self, text: str, version: str) -> str | None:
         # The holder's beat waits out a taker's swap (microseconds): a taker that finds the version
         # changed leaves the holder in place, one that does not has taken a stale lease.
-        with self._guard(wait_s=_GUARD_WAIT_S) as held:
-            return self._swap(text, version) if held else None
+        return self._swap(text, version, wait_s=_GUARD_WAIT_S)
 
     def delete(self, version: str) -> bool:
         with self._guard(wait_s=_GUARD_WAIT_S) as held:
@@ -151,17 +149,12 @@ class LocalFile(ConditionalFile):
             self.path.unlink(missing_ok=True)
             return True
 
-    def _swap(self, text: str, version: str) -> str | None:
-        if getattr(self.read(), "version", None) != version:
-            return None
-        data = text.encode("utf-8")
-        staged = self._aside("tmp")
-        try:
-            staged.write_bytes(data)
-            os.replace(staged, self.path)
-        finally:
-            staged.unlink(missing_ok=True)
-        return _digest(data)
+    def _swap(self, text: str, version: str, wait_s: float) -> str | None:
+        with self._guard(wait_s) as held:
+            if not held or getattr(self.read(), "version", None) != version:
+                return None
+            write_text_atomically(resolve(self.path), text)
+            return _digest(text.encode("utf-8"))
 
     @contextlib.contextmanager
     def _guard(self, wait_s: float) -> Iterator[bool]:
@@ -186,9 +179,6 @@ class LocalFile(ConditionalFile):
             yield True
         finally:
             guard.unlink(missing_ok=True)
-
-    def _aside(self, kind: str) -> Path:
-        return self.path.parent / f".{self.path.name}.{kind}-{uuid.uuid4().hex[:8]}"
 
 
 @functools.lru_cache(maxsize=8)
