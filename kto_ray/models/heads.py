@@ -27,10 +27,6 @@ class HeadTransform:
     divisor: float = 1.0
     cap: float | None = None
 
-    @property
-    def identity(self) -> bool:
-        return self.multiplier == 1 and self.divisor == 1 and self.cap is None
-
     def logits_and_slope(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
         """The logits of z and d logits / d z (a tensor for a cap, else a constant); reuses z."""
         logits = self._scaled(z)

@@ -134,8 +134,7 @@ def _router_kwargs(model: torch.nn.Module, router_logits: bool) -> dict[str, boo
 def _full_sequence_logps(
     model: torch.nn.Module, batch: PaddedBatch, extra: dict[str, bool]
 ) -> tuple[torch.Tensor, RouterLogits | None]:
-    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
-    inputs.update(extra)
+    inputs = {**batch.model_inputs(), "use_cache": False, **extra}
     width = batch.input_ids.shape[1]
     first = _first_completion_position(batch.completion_mask)
     keep = width - first + 1
