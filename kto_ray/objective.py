@@ -85,11 +85,8 @@ def kto_loss(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
 ) -> KTOLossOutput:
-    """KTO loss of each row (Ethayarajh et al. 2024, eq. 8), as TRL and HALOs compute it.
-
-    Rows of either class may be absent: the result is finite for one-class and empty batches (the
-    mean of no rows is 0).
-    """
+    """KTO loss of each row (Ethayarajh et al. 2024, eq. 8), as TRL and HALOs compute it; finite for
+    one-class and empty batches (the mean of no rows is 0)."""
     log_ratio = policy_logps.float() - ref_logps.float()
     z0 = torch.as_tensor(z0, dtype=log_ratio.dtype, device=log_ratio.device).detach()
     desirable = desirable.to(device=log_ratio.device, dtype=torch.bool)

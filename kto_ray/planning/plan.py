@@ -116,11 +116,9 @@ def _precompute_parts(cfg: KTOConfig, arch: Architecture) -> tuple[float, float]
     tokens = cfg.precompute.batch_rows * seq
     if cfg.precompute.batch_tokens:
         tokens = max(seq, min(tokens, cfg.precompute.batch_tokens))
-    weights = arch.total_params * elem
     chunk = cfg.model.logprob_chunk_tokens
-    return weights, layer_activation_bytes(arch, tokens, 1, elem) + logits_bytes(
-        arch, tokens, elem == 2, chunk
-    )
+    batch = layer_activation_bytes(arch, tokens, 1, elem) + logits_bytes(arch, tokens, elem == 2, chunk)
+    return arch.total_params * elem, batch
 
 
 def rows_per_forward(cfg: KTOConfig) -> int:
