@@ -15,7 +15,9 @@ from kto_ray.rundir import RunDir
 DEFAULT_CONFIG = "configs/demo.yaml"
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _command(sub, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A subcommand that reads the run config, with the options every such command takes."""
+    parser = sub.add_parser(name, help=help_text)
     parser.add_argument("--config", help=f"YAML run config (default: {DEFAULT_CONFIG} when present)")
     parser.add_argument(
         "-v",
@@ -31,6 +33,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set train.beta=0.2 (repeatable)",
     )
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,21 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kto-ray", description="KTO alignment on Ray with a precomputed reference store"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _common(
-        sub.add_parser("demo", help="build the tiny model and data, precompute, train, evaluate before/after")
-    )
-    precompute = sub.add_parser(
-        "precompute", help="compute reference log-probs once into the reference store"
-    )
-    _common(precompute)
-    precompute.add_argument(
+    _command(sub, "demo", "build the tiny model and data, precompute, train, evaluate before/after")
+    _command(sub, "precompute", "compute reference log-probs once into the reference store").add_argument(
         "--overwrite", action="store_true", help="replace a store built for another config"
     )
-    _common(sub.add_parser("train", help="train the policy with KTO on Ray Train + DeepSpeed"))
-    evaluate = sub.add_parser(
-        "evaluate", help="held-out KTO metrics of a model against the store's eval split"
-    )
-    _common(evaluate)
+    _command(sub, "train", "train the policy with KTO on Ray Train + DeepSpeed")
+    evaluate = _command(sub, "evaluate", "held-out KTO metrics of a model against the store's eval split")
     evaluate.add_argument("--model", help="model folder or hub id to evaluate (default: the policy)")
     evaluate.add_argument("--json", dest="json_out", help="also write the metrics to this JSON file")
     evaluate.add_argument(
@@ -67,22 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--temperature", type=float, default=0.0, help="with --generate: 0 = greedy (default), else sampled"
     )
     evaluate.add_argument("--seed", type=int, default=0, help="with --generate: the sampling seed")
-    _common(
-        sub.add_parser(
-            "pipeline", help="precompute (or reuse) the store, train, evaluate the trained model: one job"
-        )
-    )
-    plan = sub.add_parser("plan", help="per-GPU memory of ZeRO-3 training, GPUs needed, offload advice")
-    _common(plan)
+    _command(sub, "pipeline", "precompute (or reuse) the store, train, evaluate the trained model: one job")
+    plan = _command(sub, "plan", "per-GPU memory of ZeRO-3 training, GPUs needed, offload advice")
     plan.add_argument(
         "--model-config", help="architecture (config.json or its folder) to plan for, instead of the model's"
     )
     plan.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default: 8)")
     plan.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU (default: 80)")
-    sweep = sub.add_parser(
-        "sweep", help="many training runs on one store through Ray Tune (grid, random draws, early stopping)"
+    sweep = _command(
+        sub, "sweep", "many training runs on one store through Ray Tune (grid, random draws, early stopping)"
     )
-    _common(sweep)
     sweep.add_argument("--sweep", dest="sweep_file", help="sweep YAML (grid, sample, scheduler, ...)")
     sweep.add_argument(
         "--grid",
@@ -107,8 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "-v", "--verbose", action="store_true", help="show Ray, DeepSpeed and transformers output"
     )
-    report = sub.add_parser("report", help="plots and a markdown summary of a training run or a sweep")
-    _common(report)
+    report = _command(sub, "report", "plots and a markdown summary of a training run or a sweep")
     report.add_argument("run_dir", nargs="?", help="run folder (default: the config's run.dir/run.name)")
     report.add_argument("--out", help="output folder (default: RUN_DIR/report)")
     report.add_argument("--tensorboard", help="also write TensorBoard events to this folder")
@@ -212,7 +199,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # train says more (errors.Interrupted): the step and its checkpoint
         print("kto-ray: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

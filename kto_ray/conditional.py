@@ -1,19 +1,12 @@
 """Conditional writes of one small file: create it only when absent, replace or delete it only while it
 is still the version last read. The lease (kto_ray/rundir/lease.py) settles races with these wherever the
-storage has them; `conditional_file` returns None where it has not, and the lease then settles by
+storage has them; `conditional_file` returns None where it has not (GCS and other pyarrow file systems:
+GCS's `ifGenerationMatch` needs a client this project does not have), and the lease then settles by
 write, wait and re-read.
 
-- Local disk and shared mounts: the new content is written whole to a temporary file, then
-  `os.link`ed to the name (atomic, fails when the name exists: create-if-absent, and readers never see
-  a part). Replace and delete hold a guard file (O_EXCL: one writer at a time), compare the content
-  with the version read, then `os.replace` or unlink it; the name is never absent in between.
-- S3: PUT with `If-None-Match: *` (create) or `If-Match: <ETag>` (replace), DELETE with `If-Match`;
-  412 means someone else wrote first. pyarrow.fs cannot send these headers, so this goes through boto3,
-  to the same endpoint and region as pyarrow's S3 (kto_ray.storage) and the usual credential chain. A
-  server that ignores the headers is found by one probe per bucket and process (a second create of the
-  file just written must fail), and the lease then falls back.
-- GCS and other pyarrow file systems: none yet (GCS's `ifGenerationMatch` needs a client this project
-  does not have).
+S3: PUT with `If-None-Match: *` (create) or `If-Match: <ETag>` (replace), DELETE with `If-Match`; 412
+means someone else wrote first. pyarrow.fs cannot send these headers, so this goes through boto3, to the
+same endpoint and region as pyarrow's S3 (kto_ray.storage) and the usual credential chain.
 """
 
 from __future__ import annotations
@@ -32,7 +25,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from kto_ray.storage import Location, s3_endpoint, s3_region
+from kto_ray.storage import Location, resolve, s3_endpoint, s3_region, write_text_atomically
 
 # S3's answers to a condition that does not hold: 412, or 409 while another conditional write of the
 # same key is in flight (AWS), or no such key for If-Match on a deleted object.
@@ -88,24 +81,9 @@ def conditional_file(location: Location) -> ConditionalFile | None:
     return None
 
 
-def _local_version(fd: int) -> Versioned:
-    """The content of an open file and its version (a digest: every lease written differs)."""
-    with os.fdopen(os.dup(fd), "rb") as stream:
-        data = stream.read()
-    return Versioned(data.decode("utf-8"), hashlib.sha256(data).hexdigest())
-
-
-@contextlib.contextmanager
-def _opened(path: Path) -> Iterator[int | None]:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        yield None
-        return
-    try:
-        yield fd
-    finally:
-        os.close(fd)
+def _digest(data: bytes) -> str:
+    """A local file's version: the digest of its content (every lease written differs)."""
+    return hashlib.sha256(data).hexdigest()
 
 
 class LocalFile(ConditionalFile):
@@ -117,26 +95,28 @@ class LocalFile(ConditionalFile):
         self.path = path
 
     def read(self) -> Versioned | None:
-        with _opened(self.path) as fd:
-            return None if fd is None else _local_version(fd)
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        return Versioned(data.decode("utf-8"), _digest(data))
 
     def create(self, text: str) -> str | None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        staged = self._aside("tmp")
+        data = text.encode("utf-8")
+        staged = self.path.parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
-            staged.write_bytes(text.encode("utf-8"))
-            with _opened(staged) as fd:
-                version = _local_version(fd).version
+            staged.write_bytes(data)
             os.link(staged, self.path)
         except FileExistsError:
             return None
         except OSError as err:
             if err.errno not in _NO_LINKS:
                 raise
-            return self._create_exclusive(text.encode("utf-8"))
+            return self._create_exclusive(data)
         finally:
             staged.unlink(missing_ok=True)
-        return version
+        return _digest(data)
 
     def _create_exclusive(self, data: bytes) -> str | None:
         """For file systems without hard links: O_EXCL creates atomically, but a reader may see the
@@ -148,21 +128,19 @@ class LocalFile(ConditionalFile):
         try:
             os.write(fd, data)
             os.fsync(fd)
-            return _local_version(fd).version
         finally:
             os.close(fd)
+        return _digest(data)
 
     def replace(self, text: str, version: str) -> str | None:
         """A takeover: one taker at a time holds the guard, so the name is swapped by one `os.replace`
         (never absent, where a newcomer's create could slip in) and only while it is at `version`."""
-        with self._guard(wait_s=0.0) as held:
-            return self._swap(text, version) if held else None
+        return self._swap(text, version, wait_s=0.0)
 
     def refresh(self, text: str, version: str) -> str | None:
         # The holder's beat waits out a taker's swap (microseconds): a taker that finds the version
         # changed leaves the holder in place, one that does not has taken a stale lease.
-        with self._guard(wait_s=_GUARD_WAIT_S) as held:
-            return self._swap(text, version) if held else None
+        return self._swap(text, version, wait_s=_GUARD_WAIT_S)
 
     def delete(self, version: str) -> bool:
         with self._guard(wait_s=_GUARD_WAIT_S) as held:
@@ -171,17 +149,12 @@ class LocalFile(ConditionalFile):
             self.path.unlink(missing_ok=True)
             return True
 
-    def _swap(self, text: str, version: str) -> str | None:
-        if getattr(self.read(), "version", None) != version:
-            return None
-        data = text.encode("utf-8")
-        staged = self._aside("tmp")
-        try:
-            staged.write_bytes(data)
-            os.replace(staged, self.path)
-        finally:
-            staged.unlink(missing_ok=True)
-        return hashlib.sha256(data).hexdigest()
+    def _swap(self, text: str, version: str, wait_s: float) -> str | None:
+        with self._guard(wait_s) as held:
+            if not held or getattr(self.read(), "version", None) != version:
+                return None
+            write_text_atomically(resolve(self.path), text)
+            return _digest(text.encode("utf-8"))
 
     @contextlib.contextmanager
     def _guard(self, wait_s: float) -> Iterator[bool]:
@@ -206,9 +179,6 @@ class LocalFile(ConditionalFile):
             yield True
         finally:
             guard.unlink(missing_ok=True)
-
-    def _aside(self, kind: str) -> Path:
-        return self.path.parent / f".{self.path.name}.{kind}-{uuid.uuid4().hex[:8]}"
 
 
 @functools.lru_cache(maxsize=8)

@@ -24,8 +24,7 @@ def is_verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def is_interactive(stream: TextIO | None = None) -> bool:
-    stream = stream or sys.stdout
+def is_interactive(stream: TextIO) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)())
 
 
@@ -101,14 +100,13 @@ def configure_ray_data() -> None:
 
 class RowProgress:
     """A bar of rows done and tokens/s for work that runs elsewhere (Ray Data actors): `read` returns
-    (rows, tokens) so far and is polled from a thread. Nothing is drawn off a terminal, where the
-    caller prints one summary line at the end instead."""
+    (rows, tokens) so far and is polled from a thread every `poll_s`. Nothing is drawn off a terminal
+    (stderr), where the caller prints one summary line at the end instead."""
 
-    def __init__(
-        self, read, total_rows: int, desc: str, *, poll_s: float = 0.5, stream: TextIO | None = None
-    ):
-        self.read, self.total, self.desc, self.poll_s = read, total_rows, desc, poll_s
-        self.stream = stream or sys.stderr
+    poll_s = 0.5
+
+    def __init__(self, read, total_rows: int, desc: str):
+        self.read, self.total, self.desc, self.stream = read, total_rows, desc, sys.stderr
         self._stop = threading.Event()
         self._bar = None
 

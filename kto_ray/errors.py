@@ -1,5 +1,7 @@
 """Errors the CLI reports as one line without a traceback, each with its exit code."""
 
+import inspect
+
 
 class KtoRayError(Exception):
     exit_code = 1
@@ -50,14 +52,13 @@ class TrainingStopped(KtoRayError):
 class WorkerFailure(RuntimeError):
     """A failure a training worker raises on purpose, which the driver turns into one of the errors
     above. Ray Train pickles it from the worker to the driver (`TrainingFailedError.worker_failures`),
-    so each kind keeps its facts as attributes and rebuilds itself from them (`__reduce__`): the driver
-    tells the kinds apart by type and reads the attributes, never the message."""
-
-    def _fields(self) -> tuple:
-        raise NotImplementedError
+    so each kind keeps every constructor argument as the attribute of that name and rebuilds itself
+    from them (`__reduce__`): the driver tells the kinds apart by type and reads the attributes, never
+    the message."""
 
     def __reduce__(self):
-        return (type(self), self._fields())
+        names = inspect.signature(type(self)).parameters
+        return (type(self), tuple(getattr(self, name) for name in names))
 
 
 class NonFiniteStep(WorkerFailure):
@@ -66,9 +67,6 @@ class NonFiniteStep(WorkerFailure):
     def __init__(self, step: int, detail: str):
         super().__init__(f"step {step}: {detail}")
         self.step, self.detail = step, detail
-
-    def _fields(self) -> tuple:
-        return (self.step, self.detail)
 
 
 class CheckpointWriteFailed(WorkerFailure):
@@ -80,9 +78,6 @@ class CheckpointWriteFailed(WorkerFailure):
         super().__init__(f"step {step}: the checkpoint {checkpoint} could not be written ({reason}); {last}")
         self.step, self.checkpoint, self.reason, self.previous = step, checkpoint, reason, previous
 
-    def _fields(self) -> tuple:
-        return (self.step, self.checkpoint, self.reason, self.previous)
-
 
 class CheckpointsLost(WorkerFailure):
     """A restore found no whole checkpoint: `newest` says what is wrong with the newest (one line),
@@ -91,9 +86,6 @@ class CheckpointsLost(WorkerFailure):
     def __init__(self, newest: str, count: int):
         super().__init__(f"{newest}, and no older checkpoint is whole ({count} checked)")
         self.newest, self.count = newest, count
-
-    def _fields(self) -> tuple:
-        return (self.newest, self.count)
 
 
 class CheckpointReshapeFailed(WorkerFailure):
@@ -108,9 +100,6 @@ class CheckpointReshapeFailed(WorkerFailure):
         self.step, self.checkpoint, self.reason = step, checkpoint, reason
         self.saved, self.world = saved, world
 
-    def _fields(self) -> tuple:
-        return (self.step, self.checkpoint, self.saved, self.world, self.reason)
-
 
 class ResumeUnchecked(WorkerFailure):
     """The checkpoint `checkpoint` Ray Train handed (or the restore fell back to) was written under
@@ -123,6 +112,3 @@ class ResumeUnchecked(WorkerFailure):
         )
         super().__init__(f"the checkpoint {checkpoint} was written under other settings and {against}")
         self.checkpoint, self.checked = checkpoint, checked
-
-    def _fields(self) -> tuple:
-        return (self.checkpoint, self.checked)

@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 from pydantic import BaseModel
 
 from kto_ray.errors import UserError
-from kto_ray.storage import Location, is_uri, read_text, resolve
+from kto_ray.storage import Location, first_line, is_uri, read_text, resolve
 
 _CHUNK = 8 << 20
 
@@ -47,30 +47,15 @@ def crc32_hex(value: int) -> str:
     return f"{value & 0xFFFFFFFF:08x}"
 
 
-def crc32_stream(stream) -> tuple[int, str]:
-    """Size and CRC-32 of what a readable stream holds, read in 8 MiB chunks."""
-    crc, size = 0, 0
-    while chunk := stream.read(_CHUNK):
-        crc = zlib.crc32(chunk, crc)
-        size += len(chunk)
-    return size, crc32_hex(crc)
-
-
-def local_entry(folder: Path, relative: str) -> FileEntry:
-    with (folder / relative).open("rb") as stream:
-        size, crc = crc32_stream(stream)
-    return FileEntry(path=relative, size=size, crc32=crc)
-
-
-def local_entries(folder: Path, relatives: Iterable[str]) -> list[FileEntry]:
-    return [local_entry(folder, r) for r in sorted(relatives)]
-
-
 def entry_of(location: Location, relative: str) -> FileEntry:
-    """The entry of `<location>/<relative>`, read through its file system (local or object storage)."""
+    """The entry of `<location>/<relative>`, read through its file system (local or object storage) in
+    8 MiB chunks."""
+    crc, size = 0, 0
     with location.fs.open_input_stream(location.join(relative).path) as stream:
-        size, crc = crc32_stream(stream)
-    return FileEntry(path=relative, size=size, crc32=crc)
+        while chunk := stream.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return FileEntry(path=relative, size=size, crc32=crc32_hex(crc))
 
 
 def sizes_under(location: Location) -> dict[str, int]:
@@ -102,9 +87,7 @@ def check_entry(location: Location, entry: FileEntry) -> Problem | None:
     except FileNotFoundError:
         return entry_size_problem(entry, None)
     except OSError as err:
-        return Problem(
-            entry.path, f"unreadable ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
-        )
+        return Problem(entry.path, f"unreadable ({first_line(err)})")
     if found.size != entry.size:
         return entry_size_problem(entry, found.size)
     if found.crc32 != entry.crc32:
@@ -114,7 +97,7 @@ def check_entry(location: Location, entry: FileEntry) -> Problem | None:
 
 def check_local(folder: Path, entry: FileEntry) -> Problem | None:
     """`check_entry` for a local folder."""
-    return check_entry(Location(pafs.LocalFileSystem(), str(folder), str(folder)), entry)
+    return check_entry(resolve(folder), entry)
 
 
 # A folder's file lists: a checkpoint's (one per rank) and an exported model folder's (`final/`,
@@ -130,9 +113,8 @@ def list_name(rank: int) -> str:
 
 def write_file_list(folder: Path, step: int, rank: int, world: int) -> None:
     """Rank `rank`'s list of the files in its local checkpoint folder (every file but the lists)."""
-    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
-    files = [f for f in files if not _LIST.match(f)]
-    entries = local_entries(folder, files)
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    entries = [entry_of(resolve(folder), name) for name in names if not _LIST.match(name)]
     text = {
         "version": LIST_VERSION,
         "step": step,
@@ -192,18 +174,7 @@ def size_problem(location: Location) -> Problem | None:
     """The first problem of a checkpoint at `location` found without reading its files: a missing
     list, a missing file or another size (one LIST of the folder)."""
     lists = lists_at(location)
-    if lists.problem is not None:
-        return lists.problem
-    problems = check_sizes(lists.entries(), sizes_under(location))
-    return problems[0] if problems else None
-
-
-def full_problems(location: Location) -> list[Problem]:
-    """Every problem of a checkpoint (or `final/`) at `location`, each file read whole."""
-    lists = lists_at(location)
-    if lists.problem is not None:
-        return [lists.problem]
-    return [p for e in lists.entries() if (p := check_entry(location, e)) is not None]
+    return lists.problem or next(iter(check_sizes(lists.entries(), sizes_under(location))), None)
 
 
 def check_model_folder(path: str) -> None:
@@ -215,10 +186,11 @@ def check_model_folder(path: str) -> None:
     location = resolve(path)
     if read_text(location.join(list_name(0))) is None:
         return
-    problems = full_problems(location)
-    if problems:
+    lists = lists_at(location)
+    problem = lists.problem or next((p for e in lists.entries() if (p := check_entry(location, e))), None)
+    if problem is not None:
         raise UserError(
-            f"model folder {location}: file {problems[0].path} is damaged ({problems[0].what}); "
+            f"model folder {location}: file {problem.path} is damaged ({problem.what}); "
             f"`kto-ray verify {location}` lists every problem"
         )
 

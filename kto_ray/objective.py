@@ -1,32 +1,20 @@
-"""The KTO objective in one place: the loss as pure functions on tensors, z0 from sums, the metrics as
-additive sums, and lambda_D (DESIGN.md, "The math"). No model, no process group.
+"""The KTO objective (DESIGN.md, "The math"): the loss as pure functions on tensors, z0 from sums, the
+metrics as additive sums, and lambda_D. No model, no process group: the distributed z0
+(`kto_ray.training.distributed.global_kl`) and the metrics' reduce function are passed in.
 
     r         = logp_policy(x, y) - logp_ref(x, y)              (summed completion log-probs)
     z0        = max(0, mean of logp_policy - logp_ref over the mismatched KL pairs), detached
     desirable:   lambda_D * (1 - sigmoid(beta * (r - z0)))
     undesirable: lambda_U * (1 - sigmoid(beta * (z0 - r)))
 
-The distributed z0 (one all-reduce of sum and count, `kto_ray.training.distributed.global_kl`) is
-computed there and passed in.
-
-Metrics (`KTOSums`), one definition for the training step, eval during training and `kto-ray evaluate`
-(DESIGN.md, "The run dir contract", `metrics.jsonl`).
-
-A `KTOSums` accumulates micro-batches (`add`), is summed over the ranks with one all-reduce of its
-stacked values (`reduce`), and then turns into metrics (`to_metrics`). Sums, not means, so a result
-does not depend on how rows were split over micro-batches and ranks; a rank without rows adds zeros.
-
-When a class is absent (no desirable or no undesirable row in the global batch or split):
-- `rewards/<class>` and `logps/<class>` of the absent class are 0.0 (the mean of no rows);
-- `rewards/margins` and `logps/margin` are 0.0 when EITHER class is absent: a margin against a class
-  that has no rows means nothing;
-- `loss` and `reward_accuracy` are over all rows, 0.0 when there are none; counts are plain sums.
-
-Implied-reward accuracy: a desirable row counts when r > z0, an undesirable one when r < z0, a tie
-r = z0 counts half (r = logp_policy - logp_ref). `aux_loss` (training steps of MoE models,
+`KTOSums` is the one definition of the metrics for the training step, eval during training and
+`kto-ray evaluate` (DESIGN.md, "The run dir contract"): sums, not means, so a result does not depend on
+how rows were split over micro-batches and ranks (a rank without rows adds zeros). When a class has no
+row in the global batch or split, its `rewards/<class>` and `logps/<class>` are 0.0, and so are
+`rewards/margins` and `logps/margin` (a margin against a class with no rows means nothing); `loss` and
+`reward_accuracy` are over all rows, 0.0 when there are none. Implied-reward accuracy counts a desirable
+row when r > z0, an undesirable one when r < z0, a tie r = z0 half. `aux_loss` (MoE training steps,
 `kto_ray/models/moe.py`) is the mean over rows of their micro-batch's router load-balancing loss.
-Pure tensors, no process group: the reduce function is passed in
-(`kto_ray.training.distributed.all_reduce_sum`, or the identity on one process).
 """
 
 from __future__ import annotations
@@ -87,11 +75,6 @@ def mean_from_sum(ratio_sum: torch.Tensor, count: torch.Tensor | int) -> torch.T
     return ratio_sum.detach().float() / count.clamp(min=1.0)
 
 
-def z0_from_sum(ratio_sum: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
-    """Clamped mean from a sum and a count."""
-    return mean_from_sum(ratio_sum, count).clamp(min=0.0)
-
-
 def kto_loss(
     policy_logps: torch.Tensor,
     ref_logps: torch.Tensor,
@@ -102,11 +85,8 @@ def kto_loss(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
 ) -> KTOLossOutput:
-    """KTO loss of each row (Ethayarajh et al. 2024, eq. 8), as TRL and HALOs compute it.
-
-    Rows of either class may be absent: the result is finite for one-class and empty batches (the
-    mean of no rows is 0).
-    """
+    """KTO loss of each row (Ethayarajh et al. 2024, eq. 8), as TRL and HALOs compute it; finite for
+    one-class and empty batches (the mean of no rows is 0)."""
     log_ratio = policy_logps.float() - ref_logps.float()
     z0 = torch.as_tensor(z0, dtype=log_ratio.dtype, device=log_ratio.device).detach()
     desirable = desirable.to(device=log_ratio.device, dtype=torch.bool)

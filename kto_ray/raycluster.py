@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from kto_ray.console import ray_init_options
 
@@ -23,14 +23,12 @@ def ray_session(address: str | None = None) -> Iterator[None]:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
-        ray.init(address=address, **ray_init_options())
-        try:
-            yield
-        finally:
-            ray.shutdown()
-        return
-    with no_state_api_lookup():
-        ray.init(address="local", include_dashboard=False, dashboard_host="127.0.0.1", **ray_init_options())
+        started, options = nullcontext(), {"address": address}
+    else:
+        started = no_state_api_lookup()
+        options = {"address": "local", "include_dashboard": False, "dashboard_host": "127.0.0.1"}
+    with started:
+        ray.init(**options, **ray_init_options())
         try:
             yield
         finally:

@@ -58,10 +58,6 @@ class Location:
     def join(self, *parts: str) -> Location:
         return Location(self.fs, "/".join([self.path.rstrip("/"), *parts]), self.given)
 
-    def uri(self, *parts: str) -> str:
-        """The location as a string Ray Data accepts together with `fs` (a path inside it)."""
-        return self.join(*parts).path if parts else self.path
-
     def __str__(self) -> str:
         return display(self.given)
 
@@ -104,16 +100,11 @@ def s3_region() -> str | None:
 
 def _s3() -> pafs.S3FileSystem:
     # The endpoint is put into the file system object (not left to the SDK's environment lookup) so
-    # that a pickled copy, as Ray Data ships to its write tasks, talks to the same server.
+    # that a pickled copy, as Ray Data ships to its write tasks, talks to the same server. Region and
+    # endpoint None, and scheme https, are pyarrow's defaults.
     endpoint = s3_endpoint()
-    options = {}
-    if endpoint:
-        options["endpoint_override"] = endpoint
-        options["scheme"] = "https" if endpoint.startswith("https") else "http"
-    region = s3_region()
-    if region:
-        options["region"] = region
-    return pafs.S3FileSystem(**options)
+    scheme = "http" if endpoint and not endpoint.startswith("https") else "https"
+    return pafs.S3FileSystem(region=s3_region(), endpoint_override=endpoint, scheme=scheme)
 
 
 def first_line(err: Exception) -> str:

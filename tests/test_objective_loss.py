@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kto_ray.objective import completion_logps, kl_raw, kl_z0, kto_loss, z0_from_sum
+from kto_ray.objective import completion_logps, kl_raw, kl_z0, kto_loss, mean_from_sum
 
 
 def test_kto_loss_hand_computed_numbers():
@@ -73,7 +73,7 @@ def test_z0_is_detached_and_clamped():
     assert kl_raw(torch.tensor([-7.0, -5.0]), torch.tensor([-6.0, -3.0])).item() == -1.5  # [-1, -2]
     assert kl_raw(torch.tensor([]), torch.tensor([])).item() == 0.0
     assert kl_z0(torch.tensor([]), torch.tensor([])).item() == 0.0
-    torch.testing.assert_close(z0_from_sum(torch.tensor(3.0), 4), torch.tensor(0.75))
+    torch.testing.assert_close(mean_from_sum(torch.tensor(3.0), 4), torch.tensor(0.75))
 
 
 def test_completion_logps_hand_computed():

@@ -12,33 +12,12 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
-from kto_ray.config.cluster import ClusterConfig, DeepSpeedConfig, WorkerRange
+from kto_ray.config.cluster import ClusterConfig, DeepSpeedConfig
+from kto_ray.config.cluster import WorkerRange as WorkerRange
 from kto_ray.config.data import DataConfig, ModelConfig, PrecomputeConfig, ReferenceConfig, StoreConfig
 from kto_ray.config.section import Section
 from kto_ray.config.training import LoraConfig, RunConfig, TrainConfig
 from kto_ray.errors import UserError
-
-__all__ = [
-    "ClusterConfig",
-    "DataConfig",
-    "DeepSpeedConfig",
-    "KTOConfig",
-    "LoraConfig",
-    "ModelConfig",
-    "PrecomputeConfig",
-    "ReferenceConfig",
-    "RunConfig",
-    "Section",
-    "StoreConfig",
-    "TrainConfig",
-    "WorkerRange",
-    "config_from_dict",
-    "describe_invalid",
-    "dump_config",
-    "load_config",
-    "parse_override",
-    "with_absolute_paths",
-]
 
 
 class KTOConfig(Section):

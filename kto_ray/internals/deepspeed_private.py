@@ -5,7 +5,8 @@
 - `optimizer.clear_backward_seen_flag()`: what `engine.forward` runs first, so ZeRO counts a
   micro-step when the module is called directly (the chunked log-probs need the decoder's output).
 - `deepspeed.ops.__compatible_ops__`: marks the CPU shared-memory all-reduce op unavailable, so it is
-  never JIT-built; ZeRO training never calls it.
+  never JIT-built; only DeepSpeed's inference kernels (`inference_all_reduce`, tensor-parallel layers)
+  call it, never ZeRO training.
 - `ds_to_universal.main(argparse.Namespace)`: the checkpoint converter has no function API.
 - mlflow hidden from `import deepspeed`: its autotuner imports mlflow when installed (~1 s per worker).
 """
@@ -20,9 +21,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 WRITTEN_AGAINST = "0.19.8"
-
-# DeepSpeed's op for its shared-memory all-reduce on CPU, used only by its inference kernels
-# (`inference_all_reduce`, tensor-parallel layers), never by ZeRO training.
 SHM_COMM_OP = "deepspeed_shm_comm"
 
 

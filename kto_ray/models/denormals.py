@@ -13,11 +13,9 @@ are already below 1.18e-38, far under float32's resolution of anything they are 
 8 steps end on bit-identical weights either way (`--subnormals`). GPUs flush in their fast paths anyway.
 
 The x86 control register (MXCSR) is per thread, and a thread copies its creator's when it starts:
-`flush_denormals` sets the calling thread's, so it must run on the thread that computes, before that
-thread starts torch's intra-op (OpenMP) threads, which it creates on its first parallel op. Each entry
-point that runs model math calls it first: the training worker's loop, the reference stage's actor
-(construction and every batch), and model loading (`load_causal_lm`, which evaluation, `--generate` and
-the demo's check go through before they compute on the driver).
+`flush_denormals` sets the calling thread's, so each entry point that runs model math calls it first
+(the training worker's loop, the reference actor on construction and every batch, `load_causal_lm`),
+before the thread starts torch's intra-op (OpenMP) threads on its first parallel op.
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
 """What a causal LM's logits are, as a function of its linear LM head's output z: the one place that
-knows which model families transform z and how, read from transformers 5.24's modeling code.
-
-- tanh soft-capping (Gemma 2/3, VaultGemma, nanochat): logits = cap * tanh(z / cap),
-  cap = `final_logit_softcapping` (None: no capping);
-- constant scaling: Cohere / Cohere 2 multiply by `logit_scale`; Granite (dense, MoE, hybrid, SWA)
-  divides by `logits_scaling`, HyperCLOVA X multiplies by it (same name, opposite use: hence a table
-  of classes, not of config attributes).
-
-A model of another class whose config sets one of the known transform attributes may transform its
-logits in a way this table does not know: it takes the full-logits path (`head_transform` returns None).
+knows which model families transform z and how (`_FAMILIES`, read from transformers 5.24's modeling
+code). Granite divides by `logits_scaling` and HyperCLOVA X multiplies by it (same name, opposite use):
+hence a table of classes, not of config attributes. A model of another class whose config sets one of
+the known transform attributes may transform its logits in a way the table does not know: it takes the
+full-logits path (`head_transform` returns None).
 """
 
 from __future__ import annotations
@@ -31,10 +26,6 @@ class HeadTransform:
     multiplier: float = 1.0
     divisor: float = 1.0
     cap: float | None = None
-
-    @property
-    def identity(self) -> bool:
-        return self.multiplier == 1 and self.divisor == 1 and self.cap is None
 
     def logits_and_slope(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
         """The logits of z and d logits / d z (a tensor for a cap, else a constant); reuses z."""

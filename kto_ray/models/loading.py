@@ -92,11 +92,6 @@ def load_tokenizer(model: ModelConfig, path: str | None = None):
     return tokenizer
 
 
-def is_adapter_folder(path: str) -> bool:
-    """A LoRA adapter saved in PEFT's format (a LoRA run's final/), not a full model."""
-    return (Path(local_model_path(path)).expanduser() / ADAPTER_CONFIG).is_file()
-
-
 def _load_adapter(model: ModelConfig, dtype: torch.dtype, path: str, **placement: Any):
     """Base (as `base_model_name_or_path` names it, with the same safety settings) + the adapter,
     merged into plain weights: callers get an ordinary causal LM, as from a full export."""
@@ -125,7 +120,7 @@ def load_causal_lm(model: ModelConfig, dtype: torch.dtype, path: str | None = No
 
     flush_denormals()  # the caller computes with it on this thread next (kto_ray/models/denormals.py)
     path = local_model_path(path or model.path)
-    if is_adapter_folder(path):
+    if (Path(path).expanduser() / ADAPTER_CONFIG).is_file():
         return _load_adapter(model, dtype, path, **placement)
     _check_exists(path)
     try:

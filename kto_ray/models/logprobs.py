@@ -51,12 +51,8 @@ class PaddedBatch:
         return predicts_completion.nonzero(as_tuple=True)[0]
 
     def to(self, device: torch.device | str) -> PaddedBatch:
-        return PaddedBatch(
-            *(
-                t.to(device, non_blocking=True)
-                for t in (self.input_ids, self.attention_mask, self.completion_mask)
-            )
-        )
+        tensors = (self.input_ids, self.attention_mask, self.completion_mask)
+        return PaddedBatch(*(t.to(device, non_blocking=True) for t in tensors))
 
 
 def pad_sequences(
@@ -89,14 +85,11 @@ def sequence_logps(
 ) -> torch.Tensor:
     """Summed completion log-prob per row under `model` (float32; float64 for a float64 model).
 
-    With `chunk_tokens` set (and a model whose logits are a plain, soft-capped or scaled linear map of
-    the last hidden state, `kto_ray.models.heads`), the logits of at most that many completion tokens
-    exist at a time, in forward and in backward. With None, or for other models (said once), the full
-    logits are computed, from the position that predicts the batch's first completion token on
-    (transformers' `logits_to_keep`): prompts need no vocabulary projection. An MoE model whose
-    config sets `output_router_logits` is asked not to record them here. A packed batch
-    (`kto_ray.models.packing`) runs as one sequence where the model keeps its rows apart, else as the
-    padded batch of the same rows.
+    With `chunk_tokens` set (and a head `kto_ray.models.heads` knows), the logits of at most that many
+    completion tokens exist at a time, in forward and in backward. With None, or for other models (said
+    once), the full logits from the position that predicts the batch's first completion token on
+    (transformers' `logits_to_keep`). An MoE model is asked not to record router logits here. A packed
+    batch runs in the layout `kto_ray.models.packing.layout_for` picks.
     """
     return _sequence_logps(model, batch, chunk_tokens, router_logits=False)[0]
 
@@ -141,12 +134,11 @@ def _router_kwargs(model: torch.nn.Module, router_logits: bool) -> dict[str, boo
 def _full_sequence_logps(
     model: torch.nn.Module, batch: PaddedBatch, extra: dict[str, bool]
 ) -> tuple[torch.Tensor, RouterLogits | None]:
-    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
-    inputs.update(extra)
+    inputs = {**batch.model_inputs(), "use_cache": False, **extra}
     width = batch.input_ids.shape[1]
     first = _first_completion_position(batch.completion_mask)
     keep = width - first + 1
-    if keep < width and _accepts_logits_to_keep(model):
+    if keep < width and _accepts_logits_to_keep(type(model)):
         out = model(**inputs, logits_to_keep=keep)
         logps = completion_logps(out.logits, batch.input_ids[:, -keep:], batch.completion_mask[:, -keep:])
     else:
@@ -265,12 +257,8 @@ def _first_completion_position(completion_mask: torch.Tensor) -> int:
 
 
 @functools.cache
-def _accepts_logits_to_keep_type(model_type: type) -> bool:
+def _accepts_logits_to_keep(model_type: type) -> bool:
     return "logits_to_keep" in inspect.signature(model_type.forward).parameters
-
-
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    return _accepts_logits_to_keep_type(type(model))
 
 
 def length_buckets(

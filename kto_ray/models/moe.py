@@ -1,10 +1,6 @@
-"""Mixture-of-experts models: the router's load-balancing loss and ZeRO-3's expert blocks.
-
-Load balancing (as TRL's trainers do it): when the model's config sets `output_router_logits`, the
-policy pass adds `router_aux_loss_coef x aux_loss` to the KTO loss, where aux_loss is transformers' own
-function for the family (`load_balancing_loss_func` in its modeling module, called as the family's
-causal LM calls it: router logits, `num_experts`, `num_experts_per_tok`, attention mask). A family
-without such a function trains without the term, and says so once.
+"""Mixture-of-experts models: the router's load-balancing loss (as TRL's trainers add it, with
+transformers' own `load_balancing_loss_func` of the family, called as the family's causal LM calls it)
+and ZeRO-3's expert blocks.
 
 ZeRO-3: in transformers 5.24 every MoE family keeps its experts as one fused module (3-D parameters,
 no per-expert submodules) whose forward runs on every rank whatever the routing, so ZeRO-3 gathers the

@@ -1,18 +1,14 @@
-"""Padding-free packed batches: a micro-batch's rows concatenated into one sequence.
+"""Padding-free packed batches: a micro-batch's rows back to back in one sequence, position ids
+restarting at 0 at every row and no attention mask. transformers 5 reads that layout as packed: its
+masking utilities (`masking_utils.find_packed_sequence_indices`, called by `create_causal_mask` and the
+sliding-window and chunked variants when `position_ids` are given, the 2D attention mask is None and
+there is no cache) build a block-diagonal causal mask for the sdpa, eager and flex_attention kernels,
+and the flash-attention kernels turn the restarting positions into varlen `cu_seqlens` (GPU only). No
+padding token goes through the model, so a micro-batch costs its real tokens, not rows x its longest row.
 
-A `PackedBatch` holds rows back to back in one [1, tokens] sequence, with position ids restarting at 0
-at every row and no attention mask. transformers 5 reads that layout as packed: its masking utilities
-(`masking_utils.find_packed_sequence_indices`, called by `create_causal_mask` and the sliding-window
-and chunked variants when `position_ids` are given, the 2D attention mask is None and there is no
-cache) build a block-diagonal causal mask for the sdpa, eager and flex_attention kernels, and the
-flash-attention kernels turn the restarting positions into varlen `cu_seqlens` (GPU only). No padding
-token goes through the model, so a micro-batch costs its real tokens, not rows x its longest row.
-
-Whether a model keeps packed rows apart depends on its modeling code passing `position_ids` on to
-the mask (and the rotary or absolute position embeddings). Rather than trusting a list of families,
-`keeps_rows_apart` checks the model itself once: the same short row twice in one packed sequence
-must give the logits the row gets alone. A model that fails the check (or refuses `position_ids`)
-gets the padded batch instead, said once per model class and kernel.
+Whether a model keeps packed rows apart depends on its modeling code passing `position_ids` on to the
+mask and the position embeddings: rather than trusting a list of families, `keeps_rows_apart` checks
+the model itself once.
 """
 
 from __future__ import annotations
@@ -192,19 +188,20 @@ def layout_for(model: torch.nn.Module, batch: PackedBatch) -> PackedBatch | Padd
 
 
 def keeps_rows_apart(model: torch.nn.Module) -> bool:
-    """Whether `model` computes each row of a packed sequence as if it were alone (checked once).
-
-    The probe is one forward of one short row twice back to back, in eval mode without gradients;
-    under DeepSpeed ZeRO-3 every rank runs it at the same call, as every forward. A kernel or model
-    that leaks attention across rows, ignores the restarting positions or refuses `position_ids`
-    fails it, and its batches stay padded (said once per model class and kernel)."""
-    verdict = _VERDICTS.get(model)
-    if verdict is None:
-        verdict = _probe(model)
-        _VERDICTS[model] = verdict
-        if not verdict:
-            _say_fallback(model)
-    return verdict
+    """Whether `model` computes each row of a packed sequence as if it were alone, checked once by a
+    forward of one short row twice back to back (eval mode, no gradients; under ZeRO-3 every rank runs
+    it at the same call, as every forward). A kernel or model that leaks attention across rows, ignores
+    the restarting positions or refuses `position_ids` fails, and its batches stay padded (said once per
+    model class and kernel)."""
+    if model not in _VERDICTS:
+        _VERDICTS[model] = _probe(model)
+        said = (type(model).__name__, str(attention_kernel(model.config, "unknown")))
+        if not _VERDICTS[model] and said not in _SAID:
+            _SAID.add(said)
+            log.warning(
+                "%s with %s attention does not keep packed rows apart: its batches stay padded", *said
+            )
+    return _VERDICTS[model]
 
 
 def _probe(model: torch.nn.Module) -> bool:
@@ -235,15 +232,3 @@ def _probe(model: torch.nn.Module) -> bool:
     return all(
         bool(torch.allclose(x, alone, rtol=tolerance, atol=tolerance * scale)) for x in (first, second)
     )
-
-
-def _say_fallback(model: torch.nn.Module) -> None:
-    kernel = str(attention_kernel(model.config, "unknown"))
-    key = (type(model).__name__, kernel)
-    if key not in _SAID:
-        _SAID.add(key)
-        log.warning(
-            "%s with %s attention does not keep packed rows apart: its batches stay padded",
-            type(model).__name__,
-            kernel,
-        )

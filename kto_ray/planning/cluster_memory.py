@@ -1,8 +1,4 @@
-"""The memory one worker may use on the connected Ray cluster, which `deepspeed.stage: auto` and
-`cluster.release_host_memory: auto` plan against (unless `deepspeed.worker_memory_gib` says it): one
-GPU's total memory (a zero-CPU task on one GPU), or on CPU workers the RAM Ray reports for all nodes
-(its `memory` and `object_store_memory` resources) divided by the most workers.
-"""
+"""The memory one worker may use on the connected Ray cluster."""
 
 from __future__ import annotations
 
@@ -10,14 +6,16 @@ from kto_ray.config import KTOConfig
 
 
 def worker_memory_bytes(cfg: KTOConfig) -> float:
-    """Memory one worker may use on the connected Ray cluster (see the module docstring)."""
+    """What `deepspeed.stage: auto` and `cluster.release_host_memory: auto` plan against (unless
+    `deepspeed.worker_memory_gib` says it): one GPU's total memory (a zero-CPU task on one GPU), or on
+    CPU workers the RAM Ray reports for all nodes (`memory` + `object_store_memory`) over the most workers."""
     import ray
 
     if cfg.cluster.use_gpu:
         return float(ray.get(ray.remote(num_gpus=1, num_cpus=0)(_gpu_memory).remote()))
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     ram = sum(r.get("memory", 0) + r.get("object_store_memory", 0) for r in nodes)
-    return ram / cfg.cluster.worker_range[1]  # the most workers share the nodes' RAM
+    return ram / cfg.cluster.worker_range[1]
 
 
 def _gpu_memory() -> int:

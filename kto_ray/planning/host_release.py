@@ -5,8 +5,7 @@ keeping freed ZeRO-3 gathers and activations on its heap put peaks ~270-290 MiB 
 step, and a 630M full fine-tune (plan 9.7 GiB per worker) ran out of memory at its third step without it
 (docs/benchmarks/worker-memory-2026-12-01.md). So it is on only where the plan leaves little room for
 that: a planned peak above NEAR_RAM of the worker's memory (a judgement, not a measured edge). GPU
-workers hold their model states in GPU memory and gain little. One decision, used by the driver
-(`kto_ray/training/resume/stage.py`) and `kto-ray plan`'s advice.
+workers hold their model states in GPU memory and gain little.
 """
 
 from __future__ import annotations

@@ -65,9 +65,13 @@ class StageChoice:
     reason: str
 
     @property
+    def setting(self) -> str:
+        """The name of its offload setting (SETTINGS)."""
+        return next(n for n, o, p in SETTINGS if (o, p) == (self.offload_optimizer, self.offload_params))
+
+    @property
     def label(self) -> str:
-        offload = next(n for n, o, p in SETTINGS if (o, p) == (self.offload_optimizer, self.offload_params))
-        return f"ZeRO-{self.stage}" + ("" if offload == SETTINGS[0][0] else f" with {offload}")
+        return f"ZeRO-{self.stage}" + ("" if self.setting == SETTINGS[0][0] else f" with {self.setting}")
 
 
 @dataclass(frozen=True)
@@ -103,34 +107,18 @@ class Plan:
         return next(s for s in self.settings if s.name == name)
 
 
-def precompute_actor_bytes(cfg: KTOConfig, arch: Architecture) -> float:
-    """A precompute actor holds the whole reference on one device and scores one model batch at a time."""
-    weights, batch = _precompute_parts(cfg, arch)
-    return weights + batch
-
-
-def precompute_gpus_needed(cfg: KTOConfig, arch: Architecture, budget: float, overhead: float) -> int | None:
-    """GPUs one precompute actor needs when its reference is spread over them (device_map): the
-    weights divide, the batch's activations and logits (and the overhead) sit on every GPU in turn.
-    None when even the batch alone does not fit one GPU."""
-    weights, batch = _precompute_parts(cfg, arch)
-    room = budget - batch - overhead
-    return math.ceil(weights / room) if room > 0 else None
-
-
 def _precompute_parts(cfg: KTOConfig, arch: Architecture) -> tuple[float, float]:
-    """(reference weights, one model batch's activations + logits) of a precompute actor, bytes."""
+    """(reference weights, one model batch's activations + logits) of a precompute actor, bytes: it
+    holds the whole reference and scores one model batch at a time."""
     on_gpu, seq = cfg.precompute.gpus_per_actor > 0, cfg.data.max_length
     elem = {"float32": 4, "bfloat16": 2, "float16": 2}.get(cfg.precompute.dtype, 2 if on_gpu else 4)
     # Length bucketing caps a model batch at batch_rows rows and (if set) batch_tokens padded tokens.
     tokens = cfg.precompute.batch_rows * seq
     if cfg.precompute.batch_tokens:
         tokens = max(seq, min(tokens, cfg.precompute.batch_tokens))
-    weights = arch.total_params * elem
     chunk = cfg.model.logprob_chunk_tokens
-    return weights, layer_activation_bytes(arch, tokens, 1, elem) + logits_bytes(
-        arch, tokens, elem == 2, chunk
-    )
+    batch = layer_activation_bytes(arch, tokens, 1, elem) + logits_bytes(arch, tokens, elem == 2, chunk)
+    return arch.total_params * elem, batch
 
 
 def rows_per_forward(cfg: KTOConfig) -> int:
@@ -206,14 +194,15 @@ def plan(
     zero2_total = zero2 + zero2_ref + acts + logits + overhead
     choice = choose_stage(zero2_total, settings, budget, "GPU" if cfg.cluster.use_gpu else "worker")
     if ds.stage == "auto":
-        configured = next(
-            n for n, o, p in SETTINGS if (o, p) == (choice.offload_optimizer, choice.offload_params)
-        )
+        configured = choice.setting
     runs_zero2 = ds.stage == 2 or (ds.stage == "auto" and choice.stage == 2)
     peak = zero2_total if runs_zero2 else next(s.gpu_total for s in settings if s.name == configured)
     release = decide_release(cfg.cluster.use_gpu, peak, budget)
-    pre = precompute_actor_bytes(cfg, arch) + (overhead if cfg.precompute.gpus_per_actor > 0 else 0)
-    pre_gpus = precompute_gpus_needed(cfg, arch, budget, overhead)
+    weights, pre_batch = _precompute_parts(cfg, arch)
+    pre = weights + pre_batch + (overhead if cfg.precompute.gpus_per_actor > 0 else 0)
+    # Spread over GPUs (device_map), the weights divide; the batch and the overhead sit on each in turn.
+    room = budget - pre_batch - overhead
+    pre_gpus = math.ceil(weights / room) if room > 0 else None
     advice: list[str] = []
     result = Plan(
         model=cfg.model.path,
