@@ -69,7 +69,7 @@ def _check_model_folder(folder: Path) -> None:
         if gguf:
             raise UserError(
                 f"model folder {folder} holds only GGUF weights ({gguf[0]}): convert it to a Hugging Face "
-                "folder (config.json + safetensors), e.g. with python -m kto_ray.assets.smollm2"
+                "folder (config.json + safetensors; transformers reads GGUF: from_pretrained(gguf_file=...))"
             )
         raise UserError(f"model folder {folder} has no config.json: not a Hugging Face model folder")
     if not any(next(folder.glob(pattern), None) for pattern in _WEIGHTS):

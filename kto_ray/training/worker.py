@@ -1,9 +1,9 @@
-"""The Ray Train worker loop: build the DeepSpeed engine, restore, step, log, checkpoint, export.
+"""The Ray Train worker: a `Trainer` that builds the DeepSpeed engine, restores, steps, logs, checkpoints
+and exports.
 
 Everything a worker needs arrives in its LoopConfig (`training/schedule/loop_config.py`), never through
 globals or the ambient environment. Each worker reads only its own micro-batches' rows, the next
-step's while the current one computes. The clean-up `_setup` registers (rows closed, trackers finished,
-as failed when a step raised) runs on every exit; the export follows a run that finished.
+step's while the current one computes.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import contextlib
 import os
 import socket
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -91,11 +90,13 @@ def _where_am_i(rank: int) -> dict[str, Any]:
     }
 
 
-@dataclass
-class WorkerRun:
-    """One worker's run, as `_setup` built it: what the step loop reads."""
+class Trainer:
+    """One worker's training (torchtitan's `Trainer`, torchtune's recipe): the components below, which
+    `setup` builds in the order they must be made; `train` runs the steps (`step`, then `evaluate` and
+    `save` when due); `close` (or leaving `with`) closes what `setup` opened, in reverse order, on every
+    exit: rows closed, trackers finished (as failed when a step raised); `finish` exports a finished run.
+    """
 
-    loop: LoopConfig
     rank: int
     world: int
     device: torch.device
@@ -111,11 +112,179 @@ class WorkerRun:
     eval_table: pa.Table | None  # with train.eval_every or eval_at_end: the whole eval split, every rank
     trackers: list[Tracker]  # rank 0 only
 
-    @property
-    def cfg(self) -> KTOConfig:
-        return self.loop.config
+    def __init__(self, loop: LoopConfig, timeline: Timeline):
+        self.loop, self.cfg, self.timeline = loop, loop.config, timeline
+        self.run_dir = RunDir.of(self.cfg)
+        self._teardown = contextlib.ExitStack()
 
-    def prefetch(self, step: int) -> None:
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        return self.close(exc_type, exc, tb)
+
+    def setup(self) -> None:
+        """Every component, in order; what needs closing goes on the teardown as soon as it is opened, so
+        a failure half-way closes what was opened before it."""
+        loop, cfg, timeline, teardown = self.loop, self.cfg, self.timeline, self._teardown
+        context = ray.train.get_context()
+        self.rank, self.world = rank, world = context.get_world_rank(), context.get_world_size()
+        accumulation_steps = accumulation(loop.global_batch, world, cfg.train.micro_batch_size)
+        torch.manual_seed(cfg.train.seed + rank)
+        if cfg.cluster.release_host_memory is True:  # the driver resolved auto (planning/host_release.py)
+            host_memory.fix_malloc_thresholds()  # before the model loads: freed tensors leave RSS
+        init_deepspeed_comm(cfg.cluster.use_gpu)
+        timeline.mark("deepspeed import, comm backend")
+        self.device = _device(cfg)
+        teardown.push(_stop_together)  # first on, so last off: after every other clean-up
+
+        os.environ.update(loop.storage_env)  # before the store is opened here
+        self.reader, self.schedule = _open_rows(loop.train_rows, cfg, world, accumulation_steps)
+        teardown.callback(self.reader.close)
+        self.tokenizer = load_tokenizer(cfg.model)
+        timeline.mark("rows opened, tokenizer")
+        hidden_size = hidden_size_of(cfg.model)
+        ds_config = deepspeed_config(cfg, world, hidden_size=hidden_size, accumulation=accumulation_steps)
+        self.engine = build_policy_engine(cfg, ds_config, loop.total_steps)
+        self.reference = online_reference(cfg, self.engine, world)  # with LoRA: the policy, adapters off
+        host_memory.release()  # what loading and DeepSpeed's set-up freed
+        timeline.mark("model load, deepspeed engine")
+
+        # reshaped if `world` changed; only a checkpoint under a run state the driver checked
+        restored = restore(self.engine, rank, world, cfg.run.scratch_dir, loop.checked, loop.run_state)
+        self.start_step, self.damaged = restored.step, restored.damaged
+        if (
+            self.start_step
+        ):  # this start's learning rate, schedule and optimizer settings, not the checkpoint's
+            refresh_optimizer_settings(self.engine, cfg)
+        timeline.mark("checkpoint restore")
+        placement = gather_objects(_where_am_i(rank))  # a collective: every rank
+        if rank == 0:  # this group's entry in the run's history of worker groups
+            record_group(self.run_dir, self.start_step, placement)
+        self.trackers = []
+        if rank == 0 and cfg.run.report_to:
+            config = cfg.model_dump(mode="json")
+            folder, env = self.run_dir.folder, loop.tracking_env
+            started = started_trackers(cfg.run.report_to, config, folder, self.start_step, env)
+            self.trackers = teardown.enter_context(started)
+        timeline.mark("workers.json, trackers")
+        self.settings = LossSettings(cfg.train.beta, loop.desirable_weight, cfg.train.undesirable_weight)
+        self.log = MetricsLog(self.run_dir, self.start_step) if rank == 0 else None
+        self.eval_table = _whole(loop.eval_rows) if loop.eval_rows is not None else None
+
+    def train(self) -> None:
+        """The steps from the restored one to the last: each logged, evaluated and checkpointed when due."""
+        cfg, total_steps = self.cfg, self.loop.total_steps
+        self.engine.train()
+        self._last_checkpoint = self.start_step
+        if self.start_step < total_steps:
+            self._prefetch(self.start_step)
+        for step in range(self.start_step, total_steps):
+            done = step + 1
+            metrics = self.step(step)
+            if cfg.cluster.release_host_memory is True:
+                host_memory.release()  # the step's freed gathers and activations (host_memory.py)
+            if self.eval_table is not None and cfg.train.evaluates_after(done, total_steps):
+                metrics.update({f"eval/{key}": value for key, value in self.evaluate().items()})
+            if self.log is not None:
+                self.log.write(metrics)
+            for tracker in self.trackers:  # rank 0 only: live, the same record as metrics.jsonl
+                tracker.log(done, metrics)
+            if done % cfg.run.checkpoint_every == 0 or done == total_steps:
+                self.save(done, metrics)
+        self.timeline.mark(f"steps {self.start_step + 1}-{total_steps} and their checkpoints")
+
+    def step(self, step: int) -> dict[str, Any]:
+        """One optimizer step (0-based `step`) and its metrics record; raises NonFiniteStep naming it."""
+        cfg = self.cfg
+        began = time.perf_counter()
+        learning_rate = self.engine.get_lr()[0]  # the rate this step applies
+        parts = [self.reader.take(rows) for rows in self.schedule.rows_for(step, self.rank)]
+        if step + 1 < self.loop.total_steps:  # read the next step's rows while this one computes
+            self._prefetch(step + 1)
+        packed = cfg.model.packs(mixed_lengths=not cfg.train.group_by_length)
+        pad_id = self.tokenizer.pad_token_id
+        budget, filler = cfg.train.micro_batch_tokens, None
+        if budget is None:
+            batches = [collate(part, np.arange(len(part)), pad_id, packed) for part in parts]
+        else:  # the same rows, re-cut by tokens (training/schedule/token_budget.py)
+            batches, filler = budget_batches(pa.concat_tables(parts), budget, pad_id, packed)
+        try:
+            metrics = train_step(
+                self.engine,
+                batches,
+                self.settings,
+                all_reduce_sum,
+                self.world,
+                self.reference,
+                self.device,
+                chunk_tokens=cfg.model.logprob_chunk_tokens,
+                estimate_kl=cfg.train.loss == "kto",
+                router_aux=router_aux(self.engine.module) if cfg.train.router_aux_loss else None,
+                filler=filler,
+            )
+        except NonFiniteError as err:
+            raise NonFiniteStep(step + 1, str(err)) from None
+        seconds = time.perf_counter() - began
+        metrics.update(
+            {
+                "step": step + 1,
+                "epoch": step // self.schedule.steps_per_epoch,
+                "learning_rate": learning_rate,
+                "step_time": seconds,
+                "samples/s": metrics["rows"] / seconds,
+                "tokens/s": metrics["tokens"] / seconds,
+            }
+        )
+        return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        """The eval split's metrics after this step's update (eval_step.py)."""
+        return eval_metrics(
+            self.engine.module,
+            self.eval_table,
+            self.rank,
+            self.world,
+            self.cfg.train.micro_batch_size,
+            self.tokenizer.pad_token_id,
+            self.settings,
+            all_reduce_sum,
+            self.reference,
+            self.device,
+            chunk_tokens=self.cfg.model.logprob_chunk_tokens,
+            packed=self.cfg.model.packs(mixed_lengths=False),  # eval shards are sorted by length
+        )
+
+    def save(self, done: int, metrics: dict[str, Any]) -> None:
+        """Checkpoint after `done` steps and report it to Ray Train (a collective: every rank)."""
+        save_and_report(
+            self.engine,
+            done,
+            self.rank,
+            metrics,
+            self._last_checkpoint,
+            self.loop.run_state,
+            run_dir=self.run_dir,
+            world=self.world,
+            damaged=self.damaged,
+        )
+        self._last_checkpoint = done
+
+    def close(self, exc_type=None, exc=None, tb=None) -> bool:
+        """Close what `setup` opened, in reverse order (told the exception a step raised, if any)."""
+        suppressed = self._teardown.__exit__(exc_type, exc, tb)
+        self.timeline.mark("rows closed, trackers finished")
+        return suppressed
+
+    def finish(self) -> None:
+        """After a run that finished: the export (the full model, or the LoRA adapter), rank 0's timings."""
+        if self.cfg.run.export:
+            export_final(self.engine, self.tokenizer, self.cfg, self.rank)
+            self.timeline.mark("final export")
+        if self.rank == 0:
+            self.run_dir.write_text(RANK0_TIMINGS_FILE, self.timeline.as_json())
+
+    def _prefetch(self, step: int) -> None:
         for rows in self.schedule.rows_for(step, self.rank):
             self.reader.prefetch(rows)
 
@@ -125,81 +294,10 @@ def train_loop(train_loop_config: dict[str, Any]) -> None:
     flush_denormals()  # on this thread, before its first op starts the intra-op threads (denormals.py)
     timeline = Timeline()
     timeline.mark("worker start, imports")
-    loop = LoopConfig.from_train_loop_config(train_loop_config)
-    with contextlib.ExitStack() as teardown:
-        run = _setup(loop, teardown, timeline)
-        _train(run)
-        timeline.mark(f"steps {run.start_step + 1}-{run.loop.total_steps} and their checkpoints")
-    timeline.mark("rows closed, trackers finished")
-    if run.cfg.run.export:
-        export_final(run.engine, run.tokenizer, run.cfg, run.rank)  # the full model, or the LoRA adapter
-        timeline.mark("final export")
-    if run.rank == 0:
-        RunDir.of(run.cfg).write_text(RANK0_TIMINGS_FILE, timeline.as_json())
-
-
-def _setup(loop: LoopConfig, teardown: contextlib.ExitStack, timeline: Timeline) -> WorkerRun:
-    """Everything the steps need, in order; what needs closing goes on `teardown` as soon as it is
-    opened, so a failure half-way closes what was opened before it."""
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    cfg = loop.config
-    accumulation_steps = accumulation(loop.global_batch, world, cfg.train.micro_batch_size)
-    torch.manual_seed(cfg.train.seed + rank)
-    if cfg.cluster.release_host_memory is True:  # the driver resolved auto (planning/host_release.py)
-        host_memory.fix_malloc_thresholds()  # before the model loads: freed tensors leave RSS
-    init_deepspeed_comm(cfg.cluster.use_gpu)
-    timeline.mark("deepspeed import, comm backend")
-    device = _device(cfg)
-    teardown.push(_stop_together)  # first on, so last off: after every other clean-up
-
-    os.environ.update(loop.storage_env)  # before the store is opened here
-    reader, schedule = _open_rows(loop.train_rows, cfg, world, accumulation_steps)
-    teardown.callback(reader.close)
-    tokenizer = load_tokenizer(cfg.model)
-    timeline.mark("rows opened, tokenizer")
-    engine = build_policy_engine(
-        cfg,
-        deepspeed_config(cfg, world, hidden_size=hidden_size_of(cfg.model), accumulation=accumulation_steps),
-        loop.total_steps,
-    )
-    reference = online_reference(cfg, engine, world)  # with LoRA: the policy, adapters disabled
-    host_memory.release()  # what loading and DeepSpeed's set-up freed
-    timeline.mark("model load, deepspeed engine")
-
-    # reshaped if `world` changed; only a checkpoint under a run state the driver checked
-    restored = restore(engine, rank, world, cfg.run.scratch_dir, loop.checked, loop.run_state)
-    start_step = restored.step
-    if start_step:  # this start's learning rate, schedule and optimizer settings, not the checkpoint's
-        refresh_optimizer_settings(engine, cfg)
-    timeline.mark("checkpoint restore")
-    run_dir = RunDir.of(cfg)
-    placement = gather_objects(_where_am_i(rank))  # a collective: every rank
-    if rank == 0:  # this group's entry in the run's history of worker groups
-        record_group(run_dir, start_step, placement)
-    trackers: list[Tracker] = []
-    if rank == 0 and cfg.run.report_to:
-        config = cfg.model_dump(mode="json")
-        started = started_trackers(cfg.run.report_to, config, run_dir.folder, start_step, loop.tracking_env)
-        trackers = teardown.enter_context(started)
-    timeline.mark("workers.json, trackers")
-    return WorkerRun(
-        loop=loop,
-        rank=rank,
-        world=world,
-        device=device,
-        tokenizer=tokenizer,
-        engine=engine,
-        reference=reference,
-        reader=reader,
-        schedule=schedule,
-        settings=LossSettings(cfg.train.beta, loop.desirable_weight, cfg.train.undesirable_weight),
-        start_step=start_step,
-        damaged=restored.damaged,
-        log=MetricsLog(run_dir, start_step) if rank == 0 else None,
-        eval_table=_whole(loop.eval_rows) if loop.eval_rows is not None else None,
-        trackers=trackers,
-    )
+    with Trainer(LoopConfig.from_train_loop_config(train_loop_config), timeline) as trainer:
+        trainer.setup()
+        trainer.train()
+    trainer.finish()
 
 
 def _stop_together(exc_type, _exc, _tb) -> None:
@@ -209,98 +307,3 @@ def _stop_together(exc_type, _exc, _tb) -> None:
     (it died, or waits in a checkpoint report), and the ones here would wait for nothing."""
     if exc_type is not None and issubclass(exc_type, NonFiniteStep):
         gather_objects(None)  # a barrier
-
-
-def _train(run: WorkerRun) -> None:
-    """The steps from the restored one to the last: each logged, evaluated and checkpointed when due."""
-    cfg, total_steps = run.cfg, run.loop.total_steps
-    run.engine.train()
-    last_checkpoint = run.start_step
-    if run.start_step < total_steps:
-        run.prefetch(run.start_step)
-    for step in range(run.start_step, total_steps):
-        done = step + 1
-        metrics = _step(run, step)
-        if cfg.cluster.release_host_memory is True:
-            host_memory.release()  # the step's freed gathers and activations (host_memory.py)
-        if run.eval_table is not None and cfg.train.evaluates_after(done, total_steps):
-            metrics.update({f"eval/{key}": value for key, value in _evaluate(run).items()})
-        if run.log is not None:
-            run.log.write(metrics)
-        for tracker in run.trackers:  # rank 0 only: live, the same record as metrics.jsonl
-            tracker.log(done, metrics)
-        if done % cfg.run.checkpoint_every == 0 or done == total_steps:
-            save_and_report(
-                run.engine,
-                done,
-                run.rank,
-                metrics,
-                last_checkpoint,
-                run.loop.run_state,
-                run_dir=RunDir.of(cfg),
-                world=run.world,
-                damaged=run.damaged,
-            )
-            last_checkpoint = done
-
-
-def _step(run: WorkerRun, step: int) -> dict[str, Any]:
-    """One optimizer step (0-based `step`) and its metrics record; raises NonFiniteStep naming it."""
-    began = time.perf_counter()
-    learning_rate = run.engine.get_lr()[0]  # the rate this step applies
-    parts = [run.reader.take(rows) for rows in run.schedule.rows_for(step, run.rank)]
-    if step + 1 < run.loop.total_steps:  # read the next step's rows while this one computes
-        run.prefetch(step + 1)
-    packed = run.cfg.model.packs(mixed_lengths=not run.cfg.train.group_by_length)
-    pad_id = run.tokenizer.pad_token_id
-    budget, filler = run.cfg.train.micro_batch_tokens, None
-    if budget is None:
-        batches = [collate(part, np.arange(len(part)), pad_id, packed) for part in parts]
-    else:  # the same rows, re-cut by tokens (training/schedule/token_budget.py)
-        batches, filler = budget_batches(pa.concat_tables(parts), budget, pad_id, packed)
-    try:
-        metrics = train_step(
-            run.engine,
-            batches,
-            run.settings,
-            all_reduce_sum,
-            run.world,
-            run.reference,
-            run.device,
-            chunk_tokens=run.cfg.model.logprob_chunk_tokens,
-            estimate_kl=run.cfg.train.loss == "kto",
-            router_aux=router_aux(run.engine.module) if run.cfg.train.router_aux_loss else None,
-            filler=filler,
-        )
-    except NonFiniteError as err:
-        raise NonFiniteStep(step + 1, str(err)) from None
-    seconds = time.perf_counter() - began
-    metrics.update(
-        {
-            "step": step + 1,
-            "epoch": step // run.schedule.steps_per_epoch,
-            "learning_rate": learning_rate,
-            "step_time": seconds,
-            "samples/s": metrics["rows"] / seconds,
-            "tokens/s": metrics["tokens"] / seconds,
-        }
-    )
-    return metrics
-
-
-def _evaluate(run: WorkerRun) -> dict[str, float]:
-    """The eval split's metrics after this step's update (eval_step.py)."""
-    return eval_metrics(
-        run.engine.module,
-        run.eval_table,
-        run.rank,
-        run.world,
-        run.cfg.train.micro_batch_size,
-        run.tokenizer.pad_token_id,
-        run.settings,
-        all_reduce_sum,
-        run.reference,
-        run.device,
-        chunk_tokens=run.cfg.model.logprob_chunk_tokens,
-        packed=run.cfg.model.packs(mixed_lengths=False),  # eval shards are sorted by length
-    )

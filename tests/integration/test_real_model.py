@@ -54,7 +54,7 @@ def _no_weights(folder: Path, tiny_model: Path) -> None:
 
 BAD_FOLDERS = {
     "empty": (_empty, r"has no config\.json"),
-    "gguf_only": (_gguf_only, r"holds only GGUF weights .*python -m kto_ray\.assets"),
+    "gguf_only": (_gguf_only, r"only GGUF weights .*safetensors; transformers reads GGUF"),
     "no_weights": (_no_weights, r"has no weight files"),
 }
 
