@@ -226,10 +226,16 @@ def bench_config(model: Path, data: Path, root: Path, /, **sections: dict[str, A
     return make_config(model, data, root, defaults=BENCH_DEFAULTS, **sections)
 
 
+_smoke = False  # set by parse_args: this process is a --smoke run
+
+
 def shared_store(model: Path, data: Path) -> dict[str, str]:
     """A store section under artifacts/bench/stores/: benchmarks that only train reuse one store
-    (precompute reuses a store whose fingerprint matches and rebuilds nothing)."""
-    return {"path": str(CACHE / "stores" / f"{model.name}-{data.stem}")}
+    (precompute reuses a store whose fingerprint matches and rebuilds nothing). Smoke runs start several
+    benches at once (tests/test_bench.py), and a store has one writer at a time (its lease): each
+    bench's smoke run has its own."""
+    folder = CACHE / "stores" / (f"smoke-{Path(sys.argv[0]).stem}" if _smoke else "")
+    return {"path": str(folder / f"{model.name}-{data.stem}")}
 
 
 def alternating_runs(
@@ -330,9 +336,11 @@ def parse_args(parser: argparse.ArgumentParser, smoke: dict[str, Any]) -> argpar
     through the benchmark's real code path, seconds long, that prints its tables (tests/test_bench.py
     runs it). Its figures mean nothing."""
     parser.add_argument("--smoke", action="store_true", help="a few seconds through the real code path")
+    global _smoke
     args = parser.parse_args()
     if args.smoke:
         vars(args).update(smoke)
+        _smoke = True
     return args
 
 

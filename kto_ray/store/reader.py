@@ -30,8 +30,8 @@ from kto_ray.store.format import SCHEMA, ParquetOpened, Store, checked_read, ope
 
 _INDEX_COLUMNS = ["id", "split", "label", "prompt_ids", "completion_ids", "kl_completion_ids"]
 # Read by the scan too, unused: a few bytes a row, so their pages' checksums are verified on the driver
-# before any worker starts (a damaged log-prob stops the run before it trains on anything). The KL
-# completions, the one column left, are verified by the workers' reads.
+# before any worker starts (a damaged log-prob stops the run before it trains on anything). With the
+# index columns (the KL completions give a row's length) that is every column of the schema.
 _VERIFIED_COLUMNS = ["kl_id", "ref_logps", "ref_kl_logps"]
 # Open files (handle + parsed footer) a reader keeps: a cache hit saves a HEAD and a footer GET on S3.
 _OPEN_FILES = 256

@@ -13,6 +13,7 @@ a rank without rows adds zeros.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,18 +60,16 @@ def eval_metrics(
     if len(table) == 0:
         raise ValueError("the eval split is empty")
     lengths = row_lengths(table)
-    batches = [
-        collate(table, rows, pad_id, packed).to(device)
-        for rows in shard_batches(len(table), rank, world, micro_batch_size, lengths)
-    ]
+    batches = shard_batches(len(table), rank, world, micro_batch_size, lengths)
     real = len(batches)
-    filler = collate(table, np.array([int(np.argmin(lengths))]), pad_id, packed).to(device)
-    bound = most_batches(len(table), world, micro_batch_size)
-    batches = evened_out(batches, filler, bound, reduce, device)
+    filler = np.array([int(np.argmin(lengths))])  # the split's shortest row
+    batches = evened_out(batches, filler, most_batches(len(table), world, micro_batch_size), reduce, device)
     was_training = model.training
     model.eval()  # no dropout: the same numbers `kto-ray evaluate` gets from the exported model
     try:
-        shard = _score_shard(model, batches, real, reference, device, chunk_tokens)
+        # Each micro-batch is collated as it is scored: the shard never sits on the device whole.
+        scored = (collate(table, rows, pad_id, packed).to(device) for rows in batches)
+        shard = _score_shard(model, scored, real, reference, device, chunk_tokens)
     finally:
         model.train(was_training)
     z0, kl_raw, _ = global_kl(shard.kl_sum, len(shard.desirable), reduce)
@@ -92,7 +91,7 @@ class _ShardScores:
 
 def _score_shard(
     model: torch.nn.Module,
-    batches: list[KTOBatch],
+    batches: Iterable[KTOBatch],
     real: int,
     reference: ReferenceFn | None,
     device: torch.device | str,

@@ -136,8 +136,9 @@ def test_a_truncated_or_missing_file_is_found_by_a_listing(tmp_path):
 
 
 def test_a_worker_meets_a_damaged_kl_completion_page_before_training_on_it(tmp_path):
-    """The KL completions are the one column the driver's scan does not read: a worker's read of the
-    row group fails in one line, the other groups read on."""
+    """A page damaged after the driver's scan (which reads every column: a row's length needs the KL
+    completions): a worker's read of the row group fails in one line, the other groups read on, and
+    the next scan names it."""
     store = write_store(str(tmp_path / "store"), GROUPS, 100)
     index = SplitIndex.build(store, "train")
     path = store.files()[1]
@@ -151,6 +152,8 @@ def test_a_worker_meets_a_damaged_kl_completion_page_before_training_on_it(tmp_p
             reader.take([damaged[0]])
         kept = int(np.flatnonzero(index.group_file[index.row_group] == 0)[0])
         assert reader.take([kept]).num_rows == 1
+    with pytest.raises(StoreDamaged, match="CRC checksum verification failed"):
+        SplitIndex.build(store, "train")
 
 
 def test_verify_a_good_and_a_damaged_store(tmp_path):

@@ -26,7 +26,7 @@ from kto_ray.training.launch.tracking import (
     prepare_tracking,
     started_trackers,
 )
-from tests.conftest import read_metrics
+from tests.conftest import own_lines, read_metrics
 
 STEPS = 6
 CONFIG = {"model": {"path": "artifacts/tiny-llama"}, "train": {"beta": 0.1, "eval_every": 3}, "run": {}}
@@ -293,7 +293,7 @@ def test_cli_train_with_an_unreachable_tracker_exits_2_before_training(
     code = main(
         ["train", "--config", str(tmp_path / "config.yaml"), "--set", "run.report_to=[tensorboard, mlflow]"]
     )
-    err = capsys.readouterr().err.strip().splitlines()
+    err = own_lines(capsys.readouterr().err)
     assert code == 2
     assert len(err) == 1 and err[0].startswith("kto-ray: error: run.report_to: mlflow cannot use"), err
     assert not (tmp_path / "runs").exists()  # nothing written, nothing launched
