@@ -17,6 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 # the default `auto` would weigh each class by the small data's counts), uniformly drawn steps, padded
 # batches (packing's `auto` would pack the ungrouped steps). The defaults (length grouping, packing
 # `auto`) run in the demo's tests and in their own (test_batching, test_config, test_train's packed).
+# The eval split is a hash per row (about data.eval_fraction: read sizes from the store), and a step of a
+# few rows may hold one class only (its margins are then 0).
 TEST_DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"packed_batches": False},
     "precompute": {"bucket_rows": 128},
