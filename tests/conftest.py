@@ -30,7 +30,7 @@ def tiny_model() -> Path:
 @pytest.fixture(scope="session")
 def real_model() -> Path:
     """SmolLM2-135M-Instruct as a Hugging Face folder (`make real-model`; built here when missing)."""
-    from kto_ray.assets.smollm2 import build_smollm2
+    from tests.smollm2 import build_smollm2
 
     return build_smollm2(REPO / "artifacts" / "smollm2-135m-instruct")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kto_ray.tools import docs
+from scripts import reference_docs as docs
 
 REPO = Path(__file__).resolve().parents[1]
 # What commands create at run time, under the repository root or a run dir; never in a clean clone.

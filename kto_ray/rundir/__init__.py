@@ -1,11 +1,8 @@
 """A run dir in a local folder or under an object-storage URI (s3://, gs://), through kto_ray.storage.
 
-What lives there: `config.yaml` and `workers.json` (small files, replaced whole so a reader never sees
-part of one), `metrics.jsonl` (appended locally; `metrics/` segments on object storage, see
-kto_ray/rundir/metrics.py), `checkpoints/` (Ray Train's own, written through the same file system),
-`final/` and `merged/` (model folders, uploaded from a local staging folder with `config.json` or
-`adapter_config.json` last, so a folder that loads is complete). Readers on another machine
-(`evaluate`, `report`) fetch what they need into a local cache.
+Small files (`config.yaml`, `workers.json`) are replaced whole, so a reader never sees part of one;
+model folders (`final/`, `merged/`) are uploaded with `config.json` or `adapter_config.json` last, so
+a folder that loads is complete. Readers on another machine fetch what they need into a local cache.
 """
 
 from __future__ import annotations
@@ -59,9 +56,6 @@ class RunDir:
     def __str__(self) -> str:
         return display(self.given) if self.is_remote else self.location.path
 
-    def __repr__(self) -> str:
-        return f"RunDir({str(self)!r})"
-
     @property
     def is_remote(self) -> bool:
         return is_uri(self.given) and not self.location.is_local
@@ -77,6 +71,16 @@ class RunDir:
     def folder(self) -> Path | None:
         """The folder on this machine, or None for a run dir on object storage."""
         return None if self.is_remote else Path(self.location.path)
+
+    @property
+    def name(self) -> str:
+        """The last part of its path: the run's (or the sweep's) name."""
+        return self.location.path.rstrip("/").rsplit("/", 1)[-1]
+
+    def report_dir(self) -> Path:
+        """Where a report goes: <run dir>/report locally; ./<name>-report (to look at here) for a run
+        dir on object storage."""
+        return self.folder / "report" if self.folder else Path(f"{self.name}-report").absolute()
 
     def child(self, *parts: str) -> str:
         """A file or folder inside the run dir, as a string a user can read (URI or local path)."""
@@ -104,17 +108,16 @@ class RunDir:
         )
 
     def ray_storage(self) -> dict:
-        """Ray Train's RunConfig storage arguments: a local folder, or the path inside our configured
-        file system (so an S3 endpoint set in the environment is used for checkpoints too)."""
+        """Ray Train's RunConfig storage arguments; on object storage our configured file system, so an
+        S3 endpoint set in the environment is used for checkpoints too."""
         if not self.is_remote:
             return {"storage_path": self.location.path}
         return {"storage_path": self.location.path, "storage_filesystem": self.location.fs}
 
     def publish(self, staged: Path, name: str) -> None:
-        """Put the local folder `staged` at `<run dir>/<name>`, replacing what was there. Locally a
-        rename; on object storage an upload with `config.json` (`adapter_config.json`) last. The folder
-        first gets its file list with sizes and checksums (`files_rank0.json`, a checkpoint's format),
-        which `evaluate`, `report` and `verify` check."""
+        """Put the local folder `staged` at `<run dir>/<name>`, replacing what was there: locally a
+        rename, on object storage an upload with LAST_FILES last. It first gets its file list
+        (`files_rank0.json`, a checkpoint's format), which `evaluate`, `report` and `verify` check."""
         write_file_list(staged, 0, 0, 1)
         target = self.join(name)
         if not self.is_remote:
@@ -133,10 +136,9 @@ class RunDir:
     @contextlib.contextmanager
     def staging(self, name: str) -> Iterator[Path]:
         """A local folder to write `<name>` into, published when the block ends without an error."""
-        base = None  # object storage: the machine's temp folder
-        if not self.is_remote:  # inside the run dir, so publishing is a rename on one file system
-            self.local_path.mkdir(parents=True, exist_ok=True)
-            base = self.local_path
+        base = self.folder  # the run dir (publishing is a rename on one file system), or the temp folder
+        if base is not None:
+            base.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=base))
         try:
             yield tmp

@@ -20,7 +20,6 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 from kto_ray.conditional import ConditionsIgnored, Versioned, conditional_file
@@ -58,8 +57,10 @@ class Holder:
 
 
 class Lease:
-    """`acquire()` takes the lease or raises `LeaseHeld`; `release()` deletes it (storage errors are
-    passed on from acquire, swallowed on release). `check()` raises when another job took it over."""
+    """`acquire()` takes the lease or raises `LeaseHeld` (one line); `release()` deletes it (storage
+    errors are passed on from acquire, swallowed on release); `with Lease(...)` holds it for the block.
+    `check()` raises when another job took it over. `what` names this job in the refusal others get
+    ("precompute", "training run")."""
 
     def __init__(
         self, location: Location, what: str, *, ttl: float = TTL_S, heartbeat: float = HEARTBEAT_S,
@@ -91,6 +92,12 @@ class Lease:
         threading.Thread(target=self._beat, name=f"lease {self.where}", daemon=True).start()
         return self
 
+    def __enter__(self) -> Lease:
+        return self.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
     def _take(self) -> bool:
         """One attempt to write our lease over nothing or a stale one: True when it is ours."""
         if self.file is None:
@@ -98,7 +105,7 @@ class Lease:
             time.sleep(self.settle)
             return self._ours()
         seen = self.file.read()
-        if seen is not None and self._other_live(self._parse(seen)):
+        if self._other_live(self._parse(seen)):
             return False
         try:
             text = self._text()
@@ -124,27 +131,26 @@ class Lease:
                     self.target.fs.delete_file(self.target.path)
                 return
             seen = self.file.read()  # its version, not ours: a write whose reply was lost landed
-            if seen is not None and getattr(self._parse(seen), "token", None) == self.mine.token:
+            if self._is_mine(self._parse(seen)):
                 self.file.delete(seen.version)  # only if no one took it over meanwhile
 
     def holder(self) -> Holder | None:
         """The lease as stored (None when absent or unreadable)."""
-        if self.file is not None:
-            return self._parse(self.file.read())
-        return self._parse_text(read_text(self.target))
+        return self._parse(self.file.read() if self.file is not None else read_text(self.target))
 
-    def _parse(self, seen: Versioned | None) -> Holder | None:
-        return self._parse_text(seen.text if seen else None)
-
-    def _parse_text(self, text: str | None) -> Holder | None:
+    def _parse(self, seen: Versioned | str | None) -> Holder | None:
+        text = seen.text if isinstance(seen, Versioned) else seen
         try:
             return Holder(**json.loads(text)) if text else None
         except (ValueError, TypeError):
             log.warning("%s/%s is unreadable: taking it over", self.location, LEASE)
             return None
 
+    def _is_mine(self, holder: Holder | None) -> bool:
+        return holder is not None and holder.token == self.mine.token
+
     def _ours(self) -> bool:
-        return getattr(self.holder(), "token", None) == self.mine.token
+        return self._is_mine(self.holder())
 
     def _other_live(self, other: Holder | None) -> bool:
         return other is not None and other.token != self.mine.token and other.live(self.ttl)
@@ -176,7 +182,7 @@ class Lease:
         version = self.file.refresh(self._text(), self.version)
         if version is None:  # changed: still ours if it was our own write whose reply was lost
             seen = self.file.read()
-            if seen is None or getattr(self._parse(seen), "token", None) != self.mine.token:
+            if not self._is_mine(self._parse(seen)):
                 return False
             version = seen.version
         self.version = version
@@ -195,24 +201,9 @@ class Lease:
                     log.debug("lease heartbeat on %s failed: %s", self.location, err)
 
 
-@contextlib.contextmanager
-def hold_lease(
-    location: Location, what: str, *, ttl: float = TTL_S, heartbeat: float = HEARTBEAT_S,
-    settle: float = SETTLE_S,
-) -> Iterator[Lease]:  # fmt: skip
-    """Hold the lease on `location` for the block: raises `LeaseHeld` (a UserError, one line) when a
-    live job holds it; `what` names this job in the refusal others get ("precompute", "training run").
-    """
-    lease = Lease(location, what, ttl=ttl, heartbeat=heartbeat, settle=settle).acquire()
-    try:
-        yield lease
-    finally:
-        lease.release()
-
-
-def ensure_free(location: Location, ttl: float = TTL_S) -> None:
+def ensure_free(location: Location) -> None:
     """Raise `LeaseHeld` when a live job holds `location`'s lease (a cheap early look, taking nothing)."""
-    Lease(location, "check", ttl=ttl).refuse_if_held()
+    Lease(location, "check").refuse_if_held()
 
 
 def _pid_alive(pid: int) -> bool:

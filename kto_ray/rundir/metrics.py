@@ -1,21 +1,14 @@
-"""metrics.jsonl: one JSON object per optimizer step, written by rank 0; read by the driver's progress,
-`kto-ray report` and the tests, all through `MetricsFollower` (`read_metrics` is one read of it).
+"""metrics.jsonl: one JSON object per optimizer step, written by rank 0, read through `MetricsFollower`.
 
-A step costs the same whatever the run's length. On local disk rank 0 appends the step's line to
-`metrics.jsonl` (so `tail -f` works). Object stores cannot append, so there the lines go to segment
-objects `metrics/000001.jsonl`, `metrics/000002.jsonl`, ...: rank 0 rewrites only the newest (one PUT
-of at most SEGMENT_BYTES and a line), and starts the next once it is full; a full segment is not
-written again unless a resume cuts into it. Concatenated in order, the segments are the file.
+A step costs the same whatever the run's length. Locally rank 0 appends the step's line (so `tail -f`
+works). Object stores cannot append, so there the lines go to segments `metrics/000001.jsonl`, ...:
+rank 0 rewrites only the newest (one PUT of at most SEGMENT_BYTES and a line) and starts the next once
+it is full. Concatenated in order, the segments are the file.
 
-On resume, lines past the restored step are dropped where they are: locally the file is truncated at
-the end of the restored step's line (found by reading back from the end), on object storage the
-segments after the one holding that line are deleted and that one is rewritten without the later
-lines. So no step appears twice and nothing before the restored step is rewritten but that segment.
-
-Readers never return part of a line: they take a file or segment up to its last newline. A follower
-reads only what is new (a ranged read from where it stopped) and notices a file a resume cut or
-rewrote by the line it read last, which is then no longer where it was; it then reads again from the
-start.
+On resume, lines past the restored step are dropped where they are (the local file is truncated; later
+segments are deleted and the one holding that step rewritten), so no step appears twice. Readers never
+return part of a line. A follower reads only what is new, and notices a file a resume cut or rewrote
+by the line it read last no longer being where it was; it then reads again from the start.
 """
 
 from __future__ import annotations
@@ -30,7 +23,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from kto_ray.rundir import RunDir
-from kto_ray.storage import Location, children
+from kto_ray.storage import children
 
 METRICS_FILE = "metrics.jsonl"  # local run dirs
 SEGMENTS = "metrics"  # object storage: metrics/000001.jsonl, ...
@@ -153,11 +146,11 @@ class MetricsLog:
     `resume_step`, so no step repeats."""
 
     def __init__(self, run_dir: RunDir, resume_step: int):
-        self.run_dir = run_dir
-        if run_dir.is_remote:
-            self._sink: _LocalFile | _Segments = _Segments(run_dir, resume_step)
-        else:
-            self._sink = _LocalFile(run_dir.local_path / METRICS_FILE, resume_step)
+        self._sink = (
+            _Segments(run_dir, resume_step)
+            if run_dir.is_remote
+            else _LocalFile(run_dir.local_path / METRICS_FILE, resume_step)
+        )
 
     def write(self, record: dict[str, Any]) -> None:
         self._sink.append(json.dumps(record) + "\n")
@@ -211,7 +204,11 @@ class _Segments:
 
     def __init__(self, run_dir: RunDir, resume_step: int):
         self.run_dir = run_dir
-        numbers = sorted(_segment_numbers(run_dir.join(SEGMENTS)))
+        numbers = sorted(
+            int(match.group(1))
+            for entry in children(run_dir.join(SEGMENTS))
+            if entry.type == pafs.FileType.File and (match := _SEGMENT.match(entry.base_name))
+        )
         self.number, self.lines = 1, []
         # From the newest back: segments entirely past the restored step go, the one holding it is cut.
         for number in reversed(numbers):
@@ -225,71 +222,6 @@ class _Segments:
                 break
             self._delete(number)
         self.size = sum(len(line.encode()) for line in self.lines)
-
-    def append(self, line: str) -> None:
-        # One write of the whole line, unbuffered; readers take lines only up to their newline.
-        with open(self.path, "ab", buffering=0) as handle:
-            handle.write(line.encode("utf-8"))
-
-
-def _end_of_kept_lines(handle, resume_step: int, chunk: int = 1 << 16) -> int:
-    """The length of the file up to the end of its last complete line for a step <= resume_step,
-    read back from the end: only the lines past it (and one chunk) are read."""
-    end = handle.seek(0, os.SEEK_END)
-    pos, data, limit = end, b"", end  # data = file[pos:end]; lines from `limit` on are dropped
-    while True:
-        newline = data.rfind(b"\n", 0, limit - pos)  # ends the line to look at
-        begin = data.rfind(b"\n", 0, newline) if newline >= 0 else -1
-        if begin < 0 and pos > 0:  # that line (or its start) lies before what was read
-            start = max(0, pos - chunk)
-            handle.seek(start)
-            data, pos = handle.read(pos - start) + data, start
-            continue
-        if newline < 0:
-            return 0
-        record = _parse_line(data[begin + 1 : newline])
-        if record is not None and _step(record) <= resume_step:
-            return pos + newline + 1
-        limit = pos + begin + 1
-
-
-def _step(record: dict[str, Any]) -> float:
-    try:
-        return int(record["step"])
-    except (KeyError, TypeError, ValueError):
-        return float("inf")
-
-
-class _Segments:
-    """The newest segment's lines are kept here; each append rewrites that segment whole."""
-
-    def __init__(self, run_dir: RunDir, resume_step: int):
-        self.run_dir = run_dir
-        numbers = sorted(_segment_numbers(run_dir.join(SEGMENTS)))
-        self.number, self.lines = 1, []
-        # From the newest back: segments entirely past the restored step go, the one holding it is cut.
-        for number in reversed(numbers):
-            text = run_dir.read_text(segment_name(number)) or ""
-            lines = text.splitlines(keepends=True)
-            kept = [line for line in lines if _step(_parse_line(line) or {}) <= resume_step]
-            if kept or number == numbers[0]:
-                self.number, self.lines = number, kept
-                if len(kept) < len(lines):
-                    self._put_or_delete()
-                break
-            self._delete(number)
-        self.size = sum(len(line.encode()) for line in self.lines)
-
-    def _adopt_one_file(self) -> list[int]:
-        """A run an older writer kept as one `metrics.jsonl` object goes on in segments: the object
-        becomes segment 1 (whatever its size; the next step starts segment 2), then goes."""
-        text = self.run_dir.read_text(METRICS_FILE)
-        if not text:
-            return []
-        self.run_dir.write_text(segment_name(1), text)
-        location = self.run_dir.join(METRICS_FILE)
-        location.fs.delete_file(location.path)
-        return [1]
 
     def append(self, line: str) -> None:
         if self.size >= SEGMENT_BYTES:  # full: it is not written again, the next one starts
@@ -308,11 +240,3 @@ class _Segments:
         location = self.run_dir.join(segment_name(number))
         with contextlib.suppress(FileNotFoundError):
             location.fs.delete_file(location.path)
-
-
-def _segment_numbers(prefix: Location) -> list[int]:
-    return [
-        int(match.group(1))
-        for entry in children(prefix)
-        if entry.type == pafs.FileType.File and (match := _SEGMENT.match(entry.base_name))
-    ]

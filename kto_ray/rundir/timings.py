@@ -9,7 +9,6 @@ clock read; the files are written once, at the end.
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any
 
@@ -17,18 +16,13 @@ TIMINGS_FILE = "timings.json"
 RANK0_TIMINGS_FILE = "timings-rank0.json"
 
 
-def process_start() -> float:
-    """When this process started (Unix seconds), from the OS."""
-    import psutil
-
-    return psutil.Process(os.getpid()).create_time()
-
-
 class Timeline:
     """Phases of one process, each marked when it ends; the first mark is the process's start."""
 
     def __init__(self) -> None:
-        self.marks: list[tuple[str, float]] = [("process start", process_start())]
+        import psutil
+
+        self.marks: list[tuple[str, float]] = [("process start", psutil.Process().create_time())]
 
     def mark(self, phase: str) -> None:
         self.marks.append((phase, time.time()))

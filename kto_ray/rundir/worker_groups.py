@@ -1,9 +1,5 @@
-"""workers.json: the history of a run's worker groups, one entry per (re)start of the group.
-
-Rank 0 adds its group's entry at each start: the step it resumed from, the world size, the time, and
-where each rank ran (node, IP, host, pid, GPU ids). An elastic range (`cluster.workers: [min, max]`)
-restarts the group when a node is lost or joins; a rerun starts one too. The file is replaced whole
-(one PUT), so a reader never sees half of it.
+"""workers.json: the history of a run's worker groups, one entry per (re)start of the group (an elastic
+`cluster.workers: [min, max]` restarts it when a node is lost or joins; a rerun starts one too).
 
 Group i ran the steps after its `start_step`; the ones metrics.jsonl keeps from it are those up to the
 next group's `start_step` (that group resumed from a checkpoint and redid what came after it). A start
@@ -14,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from kto_ray.rundir import WORKERS_FILE, RunDir
@@ -26,14 +22,6 @@ class WorkerGroup:
     world_size: int
     started_at: float | None  # Unix time
     workers: list[dict[str, Any]]  # one record per rank
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "start_step": self.start_step,
-            "world_size": self.world_size,
-            "started_at": self.started_at,
-            "workers": self.workers,
-        }
 
 
 def parse_groups(text: str | None) -> list[WorkerGroup]:
@@ -60,7 +48,7 @@ def record_group(run_dir: RunDir, start_step: int, workers: list[dict[str, Any]]
     """Add this start's group to the run dir's history (rank 0, at each start) and return the history."""
     kept = [g for g in read_groups(run_dir) if g.start_step is not None and g.start_step <= start_step]
     groups = [*kept, WorkerGroup(start_step, len(workers), round(time.time(), 3), workers)]
-    text = json.dumps({"groups": [g.as_json() for g in groups]}, indent=2) + "\n"
+    text = json.dumps({"groups": [asdict(g) for g in groups]}, indent=2) + "\n"
     run_dir.write_text(WORKERS_FILE, text)
     return groups
 

@@ -1,28 +1,24 @@
 """Fingerprints of the reference store's inputs, cheap to recompute on every run.
 
 Hashing the weight files of a 32B model reads ~65 GB (a minute or more) and would run before every
-precompute, train and evaluate. Each file's sha256 is therefore cached in the user's cache folder, keyed
-by (resolved path, size, mtime_ns): the same identity `make` and `rsync` trust. A file rewritten in
-place gets a new mtime and is hashed again. The cache lives outside the model folder, which may be
-read-only or shared, and is one small JSON file replaced atomically, so concurrent runs never leave it
-half-written; an unreadable or corrupt cache only costs a rehash.
+precompute, train and evaluate. Each file's sha256 is therefore cached in the user's cache folder (the
+model folder may be read-only or shared), keyed by (resolved path, size, mtime_ns): the identity `make`
+and `rsync` trust. The cache is one small JSON file replaced atomically; an unreadable one only costs a
+rehash.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from kto_ray.errors import UserError
-from kto_ray.storage import cache_dir
+from kto_ray.storage import cache_dir, resolve, write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +51,6 @@ def sha256_text(*parts: Any) -> str:
         digest.update(json.dumps(part, sort_keys=True, default=str).encode())
         digest.update(b"\0")
     return digest.hexdigest()
-
-
-def _hub_blob_digest(target: Path) -> str | None:
-    # Hub caches name each LFS blob by its sha256: reuse it instead of re-reading many GB.
-    if target.parent.name == "blobs" and len(target.name) == 64:
-        return target.name
-    return None
 
 
 def _hash_file(path: Path) -> str:
@@ -98,25 +87,15 @@ def _cached(entries: dict[str, dict[str, Any]], stat: FileStat) -> str | None:
 def _save_cache(path: Path, new: dict[str, dict[str, Any]]) -> None:
     """Merge `new` into the cache file and replace it atomically; failures only cost a later rehash."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         # Re-read just before writing so entries another run added meanwhile are kept (best effort:
         # the last writer wins a race, which loses at most that run's entries, never the file).
         entries = _load_cache(path)
         for key in new:
             entries.pop(key, None)  # re-insert last: the newest entries survive the size cap
         entries.update(new)
-        if len(entries) > _MAX_ENTRIES:
-            entries = dict(list(entries.items())[-_MAX_ENTRIES:])
+        entries = dict(list(entries.items())[-_MAX_ENTRIES:])
         payload = json.dumps({"version": _CACHE_VERSION, "entries": entries})
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(payload)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        write_text_atomically(resolve(path), payload)
     except OSError as err:
         log.warning("could not write the digest cache %s (%s); digests will be recomputed", path, err)
 
@@ -129,9 +108,8 @@ def file_digests(files: list[Path]) -> list[str]:
     out = []
     for file in files:
         target = file.resolve()
-        blob = _hub_blob_digest(target)
-        if blob is not None:
-            out.append(blob)
+        if target.parent.name == "blobs" and len(target.name) == 64:
+            out.append(target.name)  # hub caches name each LFS blob by its sha256: no need to read it
             continue
         before = FileStat.of(target)
         if entries is None:
@@ -149,11 +127,8 @@ def file_digests(files: list[Path]) -> list[str]:
 
 
 def weights_fingerprint(model_dir: str | Path, allow_pickle: bool = False) -> str:
-    """Hash of the weight files (not a state_dict walk) of a local model folder.
-
-    The value is the same whether a file's digest came from its bytes or the cache, so stores built
-    before the cache existed still match.
-    """
+    """Hash of the weight files (not a state_dict walk) of a local model folder: the same whether a
+    file's digest came from its bytes or the cache."""
     model_dir = Path(model_dir)
     patterns = ["*.safetensors"] + (["*.bin", "*.pt"] if allow_pickle else [])
     files = sorted({f for pattern in patterns for f in model_dir.glob(pattern)})

@@ -1,12 +1,9 @@
-"""The reference store: Parquet files plus `manifest.json`, fingerprinted, committed atomically, in a
-local folder or at an object-storage URI (kto_ray.storage).
+"""The reference store: Parquet files plus `manifest.json`, in a local folder or at an object-storage URI.
 
-A store is exactly what its `manifest.json` names: the files it lists (`files`: path, size, CRC-32)
-under its segments' `data-<id>/` prefixes. The manifest is written last, in one atomic write, so a
-reader never sees a partial store. Readers check each file's size and Parquet footer against the
-manifest when they open it, and pyarrow checks every page's CRC as it decodes (`open_parquet`); a file
-that disagrees is one `StoreDamaged` line naming the store and the file. Writing is
-kto_ray/store/writer.py's.
+A store is exactly what its manifest names: the files it lists (path, size, CRC-32) under its
+segments' `data-<id>/` prefixes. The manifest is written last, in one atomic write
+(kto_ray/store/writer.py), so a reader never sees a partial store. Readers check each file against it
+as they open and decode it (`open_parquet`); a file that disagrees is one `StoreDamaged` line.
 """
 
 from __future__ import annotations
@@ -116,16 +113,13 @@ class Manifest(BaseModel):
     kto_ray_version: str
     # The data files the `data` component was computed from, stat'ed before they were read: when they
     # all still match, training trusts `fingerprint["data"]` without re-reading the data. None for a
-    # Hugging Face dataset (nothing to stat) and in manifests written before this field existed.
+    # Hugging Face dataset (nothing to stat).
     data_files: list[FileStat] | None = None
-    # The prefix (inside the store) that holds this store's Parquet files; None in the first layout,
-    # whose files sit at the top of the store folder.
-    data_dir: str | None = None
-    # Every segment, in id order (the last is `data_dir`'s); None in stores written before segments.
-    # The top-level counts, tokens and seconds are their sums, `fingerprint["data"]` covers all rows.
+    data_dir: str | None = None  # the prefix of the newest segment's files (None: files at the top)
+    # Every segment, in id order (the last is `data_dir`'s). The top-level counts, tokens and seconds
+    # are their sums, `fingerprint["data"]` covers all rows.
     segments: list[Segment] | None = None
-    # Every file of the store (the Parquet files and each segment's row digests), segment after
-    # segment: what readers open and `kto-ray verify` checks.
+    # Every file of the store, segment after segment: what readers open and `kto-ray verify` checks.
     files: list[StoredFile] = []
 
     def data_dirs(self) -> list[str]:
@@ -156,10 +150,13 @@ class Store:
         location = self.location
         return [location.join(f.path).path for f in self.manifest.files if f.path.endswith(".parquet")]
 
+    def relative(self, path: str) -> str:
+        """One of `files()` as the manifest names it (relative to the store)."""
+        return path[len(self.location.path.rstrip("/")) + 1 :]
+
     def entry(self, path: str) -> StoredFile:
         """The manifest's entry of one of `files()`."""
-        relative = path[len(self.location.path.rstrip("/")) + 1 :]
-        return next(f for f in self.manifest.files if f.path == relative)
+        return next(f for f in self.manifest.files if f.path == self.relative(path))
 
     def read_split(self, split: str, columns: list[str] | None = None) -> pa.Table:
         """The rows of one split, ordered by id (deterministic whatever the writers' file order); every
@@ -170,7 +167,9 @@ class Store:
         parts = []
         for path in self.files():
             with open_parquet(self, path) as parquet:
-                table = checked_read(self, path, lambda p=parquet: p.read(columns=read, use_threads=False))
+                table = checked_read(
+                    self, path, lambda p=parquet: p.file().read(columns=read, use_threads=False)
+                )
             table = table.filter(pc.fill_null(pc.equal(table["split"], split), False))
             parts.append(table.select(wanted).cast(schema))
         table = pa.concat_tables(parts) if parts else schema.empty_table()
@@ -192,9 +191,6 @@ class ParquetOpened:
     def file(self, **options) -> pq.ParquetFile:
         return pq.ParquetFile(self.handle, metadata=self.metadata, **READ_OPTIONS, **options)
 
-    def read(self, **options) -> pa.Table:
-        return self.file().read(**options)
-
     def __enter__(self) -> ParquetOpened:
         return self
 
@@ -203,8 +199,11 @@ class ParquetOpened:
 
 
 def damaged(store: Store, path: str, what: str) -> StoreDamaged:
-    relative = path[len(store.location.path.rstrip("/")) + 1 :]
-    return StoreDamaged(display(store.path), relative, what)
+    return StoreDamaged(display(store.path), store.relative(path), what)
+
+
+def _unreadable(store: Store, err: OSError | pa.ArrowException) -> StorageError:
+    return StorageError(f"cannot read the reference store {display(store.path)}: {first_line(err)}")
 
 
 def open_parquet(store: Store, path: str, fs=None) -> ParquetOpened:
@@ -217,9 +216,7 @@ def open_parquet(store: Store, path: str, fs=None) -> ParquetOpened:
     except FileNotFoundError:
         raise damaged(store, path, "missing") from None
     except OSError as err:
-        raise StorageError(
-            f"cannot read the reference store {display(store.path)}: {first_line(err)}"
-        ) from None
+        raise _unreadable(store, err) from None
     try:
         size = handle.size()
         if size != entry.size:
@@ -237,35 +234,14 @@ def open_parquet(store: Store, path: str, fs=None) -> ParquetOpened:
     return ParquetOpened(handle, metadata)
 
 
-def _footer_length(tail: bytes) -> int:
-    return int.from_bytes(tail[-8:-4], "little")
-
-
-def _footer(tail: bytes, size: int) -> bytes | None:
-    """The footer (metadata, its length and the magic) from the file's tail, None when the tail read
-    holds only part of it."""
-    length = _footer_length(tail) if len(tail) >= 12 else -1
-    if length < 0 or tail[-4:] != b"PAR1" or length + 12 > size:
-        return tail[-8:] if len(tail) >= 8 else tail  # not a Parquet file: its checksum differs
-    if length + 8 > len(tail):
-        return None
-    return tail[-(length + 8) :]
-
-
 def _read_footer(handle: pa.NativeFile, size: int) -> bytes:
-    """The footer bytes of an open file: one read of its tail, a second only for a footer larger."""
+    """The footer (metadata, its length and the magic) of an open file: one read of its tail, a second
+    only for a larger footer. Of a file that is not Parquet, its last 8 bytes (their checksum differs)."""
     tail = handle.read_at(min(size, _FOOTER_READ), size - min(size, _FOOTER_READ))
-    footer = _footer(tail, size)
-    if footer is None:
-        length = _footer_length(tail) + 8
-        footer = handle.read_at(length, size - length)
-    return footer
-
-
-def footer_crc32(location: Location, relative: str) -> str:
-    """The CRC-32 of a Parquet file's footer, as `open_parquet` computes it."""
-    with location.fs.open_input_file(location.join(relative).path) as handle:
-        return crc32_hex(zlib.crc32(_read_footer(handle, handle.size())))
+    length = int.from_bytes(tail[-8:-4], "little") + 8 if len(tail) >= 12 else -1
+    if length < 8 or tail[-4:] != b"PAR1" or length + 4 > size:
+        return tail[-8:]
+    return tail[-length:] if length <= len(tail) else handle.read_at(length, size - length)
 
 
 def checked_read(store: Store, path: str, read):
@@ -277,17 +253,17 @@ def checked_read(store: Store, path: str, read):
         try:
             store.location.fs.get_file_info(path)
         except OSError:
-            raise StorageError(
-                f"cannot read the reference store {display(store.path)}: {first_line(err)}"
-            ) from None
+            raise _unreadable(store, err) from None
         raise damaged(store, path, first_line(err)) from None
 
 
 def stored_file(location: Location, relative: str) -> StoredFile:
     """The manifest entry of a file just written under the store at `location` (read back whole)."""
-    entry = entry_of(location, relative)
-    footer = footer_crc32(location, relative) if relative.endswith(".parquet") else None
-    return StoredFile(**entry.model_dump(), footer_crc32=footer)
+    footer = None
+    if relative.endswith(".parquet"):
+        with location.fs.open_input_file(location.join(relative).path) as handle:
+            footer = crc32_hex(zlib.crc32(_read_footer(handle, handle.size())))
+    return StoredFile(**entry_of(location, relative).model_dump(), footer_crc32=footer)
 
 
 def list_files(location: Location, data_dir: str) -> list[StoredFile]:
@@ -303,9 +279,7 @@ def check_files(store: Store) -> None:
     try:
         sizes = sizes_under(location)
     except OSError as err:
-        raise StorageError(
-            f"cannot read the reference store {display(store.path)}: {first_line(err)}"
-        ) from None
+        raise _unreadable(store, err) from None
     problems = check_sizes(store.manifest.files, sizes)
     if problems:
         raise StoreDamaged(display(store.path), problems[0].path, problems[0].what)
@@ -369,12 +343,9 @@ def build_manifest(
 
 
 def record_data_files(path: str | Path, data_files: list[FileStat] | None) -> None:
-    """Replace the data file stats of a complete store whose content fingerprint was just rechecked.
-
-    The manifest is replaced atomically, so the store never lacks one. The stats only save later runs
-    a re-read of the data: a store that cannot be written (a read-only mount) keeps its old ones, with
-    a warning.
-    """
+    """Replace the data file stats of a complete store whose content fingerprint was just rechecked
+    (atomically). They only save later runs a re-read of the data: a store that cannot be written (a
+    read-only mount) keeps its old ones, with a warning."""
     manifest = read_manifest(path)
     if manifest is None:
         raise UserError(f"no reference store at {resolve(path)} (run `kto-ray precompute` first)")

@@ -1,15 +1,12 @@
 """Rows of one store split, read by position without loading the split anywhere.
 
-The driver builds a `SplitIndex`: where each row of the split lives (Parquet file, row group, row in
-the group), its sequence length and its label, streamed one row group at a time, so its memory is the
-row group plus a few bytes per row. Workers get the index and read only their own micro-batches' rows
-with a `RowReader`: by row group, through pyarrow.fs (local or object storage), with a bounded cache
-and a read-ahead, so a step does not wait on storage.
+The driver builds a `SplitIndex` (where each row lives, its length and label), streamed one row group
+at a time. Workers read only their own micro-batches' rows with a `RowReader`: by row group, with a
+bounded cache and a read-ahead, so a step does not wait on storage.
 
-Positions are those of `Store.read_split(split)` (the split's rows sorted by id):
-`RowReader(index).take(p)` equals `store.read_split(split).take(p)`, and `SplitIndex.lengths` equals
-`row_lengths(store.read_split(split))`, so the batch schedule training builds from the index
-(`Schedule.for_index`) is the one `Schedule.for_table` builds from the table.
+Positions are those of `Store.read_split(split)`: `RowReader(index).take(p)` equals
+`store.read_split(split).take(p)` and `SplitIndex.lengths` equals `row_lengths` of it, so
+`Schedule.for_index` builds the schedule `Schedule.for_table` builds from the table.
 """
 
 from __future__ import annotations
@@ -50,16 +47,12 @@ def _scan(store: Store, path: str, split: str) -> list[tuple]:
     """Per row group of one file holding rows of `split`: its index and row count, and per such row
     its id, row within the group, length and label. Reads one row group at a time, checked against
     the manifest (`open_parquet`: size, footer, page checksums)."""
-    found = []
+    found, columns = [], _INDEX_COLUMNS + _VERIFIED_COLUMNS
     with open_parquet(store, path) as opened:
         parquet = opened.file()
         for g in range(parquet.num_row_groups):
             part = checked_read(
-                store,
-                path,
-                lambda g=g: parquet.read_row_group(
-                    g, columns=_INDEX_COLUMNS + _VERIFIED_COLUMNS, use_threads=False
-                ),
+                store, path, lambda g=g: parquet.read_row_group(g, columns=columns, use_threads=False)
             )
             keep = pc.fill_null(pc.equal(part["split"], split), False)  # as read_split's filter
             rows = np.flatnonzero(keep.to_numpy(zero_copy_only=False))

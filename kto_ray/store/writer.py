@@ -1,5 +1,4 @@
-"""Writing a reference store: `StoreWriter` commits a new data prefix and then the manifest that names it,
-in one atomic write, on local disk and object storage alike (the layout is kto_ray/store/format.py's)."""
+"""Writing a reference store (the layout is kto_ray/store/format.py's)."""
 
 from __future__ import annotations
 
@@ -32,15 +31,13 @@ class StoreWriter:
     """Context manager that commits a store without renames, the same way on local disk and on object
     storage: the Parquet files go under a fresh prefix `data-<id>/`, then `manifest.json`, naming that
     prefix, replaces the previous one in one atomic write. Readers only ever follow the manifest, so
-    a killed or failed run leaves the previous store readable and no manifest pointing at partial
-    data. After a commit, prefixes no manifest names and older than this writer are removed; an
-    uncommitted writer removes its own.
+    a killed or failed run leaves the previous store readable. After a commit, prefixes no manifest
+    names and older than this writer are removed; an uncommitted writer removes its own.
 
-    One writer at a time: the store's lease (kto_ray.rundir.lease) is held from `__enter__` to `__exit__`, so
-    a second precompute of the same store fails in one line naming the first (host, pid, since).
-    `seen` is the manifest the caller decided on (None: there was none), so `changed_meanwhile`
-    reports a commit made between that look and this writer's start too; without it, the one found
-    at `__enter__` is the baseline.
+    One writer at a time: the store's lease is held from `__enter__` to `__exit__`. `seen` is the
+    manifest the caller decided on (None: there was none), so `changed_meanwhile` reports a commit made
+    between that look and this writer's start too; without it, the one found at `__enter__` is the
+    baseline.
     """
 
     def __init__(self, path: str | Path, seen: Manifest | object | None = _UNSEEN, **lease_timing: float):
@@ -57,7 +54,9 @@ class StoreWriter:
             self.created_root = found == FileType.NotFound
             self.lease = Lease(self.location, "precompute", **self.lease_timing).acquire()
             # Named after the lease is taken, in UTC: every prefix named earlier is no live writer's.
-            self.data_dir = f"{DATA_PREFIX}{_utc_stamp()}-{uuid.uuid4().hex[:8]}"
+            self.data_dir = (
+                f"{DATA_PREFIX}{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+            )
             self.data = self.location.join(self.data_dir)
             self.location.fs.create_dir(self.data.path, recursive=True)
             self.previous = read_text(self.location.join(MANIFEST))
@@ -125,10 +124,6 @@ class StoreWriter:
         if self.lease is not None:
             self.lease.release()
             self.lease = None
-
-
-def _utc_stamp() -> str:
-    return time.strftime("%Y%m%d-%H%M%S", time.gmtime())
 
 
 def _data_dirs(manifest_text: str | None) -> set[str]:

@@ -9,6 +9,7 @@ rerun of the same sweep finds the same trials under the same names, which is wha
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from pathlib import Path
@@ -122,10 +123,8 @@ class SweepConfig(Section):
 def _number_if_one(value: Any) -> Any:
     """YAML 1.1 reads `1e-5` (no dot) as text; on the command line it means the number."""
     if isinstance(value, str) and any(c.isdigit() for c in value):
-        try:
+        with contextlib.suppress(ValueError):
             return float(value)
-        except ValueError:
-            return value
     return value
 
 
@@ -135,9 +134,8 @@ def load_sweep(
     """The sweep file (or the defaults) with the command line's `--grid K=V1,V2,...` and
     `--sample K=DIST:LOW:HIGH` added (they replace the file's entry for the same key)."""
     tree: dict[str, Any] = {}
-    source = "sweep"
+    source = "sweep" if path is None else str(path)
     if path is not None:
-        source = str(path)
         if not Path(path).is_file():
             raise UserError(f"sweep file not found: {path}")
         try:
@@ -194,10 +192,6 @@ def trial_overrides(sweep: SweepConfig) -> list[dict[str, Any]]:
     return trials
 
 
-def trial_name(index: int) -> str:
-    return f"trial-{index:03d}"
-
-
 def sweep_name(cfg: KTOConfig, sweep: SweepConfig) -> str:
     return sweep.name or f"{cfg.run.name}-sweep"
 
@@ -209,7 +203,7 @@ def trial_configs(cfg: KTOConfig, sweep: SweepConfig) -> dict[str, tuple[dict[st
     base = cfg.model_dump(mode="json")
     out = {}
     for index, values in enumerate(trial_overrides(sweep)):
-        name = trial_name(index)
+        name = f"trial-{index:03d}"
         tree = yaml.safe_load(yaml.safe_dump(base))  # a deep copy
         for key, value in values.items():
             node = tree

@@ -51,8 +51,13 @@ def _plan(sweep_dir: RunDir) -> dict[str, Any]:
         raise UserError(f"{sweep_dir.child(SWEEP_FILE)} is not a sweep's plan") from None
 
 
-def _trial_dir(sweep_dir: RunDir, trial: str) -> RunDir:
-    return RunDir(sweep_dir.child(trial) if sweep_dir.is_remote else f"{sweep_dir.location.path}/{trial}")
+def read_json(run_dir: RunDir, name: str) -> dict[str, Any] | None:
+    """A small JSON file of the run dir (None when absent or unreadable)."""
+    text = run_dir.read_text(name)
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
 
 
 def sweep_rows(
@@ -63,10 +68,9 @@ def sweep_rows(
     metric, better = plan["metric"], min if plan.get("mode", "min") == "min" else max
     rows = []
     for trial, values in plan["trials"].items():
-        run_dir = _trial_dir(sweep_dir, trial)
+        run_dir = RunDir(sweep_dir.child(trial))
         records = read_metrics(run_dir)
-        text = run_dir.read_text(TRIAL_FILE)
-        ended = json.loads(text) if text else {}
+        ended = read_json(run_dir, TRIAL_FILE) or {}
         evals = [float(r[metric]) for r in records if isinstance(r.get(metric), (int, float))]
         status = "failed" if trial in errors else ended.get("status", "unfinished")
         rows.append(
@@ -144,7 +148,7 @@ def _plot(sweep_dir: RunDir, rows: list[TrialRow], out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    curves = {r.trial: read_metrics(_trial_dir(sweep_dir, r.trial)) for r in rows}
+    curves = {r.trial: read_metrics(RunDir(sweep_dir.child(r.trial))) for r in rows}
     figures = []
     for stem, title, key in FIGURES:
         lines = []
@@ -176,13 +180,10 @@ def _plot(sweep_dir: RunDir, rows: list[TrialRow], out_dir: Path) -> list[Path]:
 
 
 def write_sweep_report(sweep_dir: RunDir, out_dir: Path | None = None) -> tuple[list[Path], Path]:
-    """The trials' curves on shared axes and the table, into `out_dir` (default <sweep dir>/report, or
-    ./<sweep name>-report for a sweep on object storage)."""
+    """The trials' curves on shared axes and the table, into `out_dir` (default `RunDir.report_dir`)."""
     plan = _plan(sweep_dir)
     rows = sweep_rows(sweep_dir, plan)
-    if out_dir is None:
-        name = sweep_dir.location.path.rstrip("/").rsplit("/", 1)[-1]
-        out_dir = sweep_dir.folder / "report" if sweep_dir.folder else Path(f"{name}-report").absolute()
+    out_dir = out_dir or sweep_dir.report_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = _plot(sweep_dir, rows, out_dir)
     summary = out_dir / "summary.md"

@@ -1,25 +1,23 @@
 """`kto-ray sweep`: many training runs on one reference store, through Ray Tune.
 
-The store is scored once, before any trial (precompute, which reuses a matching store). Each trial is
-one whole `kto-ray train` run (its own run dir `<run.dir>/<sweep name>/<trial>`), driven from a Tune
-class trainable: the trial's actor starts the Ray Train run (Ray Train V2 runs its controller and
-worker group outside Tune's placement group, so Tune reserves only `sweep.trial_cpus` per trial and
-the sweep caps how many trials run at once by what one trial's workers need) and follows rank 0's
-`metrics.jsonl`, handing each step's eval metrics to Tune, whose scheduler (ASHA or median stopping)
-may stop the trial. The stopped trial's actor then aborts its Ray Train run (worker group and
-placement group; `sweep/stop.py`) before it exits.
+The store is scored once, before any trial. Each trial is one whole `kto-ray train` run (run dir
+`<run.dir>/<sweep name>/<trial>`) started from a Tune class trainable; Ray Train V2 runs it outside
+Tune's placement group, so Tune reserves only `sweep.trial_cpus` per trial and the sweep caps how
+many trials run at once by what one trial's workers need. The trainable follows rank 0's metrics and
+hands each step's eval metrics to Tune, whose scheduler may stop the trial; the stopped trial then
+aborts its Ray Train run (`sweep/stop.py`).
 
 Resuming is bookkeeping in the run dirs, not Tune's experiment restore (which does not keep the
-scheduler's state): a trial that finished or was stopped writes `trial.json`; a rerun of the same
-sweep starts Tune afresh on the same trials, and those trials replay their eval records from
-`metrics.jsonl` (so the scheduler sees their results again) and return without training, while
-unfinished ones resume from their last checkpoint by run name, as a rerun of `kto-ray train` does.
+scheduler's state): a trial that ended writes `trial.json`; on a rerun such trials replay their eval
+records (so the scheduler sees them again) without training, and unfinished ones resume from their
+last checkpoint, as a rerun of `kto-ray train` does.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -31,7 +29,7 @@ from kto_ray.raycluster import ray_session
 from kto_ray.rundir import RunDir
 from kto_ray.rundir.lease import Lease
 from kto_ray.sweep.config import SweepConfig, check_scheduler, sweep_name, trial_configs
-from kto_ray.sweep.report import SWEEP_FILE, TRIAL_FILE, summary_markdown, sweep_rows, table_text
+from kto_ray.sweep.report import SWEEP_FILE, TRIAL_FILE, read_json, summary_markdown, sweep_rows, table_text
 from kto_ray.sweep.stop import abort_run, controller_mailbox
 
 SUMMARY_FILE = "summary.md"
@@ -44,13 +42,6 @@ STOP_WAIT_S = 60.0  # a stopped trial waits this long for its aborted run to rel
 class TrialNeed:
     cpus: float
     gpus: float
-
-
-@dataclass(frozen=True)
-class SweepResult:
-    sweep_dir: RunDir
-    table: str
-    statuses: dict[str, str]
 
 
 def trial_need(cfg: KTOConfig, sweep: SweepConfig) -> TrialNeed:
@@ -80,19 +71,6 @@ def concurrency(needs: list[TrialNeed], sweep: SweepConfig, cluster: dict[str, f
     if most.gpus:
         fits = min(fits, math.floor(gpus / most.gpus + 1e-9))
     return min(fits, sweep.max_concurrent or fits)
-
-
-def _read_json(run_dir: RunDir, name: str) -> dict[str, Any] | None:
-    text = run_dir.read_text(name)
-    try:
-        return json.loads(text) if text else None
-    except ValueError:
-        return None
-
-
-def trial_record(run_dir: RunDir) -> dict[str, Any] | None:
-    """How the trial ended (`status`: finished or stopped), or None while it has not."""
-    return _read_json(run_dir, TRIAL_FILE)
 
 
 def _numbers(record: dict[str, Any]) -> dict[str, float]:
@@ -126,7 +104,7 @@ def trial_trainable():
             self.last_step = last_steps.get(self.name) or 1 << 62
             self.pending: list[dict[str, Any]] = []  # logged records not yet handed to Tune
             self.reported, self.last, self.thread = 0, None, None
-            self.ended = trial_record(self.run_dir) is not None
+            self.ended = read_json(self.run_dir, TRIAL_FILE) is not None
             if self.ended:
                 self.pending = read_metrics(self.run_dir)
                 return
@@ -193,18 +171,11 @@ def _stopped_callback(shipped: dict[str, dict[str, Any]]):
         def on_trial_complete(self, iteration, trials, trial, **info):
             name = trial.config["trial"]
             run_dir = RunDir.of(config_from_dict(shipped[name]))
-            if trial_record(run_dir) is None:
+            if read_json(run_dir, TRIAL_FILE) is None:
                 result = trial.last_result or {}
-                run_dir.write_text(
-                    TRIAL_FILE,
-                    json.dumps(
-                        {
-                            "status": "stopped",
-                            "steps": int(result.get("step", 0)),
-                            "seconds": round(float(result.get("time_total_s", 0.0)), 3),
-                        }
-                    ),
-                )
+                seconds = round(float(result.get("time_total_s", 0.0)), 3)
+                ended = {"status": "stopped", "steps": int(result.get("step", 0)), "seconds": seconds}
+                run_dir.write_text(TRIAL_FILE, json.dumps(ended))
 
     return MarkStopped()
 
@@ -212,30 +183,22 @@ def _stopped_callback(shipped: dict[str, dict[str, Any]]):
 def _scheduler(sweep: SweepConfig, max_steps: int):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
+    common = dict(time_attr="step", metric=sweep.metric, mode=sweep.mode, grace_period=sweep.grace_steps)
     if sweep.scheduler == "asha":
         return ASHAScheduler(
-            time_attr="step",
-            metric=sweep.metric,
-            mode=sweep.mode,
+            **common,
             max_t=max(max_steps, sweep.grace_steps),
-            grace_period=sweep.grace_steps,
             reduction_factor=sweep.reduction_factor,
             stop_last_trials=False,  # a trial at its last step finishes (export) rather than being stopped
         )
     if sweep.scheduler == "median":
-        return MedianStoppingRule(
-            time_attr="step",
-            metric=sweep.metric,
-            mode=sweep.mode,
-            grace_period=sweep.grace_steps,
-            min_samples_required=sweep.min_samples,
-        )
+        return MedianStoppingRule(**common, min_samples_required=sweep.min_samples)
     return FIFOScheduler()
 
 
 def _check_same_sweep(sweep_dir: RunDir, plan: dict[str, Any]) -> None:
     """A rerun resumes the sweep it names: refuse one whose trials differ (another grid or seed)."""
-    before = _read_json(sweep_dir, SWEEP_FILE)
+    before = read_json(sweep_dir, SWEEP_FILE)
     if before is not None and before.get("trials") != plan["trials"]:
         raise UserError(
             f"{sweep_dir.child(SWEEP_FILE)} was written for other trials (another grid, sample or seed): "
@@ -243,7 +206,7 @@ def _check_same_sweep(sweep_dir: RunDir, plan: dict[str, Any]) -> None:
         )
 
 
-def run_sweep(cfg: KTOConfig, sweep: SweepConfig) -> SweepResult:
+def run_sweep(cfg: KTOConfig, sweep: SweepConfig) -> None:
     """Validate every trial, score the store once, run the trials on Ray Tune, write the table."""
     from kto_ray.config import with_absolute_paths
 
@@ -257,8 +220,7 @@ def run_sweep(cfg: KTOConfig, sweep: SweepConfig) -> SweepResult:
         "mode": sweep.mode,
     }
     _check_same_sweep(sweep_dir, plan)
-    lease = Lease(sweep_dir.location, "sweep").acquire()
-    try:
+    with Lease(sweep_dir.location, "sweep"):
         sweep_dir.write_text(SWEEP_FILE, json.dumps(plan, indent=1))
         with ray_session(cfg.cluster.address):
             import ray
@@ -273,8 +235,8 @@ def run_sweep(cfg: KTOConfig, sweep: SweepConfig) -> SweepResult:
 
                 store = precompute(cfg)
                 print(f"store {'reused' if store.reused else 'scored'}: {cfg.store.path}", flush=True)
-                rows = sum(store.store.manifest.counts.get("train", {}).values())
-                if not sum(store.store.manifest.counts.get("eval", {}).values()):
+                rows = store.store.count("train")
+                if not store.store.count("eval"):
                     raise UserError(
                         "a sweep ranks its trials on the store's eval split, which is empty: raise "
                         "data.eval_fraction"
@@ -289,15 +251,12 @@ def run_sweep(cfg: KTOConfig, sweep: SweepConfig) -> SweepResult:
         rows = sweep_rows(sweep_dir, plan, errors)
         table = table_text(rows, sweep.metric)
         sweep_dir.write_text(SUMMARY_FILE, summary_markdown(sweep_dir, rows, sweep.metric))
-    finally:
-        lease.release()
     print(table, flush=True)
     failed = [row.trial for row in rows if row.status == "failed"]
     if failed:
         raise TrainingStopped(
             f"{len(failed)} trial(s) failed ({', '.join(failed)}); see {sweep_dir.child(SUMMARY_FILE)}"
         )
-    return SweepResult(sweep_dir, table, {row.trial: row.status for row in rows})
 
 
 def _tune(
@@ -308,8 +267,6 @@ def _tune(
     limit: int,
 ) -> dict[str, str]:
     """Run the trials on a fresh Tuner; returns the failed trials' first error lines."""
-    import os
-
     from ray import tune
 
     from kto_ray.console import is_verbose
@@ -318,7 +275,6 @@ def _tune(
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     shipped = {name: t.model_dump(mode="json") for name, (_, t) in trials.items()}
     max_steps = max(last_steps.values()) if len(last_steps) == len(trials) else 10**6
-    storage = sweep_dir.ray_storage()
     trainable = tune.with_parameters(
         trial_trainable(), trials=shipped, last_steps=last_steps, metric=sweep.metric
     )
@@ -334,8 +290,7 @@ def _tune(
         ),
         run_config=tune.RunConfig(
             name=TUNE_DIR,
-            storage_path=storage["storage_path"],
-            storage_filesystem=storage.get("storage_filesystem"),
+            **sweep_dir.ray_storage(),
             verbose=0,
             callbacks=[_stopped_callback(shipped)],
             failure_config=tune.FailureConfig(max_failures=0),
@@ -343,10 +298,8 @@ def _tune(
             checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
         ),
     )
-    results = tuner.fit()
-    errors = {}
-    for result in results:
-        if result.error is not None:
-            name = result.config["trial"]
-            errors[name] = str(result.error).strip().splitlines()[-1][:300]
-    return errors
+    return {
+        result.config["trial"]: str(result.error).strip().splitlines()[-1][:300]
+        for result in tuner.fit()
+        if result.error is not None
+    }

@@ -72,10 +72,7 @@ def generate(
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size)
     with on_the_cluster(cfg):
         texts = generate_on_actors(cfg, model_path, [ids[i] for i in order], settings)
-    out = [""] * len(ids)
-    for i, text in zip(order, texts, strict=True):
-        out[i] = text
-    return out
+    return [text for _, text in sorted(zip(order, texts, strict=True))]
 
 
 @dataclass(frozen=True)

@@ -121,18 +121,14 @@ def _eval_points(records: list[dict[str, Any]], key: str) -> tuple[list[int], li
     return [s for s, v in points if math.isfinite(v)], [v for _, v in points if math.isfinite(v)]
 
 
-def _draw_eval(ax: Any, records: list[dict[str, Any]], keys: tuple[str, ...]) -> bool:
+def _draw_eval(ax: Any, records: list[dict[str, Any]], keys: tuple[str, ...]) -> None:
     """Held-out points over the training curves (no EMA: evaluations are few and not noisy per row)."""
-    drawn = False
     for color, key in zip(EVAL_COLORS, keys):
         steps, values = _eval_points(records, key)
         if steps:
             label = f"eval {key.split('/')[-1]}"
             ax.plot(steps, values, color=color, ls="--", lw=1.5, marker="s", ms=4, label=label)
-            drawn = True
-    if drawn:
-        ax.legend(loc="best", fontsize="small")
-    return drawn
+            ax.legend(loc="best", fontsize="small")
 
 
 def _plot(records: list[dict[str, Any]], out_dir: Path, name: str) -> list[Path]:
@@ -252,7 +248,7 @@ def _summary(run_dir: RunDir, records: list[dict[str, Any]], figures: list[Path]
     epochs = {r["epoch"] for r in records if "epoch" in r}
     checkpoints = run_dir.checkpoint_names()
     lines = [
-        f"# KTO run report: {run_name(run_dir)}",
+        f"# KTO run report: {run_dir.name}",
         "",
         "| | |",
         "|---|---|",
@@ -285,23 +281,14 @@ def _summary(run_dir: RunDir, records: list[dict[str, Any]], figures: list[Path]
     return "\n".join(lines)
 
 
-def run_name(run_dir: RunDir) -> str:
-    return run_dir.location.path.rstrip("/").rsplit("/", 1)[-1]
-
-
-def default_out_dir(run_dir: RunDir) -> Path:
-    """<run dir>/report for a local run; ./<run name>-report for one on object storage (to look at here)."""
-    return run_dir.folder / "report" if run_dir.folder else Path(f"{run_name(run_dir)}-report").absolute()
-
-
 def write_report(run_dir: str | Path | RunDir, out_dir: Path | None = None) -> ReportResult:
     """Write the PNG curves and summary.md for `run_dir` (a local folder or a URI) into `out_dir`
-    (default: `default_out_dir`)."""
+    (default: `RunDir.report_dir`)."""
     run_dir = _run_dir(run_dir)
     records = load_metrics(run_dir)
-    out_dir = default_out_dir(run_dir) if out_dir is None else Path(out_dir)
+    out_dir = run_dir.report_dir() if out_dir is None else Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    figures = _plot(records, out_dir, run_name(run_dir))
+    figures = _plot(records, out_dir, run_dir.name)
     summary = out_dir / "summary.md"
     summary.write_text(_summary(run_dir, records, figures))
     problems = [

@@ -87,22 +87,8 @@ def _markdown(samples: Sequence[Sample], *, reference: str, trained: str, how: s
         "",
     ]
     for s in samples:
-        lines += [
-            f"## eval row {s.id}",
-            "",
-            "**prompt**",
-            "",
-            _fence(s.prompt),
-            "**reference**",
-            "",
-            _fence(s.reference),
-            "**trained**",
-            "",
-            _fence(s.trained),
-        ]
+        lines += [f"## eval row {s.id}", ""]
+        for title, text in (("prompt", s.prompt), ("reference", s.reference), ("trained", s.trained)):
+            fence = "````" if "```" in text else "```"
+            lines += [f"**{title}**", "", f"{fence}\n{text}\n{fence}\n"]
     return "\n".join(lines)
-
-
-def _fence(text: str) -> str:
-    fence = "````" if "```" in text else "```"
-    return f"{fence}\n{text}\n{fence}\n"

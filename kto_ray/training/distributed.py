@@ -31,10 +31,7 @@ class GlobalKL(NamedTuple):
 
 def global_kl(kl_sum: torch.Tensor, kl_count: int, reduce: Reduce) -> GlobalKL:
     """z0, the unclamped estimate and the KL-pair count over every rank's KL pairs, from ONE `reduce` of
-    [sum, count].
-
-    A collective: every rank calls it, a rank without KL pairs with a zero sum and count. The training
-    step and eval during training take z0 (and the step its row count: one KL pair per row) from here."""
+    [sum, count]. A collective: a rank without KL pairs calls it with a zero sum and count."""
     totals = reduce(torch.stack([kl_sum.float(), torch.tensor(float(kl_count), device=kl_sum.device)]))
     raw = mean_from_sum(totals[0], totals[1])
     return GlobalKL(raw.clamp(min=0.0), raw, totals[1])
@@ -55,15 +52,9 @@ def evened_out(
 ) -> list[T]:
     """`micro_batches` followed by `filler`s up to the most micro-batches any rank has (at most `bound`,
     the same on every rank). Under ZeRO-3 every forward and backward gathers parameters, so all ranks
-    must run the same number; the caller drops what the fillers (always last) compute. The one way
-    ranks are evened out: the training step (token-budget micro-batches) and eval during training (the
-    split's uneven shards). A collective: every rank calls it."""
+    must run the same number; the caller drops what the fillers (always last) compute. A collective."""
     most = most_over_ranks(len(micro_batches), bound, reduce, device)
     return [*micro_batches, *[filler] * (most - len(micro_batches))]
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def gather_objects(obj: object) -> list[object]:
@@ -73,6 +64,23 @@ def gather_objects(obj: object) -> list[object]:
     out: list[object] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def gathered_state(
+    model: torch.nn.Module, rank: int, trainable_only: bool = False
+) -> dict[str, torch.Tensor]:
+    """The model's parameters (with `trainable_only`, those that train) gathered from their ZeRO-3
+    partitions one at a time, as CPU copies on rank 0 (empty elsewhere). A collective."""
+    import deepspeed
+
+    state: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        if trainable_only and not param.requires_grad:
+            continue
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            if rank == 0:
+                state[name] = param.detach().to("cpu", copy=True).contiguous()
+    return state
 
 
 def init_deepspeed_comm(use_gpu: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -14,8 +15,8 @@ from kto_ray.models.logprobs import sequence_logps
 from kto_ray.models.moe import mark_expert_blocks_as_z3_leaves
 from kto_ray.planning.memory import SUB_GROUP_ELEMENTS
 from kto_ray.rundir import RunDir
+from kto_ray.training.distributed import gathered_state
 from kto_ray.training.lora import (
-    adapter_disabled_reference,
     export_adapter,
     trainable_parameters,
     wrap_policy,
@@ -24,23 +25,7 @@ from kto_ray.training.step import ReferenceFn
 
 
 def _offload(device: str, nvme_path: str) -> dict[str, Any]:
-    out: dict[str, Any] = {"device": device, "pin_memory": True}
-    if device == "nvme":
-        out["nvme_path"] = nvme_path
-    return out
-
-
-def _bucket_sizes(stage: int, hidden_size: int | None) -> dict[str, int]:
-    """ZeRO bucket and persistence sizes from the hidden size, the way transformers' DeepSpeed integration
-    fills its "auto" values (DeepSpeed's defaults without one); deepspeed.config may replace them."""
-    if hidden_size is None:
-        return {}
-    sizes = {
-        "reduce_bucket_size": hidden_size * hidden_size,
-        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-        "stage3_param_persistence_threshold": 10 * hidden_size,
-    }
-    return {key: value for key, value in sizes.items() if stage == 3 or not key.startswith("stage3_")}
+    return {"device": device, "pin_memory": True} | ({"nvme_path": nvme_path} if device == "nvme" else {})
 
 
 def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -68,16 +53,20 @@ def deepspeed_config(
         "stage": ds.stage,
         "contiguous_gradients": True,
         "overlap_comm": cfg.cluster.use_gpu,
-        **_bucket_sizes(ds.stage, hidden_size),
     }
+    # Bucket and persistence sizes from the hidden size, the way transformers' DeepSpeed integration
+    # fills its "auto" values (DeepSpeed's defaults without one); deepspeed.config may replace them.
+    if hidden_size is not None:
+        zero["reduce_bucket_size"] = hidden_size * hidden_size
     if ds.stage == 3:
+        if hidden_size is not None:
+            zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
+            zero["stage3_param_persistence_threshold"] = 10 * hidden_size
         zero["stage3_gather_16bit_weights_on_model_save"] = False
         # The step's flattened fp32 gradients: one sub-group at a time, not the whole partition.
         zero["sub_group_size"] = SUB_GROUP_ELEMENTS
         if ds.offload_params != "none":
             zero["offload_param"] = _offload(ds.offload_params, ds.nvme_path)
-    if ds.offload_optimizer != "none" and train:
-        zero["offload_optimizer"] = _offload(ds.offload_optimizer, ds.nvme_path)
     micro = cfg.train.micro_batch_size
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro,
@@ -92,14 +81,13 @@ def deepspeed_config(
         "wall_clock_breakdown": False,
     }
     if ds.offload_optimizer != "none" and train:
-        config["optimizer"] = {
-            "type": "AdamW",
-            "params": {
-                "lr": cfg.train.lr,
-                "betas": list(cfg.train.adam_betas),
-                "weight_decay": cfg.train.weight_decay,
-            },
+        zero["offload_optimizer"] = _offload(ds.offload_optimizer, ds.nvme_path)
+        adam = {
+            "lr": cfg.train.lr,
+            "betas": list(cfg.train.adam_betas),
+            "weight_decay": cfg.train.weight_decay,
         }
+        config["optimizer"] = {"type": "AdamW", "params": adam}
     return _merged(config, ds.config)
 
 
@@ -188,7 +176,6 @@ def build_reference_engine(cfg: KTOConfig, world_size: int, hidden_size: int | N
     model = load_causal_lm(cfg.model, resolve_dtype(cfg.model.dtype, cfg.cluster.use_gpu), cfg.reference_path)
     model.requires_grad_(False)
     if ds_config["zero_optimization"]["stage"] != 3:
-        del keep_alive
         return model.to(torch.device("cuda") if cfg.cluster.use_gpu else torch.device("cpu")).eval()
     ds_config["zero_optimization"].pop("offload_optimizer", None)
     mark_expert_blocks_as_z3_leaves(model)
@@ -198,45 +185,36 @@ def build_reference_engine(cfg: KTOConfig, world_size: int, hidden_size: int | N
     return engine.module
 
 
-def export_hf_model(engine, tokenizer, run_dir: RunDir, rank: int) -> None:
-    """Gather the full weights parameter by parameter (a collective) and save them on rank 0 as a
-    Hugging Face model in safetensors at `<run dir>/final/` (staged, then published whole)."""
-    import deepspeed
-
-    model = engine.module
-    state: dict[str, torch.Tensor] = {}
-    for name, param in model.named_parameters():
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            if rank == 0:
-                state[name] = param.detach().to("cpu", copy=True).contiguous()
-    if rank != 0:
-        return
-    with run_dir.staging("final") as staged:
-        model.save_pretrained(staged, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(staged)
-
-
 def online_reference(cfg: KTOConfig, engine, world_size: int) -> ReferenceFn | None:
     """The reference of `reference.mode: online` (None offline: the store has its log-probs). With
     LoRA and the policy's own initial weights as the reference, it is the policy with its adapters
     disabled, so no reference model is built; otherwise a frozen copy of the reference weights."""
     if cfg.reference.mode != "online":
         return None
-    chunk = cfg.model.logprob_chunk_tokens
     if cfg.lora.enabled and cfg.reference_path == cfg.model.path:
-        return adapter_disabled_reference(engine.module, chunk)
-    ref_model = build_reference_engine(cfg, world_size, hidden_size_of(cfg.model, cfg.reference_path))
+        ref_model, disabled = engine.module, engine.module.disable_adapter
+    else:
+        hidden_size = hidden_size_of(cfg.model, cfg.reference_path)
+        ref_model, disabled = build_reference_engine(cfg, world_size, hidden_size), contextlib.nullcontext
+    chunk = cfg.model.logprob_chunk_tokens
 
     def reference(mb):
-        return sequence_logps(ref_model, mb.policy, chunk), sequence_logps(ref_model, mb.kl, chunk)
+        # A fixed function of the reference weights: no gradient, no adapter dropout.
+        with torch.no_grad(), disabled():
+            return sequence_logps(ref_model, mb.policy, chunk), sequence_logps(ref_model, mb.kl, chunk)
 
     return reference
 
 
 def export_final(engine, tokenizer, cfg: KTOConfig, rank: int) -> None:
-    """`<run dir>/final/`: the full model, or with LoRA the adapter (and `merged/` with run.merge_lora).
-    A collective: every rank calls it."""
+    """`<run dir>/final/`: the full model as a Hugging Face model in safetensors, or with LoRA the adapter
+    (and `merged/` with run.merge_lora). A collective: every rank calls it; rank 0 writes."""
+    run_dir = RunDir.of(cfg)
     if cfg.lora.enabled:  # not an isinstance check: importing peft costs ~110 MiB per worker
-        export_adapter(engine, tokenizer, cfg, RunDir.of(cfg), rank)
-    else:
-        export_hf_model(engine, tokenizer, RunDir.of(cfg), rank)
+        export_adapter(engine, tokenizer, cfg, run_dir, rank)
+        return
+    state = gathered_state(engine.module, rank)
+    if rank == 0:
+        with run_dir.staging("final") as staged:  # published whole
+            engine.module.save_pretrained(staged, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(staged)

@@ -1,25 +1,20 @@
-"""LoRA with peft: wrap the policy, the online reference as the policy with its adapters disabled, and
-the export of the adapter (PEFT's format) and, optionally, of the merged model.
+"""LoRA with peft: wrap the policy, and export the adapter (PEFT's format) and, optionally, the merged
+model.
 
 The wrapping happens before DeepSpeed initializes the model: under ZeRO-3 the base weights are already
 partitioned by zero.Init (peft reads a layer's shape from its in/out features, never from its weight),
-and the adapters peft adds are ordinary tensors that deepspeed.initialize converts to ZeRO parameters,
-broadcasting rank 0's values. Their initialization is still seeded identically on every rank, so it does
-not depend on the number of workers nor on the worker's own (per-rank) random stream.
+and the adapters peft adds are ordinary tensors that deepspeed.initialize converts to ZeRO parameters.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from kto_ray.config import KTOConfig, LoraConfig
-from kto_ray.models.logprobs import sequence_logps
 from kto_ray.rundir import RunDir
-from kto_ray.training.step import ReferenceFn
+from kto_ray.training.distributed import gathered_state
 
 
 def peft_config(lora: LoraConfig):
@@ -40,8 +35,8 @@ def wrap_policy(model: torch.nn.Module, cfg: KTOConfig) -> torch.nn.Module:
     """The policy as a PeftModel: base weights frozen, only the adapters (and modules_to_save) train."""
     import peft
 
-    # fork_rng restores the worker's CPU stream afterwards; seeding only the CPU generator (where peft
-    # creates the adapter weights) leaves any CUDA stream untouched.
+    # Seeded alike on every rank, whatever the worker count. fork_rng restores the worker's CPU stream
+    # afterwards; seeding only the CPU generator (where peft creates the adapter weights) leaves CUDA's.
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(cfg.train.seed)
         return peft.get_peft_model(model, peft_config(cfg.lora))
@@ -52,49 +47,13 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def adapter_disabled_reference(policy: torch.nn.Module, chunk_tokens: int | None) -> ReferenceFn:
-    """`reference.mode: online` with LoRA: the reference is the frozen base, i.e. the policy itself
-    with its adapters switched off for the forward; no second model is loaded anywhere."""
-
-    def reference(mb):
-        with _adapters_disabled(policy):
-            return (
-                sequence_logps(policy, mb.policy, chunk_tokens),
-                sequence_logps(policy, mb.kl, chunk_tokens),
-            )
-
-    return reference
-
-
-@contextmanager
-def _adapters_disabled(policy: torch.nn.Module) -> Iterator[None]:
-    # The reference is a fixed function of the base weights: no gradient, no adapter dropout.
-    with torch.no_grad(), policy.disable_adapter():
-        yield
-
-
-def _gathered_trainable_state(model: torch.nn.Module, rank: int) -> dict[str, torch.Tensor]:
-    """The trainable tensors (adapters, modules_to_save) gathered from their ZeRO-3 partitions (a
-    collective: every rank must call it), as CPU copies on rank 0 only."""
-    import deepspeed
-
-    state: dict[str, torch.Tensor] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
-            if rank == 0:
-                state[name] = param.detach().to("cpu", copy=True).contiguous()
-    return state
-
-
 def export_adapter(engine, tokenizer, cfg: KTOConfig, run_dir: RunDir, rank: int) -> None:
     """`<run dir>/final/`: the adapter in PEFT's format (adapter_config.json + adapter_model.safetensors,
     the base recorded as `base_model_name_or_path`) with the tokenizer; with run.merge_lora, also
     `<run dir>/merged/`, the base with the adapter merged, as a plain Hugging Face model. A collective
     (the trainable weights are gathered); rank 0 writes each folder through RunDir.staging."""
     model = engine.module
-    state = _gathered_trainable_state(model, rank)
+    state = gathered_state(model, rank, trainable_only=True)  # adapters, modules_to_save
     if rank != 0:
         return
     with run_dir.staging("final") as adapter_dir:

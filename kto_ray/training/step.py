@@ -8,12 +8,9 @@ For the global batch of one optimizer step (all workers, all accumulation micro-
    family's load-balancing loss of this forward's router logits, `kto_ray.models.moe`), per row;
 4. the engine steps (clip, optimizer, scheduler) once the accumulation boundary is reached;
 5. one all-reduce of the metric sums (`kto_ray.objective.KTOSums`).
-With token-budget micro-batches (`train.micro_batch_tokens`, training/schedule/token_budget.py) ranks bring
-different numbers of micro-batches: `distributed.evened_out` (one all-reduce) agrees on the most, and a
-rank with fewer runs its `filler` row in their place through both passes (its forwards, a zero loss,
-its backward, the finite check), its results dropped. The engine's accumulation boundary is set
-explicitly at each rank's last micro-batch, as their number is no longer DeepSpeed's
-gradient_accumulation_steps.
+With token-budget micro-batches (training/schedule/token_budget.py) ranks bring different numbers of
+micro-batches: `distributed.evened_out` agrees on the most, and a rank with fewer runs its `filler` row
+in their place through both passes (a zero loss), its results dropped.
 The backward loss is sum(local row losses) / global rows * world size: DeepSpeed averages gradients over
 ranks, so the result is the gradient of the mean loss over the global batch, however rows are split. The
 aux term counts once per row of its micro-batch, so it too is a mean over the global batch's rows.
@@ -23,18 +20,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Protocol
 
 import torch
 
 from kto_ray.internals.deepspeed_private import begin_micro_step
-from kto_ray.models.logprobs import (
-    DEFAULT_CHUNK_TOKENS,
-    PaddedBatch,
-    sequence_logps,
-    sequence_logps_and_router_logits,
-)
+from kto_ray.models.logprobs import DEFAULT_CHUNK_TOKENS, sequence_logps, sequence_logps_and_router_logits
 from kto_ray.models.moe import RouterAux
 from kto_ray.models.packing import PackedBatch
 from kto_ray.objective import TRAIN_KEYS, KTOLossOutput, KTOSums, kto_loss
@@ -57,6 +49,8 @@ class Engine(Protocol):
 
 @dataclass(frozen=True)
 class LossSettings:
+    """`kto_loss`'s keyword arguments, by their names."""
+
     beta: float
     desirable_weight: float
     undesirable_weight: float
@@ -65,15 +59,7 @@ class LossSettings:
         self, policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, z0: torch.Tensor
     ) -> KTOLossOutput:
         """`kto_loss` of these rows with these settings (the step, eval and `evaluate` alike)."""
-        return kto_loss(
-            policy_logps,
-            ref_logps,
-            desirable,
-            z0,
-            beta=self.beta,
-            desirable_weight=self.desirable_weight,
-            undesirable_weight=self.undesirable_weight,
-        )
+        return kto_loss(policy_logps, ref_logps, desirable, z0, **asdict(self))
 
 
 class NonFiniteError(RuntimeError):
@@ -94,13 +80,9 @@ def train_step(
     filler: KTOBatch | None = None,
 ) -> dict[str, float]:
     """Run one optimizer step over this rank's micro-batches; returns global metrics (TRL's names, and
-    `aux_loss` with `router_aux`).
-
-    `chunk_tokens` is the log-prob chunking of `kto_ray.models.logprobs.sequence_logps`; `router_aux`
-    (`kto_ray.models.moe.router_aux`) adds the router's load-balancing loss to the policy pass. Without
-    `estimate_kl` (false under `train.loss: apo_zero_unpaired`) the KL forward is skipped and z0 is 0:
-    the all-reduce still runs, on a zero sum, so the collectives are the same either way. With `filler`,
-    the ranks' numbers of micro-batches may differ (see the module docstring)."""
+    `aux_loss` with `router_aux`). `chunk_tokens` is `sequence_logps`'s chunking. Without `estimate_kl`
+    (`train.loss: apo_zero_unpaired`) the KL forward is skipped and z0 is 0: the all-reduce still runs,
+    on a zero sum, so the collectives are the same either way."""
     micro_batches = [mb.to(device) for mb in micro_batches]
     real, rows = len(micro_batches), sum(len(mb) for mb in micro_batches)
     if filler is not None:  # every rank has `rows` rows, so at most `rows` micro-batches
@@ -117,7 +99,9 @@ def train_step(
             policy = sequence_logps(engine.module, mb.policy, chunk_tokens)
         else:
             policy, router_logits = sequence_logps_and_router_logits(engine.module, mb.policy, chunk_tokens)
-            aux = router_aux(router_logits, _padded(mb.policy).attention_mask)
+            # A packed policy batch with router logits runs padded.
+            padded = mb.policy.padded() if isinstance(mb.policy, PackedBatch) else mb.policy
+            aux = router_aux(router_logits, padded.attention_mask)
         out = settings.loss(policy, ref_y, mb.desirable, z0)
         loss_sum = out.losses.sum()
         if aux is not None:
@@ -127,9 +111,9 @@ def train_step(
         _check_finite_on_every_rank(loss_sum, reduce, world_size)
         engine.backward(loss_sum / global_rows * world_size, scale_wrt_gas=False)
         engine.step()
-        if k >= real:
-            continue
-        sums.add(out, policy, ref_y, mb.desirable, z0, tokens=_tokens(mb, estimate_kl), aux_loss=aux)
+        if k < real:
+            tokens = mb.policy.tokens + (mb.kl.tokens if estimate_kl else 0)  # what its forwards ran on
+            sums.add(out, policy, ref_y, mb.desirable, z0, tokens=tokens, aux_loss=aux)
     grad_norm = _checked_grad_norm(engine)
     keys = TRAIN_KEYS if router_aux is None else (*TRAIN_KEYS, "aux_loss")
     return sums.reduce(reduce).to_metrics(z0.item(), keys, kl_raw=kl_raw.item(), grad_norm=grad_norm)
@@ -142,12 +126,12 @@ def _kl_pass(
     reference: ReferenceFn | None,
     chunk_tokens: int | None,
     device: torch.device | str,
-    estimate_kl: bool = True,
-    real: int | None = None,
+    estimate_kl: bool,
+    real: int,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Reference log-probs of (x, y) per micro-batch and this rank's sum of KL-pair log-ratios (0
-    without `estimate_kl`) over the first `real` micro-batches (all by default; the rest are fillers,
-    run for their forwards only)."""
+    without `estimate_kl`) over the first `real` micro-batches (the rest are fillers, run for their
+    forwards only)."""
     ref_logps = []
     kl_sum = torch.zeros((), dtype=torch.float32, device=device)
     for k, mb in enumerate(micro_batches):
@@ -155,7 +139,7 @@ def _kl_pass(
         ref_logps.append(ref_y.float())
         if estimate_kl:
             log_ratios = sequence_logps(module, mb.kl, chunk_tokens) - ref_kl.float()
-            if real is None or k < real:
+            if k < real:
                 kl_sum += log_ratios.sum()
     return ref_logps, kl_sum
 
@@ -165,8 +149,7 @@ def _begin_forward(engine: Engine, last: bool) -> None:
     (ZeRO-3 copies the first micro-batch's gradient into its partition and adds the later ones by that
     count). The log-probs call the module itself (the chunked head needs the decoder), so without this
     every backward of an accumulated step overwrote the ones before it. Then the accumulation boundary:
-    `last` (this rank's last micro-batch of the step) rather than DeepSpeed's count of micro-steps,
-    which token-budget micro-batches do not keep to (the same when they are fixed)."""
+    `last` (this rank's last micro-batch), as token-budget micro-batches do not keep to DeepSpeed's count."""
     begin_micro_step(engine)
     boundary = getattr(engine, "set_gradient_accumulation_boundary", None)
     if boundary is not None:
@@ -187,13 +170,3 @@ def _checked_grad_norm(engine: Engine) -> float:
     if norm is not None and not math.isfinite(grad_norm):
         raise NonFiniteError(f"non-finite gradient norm ({grad_norm})")
     return grad_norm
-
-
-def _padded(batch: PaddedBatch | PackedBatch) -> PaddedBatch:
-    """The padded layout of a batch (a packed policy batch with router logits runs padded)."""
-    return batch.padded() if isinstance(batch, PackedBatch) else batch
-
-
-def _tokens(mb: KTOBatch, estimate_kl: bool) -> int:
-    """Tokens the micro-batch's forwards ran on: its (x, y) and, with the KL pass, (x, y_kl) sequences."""
-    return mb.policy.tokens + mb.kl.tokens if estimate_kl else mb.policy.tokens

@@ -1,13 +1,9 @@
 """The Ray Train worker loop: build the DeepSpeed engine, restore, step, log, checkpoint, export.
 
-Everything a worker needs arrives in its LoopConfig (`training/schedule/loop_config.py`: the validated config,
-the train split as a store index or, online, a table's object ref, the step count), never through
+Everything a worker needs arrives in its LoopConfig (`training/schedule/loop_config.py`), never through
 globals or the ambient environment. Each worker reads only its own micro-batches' rows, the next
-step's while the current one computes.
-
-Three parts, as a trainer's life: `_setup` builds a `WorkerRun` (what the steps use) and registers
-its clean-up, `_train` runs the steps, and the clean-up (the row reader closed, the trackers finished,
-as failed when a step raised) runs on every exit. The export follows a run that finished.
+step's while the current one computes. The clean-up `_setup` registers (rows closed, trackers finished,
+as failed when a step raised) runs on every exit; the export follows a run that finished.
 """
 
 from __future__ import annotations
@@ -129,11 +125,7 @@ def train_loop(train_loop_config: dict[str, Any]) -> None:
     flush_denormals()  # on this thread, before its first op starts the intra-op threads (denormals.py)
     timeline = Timeline()
     timeline.mark("worker start, imports")
-    run_worker(LoopConfig.from_train_loop_config(train_loop_config), timeline)
-
-
-def run_worker(loop: LoopConfig, timeline: Timeline | None = None) -> None:
-    timeline = timeline or Timeline()
+    loop = LoopConfig.from_train_loop_config(train_loop_config)
     with contextlib.ExitStack() as teardown:
         run = _setup(loop, teardown, timeline)
         _train(run)
@@ -147,12 +139,11 @@ def run_worker(loop: LoopConfig, timeline: Timeline | None = None) -> None:
 
 
 def _setup(loop: LoopConfig, teardown: contextlib.ExitStack, timeline: Timeline) -> WorkerRun:
-    """Everything the steps need, in the order it must be made; what needs closing goes on `teardown`
-    as soon as it is opened, so a failure half-way closes what was opened before it."""
+    """Everything the steps need, in order; what needs closing goes on `teardown` as soon as it is
+    opened, so a failure half-way closes what was opened before it."""
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     cfg = loop.config
-    # This group's accumulation, from the run's global batch and the group's actual size.
     accumulation_steps = accumulation(loop.global_batch, world, cfg.train.micro_batch_size)
     torch.manual_seed(cfg.train.seed + rank)
     if cfg.cluster.release_host_memory is True:  # the driver resolved auto (planning/host_release.py)
@@ -167,10 +158,9 @@ def _setup(loop: LoopConfig, teardown: contextlib.ExitStack, timeline: Timeline)
     teardown.callback(reader.close)
     tokenizer = load_tokenizer(cfg.model)
     timeline.mark("rows opened, tokenizer")
-    hidden_size = hidden_size_of(cfg.model)
     engine = build_policy_engine(
         cfg,
-        deepspeed_config(cfg, world, hidden_size=hidden_size, accumulation=accumulation_steps),
+        deepspeed_config(cfg, world, hidden_size=hidden_size_of(cfg.model), accumulation=accumulation_steps),
         loop.total_steps,
     )
     reference = online_reference(cfg, engine, world)  # with LoRA: the policy, adapters disabled
@@ -183,20 +173,15 @@ def _setup(loop: LoopConfig, teardown: contextlib.ExitStack, timeline: Timeline)
     if start_step:  # this start's learning rate, schedule and optimizer settings, not the checkpoint's
         refresh_optimizer_settings(engine, cfg)
     timeline.mark("checkpoint restore")
+    run_dir = RunDir.of(cfg)
     placement = gather_objects(_where_am_i(rank))  # a collective: every rank
     if rank == 0:  # this group's entry in the run's history of worker groups
-        record_group(RunDir.of(cfg), start_step, placement)
+        record_group(run_dir, start_step, placement)
     trackers: list[Tracker] = []
     if rank == 0 and cfg.run.report_to:
-        trackers = teardown.enter_context(
-            started_trackers(
-                cfg.run.report_to,
-                cfg.model_dump(mode="json"),
-                RunDir.of(cfg).folder,
-                start_step,
-                loop.tracking_env,
-            )
-        )
+        config = cfg.model_dump(mode="json")
+        started = started_trackers(cfg.run.report_to, config, run_dir.folder, start_step, loop.tracking_env)
+        trackers = teardown.enter_context(started)
     timeline.mark("workers.json, trackers")
     return WorkerRun(
         loop=loop,
@@ -211,8 +196,7 @@ def _setup(loop: LoopConfig, teardown: contextlib.ExitStack, timeline: Timeline)
         settings=LossSettings(cfg.train.beta, loop.desirable_weight, cfg.train.undesirable_weight),
         start_step=start_step,
         damaged=restored.damaged,
-        log=MetricsLog(RunDir.of(cfg), start_step) if rank == 0 else None,
-        # eval_metrics shards the whole split over the ranks.
+        log=MetricsLog(run_dir, start_step) if rank == 0 else None,
         eval_table=_whole(loop.eval_rows) if loop.eval_rows is not None else None,
         trackers=trackers,
     )
@@ -246,14 +230,13 @@ def _train(run: WorkerRun) -> None:
         for tracker in run.trackers:  # rank 0 only: live, the same record as metrics.jsonl
             tracker.log(done, metrics)
         if done % cfg.run.checkpoint_every == 0 or done == total_steps:
-            state = dict(run.loop.run_state, world_size=run.world)
             save_and_report(
                 run.engine,
                 done,
                 run.rank,
                 metrics,
                 last_checkpoint,
-                state,
+                run.loop.run_state,
                 run_dir=RunDir.of(cfg),
                 world=run.world,
                 damaged=run.damaged,
@@ -306,8 +289,7 @@ def _step(run: WorkerRun, step: int) -> dict[str, Any]:
 
 
 def _evaluate(run: WorkerRun) -> dict[str, float]:
-    """The eval split's metrics after this step's update: every rank runs the same forwards (ZeRO-3), z0
-    over the whole split."""
+    """The eval split's metrics after this step's update (eval_step.py)."""
     return eval_metrics(
         run.engine.module,
         run.eval_table,

@@ -1,4 +1,4 @@
-"""The model zoo (kto_ray/assets/zoo.py) in-process, no Ray: every family builds offline with the
+"""The model zoo (tests/zoo.py) in-process, no Ray: every family builds offline with the
 embedded tokenizer, reloads with transformers, and takes LoRA with the default `target_modules`
 (all-linear as peft defines it) through kto-ray's own wrapping and adapter export. The slow stages
 (precompute, 2-worker ZeRO-3 training, export, evaluate) are in tests/integration/test_zoo.py."""
@@ -15,11 +15,11 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from kto_ray.assets.tiny_model import build_tokenizer
-from kto_ray.assets.zoo import FAMILIES, build_family, family_config
 from kto_ray.models.logprobs import pad_sequences, sequence_logps
 from kto_ray.rundir import RunDir
 from kto_ray.training.lora import export_adapter, trainable_parameters, wrap_policy
 from tests.helpers import make_config
+from tests.zoo import FAMILIES, build_family, family_config
 
 REPO = Path(__file__).resolve().parents[2]
 

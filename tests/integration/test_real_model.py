@@ -19,7 +19,6 @@ import yaml
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from kto_ray.assets.smollm2 import greedy_reply
 from kto_ray.cli import main
 from kto_ray.data.prepare import prepare_text
 from kto_ray.errors import UserError
@@ -28,6 +27,7 @@ from kto_ray.reference.precompute import precompute
 from kto_ray.tools.evaluate import evaluate
 from kto_ray.training.launch.driver import train
 from tests.conftest import REPO, make_config, read_metrics
+from tests.smollm2 import greedy_reply
 
 CHAT_DATA = REPO / "data" / "chat_sample.jsonl"
 END_OF_TURN = "<|im_end|>"

@@ -1,4 +1,4 @@
-"""Every family of the model zoo (kto_ray/assets/zoo.py) through kto-ray's stages on one local Ray:
+"""Every family of the model zoo (tests/zoo.py) through kto-ray's stages on one local Ray:
 precompute (stored log-probs equal a direct transformers forward), 2-worker ZeRO-3 training for 2 steps
 (policy == reference at step 1: rewards 0), export (the original tensor names, reloads, generates) and
 `kto-ray evaluate` of the export. LoRA with the default target_modules is checked in-process for every
@@ -26,12 +26,12 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from kto_ray.assets.tiny_model import build_tokenizer
-from kto_ray.assets.zoo import FAMILIES, build_family
 from kto_ray.cli import main
 from kto_ray.reference.precompute import precompute
 from kto_ray.training.launch.driver import train
 from tests.assets.test_zoo import tensor_names
 from tests.conftest import REPO, make_config, read_metrics
+from tests.zoo import FAMILIES, build_family
 
 ROWS = 40  # eval_fraction 0.25: 13 eval rows, 27 train rows (2 steps of 2 workers x 2 rows use 8)
 STEPS = 2

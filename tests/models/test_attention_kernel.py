@@ -8,10 +8,10 @@ import warnings
 import pytest
 import torch
 
-from kto_ray.assets.zoo import build_family
 from kto_ray.config import ModelConfig
 from kto_ray.models import loading
 from kto_ray.models.loading import load_causal_lm
+from tests.zoo import build_family
 
 
 def test_default_sdpa_loads_a_model_without_sdpa_with_eager_and_says_so_once(tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ import uuid
 import pytest
 
 from kto_ray.conditional import _s3_client, conditional_file
-from kto_ray.rundir.lease import LEASE, Lease, LeaseHeld, ensure_free, hold_lease
+from kto_ray.rundir.lease import LEASE, Lease, LeaseHeld, ensure_free
 from kto_ray.storage import Location, read_text, resolve, write_text_atomically
 from tests.s3server import s3_server
 
@@ -50,7 +50,7 @@ def _plant(where: Location, **fields) -> None:
 
 def test_second_holder_is_refused_in_one_line_naming_the_first(where):
     ensure_free(where)  # nothing there yet
-    with hold_lease(where, "precompute", **FAST) as first:
+    with Lease(where, "precompute", **FAST) as first:
         with pytest.raises(LeaseHeld, match="in use by another precompute"):
             ensure_free(where)  # the early look, taking nothing
         with pytest.raises(LeaseHeld) as refused:
@@ -62,7 +62,7 @@ def test_second_holder_is_refused_in_one_line_naming_the_first(where):
         assert first.holder().token == first.mine.token  # the refused one left the lease alone
         first.check()
     assert read_text(where.join(LEASE)) is None  # released: deleted
-    with hold_lease(where, "precompute", **FAST):  # and free again
+    with Lease(where, "precompute", **FAST):  # and free again
         pass
 
 
@@ -71,7 +71,7 @@ def test_live_lease_of_another_host_refuses_and_a_stale_one_is_taken_over(where)
     with pytest.raises(LeaseHeld, match=r"in use by another precompute \(host elsewhere, pid 1, since "):
         Lease(where, "training run", **FAST).acquire()
     _plant(where, heartbeat=time.time() - 61)  # no heartbeat for over the TTL: its holder is gone
-    with hold_lease(where, "training run", **FAST) as lease:
+    with Lease(where, "training run", **FAST) as lease:
         assert lease.holder().token == lease.mine.token and lease.holder().what == "training run"
 
 
@@ -82,7 +82,7 @@ def test_dead_holder_on_this_host_is_taken_over_at_once(where):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     _plant(where, host=socket.gethostname(), pid=dead.pid)  # fresh heartbeat, but its pid is gone
-    with hold_lease(where, "precompute", **FAST) as lease:
+    with Lease(where, "precompute", **FAST) as lease:
         assert lease.holder().token == lease.mine.token
 
 
@@ -96,7 +96,7 @@ def _eventually(condition, timeout: float = 10.0) -> bool:
 
 
 def test_heartbeat_refreshes_and_a_taken_over_holder_notices(where):
-    with hold_lease(where, "precompute", **FAST) as lease:
+    with Lease(where, "precompute", **FAST) as lease:
         first = lease.holder().heartbeat
         assert _eventually(lambda: lease.holder().heartbeat > first)
         assert lease.holder().started == lease.mine.started
@@ -206,7 +206,7 @@ def test_racing_processes_on_local_disk_exactly_one_wins(tmp_path):
 
 
 def test_a_stale_holder_back_after_a_takeover_never_overwrites_it(where):
-    with hold_lease(where, "precompute", **FAST) as first:
+    with Lease(where, "precompute", **FAST) as first:
         first._stop.set()  # its beats stop (a stalled job) ...
         time.sleep(0.3)
         taker = Lease(where, "training run", ttl=0.2, **FAST).acquire()  # ... and it looks stale

@@ -9,8 +9,9 @@ import pytest
 from kto_ray.config import load_config
 from kto_ray.errors import UserError
 from kto_ray.planning.advice import format_plan
-from kto_ray.planning.host_release import HostRelease, decide_release, resolve_release
+from kto_ray.planning.host_release import HostRelease, decide_release
 from kto_ray.planning.plan import GIB, SETTINGS, Setting, choose_stage, plan
+from kto_ray.training.resume.stage import resolve_release
 
 LLAMA_8B = dict(
     hidden_size=4096,

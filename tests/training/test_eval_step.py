@@ -56,14 +56,14 @@ def two_rank_results(tmp_path_factory) -> dict:
 
 def test_shards_cover_every_row_once_and_the_largest_bounds_the_batch_count():
     lengths = np.array([5, 9, 2, 7, 7, 1, 3, 8, 4])
-    shards = [shard_batches(9, rank, 2, 4, lengths) for rank in (0, 1)]
+    shards = [shard_batches(rank, 2, 4, lengths) for rank in (0, 1)]
     # Longest first, dealt out: rank 0 gets 9, 7, 5, 3, 1 (rows 1, 3, 0, 6, 5), rank 1 gets 8, 7, 4, 2.
     assert [b.tolist() for b in shards[0]] == [[1, 3, 0, 6], [5]]
     assert [b.tolist() for b in shards[1]] == [[7, 4, 8, 2]]  # one fewer: it runs one filler
     assert most_batches(9, 2, 4) == 2
     rows = np.concatenate([b for s in shards for b in s])
     assert sorted(rows.tolist()) == list(range(9))
-    assert [len(shard_batches(1, rank, 2, 4, lengths[:1])) for rank in (0, 1)] == [1, 0]
+    assert [len(shard_batches(rank, 2, 4, lengths[:1])) for rank in (0, 1)] == [1, 0]
     assert most_batches(1, 2, 4) == 1
 
 
@@ -166,7 +166,7 @@ def test_ray_train_eval_equals_kto_ray_evaluate_of_the_export(tiny_model, small_
     )
     rows = precompute(cfg).store.read_split("eval").num_rows
     assert rows % (2 * micro) and rows % 2  # uneven shards: rank 1 runs a dummy micro-batch
-    assert len(shard_batches(rows, 1, 2, micro, np.ones(rows))) < most_batches(rows, 2, micro)
+    assert len(shard_batches(1, 2, micro, np.ones(rows))) < most_batches(rows, 2, micro)
     result = train(cfg)
     run_dir = result.run_dir.local_path
     records = read_metrics(run_dir)

@@ -1,13 +1,9 @@
 """Stage 2 on the driver: check the store, size the run, launch the Ray Train TorchTrainer.
 
-Offline, the driver indexes the store's train split (and eval split when the run evaluates): a few
-bytes per row, streamed one row group at a time (`store/reader.py`). The index goes to the workers in
-their LoopConfig and each worker reads its own micro-batches' rows from the store, so the store must be
-where every worker can read it (object storage or a shared mount). Online there is no store: the
-driver tokenizes the data and hands the table to the workers through the object store. The driver
-also checks `run.report_to`'s trackers and takes the run dir's lease before launching. Before any of
-that, a rerun is checked against the run state of the checkpoint it resumes (`resume_check.py`), and
-once connected to Ray, the worker group against what the cluster can place (`placement.py`).
+Offline, the workers get an index of the store's splits (a few bytes per row, `store/reader.py`) and
+each reads its own micro-batches' rows from the store, so the store must be where every worker can
+read it (object storage or a shared mount). Online there is no store: the driver tokenizes the data
+and hands the table to the workers through the object store.
 """
 
 from __future__ import annotations
@@ -23,12 +19,9 @@ import pyarrow as pa
 
 from kto_ray.config import KTOConfig, dump_config, with_absolute_paths
 from kto_ray.data.prepare import prepare_text, tokenize_rows
-from kto_ray.errors import (
-    UserError,
-)
+from kto_ray.errors import UserError
 from kto_ray.models.loading import check_context_length, load_tokenizer
 from kto_ray.objective import desirable_weight
-from kto_ray.planning.host_release import resolve_release
 from kto_ray.raycluster import ray_session
 from kto_ray.rundir import CHECKPOINTS, RunDir
 from kto_ray.rundir.lease import Lease
@@ -45,7 +38,7 @@ from kto_ray.training.resume.checkpoint_files import checkpoint_step
 from kto_ray.training.resume.global_batch import check_worker_range
 from kto_ray.training.resume.resume_check import compare
 from kto_ray.training.resume.run_state import build_run_state, saved_state
-from kto_ray.training.resume.stage import resolve_stage, stage_of_checkpoint
+from kto_ray.training.resume.stage import auto_plan, resolve_release, resolve_stage, stage_of_checkpoint
 from kto_ray.training.resume.store_pin import pin_store
 from kto_ray.training.schedule.loop_config import LoopConfig
 
@@ -62,9 +55,8 @@ class TrainResult:
 
 
 def split_rows(cfg: KTOConfig, splits: tuple[str, ...]) -> dict[str, Rows]:
-    """What the workers train on. Offline: an index of each split of the checked store (each worker
-    reads its own rows from the store: nothing O(dataset) on the driver or in the object store).
-    Online: the tokenized table (there is no store), which goes through the object store."""
+    """What the workers train on: an index of each split of the checked store (offline: nothing
+    O(dataset) on the driver or in the object store), or online the tokenized tables."""
     if cfg.reference.mode != "offline":
         return split_tables(cfg, splits)
     check_context_length(cfg.model, cfg.data.max_length)
@@ -86,8 +78,6 @@ def split_tables(cfg: KTOConfig, splits: tuple[str, ...]) -> dict[str, pa.Table]
     tokenizer = load_tokenizer(cfg.model)
     check_context_length(cfg.model, cfg.data.max_length)
     if cfg.reference.mode == "offline":
-        # The store holds everything training needs (ids, labels, splits, log-probs): the raw data is
-        # only re-read when its files' stats no longer match the ones the store recorded.
         store = checked_store(cfg, tokenizer)
         return {split: store.read_split(split) for split in splits}
     text = prepare_text(cfg, tokenizer)
@@ -113,8 +103,8 @@ def total_steps(cfg: KTOConfig, rows: int, global_batch: int | None = None) -> i
 
 
 def train(cfg: KTOConfig) -> TrainResult:
-    """Check the store (or tokenize, online), size the run, check a rerun against the checkpoint it
-    resumes, and fit it on Ray Train."""
+    """Check the store (or tokenize, online), size the run, check a rerun against the run state of the
+    checkpoint it resumes (`resume_check.py`), and fit it on Ray Train."""
     timeline = Timeline()
     timeline.mark("imports, config")
     run_dir = RunDir.of(cfg)
@@ -157,7 +147,7 @@ def train(cfg: KTOConfig) -> TrainResult:
         checked=(saved.name, saved.state) if resumed else None,
         timeline=timeline,
     )
-    if saved is not None:
+    if resumed:
         _say_workers_fallback(run_dir, checkpoint_step(saved.name) or 0, launched)
     return result
 
@@ -189,14 +179,12 @@ def fit(
     timeline: Timeline | None = None,
 ) -> TrainResult:
     """Launch the TorchTrainer on `train_rows` for `steps` optimizer steps of `global_batch` rows (the
-    first start's by default); every checkpoint carries `run_state` (this start's, built here when not
-    given: benches call fit directly); with `train.eval_every` or `eval_at_end`, the workers also evaluate
-    on `eval_rows` (the store's eval split). `timeline` (train's) gets the driver's phases, written to
-    `timings.json`."""
+    first start's by default); every checkpoint carries `run_state` (built here when not given: benches
+    call fit directly); with `train.eval_every` or `eval_at_end`, the workers also evaluate on
+    `eval_rows`. `timeline` gets the driver's phases, written to `timings.json`."""
     import ray
 
     timeline = timeline or Timeline()
-
     cfg = with_absolute_paths(cfg)
     global_batch = global_batch or cfg.first_global_batch
     check_worker_range(global_batch, cfg.cluster.worker_range, cfg.train.micro_batch_size)
@@ -217,24 +205,22 @@ def fit(
         with storage_errors(run_dir):
             pin_store(cfg, run_dir)  # a resume after the store changed (an append) refuses here
         timeline.mark("trackers, lease, store pin")
-        # Entering placement_notices refuses a worker group the cluster can never place, in one line;
-        # on an autoscaling cluster it says what the run waits for until the minimum fits.
+        # A worker group the cluster can never place is refused here; an autoscaling one is waited for.
         with ray_session(cfg.cluster.address), placement_notices(Ask.of(cfg)):
             timeline.mark("ray connected, placement checked")
-            # stage auto becomes the planner's pick here (it may read the cluster's memory); the run
-            # dir and the checkpoints' run state record the stage that ran.
-            cfg, stage = resolve_stage(cfg)
+            # The auto settings become the planner's picks (one plan, which may read the cluster's memory).
+            # The run state records the stage that ran but keeps release_host_memory auto, so a resume
+            # is not told it changed.
+            planned = auto_plan(cfg)
+            cfg, stage = resolve_stage(cfg, planned)
             run_state["config"]["deepspeed"] = cfg.deepspeed.model_dump(mode="json")
-            # release_host_memory auto likewise, from the plan of the stage that runs (config.yaml
-            # records the pick; the run state keeps `auto`, so a resume is not told it changed).
-            cfg, release = resolve_release(cfg)
+            cfg, release = resolve_release(cfg, planned)
             with storage_errors(run_dir):
                 run_dir.write_text("config.yaml", dump_config(cfg))
             print(
                 f"training {cfg.model.path} on {row_count(train_rows)} rows for {steps} steps "
                 f"({_workers_text(cfg.cluster.worker_range)}, {global_batch} rows per step, "
-                f"{stage}{release}, reference {cfg.reference.mode})"
-                f" -> {run_dir}",
+                f"{stage}{release}, reference {cfg.reference.mode}) -> {run_dir}",
                 flush=True,
             )
             loop = LoopConfig(
@@ -261,8 +247,7 @@ def fit(
                 # KeyboardInterrupt. Either way: the one line, exit 130.
                 raise interrupted(run_dir) from None
             except ray.train.TrainingFailedError as err:
-                stopped = stopped_line(err, run_dir, progress.shown)
-                if stopped is None:
+                if (stopped := stopped_line(err, run_dir, progress.shown)) is None:
                     raise
                 raise stopped from None
             timeline.mark("progress closed")
@@ -309,9 +294,8 @@ def _trainer(cfg: KTOConfig, loop: LoopConfig):
 
 def _scaling(cfg: KTOConfig):
     """A fixed group, or with a range Ray Train's elastic one: it starts with as many workers as the
-    cluster holds (at least the minimum), restarts on the workers that remain when one is lost, and
-    grows at the next resize check once nodes join; each (re)start resumes from the last checkpoint
-    (the worker reshapes it to the group's size)."""
+    cluster holds (at least the minimum), restarts on those that remain when one is lost, and grows
+    once nodes join; each (re)start resumes from the last checkpoint, reshaped to the group's size."""
     from ray.train import ScalingConfig
 
     low, high = cfg.cluster.worker_range

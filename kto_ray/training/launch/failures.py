@@ -19,7 +19,6 @@ from kto_ray.errors import (
     StoreDamaged,
     TrainingStopped,
     UserError,
-    WorkerFailure,
 )
 from kto_ray.internals.ray_private import worker_failures
 from kto_ray.rundir import RunDir
@@ -27,7 +26,7 @@ from kto_ray.storage import first_line
 from kto_ray.training.resume.checkpoint_files import checkpoint_step
 from kto_ray.training.resume.run_state import latest_checkpoint
 
-Failure = TypeVar("Failure", bound=WorkerFailure)
+Failure = TypeVar("Failure", bound=Exception)
 
 
 def stopped_line(err: Exception, run_dir: RunDir, last_step: int) -> Exception | None:
@@ -35,9 +34,7 @@ def stopped_line(err: Exception, run_dir: RunDir, last_step: int) -> Exception |
     saw), or None when the failure is none of kto-ray's typed ones (then it is raised as it is)."""
     return (
         _damaged(err, run_dir)
-        or _stopped_by_non_finite(err, run_dir)
-        or _stopped_by_storage(err, run_dir)
-        or _stopped_by_reshape(err)
+        or _stopped(err, run_dir)
         or _controller_storage_failure(err, run_dir, last_step)
     )
 
@@ -79,42 +76,40 @@ def _worker_failure(err: Exception, kind: type[Failure]) -> Failure | None:
 def _damaged(err: Exception, run_dir: RunDir) -> UserError | None:
     """A damaged store file a worker met (it trains on none of it), no whole checkpoint, or a checkpoint
     the driver did not check the run against: one line."""
-    failures = worker_failures(err)
-    store = next((failures[r] for r in sorted(failures) if isinstance(failures[r], StoreDamaged)), None)
-    if store is not None:
+    if (store := _worker_failure(err, StoreDamaged)) is not None:
         return store
-    unchecked = _worker_failure(err, ResumeUnchecked)
-    if unchecked is not None:
+    if (unchecked := _worker_failure(err, ResumeUnchecked)) is not None:
         return UserError(
             f"{unchecked} in {run_dir}: `kto-ray verify` lists its checkpoints; a new run.name starts over"
         )
-    lost = _worker_failure(err, CheckpointsLost)
-    if lost is None:
-        return None
-    return CheckpointsDamaged(
-        f"{lost} in {run_dir}: `kto-ray verify` lists what is wrong; a new run.name starts over"
-    )
+    if (lost := _worker_failure(err, CheckpointsLost)) is not None:
+        return CheckpointsDamaged(
+            f"{lost} in {run_dir}: `kto-ray verify` lists what is wrong; a new run.name starts over"
+        )
+    return None
 
 
-def _stopped_by_storage(err: Exception, run_dir: RunDir) -> StorageError | None:
-    """A checkpoint that could not be written, as one line naming the step and the run dir."""
-    failure = _worker_failure(err, CheckpointWriteFailed)
-    if failure is None:
-        return None
-    return StorageError(
-        f"training stopped at {failure} (run dir {run_dir}); rerun to resume once the storage is reachable"
-    )
-
-
-def _stopped_by_reshape(err: Exception) -> StorageError | None:
-    """A checkpoint that could not be reshaped for the new worker count, as one line with the ways out."""
-    failure = _worker_failure(err, CheckpointReshapeFailed)
-    if failure is None:
-        return None
-    return StorageError(
-        f"training stopped: {failure}. Free space there or set run.scratch_dir, then rerun; or rerun "
-        f"with cluster.workers={failure.saved}"
-    )
+def _stopped(err: Exception, run_dir: RunDir) -> TrainingStopped | StorageError | None:
+    """A worker's non-finite step, unwritten checkpoint or failed reshape as one line naming the step
+    and what a rerun does."""
+    if (non_finite := _worker_failure(err, NonFiniteStep)) is not None:
+        saved = run_dir.checkpoint_names()
+        last = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was written"
+        return TrainingStopped(
+            f"training stopped at {non_finite}; nothing after it was saved and {last}. "
+            "Lower train.lr or check the data, then rerun to resume."
+        )
+    if (unwritten := _worker_failure(err, CheckpointWriteFailed)) is not None:
+        return StorageError(
+            f"training stopped at {unwritten} (run dir {run_dir}); "
+            "rerun to resume once the storage is reachable"
+        )
+    if (reshape := _worker_failure(err, CheckpointReshapeFailed)) is not None:
+        return StorageError(
+            f"training stopped: {reshape}. Free space there or set run.scratch_dir, then rerun; or rerun "
+            f"with cluster.workers={reshape.saved}"
+        )
+    return None
 
 
 def _controller_storage_failure(err: Exception, run_dir: RunDir, last_step: int) -> StorageError | None:
@@ -129,17 +124,4 @@ def _controller_storage_failure(err: Exception, run_dir: RunDir, last_step: int)
         f"training stopped{seen}: Ray Train could not write to the run dir "
         f"{run_dir} ({first_line(failure)}); rerun to resume from its last checkpoint once the storage "
         "is reachable"
-    )
-
-
-def _stopped_by_non_finite(err: Exception, run_dir: RunDir) -> TrainingStopped | None:
-    """A worker's NonFiniteStep as one line naming the step and the checkpoint a rerun resumes from."""
-    failure = _worker_failure(err, NonFiniteStep)
-    if failure is None:
-        return None
-    saved = run_dir.checkpoint_names()
-    last = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was written"
-    return TrainingStopped(
-        f"training stopped at {failure}; nothing after it was saved and {last}. "
-        "Lower train.lr or check the data, then rerun to resume."
     )

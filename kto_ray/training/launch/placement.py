@@ -1,13 +1,10 @@
 """Before launch: can the cluster place the worker group? Ray Train waits silently for resources, so a
 group that never fits would hang without a word.
 
-What is asked: `workers` bundles of {CPU: cpus_per_worker (, GPU: 1)} under `placement_strategy`. What
-exists: the alive nodes' total resources (`ray.nodes()`). Whether the cluster can grow: the autoscaler's
-node groups as it reports them to the GCS (`kto_ray.internals.ray_private.autoscaler_limits`, what Ray
-Train's own resource check and Ray Data's autoscaling check read): a group with max_count above its
-min_count (or -1) can add nodes. Without one (a local Ray, nodes started by hand) the cluster is what
-it is now: a group it cannot place is refused in one line, exit 2. An autoscaling cluster gets one line
-saying what the run waits for, then one about every 30 s with the time waited.
+What exists: the alive nodes' total resources (`ray.nodes()`). Whether the cluster can grow: the
+autoscaler's node groups as it reports them to the GCS (`kto_ray.internals.ray_private.autoscaler_limits`,
+what Ray Train's own resource check reads). Without one (a local Ray, nodes started by hand) a group the
+cluster cannot place now is refused in one line, exit 2.
 """
 
 from __future__ import annotations
@@ -53,12 +50,8 @@ class Ask:
     def __str__(self) -> str:
         low, high = self.workers
         count = str(low) if low == high else f"{low}-{high}"
-        per = ", ".join(f"{_amount(v)} {k}" for k, v in self.bundle.items())
+        per = ", ".join(f"{v:g} {k}" for k, v in self.bundle.items())
         return f"{count} {self.unit} x ({per}) placed {self.strategy}"
-
-
-def _amount(value: float) -> str:
-    return f"{value:g}"
 
 
 def capacity(nodes: list[dict[str, float]], bundle: dict[str, float], strategy: str) -> int:
@@ -80,7 +73,7 @@ def capacity(nodes: list[dict[str, float]], bundle: dict[str, float], strategy: 
 def _describe(nodes: list[dict[str, float]]) -> str:
     keys = ("CPU", "GPU")
     total = {k: sum(node.get(k, 0.0) for node in nodes) for k in keys}
-    kinds = ", ".join(f"{_amount(total[k])} {k}" for k in keys if total[k] or k == "CPU")
+    kinds = ", ".join(f"{total[k]:g} {k}" for k in keys if total[k] or k == "CPU")
     return f"{len(nodes)} node{'s' if len(nodes) != 1 else ''} with {kinds} in all"
 
 
@@ -88,10 +81,6 @@ def _alive_nodes() -> list[dict[str, float]]:
     import ray
 
     return [dict(node["Resources"]) for node in ray.nodes() if node.get("Alive")]
-
-
-def _fits_the_largest(bundle: dict[str, float], most: dict[str, float]) -> bool:
-    return all(most.get(key, 0.0) >= need for key, need in bundle.items())
 
 
 def check_placement(ask: Ask, nodes: list[dict[str, float]], growth: dict[str, float] | None) -> str | None:
@@ -102,15 +91,14 @@ def check_placement(ask: Ask, nodes: list[dict[str, float]], growth: dict[str, f
     held = capacity(nodes, ask.bundle, ask.strategy)
     if held >= low:
         return None
-    needed = {key: need * low for key, need in ask.bundle.items()}
     if growth is None:
         raise UserError(
             f"the cluster cannot place the {ask.group}: {ask} asked, it holds {held} "
             f"({_describe(nodes)}) and cannot grow (no autoscaler reports node groups); lower "
             f"{ask.knobs}, or add nodes"
         )
-    if not _fits_the_largest(needed, growth):
-        most = ", ".join(f"{_amount(growth.get(k, 0.0))} {k}" for k in ask.bundle)
+    if not all(growth.get(key, 0.0) >= need * low for key, need in ask.bundle.items()):
+        most = ", ".join(f"{growth.get(k, 0.0):g} {k}" for k in ask.bundle)
         raise UserError(
             f"the cluster cannot place the {ask.group}: {ask} asked, and its autoscaler can bring up "
             f"at most {most}; lower {ask.knobs}"

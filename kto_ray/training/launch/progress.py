@@ -13,14 +13,6 @@ from kto_ray.rundir import RunDir
 from kto_ray.rundir.metrics import MetricsFollower
 
 
-def progress_line(step: int, total: int, metrics: dict[str, Any], eta_s: float) -> str:
-    return (
-        f"step {step}/{total} loss {metrics['loss']:.4f} kl {metrics['kl']:.4f} "
-        f"(raw {metrics['kl/raw']:.4f}) "
-        f"margin {metrics['rewards/margins']:.4f} {metrics['samples/s']:.1f} samples/s eta {eta_s:.0f}s"
-    )
-
-
 class TrainingProgress:
     """Follows `metrics.jsonl` in a thread while training runs and shows each new step once.
 
@@ -75,18 +67,14 @@ class TrainingProgress:
     def poll(self) -> None:
         """Read what was appended since the last call and show the new steps."""
         with self._lock:
-            for record in self._new_records():
-                step = int(record.get("step", 0))
-                if step <= self.shown:
-                    continue
-                self._show(step, record)
-                self.shown = step
-
-    def _new_records(self) -> list[dict[str, Any]]:
-        try:
-            return self._follower.poll()
-        except OSError:  # storage unreachable for a moment: the next poll goes on from where this stopped
-            return []
+            try:
+                records = self._follower.poll()
+            except OSError:  # storage unreachable for a moment: the next poll goes on from where this stopped
+                return
+            for record in records:
+                if (step := int(record.get("step", 0))) > self.shown:
+                    self._show(step, record)
+                    self.shown = step
 
     def _show(self, step: int, metrics: dict[str, Any]) -> None:
         now = time.monotonic()
@@ -109,4 +97,10 @@ class TrainingProgress:
         done, started = step - self.first[0], self.first[1]
         per_step = (now - started) / done if done else float(metrics.get("step_time", 0.0))
         eta = per_step * (self.total - step)
-        print(progress_line(step, self.total, metrics, eta), file=self.stream, flush=True)
+        print(
+            f"step {step}/{self.total} loss {metrics['loss']:.4f} kl {metrics['kl']:.4f} "
+            f"(raw {metrics['kl/raw']:.4f}) margin {metrics['rewards/margins']:.4f} "
+            f"{metrics['samples/s']:.1f} samples/s eta {eta:.0f}s",
+            file=self.stream,
+            flush=True,
+        )

@@ -1,14 +1,10 @@
 """Live experiment tracking (`run.report_to`): rank 0 logs every step to TensorBoard, MLflow and W&B.
 
 One small class per tracker behind one interface: `start(config)` (the resolved config as the run's
-parameters), `log(step, metrics)` (the metrics.jsonl record, TRL's names), `finish(failed)` (a run that
-raised is closed as failed where the tracker has the notion: MLflow's FAILED, W&B's exit code 1); rank 0
-holds them in `started_trackers`, which finishes them on every exit. The driver calls
-`prepare_tracking` before it launches anything: a tracker that is not installed or cannot reach its
-store fails there, as a UserError naming `run.report_to`, not on a worker after the model has loaded.
-It also returns the environment the workers need: Ray Train workers neither inherit the driver's
-environment on a cluster joined through RAY_ADDRESS nor share its working directory, so MLflow's URI
-and W&B's directory are made absolute and passed in the loop config.
+parameters), `log(step, metrics)` (the metrics.jsonl record, TRL's names), `finish(failed)` (MLflow's
+FAILED, W&B's exit code 1). The driver's `prepare_tracking` fails before launch, not on a worker after
+the model has loaded, and resolves the environment the workers need: on a cluster joined through
+RAY_ADDRESS they neither inherit the driver's environment nor share its working directory.
 """
 
 from __future__ import annotations
@@ -167,7 +163,7 @@ class WandbTracker:
 def build_trackers(
     names: Iterable[str], run_dir: Path | None, run_name: str, resume_step: int = 0
 ) -> list[Tracker]:
-    """The trackers of `run.report_to`, not started. Reads the environment `prepare_tracking` made.
+    """The trackers of `run.report_to`, not started, from the environment `prepare_tracking` made.
     `run_dir` is the run's local folder (None when it is on object storage)."""
     trackers: list[Tracker] = []
     for name in names:
@@ -200,16 +196,10 @@ def started_trackers(
     with contextlib.ExitStack() as started:
         trackers = build_trackers(names, run_dir, str(config["run"]["name"]), resume_step)
         for tracker in trackers:
-            started.push(_finisher(tracker))  # first: what a failing start opened is closed too
+            # Pushed first: what a failing start opened is closed too.
+            started.push(lambda exc_type, *_, tracker=tracker: tracker.finish(failed=exc_type is not None))
             tracker.start(config)
         yield trackers
-
-
-def _finisher(tracker: Tracker):
-    def finish(exc_type, _exc, _tb) -> None:
-        tracker.finish(failed=exc_type is not None)
-
-    return finish
 
 
 def _wandb_dir(run_dir: Path | None) -> Path:
@@ -228,7 +218,7 @@ def _absolute_mlflow_uri(uri: str | None, run_dir: Path | None) -> str:
         # MLflow's own default is sqlite:///mlflow.db in the working directory; next to the runs instead.
         return f"sqlite:///{Path(run_dir).parent.resolve() / 'mlflow.db'}"
     parsed = urlparse(uri)
-    if parsed.scheme == "sqlite" and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
     if parsed.scheme in ("", "file"):
         path = parsed.path if parsed.scheme == "file" else uri
@@ -283,7 +273,7 @@ def prepare_tracking(names: Iterable[str], run_dir: Path | None) -> dict[str, st
 
 @contextlib.contextmanager
 def environment(env: Mapping[str, str]):
-    """Set `env` in this process for a block, restoring what was there."""
+    """Set `env` in this process for a block, restoring what was there (those keys only)."""
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

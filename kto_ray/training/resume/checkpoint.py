@@ -1,12 +1,9 @@
 """Checkpoints through Ray Train: every rank saves its ZeRO shard, every rank reports (a barrier).
 
 A checkpoint folder holds DeepSpeed's files (model, optimizer and scheduler shards of all ranks), one
-RNG state file per rank, `trainer_state.json` (the optimizer step, which is also the data position) and
-`run_state.json` (what the steps mean: training/resume/run_state.py, checked by the driver on a rerun).
-The number of workers that saved it is read back from DeepSpeed's files (one optimizer shard per rank).
-Each rank also lists its files with their sizes and checksums (`checkpoint_files.py`); a restore checks
-the checkpoint Ray Train hands it against those lists and, when it is damaged or incomplete, falls back
-to the newest whole one in the same folder, leaving the damaged one as it is.
+RNG state file per rank, `trainer_state.json` (the optimizer step, which is also the data position),
+`run_state.json` (what the steps mean: training/resume/run_state.py) and each rank's file list
+(`checkpoint_files.py`), which a restore checks before it loads.
 """
 
 from __future__ import annotations
@@ -72,11 +69,9 @@ class Restored:
 
 def _clear_unregistered(run_dir: RunDir, name: str, rank: int) -> None:
     """Collective, before the step's upload: rank 0 removes what a group that died left of this step's
-    checkpoint folder. Ray Train uploads each rank's files into `checkpoints/step_<n>` over what is
-    there, and a group of another size that wrote step n before it died leaves shards that are not
-    this save's (a group of 2 leaves rank 1's, which a group of 1 never overwrites): the saved world
-    size, read from the shards, would be wrong. The folder cannot be registered: a start resumes from
-    the latest registered checkpoint, and every later step is redone."""
+    checkpoint folder (unregistered: a start resumes from the latest registered one). Ray Train uploads
+    each rank's files over what is there, and a group of 2 leaves rank 1's shards, which a group of 1
+    never overwrites: the saved world size, read from the shards, would be wrong."""
     if rank == 0:
         remove_tree(run_dir.join(CHECKPOINTS, name))
     gather_objects(None)  # a barrier: no rank uploads before the folder is gone
@@ -87,17 +82,16 @@ def save_and_report(
     step: int,
     rank: int,
     metrics: dict,
-    previous: int = 0,
-    run_state: Mapping[str, Any] | None = None,
-    run_dir: RunDir | None = None,
-    world: int = 1,
-    damaged: tuple[str, ...] = (),
+    previous: int,
+    run_state: Mapping[str, Any],
+    run_dir: RunDir,
+    world: int,
+    damaged: tuple[str, ...],
 ) -> None:
     """Collective: all ranks write their shard, then all report the folder (Ray uploads and merges them
-    into `checkpoints/step_<n>` of the run dir). `previous` is the last checkpointed step (for the error);
-    a failed write raises CheckpointWriteFailed. Rank 0 also writes `run_state` (when given), and with
-    `run_dir` first clears what a group that died left of this step's folder there. Every rank lists
-    its files with their checksums (`files_rank<r>.json`, hashed here in parallel) before the report.
+    into `checkpoints/step_<n>` of `run_dir`). `previous` is the last checkpointed step (for the error);
+    a failed write raises CheckpointWriteFailed. Rank 0 also writes `run_state` with the world size.
+    Every rank lists its files with their checksums (`files_rank<r>.json`) before the report.
     `damaged`: the checkpoints the restore skipped, whose folders a redone step does not write into.
 
     Frozen weights (the base under LoRA) are left out: they never change and every (re)start loads
@@ -107,13 +101,12 @@ def save_and_report(
         torch.save(_rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
         if rank == 0:
             (Path(tmp) / STATE_FILE).write_text(json.dumps({"step": step}))
-            if run_state:
-                (Path(tmp) / RUN_STATE_FILE).write_text(json.dumps(dict(run_state), indent=1))
+            state = dict(run_state, world_size=world)
+            (Path(tmp) / RUN_STATE_FILE).write_text(json.dumps(state, indent=1))
         write_file_list(Path(tmp), step, rank, world)
         name = checkpoint_name(step, damaged)
         try:
-            if run_dir is not None:
-                _clear_unregistered(run_dir, name, rank)
+            _clear_unregistered(run_dir, name, rank)
             ray.train.report(
                 metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name
             )
@@ -127,26 +120,22 @@ def restore(
     engine,
     rank: int,
     world: int,
-    scratch_dir: str | None = None,
-    checked: tuple[str, Mapping[str, Any]] | None = None,
-    run_state: Mapping[str, Any] | None = None,
+    scratch_dir: str | None,
+    checked: tuple[str, Mapping[str, Any]] | None,
+    run_state: Mapping[str, Any],
 ) -> Restored:
     """Load the latest checkpoint Ray Train hands this run (after a restart or a rerun), or, when it is
     damaged or incomplete, the newest whole one before it; returns the step already done (0 when
     starting fresh) and the damaged ones skipped. A collective: every rank checks a share of the
-    files (its own shards when the world size is unchanged) and all take the same checkpoint. A
-    checkpoint saved by a different number of workers is reshaped first (`training/resume/reshape.py`, in
-    `scratch_dir`), then loaded. No whole checkpoint is a `CheckpointsLost`.
+    files and all take the same checkpoint. A checkpoint saved by a different number of workers is
+    reshaped first (`training/resume/reshape.py`, in `scratch_dir`). No whole one is a `CheckpointsLost`.
 
-    The resume is decided against what is loaded: the checkpoint must hold the run state the driver
-    checked this start against (`checked`: its name and state) or this start's own `run_state` (a
-    checkpoint this start wrote, handed back after a restart); anything else, before a single step,
-    is a `ResumeUnchecked`. (When `run_state` is None nothing is checked: the checkpoint tests.)
+    The checkpoint must hold the run state the driver checked this start against (`checked`: its name
+    and state) or this start's own `run_state` (a checkpoint this start wrote, handed back after a
+    restart); anything else, before a single step, is a `ResumeUnchecked`.
 
-    RNG states are per rank and are restored only when the world size is unchanged: after a reshape
-    each rank keeps the seed `_setup` gave it. The data order never depends on them (the schedule is
-    a function of the step and `train.seed`); only dropout would, and then a run on a different
-    worker count draws different masks anyway."""
+    RNG states are restored only when the world size is unchanged; the data order never depends on
+    them (the schedule is a function of the step and `train.seed`), only dropout would."""
     handed = ray.train.get_checkpoint()
     if handed is None:
         return Restored(0)
@@ -159,8 +148,7 @@ def restore(
             if problem is not None:
                 damaged.append((name, problem))
                 continue
-            if run_state is not None:
-                _check_resumed(folder, name, checked, run_state)
+            _check_resumed(folder, name, checked, run_state)
             step = _load_folder(engine, folder, name, rank, world, scratch_dir)
         if damaged and rank == 0:  # the driver says it before the launch when the sizes show it
             print(f"{damage_line(*damaged[0])}, resuming from step {step}", flush=True)
@@ -208,8 +196,7 @@ def _whole(folder: Path, rank: int, world: int) -> Problem | None:
             problem = next((p for e in lists.lists[saved_rank] if (p := check_local(folder, e))), None)
             if problem is not None:
                 break
-    found = [p for p in gather_objects(problem) if p is not None]
-    return found[0] if found else None
+    return next((p for p in gather_objects(problem) if p is not None), None)
 
 
 def _load_folder(engine, folder: Path, name: str, rank: int, world: int, scratch_dir: str | None) -> int:
@@ -219,7 +206,7 @@ def _load_folder(engine, folder: Path, name: str, rank: int, world: int, scratch
         _load(engine, folder, universal=False)
         rng_file = folder / f"rng_rank{rank}.pt"
         if rng_file.exists():
-            # Our own file, written by save_and_report above (RNG states are not plain tensors).
+            # Our own file (RNG states are not plain tensors).
             _set_rng_state(torch.load(rng_file, weights_only=False))
         return step
     with reshaped(folder, TAG, step, name, saved, world, scratch_dir) as universal_folder:
@@ -228,9 +215,8 @@ def _load_folder(engine, folder: Path, name: str, rank: int, world: int, scratch
 
 
 def _load(engine, folder: Path, universal: bool) -> None:
-    """DeepSpeed's load of `folder/TAG`; `universal` for a converted checkpoint. The option is read at
-    load time only (`engine.load_universal_checkpoint()`), so it is set for this load and put back:
-    the engine is built before the checkpoint is seen."""
+    """DeepSpeed's load of `folder/TAG`; `universal` for a converted checkpoint (set for this load only:
+    the engine is built before the checkpoint is seen)."""
     with universal_load(engine, universal):
         engine.load_checkpoint(
             str(folder),

@@ -1,13 +1,5 @@
-"""Checkpoint folder names and their order, and the line that says one is damaged. The file lists
-themselves are kto_ray/integrity.py's:
-
-Every rank lists the files it wrote for step N (`files_rank<r>.json`: its shards, its RNG state, rank
-0's step and run state) with their sizes and checksums, hashed in its own local folder before it
-reports the checkpoint, so the lists travel in the same upload and are there before Ray Train
-registers the folder. A checkpoint is whole when rank 0's list is there, the lists of all the
-`world_size` ranks it names are there, and every listed file has its size (a LIST: `check_sizes`)
-and, read whole, its checksum (`check_local`, where a restore reads the files anyway, and `kto-ray
-verify`). No Ray import here: the driver and `kto-ray verify` use it too.
+"""Checkpoint folder names and their order, and the line that says one is damaged (the file lists that
+find the damage are kto_ray/integrity.py's). No Ray import here: the driver and `kto-ray verify` use it.
 """
 
 from __future__ import annotations

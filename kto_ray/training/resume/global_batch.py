@@ -1,11 +1,9 @@
 """The global batch (rows per optimizer step) is a run's contract, whatever its number of workers.
 
-It is fixed at the run's first start as `KTOConfig.first_global_batch` (train.global_batch_size, or
-with null the most workers x micro-batch); a start on W workers with micro-batch m accumulates
-global / (W x m) micro-batches, derived here only.
-The schedule's steps depend only on the rows per step (training/schedule/batching.py) and z0 and the
-loss are normalised over the global batch, so a step is the same rows and the same computation on any
-worker count the global batch divides.
+It is fixed at the run's first start (`KTOConfig.first_global_batch`); a start on W workers with
+micro-batch m accumulates global / (W x m) micro-batches. The schedule's steps depend only on the rows
+per step and z0 and the loss are normalised over the global batch, so a step is the same rows and the
+same computation on any worker count the global batch divides.
 """
 
 from __future__ import annotations

@@ -1,16 +1,12 @@
 """A checkpoint saved by one number of workers, loaded by another: DeepSpeed's universal checkpoint.
 
-ZeRO saves each rank's partition of the optimizer state (and, at stage 3, of the weights); DeepSpeed
-refuses to load those partitions into a different world size. Its own converter
-(`deepspeed.checkpoint.ds_to_universal`) rewrites them as one folder per parameter (weights, Adam's
-moments, the step) that any world size loads with the `checkpoint.load_universal` option.
+ZeRO saves each rank's partition of the optimizer state (and, at stage 3, of the weights), which
+DeepSpeed refuses to load into a different world size. Its converter (`ds_to_universal`) rewrites
+them as one folder per parameter that any world size loads.
 
-Where: a scratch folder on each node (`run.scratch_dir`, by default the node's temp dir, where Ray
-Train also downloads a checkpoint from object storage), never the checkpoint itself, which stays as
-it was. Who: the lowest rank on each Ray node converts (one copy serves the node's ranks), every rank
-waits for every node, loads, and waits again before the folder is removed. Memory: the converter reads one
-rank's shard file at a time and then one parameter's fragments at a time (one worker process each),
-so a host holds at most one saved shard plus one parameter, never the whole model state.
+Where: a scratch folder on each node (`run.scratch_dir`, by default the node's temp dir), never the
+checkpoint itself. Who: the lowest rank on each Ray node converts for the node's ranks. Memory: the
+converter holds at most one saved shard plus one parameter, never the whole model state.
 """
 
 from __future__ import annotations
@@ -44,7 +40,7 @@ def saved_world_size(folder: Path, tag: str) -> int:
 
 def to_universal(source: Path, target: Path, tag: str) -> None:
     """DeepSpeed's converter: `source/tag` (a ZeRO-2 or ZeRO-3 checkpoint) into `target/tag` and
-    `target/latest_universal`. Its progress output (prints, tqdm) is kept out of the worker's log."""
+    `target/latest_universal`."""
     target.mkdir(parents=True)
     convert_to_universal(source / tag, target / tag, _EXTRACT_WORKERS, _MERGE_WORKERS)
 

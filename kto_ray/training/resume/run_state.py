@@ -1,12 +1,9 @@
 """What a checkpoint's steps mean, saved with it: `run_state.json`, next to `trainer_state.json`.
 
-The driver builds the state before launch (`build_run_state`) and hands it to the workers in their
-LoopConfig; rank 0 writes it into every checkpoint (with the world size that wrote it). On a rerun the
-driver reads the state of the checkpoint Ray Train will resume from (`saved_state`: the latest Ray
-registered, as Ray's own checkpoint manager reads it) and compares it with the new one
-(training/resume/resume_check.py) before anything is launched or written; the stage, the global batch
-and the store pin come from the same checkpoint. The workers' restore then resumes only a checkpoint
-under that state (or one this start wrote), so the checks and what is resumed cannot part.
+The driver builds the state before launch and rank 0 writes it into every checkpoint. On a rerun the
+driver reads the state of the checkpoint Ray Train will resume from (`saved_state`) and compares it
+with the new one (training/resume/resume_check.py) before anything is launched or written; the workers'
+restore then resumes only a checkpoint under that state, so the checks and what is resumed cannot part.
 """
 
 from __future__ import annotations

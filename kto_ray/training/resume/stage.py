@@ -1,9 +1,7 @@
-"""`deepspeed.stage: auto` on the driver: the planner's fastest setting that fits each worker's memory.
-
-The memory is `deepspeed.worker_memory_gib`, or read from the running cluster
-(`kto_ray.planning.cluster_memory`). The pick is a pure function of the architecture,
-the config and that figure (`kto_ray.planning.plan.choose_stage`), so a rerun on the same cluster resumes
-with the stage its checkpoints were written in.
+"""The driver's `auto` memory settings, decided from one plan: `deepspeed.stage` (the planner's fastest
+setting that fits each worker's memory, `deepspeed.worker_memory_gib` or the running cluster's) and
+`cluster.release_host_memory` (`kto_ray.planning.host_release`). The pick is a pure function of the
+architecture, the config and that memory, so a rerun on the same cluster keeps its checkpoints' stage.
 """
 
 from __future__ import annotations
@@ -13,19 +11,29 @@ from typing import Any
 from kto_ray.config import KTOConfig
 from kto_ray.models.loading import local_model_path
 from kto_ray.planning.cluster_memory import worker_memory_bytes
-from kto_ray.planning.plan import GIB, plan
+from kto_ray.planning.host_release import decide_release
+from kto_ray.planning.plan import GIB, Plan, plan
 from kto_ray.storage import is_uri
 
 
-def resolve_stage(cfg: KTOConfig) -> tuple[KTOConfig, str]:
+def auto_plan(cfg: KTOConfig) -> Plan | None:
+    """The plan both auto settings are decided from (with stage auto, its release is that of the stage
+    the plan picks), made once; None when neither needs one."""
+    releases_by_plan = cfg.cluster.release_host_memory == "auto" and not cfg.cluster.use_gpu
+    if cfg.deepspeed.stage != "auto" and not releases_by_plan:
+        return None
+    budget = cfg.deepspeed.worker_memory_gib or worker_memory_bytes(cfg) / GIB
+    # An object-storage model folder is read from its local copy (the one training loads too).
+    architecture = local_model_path(cfg.model.path) if is_uri(cfg.model.path) else None
+    return plan(cfg, model_config=architecture, gpu_memory_gib=budget)
+
+
+def resolve_stage(cfg: KTOConfig, planned: Plan | None = None) -> tuple[KTOConfig, str]:
     """`cfg` with its stage (and offload) decided, and the start line's words for it."""
     ds = cfg.deepspeed
     if ds.stage != "auto":
         return cfg, f"ZeRO-{ds.stage}"
-    budget = ds.worker_memory_gib or worker_memory_bytes(cfg) / GIB
-    # An object-storage model folder is read from its local copy (the one training loads too).
-    architecture = local_model_path(cfg.model.path) if is_uri(cfg.model.path) else None
-    choice = plan(cfg, model_config=architecture, gpu_memory_gib=budget).choice
+    choice = (planned or auto_plan(cfg)).choice
     offload = {True: "cpu", False: "none"}
     picked = ds.model_copy(
         update={
@@ -35,6 +43,18 @@ def resolve_stage(cfg: KTOConfig) -> tuple[KTOConfig, str]:
         }
     )
     return cfg.model_copy(update={"deepspeed": picked}), f"{choice.label} (stage auto: {choice.reason})"
+
+
+def resolve_release(cfg: KTOConfig, planned: Plan | None = None) -> tuple[KTOConfig, str]:
+    """`cfg` with release_host_memory decided (from `planned`, the plan of the stage that runs), and the
+    start line's words for it: said only when auto turns it on (it slows the steps)."""
+    if cfg.cluster.release_host_memory != "auto":
+        return cfg, ""
+    on_gpu = cfg.cluster.use_gpu
+    release = decide_release(True, 0.0, 1.0) if on_gpu else (planned or auto_plan(cfg)).release
+    cluster = cfg.cluster.model_copy(update={"release_host_memory": release.on})
+    words = f", host memory released (auto: {release.reason})" if release.on else ""
+    return cfg.model_copy(update={"cluster": cluster}), words
 
 
 def stage_of_checkpoint(cfg: KTOConfig, checkpoint: str, run_state: dict[str, Any]) -> KTOConfig:

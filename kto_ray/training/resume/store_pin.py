@@ -2,9 +2,7 @@
 
 A checkpoint's step index is a position in the batch schedule drawn over the train split; after an
 append (kto_ray/store/segments.py) the split has more rows, the schedule is another one and the
-step no longer says which rows were seen. So a run with checkpoints whose store has changed since it
-started refuses to resume, in one line, and names the way out: a new `run.name` trains on the grown
-store from the start (or `store.path` pointing at the store as it was resumes the run).
+step no longer says which rows were seen, so such a resume is refused.
 """
 
 from __future__ import annotations

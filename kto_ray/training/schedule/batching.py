@@ -7,9 +7,8 @@ together. Incomplete global batches are dropped, so every rank takes the same nu
 (ZeRO-3 hangs otherwise), and a step index alone is the data position to resume from.
 
 With lengths given (`train.group_by_length`), each window of `GROUP_WINDOW_STEPS` steps of the
-permutation is sorted by length, cut into steps, and the steps are shuffled within the window: a step
-holds rows of similar length, so padding is small on length-skewed data while the epoch stays shuffled.
-It depends on nothing but the seed, the epoch and the lengths, so the guarantees above still hold.
+permutation is sorted by length, cut into steps, and the steps are shuffled within the window: little
+padding on length-skewed data while the epoch stays shuffled (and still a function of seed and epoch).
 """
 
 from __future__ import annotations
@@ -44,11 +43,7 @@ class KTOBatch:
         return len(self.ids)
 
     def to(self, device: torch.device | str) -> KTOBatch:
-        return KTOBatch(
-            self.policy.to(device),
-            self.kl.to(device),
-            *(t.to(device) for t in (self.desirable, self.ref_logps, self.ref_kl_logps, self.ids)),
-        )
+        return KTOBatch(*(value.to(device) for value in vars(self).values()))  # every field
 
 
 # Steps per length-sorted window: wide enough to find rows of similar length, narrow enough that the

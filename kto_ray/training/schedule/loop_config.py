@@ -27,8 +27,8 @@ _KEY = "loop"
 
 @dataclass(frozen=True)
 class LoopConfig:
-    """A worker's inputs. Never read from globals or the ambient environment: on a cluster joined
-    through RAY_ADDRESS the workers do not get the driver's environment or working directory."""
+    """A worker's inputs: on a cluster joined through RAY_ADDRESS the workers do not get the driver's
+    environment or working directory."""
 
     # The validated config, local paths made absolute (workers do not share the driver's cwd).
     config: KTOConfig = field(repr=False)
@@ -37,8 +37,7 @@ class LoopConfig:
     eval_rows: ShippedRows | None = field(repr=False)
     # Optimizer steps of the whole run (a resumed run continues to the same count).
     total_steps: int
-    # Rows per optimizer step, the run's contract (training/resume/global_batch.py): each worker derives its
-    # accumulation from it and its world size.
+    # Rows per optimizer step, the run's contract (training/resume/global_batch.py).
     global_batch: int
     # lambda_D, resolved on the driver (`auto` needs the whole split's label counts).
     desirable_weight: float
@@ -50,7 +49,6 @@ class LoopConfig:
     # What the steps mean (training/resume/run_state.py), written by rank 0 into every checkpoint.
     run_state: Mapping[str, Any] = field(default_factory=dict, repr=False)
     # The checkpoint the driver checked this start against and its run state (None: a fresh start).
-    # The restore resumes a checkpoint only under that state or this start's own (one this start wrote).
     checked: tuple[str, Mapping[str, Any]] | None = field(default=None, repr=False)
 
     def as_train_loop_config(self) -> dict[str, LoopConfig]:

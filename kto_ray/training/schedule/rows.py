@@ -1,24 +1,21 @@
-"""The online-reference rows, as workers read them: a table in memory behind a `RowReader`'s interface.
-
-Offline, workers read a store split with `kto_ray.store.reader.RowReader`; online there is no store
-(the driver tokenizes the rows itself and the table travels through the object store), so `TableRows`
-gives the same `take`/`prefetch`/`close` over that table.
-"""
+"""The online-reference rows: there is no store to read (the driver tokenizes the rows and the table
+travels through the object store), so `TableRows` gives a `RowReader`'s `take`/`prefetch`/`close` over
+the table in memory."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
 
+@dataclass
 class TableRows:
-    """A `RowReader` over a table in memory: the online-reference rows, tokenized by the driver (there
-    is no store to read from). Same `take`/`prefetch`/`close`."""
+    """A `RowReader` over a table in memory."""
 
-    def __init__(self, table: pa.Table):
-        self.table = table
+    table: pa.Table
 
     def prefetch(self, positions: Sequence[int] | np.ndarray) -> None:
         pass  # already in memory

@@ -1,16 +1,10 @@
 """Micro-batches by token budget (`train.micro_batch_tokens`): the same rows per step, fewer forwards.
 
-The schedule (training/schedule/batching.py) still fixes which rows each rank takes in a step, so the global
-batch, z0 and the loss normalisation stay as they are; only how a rank's rows are cut into forwards
-changes. Its rows are sorted longest first and cut greedily: a micro-batch takes rows while its cost
-stays within the budget, the cost being what its forwards run on (padded: rows x its longest row,
-packed: the rows' sum). A row longer than the budget is a micro-batch of its own. A row's length
-(`store.format.row_lengths`) is the longer of its (x, y) and (x, y_kl) sequences, so the budget bounds
-the KL forward as well as the policy forward, and both passes of a step use the same micro-batches.
-
-Ranks then differ in their number of micro-batches; `train_step` evens them out with fillers
-(`distributed.evened_out`: a rank's shortest row, run with zero loss), because under ZeRO-3 every
-forward and backward is a collective.
+The schedule still fixes which rows each rank takes in a step, so the global batch, z0 and the loss
+normalisation stay as they are; only how a rank's rows are cut into forwards changes (greedily, longest
+first: `models.logprobs.length_buckets`). A row's length (`store.format.row_lengths`) is the longer of
+its (x, y) and (x, y_kl) sequences, so the budget bounds the KL forward as well as the policy forward.
+Ranks then differ in their number of micro-batches, which `train_step` evens out with fillers.
 """
 
 from __future__ import annotations

@@ -17,12 +17,7 @@ from kto_ray.errors import (
     TrainingStopped,
 )
 from kto_ray.rundir import RunDir
-from kto_ray.training.launch.failures import (
-    _controller_storage_failure,
-    _stopped_by_non_finite,
-    _stopped_by_reshape,
-    _stopped_by_storage,
-)
+from kto_ray.training.launch.failures import _controller_storage_failure, _stopped
 
 RUN_DIR = RunDir("s3://kto/runs/cut")
 # pyarrow's message when the endpoint went away while Ray Train's controller wrote its record.
@@ -87,13 +82,13 @@ def test_non_finite_step_is_one_line_naming_the_step_and_the_last_good_checkpoin
             1: NonFiniteStep(3, "non-finite loss on 1 of 2 ranks"),
         }
     )
-    stopped = _stopped_by_non_finite(err, RunDir(tmp_path))
+    stopped = _stopped(err, RunDir(tmp_path))
     assert isinstance(stopped, TrainingStopped)
     assert str(stopped) == (
         "training stopped at step 3: non-finite loss on 1 of 2 ranks; nothing after it was saved and "
         "the last good checkpoint is step_00000002. Lower train.lr or check the data, then rerun to resume."
     )
-    assert "no checkpoint was written" in str(_stopped_by_non_finite(err, RunDir(tmp_path / "fresh")))
+    assert "no checkpoint was written" in str(_stopped(err, RunDir(tmp_path / "fresh")))
 
 
 def test_failed_checkpoint_write_is_one_line_naming_the_step_and_the_last_checkpoint():
@@ -103,33 +98,30 @@ def test_failed_checkpoint_write_is_one_line_naming_the_step_and_the_last_checkp
             1: CheckpointWriteFailed(8, "step_00000008", "Connection refused", "step_00000004"),
         }
     )
-    stopped = _stopped_by_storage(err, RUN_DIR)
+    stopped = _stopped(err, RUN_DIR)
     assert isinstance(stopped, StorageError)
     assert str(stopped) == (
         "training stopped at step 8: the checkpoint step_00000008 could not be written (Connection refused); "
         "the last one written is step_00000004 (run dir s3://kto/runs/cut); rerun to resume once the storage "
         "is reachable"
     )
-    assert _stopped_by_non_finite(err, RUN_DIR) is None
 
 
 def test_other_worker_failures_are_left_to_ray():
     # Found by type, not by its words: a message that reads like ours is not ours.
     err = _from_workers({0: RuntimeError("step 3: non-finite loss on 1 of 2 ranks")})
-    assert _stopped_by_non_finite(err, RUN_DIR) is None
-    assert _stopped_by_storage(err, RUN_DIR) is None
-    assert _stopped_by_storage(ray.train.ControllerError(UNREACHABLE), RUN_DIR) is None
+    assert _stopped(err, RUN_DIR) is None
+    assert _stopped(ray.train.ControllerError(UNREACHABLE), RUN_DIR) is None
 
 
 def test_failed_reshape_is_one_line_naming_the_checkpoint_the_counts_and_the_ways_out():
     reason = "/tmp/kto-reshape-ab: [Errno 28] No space left on device"
     err = _from_workers({0: CheckpointReshapeFailed(4, "step_00000004", 2, 1, reason)})
-    stopped = _stopped_by_reshape(err)
+    stopped = _stopped(err, RUN_DIR)
     assert isinstance(stopped, StorageError)
     assert str(stopped) == (
         "training stopped: the checkpoint step_00000004 (step 4, 2 workers) could not be reshaped for 1 "
         "worker (/tmp/kto-reshape-ab: [Errno 28] No space left on device); the checkpoint is left as it "
         "was. Free space there or set run.scratch_dir, then rerun; or rerun with cluster.workers=2"
     )
-    assert _stopped_by_storage(err, RUN_DIR) is None
-    assert _stopped_by_reshape(_from_workers({0: RuntimeError("could not be reshaped")})) is None
+    assert _stopped(_from_workers({0: RuntimeError("could not be reshaped")}), RUN_DIR) is None

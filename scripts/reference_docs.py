@@ -1,4 +1,4 @@
-"""The references in docs/ that are generated from the code: `python -m kto_ray.tools.docs` rewrites them.
+"""The references in docs/ that are generated from the code: `python -m scripts.reference_docs` rewrites them.
 
 - docs/reference/config.md: every field of the config (kto_ray/config/) and of the sweep file
   (kto_ray/sweep/config.py), with its type, default and description, walked from the pydantic models.
@@ -30,7 +30,7 @@ from kto_ray.training.resume import resume_check
 
 CONFIG_DOC = Path("docs/reference/config.md")
 RESUME_DOC = Path("docs/reference/resume.md")
-REGENERATE = "python -m kto_ray.tools.docs"
+REGENERATE = "python -m scripts.reference_docs"
 _HEADER = f"<!-- Generated from the code by `{REGENERATE}`; do not edit by hand. -->\n"
 
 
@@ -244,7 +244,9 @@ def generated() -> dict[Path, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kto_ray.tools.docs", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.reference_docs", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--root", default=".", help="the repository root (default: the current folder)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a file differs; write nothing")
     args = parser.parse_args(argv)

@@ -7,7 +7,7 @@ windows (Gemma 2, Gemma 3), fused projections (Phi-3, GPT-NeoX), other module na
 `embed_out` (GPT-NeoX), Conv1D instead of Linear (GPT-2). Weights are random (seeded) and tiny (hidden 32,
 2 layers, 4 heads), so a test can push every family through every stage in seconds.
 
-    python -m kto_ray.assets.zoo --out artifacts/zoo [FAMILY ...]   # one folder per family
+    python -m tests.zoo --out artifacts/zoo [FAMILY ...]   # one folder per family
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def build_family(family: str, out_dir: str | Path, *, seed: int = 0, force: bool
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kto_ray.assets.zoo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tests.zoo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="artifacts/zoo", help="one folder per family under it")
     parser.add_argument("families", nargs="*", help=f"default: all ({', '.join(FAMILIES)})")
     parser.add_argument("--force", action="store_true", help="rebuild even if a folder is complete")
