@@ -1,4 +1,4 @@
-"""What an append costs next to a full precompute (data.pairing: stream).
+"""What an append costs next to a full precompute.
 
 The data is `--rows` generated rows; the first (1 - `--new`) of them are the old file, the rest the new
 one. Per round: a full precompute of both files into a fresh store, then a precompute of the old file
@@ -48,7 +48,6 @@ def main() -> None:
         model,
         data,
         root,
-        data={"pairing": "stream"},
         precompute={"actors": args.actors, "cpus_per_actor": 1.0},
     )
     print(f"machine: {common.machine_line()}")

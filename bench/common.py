@@ -211,11 +211,10 @@ def scratch_dir(prefix: str) -> Path:
 # What every benchmark run sets on top of configs/demo.yaml: room for the longest generated rows, no eval
 # split, no checkpoint but the final one (not part of the figures), no export, no step logs, a constant lr,
 # and the settings the recorded figures ran under before the defaults changed (2026-12-03): uniformly
-# drawn steps, the shuffle pairing and padded batches; a bench that measures length grouping, appending or
-# packing sets its own.
+# drawn steps and padded batches; a bench that measures length grouping or packing sets its own.
 BENCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"packed_batches": False},
-    "data": {"max_length": 512, "max_prompt_length": 256, "eval_fraction": 0.0, "pairing": "shuffle"},
+    "data": {"max_length": 512, "max_prompt_length": 256, "eval_fraction": 0.0},
     "run": {"checkpoint_every": 10**6, "export": False},
     "train": {"log_every": 10**6, "warmup_ratio": 0.0, "schedule": "constant", "group_by_length": False},
 }

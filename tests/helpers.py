@@ -14,14 +14,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 # What the tests assume on top of configs/demo.yaml: small precompute buckets (the small data fills a few),
 # lambda_D = 1 (the tests' numbers, step-0 loss 0.5 and equal weights across worker counts, assume it;
-# the default `auto` would weigh each class by the small data's counts), uniformly drawn steps and the
-# shuffle pairing (exact eval split sizes, steps that each hold both classes), padded batches (packing's
-# `auto` would pack the ungrouped steps). The defaults (length grouping, stream pairing, packing `auto`)
-# run in the demo's tests and in their own (test_batching, test_append, test_config, test_train's packed).
+# the default `auto` would weigh each class by the small data's counts), uniformly drawn steps, padded
+# batches (packing's `auto` would pack the ungrouped steps). The defaults (length grouping, packing
+# `auto`) run in the demo's tests and in their own (test_batching, test_config, test_train's packed).
+# The eval split is a hash per row (about data.eval_fraction: read sizes from the store), and a step of a
+# few rows may hold one class only (its margins are then 0).
 TEST_DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"packed_batches": False},
     "precompute": {"bucket_rows": 128},
-    "data": {"pairing": "shuffle"},
     "train": {"desirable_weight": 1.0, "group_by_length": False},
 }
 

@@ -164,6 +164,7 @@ def test_packing_auto_packs_where_it_pays(packed, attention, mixed, expected):
         (["--set", "cluster.workers={min: 1}"], "cluster.workers"),
         (["--set", "train.global_batch_size=0"], "train.global_batch_size"),
         (["--set", "train.grad_accumulation=2"], "unknown key 'train.grad_accumulation'"),
+        (["--set", "data.pairing=shuffle"], "unknown key 'data.pairing'"),
     ],
 )
 def test_bad_config_exits_2_with_one_line(args, needle, capsys):

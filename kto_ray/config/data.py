@@ -68,14 +68,18 @@ class DataConfig(Section):
     hf_split: str = Field("train", description="Split to read when a path is a Hugging Face dataset name.")
     max_length: int = Field(512, gt=1, description="Maximum prompt + completion tokens.")
     max_prompt_length: int = Field(256, gt=0, description="Prompts longer than this keep their last tokens.")
-    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Seeded fraction held out as 'eval'.")
-    seed: int = Field(0, description="Seed of the shuffle that fixes the KL pairing and the eval split.")
-    pairing: Literal["shuffle", "stream"] = Field(
-        "stream",
-        description="How KL pairs and the eval split are drawn. shuffle: from a seeded shuffle of all rows "
-        "(exact eval_fraction; any new row redraws them all). stream: each row's split from a seeded hash "
-        "of its content and its KL partner from the rows before it, so new rows at the end of the data "
-        "leave the others as they were and `kto-ray precompute` appends them to the store.",
+    eval_fraction: float = Field(
+        0.05,
+        ge=0.0,
+        lt=1.0,
+        description="Fraction of rows held out as 'eval', each by a seeded hash of its content: about this "
+        "fraction, not exactly.",
+    )
+    seed: int = Field(
+        0,
+        description="Seed of the KL pairing and the eval split. A row's split depends on its content and its "
+        "KL partner on the rows before it, so new rows at the end of the data leave the others as they "
+        "were and `kto-ray precompute` appends them to the store.",
     )
 
     @model_validator(mode="after")

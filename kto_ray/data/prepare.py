@@ -13,9 +13,8 @@ from typing import Any
 import pyarrow as pa
 
 from kto_ray.config import KTOConfig
-from kto_ray.data.pairing import kl_partners, split_assignment
+from kto_ray.data.pairing import kl_partners, row_digest, split_assignment
 from kto_ray.data.sources import Example, IngestReport, content_fingerprint, read_examples
-from kto_ray.data.streaming import row_digest, stream_partners, stream_split
 from kto_ray.data.tokenize import tokenize_batch
 
 
@@ -27,20 +26,15 @@ class PreparedText:
     report: IngestReport
     data_digest: str
     examples: list[Example]  # in id order: where each row came from, for one-line errors
-    row_digests: list[bytes] | None = None  # data.pairing stream: each row's identity (row_digest)
+    row_digests: list[bytes]  # each row's identity (row_digest): what an append checks the data against
 
 
 def prepare_text(cfg: KTOConfig, tokenizer) -> PreparedText:
     examples, report = read_examples(cfg.data.paths, tokenizer=tokenizer, hf_split=cfg.data.hf_split)
     prompts = [e.prompt for e in examples]
-    digests = None
-    if cfg.data.pairing == "stream":  # rows keep their pair and split as the data grows (streaming.py)
-        digests = [row_digest(e.prompt, e.completion, e.label) for e in examples]
-        partners = stream_partners(prompts, cfg.data.seed)
-        splits = stream_split(digests, cfg.data.eval_fraction, cfg.data.seed)
-    else:
-        partners = kl_partners(prompts, cfg.data.seed)
-        splits = split_assignment(len(examples), cfg.data.eval_fraction, cfg.data.seed)
+    digests = [row_digest(e.prompt, e.completion, e.label) for e in examples]
+    partners = kl_partners(prompts, cfg.data.seed)
+    splits = split_assignment(digests, cfg.data.eval_fraction, cfg.data.seed)
     table = pa.table(
         {
             "id": pa.array(range(len(examples)), pa.int64()),

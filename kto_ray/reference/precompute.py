@@ -216,7 +216,7 @@ def _reuse(plan: _Plan, overwrite: bool) -> PrecomputeResult | None:
         return None
     differing = differing_components(plan.fingerprint, existing.fingerprint)
     if differing:
-        if overwrite or _grows(plan, differing):
+        if overwrite or _grows(differing):
             return None
         raise UserError(
             f"reference store {plan.where} exists with a different {', '.join(differing)}; "
@@ -231,10 +231,10 @@ def _reuse(plan: _Plan, overwrite: bool) -> PrecomputeResult | None:
     return PrecomputeResult(store, reused=True)
 
 
-def _grows(plan: _Plan, differing: list[str]) -> bool:
-    """Only the data differs and the config's rows keep their pairs as data grows: an append (the
-    old rows are checked by `_kept_segments`)."""
-    return differing == ["data"] and plan.cfg.data.pairing == "stream"
+def _grows(differing: list[str]) -> bool:
+    """Only the data differs: an append, since rows keep their pairs as the data grows (the old rows
+    are checked by `_kept_segments`)."""
+    return differing == ["data"]
 
 
 def _kept_segments(plan: _Plan, overwrite: bool) -> list[Segment]:
@@ -243,7 +243,7 @@ def _kept_segments(plan: _Plan, overwrite: bool) -> list[Segment]:
     existing = plan.existing
     if existing is None or overwrite:
         return []
-    if not _grows(plan, differing_components(plan.fingerprint, existing.fingerprint)):
+    if not _grows(differing_components(plan.fingerprint, existing.fingerprint)):
         return []
     return kept_segments(plan.cfg.store.path, existing, plan.text, plan.where)
 

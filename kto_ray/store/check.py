@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from kto_ray.config import KTOConfig
+from kto_ray.data.pairing import RULE as PAIRING_RULE
 from kto_ray.data.sources import content_fingerprint, local_files, read_examples
-from kto_ray.data.streaming import RULE as STREAM_RULE
 from kto_ray.data.tokenize import TRUNCATION_POLICY
 from kto_ray.models.loading import resolve_dtype
 from kto_ray.storage import display
@@ -37,9 +37,7 @@ def store_fingerprint(cfg: KTOConfig, data_digest: str, tokenizer) -> tuple[dict
         "max_prompt_length": cfg.data.max_prompt_length,
         "policy": TRUNCATION_POLICY,
     }
-    pairing: dict[str, Any] = {"seed": cfg.data.seed, "eval_fraction": cfg.data.eval_fraction}
-    if cfg.data.pairing == "stream":  # shuffle stores keep the fingerprint they had before this rule
-        pairing["rule"] = STREAM_RULE
+    pairing = {"seed": cfg.data.seed, "eval_fraction": cfg.data.eval_fraction, "rule": PAIRING_RULE}
     ref_dir = resolve_model_dir(cfg.reference_path, cfg.model.revision)
     inputs = {
         "data": cfg.data.paths,

@@ -1,8 +1,8 @@
 """A store that grows: each precompute of a data set that only grew at its end scores the new rows alone
 and commits them as one more segment (its own prefix, data fingerprint and counts) of the same store.
 
-Appending needs `data.pairing: stream` (kto_ray/data/streaming.py: a row's KL partner and split depend
-only on the row and the rows before it), so the old rows' ids, pairs and splits are the ones a build of
+A row's KL partner and split depend only on the row and the rows before it (kto_ray/data/pairing.py),
+so the old rows' ids, pairs and splits are the ones a build of
 the whole data from scratch would draw. Each segment keeps its rows' identities (`row_digest`) and
 where they were read from in `rows.digests` (Parquet, beside its data; not `.parquet`, so no reader
 takes it for rows): the next append checks that the data still starts with exactly those rows, and
@@ -37,8 +37,6 @@ _DIGESTS_SCHEMA = pa.schema([("digest", pa.binary(16)), ("source", pa.string())]
 
 def write_row_digests(data: Location, text: PreparedText, first_id: int) -> None:
     """The identities and sources of the rows first_id.. of `text`, into a segment's prefix `data`."""
-    if text.row_digests is None:  # data.pairing shuffle: such a store is never appended to
-        return
     table = pa.table(
         {
             "digest": pa.array(text.row_digests[first_id:], pa.binary(16)),
@@ -78,10 +76,10 @@ def kept_segments(path: str, existing: Manifest, text: PreparedText, where: str)
     """The segments of `existing` that an append of `text` keeps: all of them, once the data is checked
     to start with exactly their rows. A row changed, removed or put before them is one line naming
     its file and line, with --overwrite as the way out."""
-    if not existing.segments or text.row_digests is None:
+    if not existing.segments:
         raise UserError(
-            f"reference store {where} was built without segments (by an earlier kto-ray, or with "
-            "data.pairing: shuffle) and cannot be appended to; pass --overwrite to rebuild it"
+            f"reference store {where} was built without segments (by an earlier kto-ray) and cannot be "
+            "appended to; pass --overwrite to rebuild it"
         )
     old, sources = _stored_digests(path, existing, where)
     new = text.row_digests

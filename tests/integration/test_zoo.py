@@ -33,7 +33,7 @@ from tests.assets.test_zoo import tensor_names
 from tests.conftest import REPO, make_config, read_metrics
 from tests.zoo import FAMILIES, build_family
 
-ROWS = 40  # 30 train rows (2 steps of 2 workers x 2 rows use 8), 10 eval rows
+ROWS = 40  # eval_fraction 0.25: 13 eval rows, 27 train rows (2 steps of 2 workers x 2 rows use 8)
 STEPS = 2
 
 
@@ -127,12 +127,12 @@ def test_zero3_training_starts_at_the_reference_and_exports_the_original_tensors
 
 
 def test_evaluate_cli_scores_the_export(zoo_run, tmp_path):
-    family, cfg, _store, _model, run = zoo_run
+    family, cfg, store, _model, run = zoo_run
     config, out = tmp_path / "config.yaml", tmp_path / "metrics.json"
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     assert main(["evaluate", "--config", str(config), "--model", str(run / "final"), "--json", str(out)]) == 0
     scored = json.loads(out.read_text())
-    assert scored["rows"] == ROWS // 4, scored
+    assert scored["rows"] == store.count("eval") > 0, scored  # every eval row the store holds
     numbers = [v for v in scored.values() if isinstance(v, int | float)]
     assert all(math.isfinite(v) for v in numbers), (family, scored)
     assert scored["rewards/chosen"] != 0 or scored["rewards/rejected"] != 0, family  # the trained policy

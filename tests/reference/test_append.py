@@ -1,4 +1,4 @@
-"""Appending new feedback to a store (data.pairing: stream): A then append B equals A + B built at once,
+"""Appending new feedback to a store: A then append B equals A + B built at once,
 old rows checked, a killed append keeps the previous store, training reads every segment."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ OLD_ROWS = 216  # of the small data's 240: the append adds 24 rows, 10%
 
 
 def _config(tiny_model, root: Path, *files: Path, **sections):
-    data = {"paths": [str(f) for f in files], "pairing": "stream", **sections.pop("data", {})}
+    data = {"paths": [str(f) for f in files], **sections.pop("data", {})}
     return make_config(tiny_model, files[0], root, data=data, **sections)
 
 

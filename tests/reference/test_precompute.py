@@ -162,7 +162,10 @@ def test_each_changed_fingerprint_component_is_named(
     with pytest.raises(UserError) as info:
         precompute(changed)
     message = str(info.value)
-    assert f"different {component}" in message and "--overwrite" in message
+    # Data alone differing is an append, refused at the first stored row the data lacks; any other
+    # component refuses the store by its name.
+    named = "row 200 of reference store" if component == "data" else f"different {component}"
+    assert named in message and "--overwrite" in message
     with pytest.raises(UserError, match=component):
         open_store(store.path, _fingerprint(changed))
 

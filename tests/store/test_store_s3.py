@@ -131,7 +131,7 @@ def test_server_stopped_mid_write_fails_in_one_line_and_keeps_the_previous_store
 
 
 def test_an_append_on_s3_commits_a_second_segment(s3, ray_with_s3, tiny_model, small_data, tmp_path):
-    """data.pairing: stream on object storage: the append's Parquet and row digests go under a new
+    """On object storage: the append's Parquet and row digests go under a new
     prefix, the manifest (format 2, two segments) is one PUT, and readers see both segments."""
     from kto_ray.store.reader import RowReader, SplitIndex
     from kto_ray.store.segments import ROW_DIGESTS
@@ -141,7 +141,7 @@ def test_an_append_on_s3_commits_a_second_segment(s3, ray_with_s3, tiny_model, s
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text("".join(lines[:216]))
     b.write_text("".join(lines[216:]))
-    cfg = make_config(tiny_model, a, tmp_path, store={"path": uri}, data={"pairing": "stream"})
+    cfg = make_config(tiny_model, a, tmp_path, store={"path": uri})
     first = precompute(cfg).store
     cfg.data.paths = [str(a), str(b)]
     result = precompute(cfg)

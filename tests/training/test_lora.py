@@ -302,7 +302,11 @@ def test_real_model_lora_with_the_online_reference_trains_and_exports(real_model
     run_dir = train(cfg).run_dir.local_path
     first, second = read_metrics(run_dir)
     assert first["loss"] == pytest.approx(0.5, abs=1e-5) and abs(first["kl"]) < 1e-5
-    assert second["rewards/margins"] != pytest.approx(0.0, abs=1e-6)
+    # Step 2 scores a policy one step away from its reference (the same model, adapters off): the
+    # rewards of each class the step holds are off 0. Not the margin: it is 0 by definition when a
+    # class is absent, as in this split's step 2 (4 undesirable rows).
+    held = [name for name in ("chosen", "rejected") if second[f"count/{name}"] > 0]
+    assert held and all(abs(second[f"rewards/{name}"]) > 1e-6 for name in held), second
     tokenizer = load_tokenizer(cfg.model)
     ids = tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
     batch = pad_sequences([ids[:-2]], [ids[-2:]], tokenizer.pad_token_id)

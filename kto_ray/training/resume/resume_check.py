@@ -33,7 +33,6 @@ REFUSED = (
     Key("config.data.max_length", "data.max_length", _STEP),
     Key("config.data.max_prompt_length", "data.max_prompt_length", _STEP),
     Key("config.data.eval_fraction", "data.eval_fraction", "the train split, so the data order"),
-    Key("config.data.pairing", "data.pairing", "the KL pairing and the eval split, so the data order"),
     Key("config.train.seed", "train.seed", _ORDER),
     Key("config.train.group_by_length", "train.group_by_length", _ORDER),
     Key("config.reference.mode", "reference.mode", _LOSS),
