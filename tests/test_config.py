@@ -16,6 +16,7 @@ from kto_ray.errors import UserError
 from kto_ray.planning.plan import plan
 from kto_ray.rundir import RunDir
 from kto_ray.training.resume.global_batch import accumulation, check_worker_range
+from tests.conftest import own_lines
 from tests.tools.test_plan import save_llama_8b, save_qwen3_30b_a3b, save_qwen_32b
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,7 +171,7 @@ def test_packing_auto_packs_where_it_pays(packed, attention, mixed, expected):
 def test_bad_config_exits_2_with_one_line(args, needle, capsys):
     assert main(["train", *args]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
+    assert len(own_lines(err)) == 1, err
     assert needle in err
 
 

@@ -19,6 +19,7 @@ from kto_ray.sweep.config import (
     trial_overrides,
 )
 from kto_ray.sweep.run import TrialNeed, concurrency, trial_need
+from tests.conftest import own_lines
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -121,7 +122,7 @@ def test_a_bad_grid_key_or_value_exits_2_naming_it_before_anything_starts(tmp_pa
     config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     assert main(["sweep", "--config", str(config), "--grid", grid]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and named in err, err
+    assert len(own_lines(err)) == 1 and named in err, err
     assert not (tmp_path / "runs").exists()  # nothing written, nothing launched
 
 
