@@ -124,7 +124,7 @@ def test_pipeline_on_a_terminal_shows_bars_and_the_table(tmp_path):
     assert len(lines) <= 24, pane
 
 
-@pytest.mark.slow
+@pytest.mark.extended  # the demo store's 3,000 rows are scored once, in the second tier (test_tiers.py)
 def test_demo_off_a_terminal_fits_in_60_lines(tiny_model, demo_store, tmp_path):
     """`kto-ray demo` with its output piped (CI, `ray job logs`): plain lines, each step line once. Its store
     is the session's demo store (tests/tools/test_demo.py's), scored by whichever demo runs first."""

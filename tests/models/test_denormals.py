@@ -54,7 +54,8 @@ def test_loading_a_model_flushes_on_the_loading_thread(tiny_model):
 def test_long_row_steps_cost_what_their_shape_costs():
     """The bench's skewed run: every kto-ray step within 3x the same batches through plain transformers
     (the long steps were 6-12x with subnormal gradients on the CPU they were found on), and every rank
-    flushing. A ratio measured in one run: the machine's speed and load cancel out."""
+    flushing. A ratio measured in one run: the machine's speed and load cancel out. It is also the bench
+    script's run in the suite (tests/test_bench.py runs no smoke of it): its table must print."""
     proc = subprocess.run(
         [sys.executable, "bench/long_rows.py", "--steps", "8", "--check", "3"],
         cwd=REPO,
@@ -63,4 +64,5 @@ def test_long_row_steps_cost_what_their_shape_costs():
         timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| step | rows | tokens" in proc.stdout
     assert "denormals flushed on the ranks: [True]" in proc.stdout

@@ -4,7 +4,7 @@
 One sweep is killed once its first two trials have finished, then rerun: the rerun trains neither of
 them again, stops the two bad trials (a learning rate too small to move the loss), and ends with the
 table; the store is scored once, by the first run. Each trial's metrics equal those of the same config
-trained alone with `kto-ray train` (1e-5). A last sweep without train.eval_every on the same store ranks
+trained alone by `train()` (1e-5). A last sweep without train.eval_every on the same store ranks
 its trial by the eval taken after its last step."""
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import sys
 import pytest
 import yaml
 
+from kto_ray.cli import main
+from kto_ray.training.launch.driver import train
 from tests.conftest import kill_process_tree, read_metrics, wait_for
 from tests.helpers import make_config
 
@@ -55,7 +57,9 @@ def _same_metrics(trial: list[dict], alone: list[dict]) -> None:
                 assert got[key] == want[key], (got["step"], key)
 
 
-def test_a_killed_sweep_resumes_stops_bad_trials_and_matches_runs_alone(tiny_model, small_data, tmp_path):
+def test_a_killed_sweep_resumes_stops_bad_trials_and_matches_runs_alone(
+    tiny_model, small_data, tmp_path, ray_local, capsys
+):
     cfg = make_config(
         tiny_model,
         small_data,
@@ -114,30 +118,19 @@ def test_a_killed_sweep_resumes_stops_bad_trials_and_matches_runs_alone(tiny_mod
         assert line.startswith("| trial-") and ("finished" in line or "stopped" in line)
     assert "trial-000" in out and "best eval/loss" in out  # the console table
 
-    # The same configs trained alone: the same metrics (the stopped ones up to where they stopped).
+    # The same configs trained alone, in this process on the session's Ray (a CLI run would start a Ray
+    # of its own for nothing this checks): the same metrics (the stopped ones up to where they stopped).
     for index in (0, 2):
         alone = cfg.model_copy(deep=True)
         alone.train.lr = (GOOD_LR, BAD_LR)[index // 2]
         alone.run.name = f"alone-{index}"
-        alone_config = tmp_path / f"alone-{index}.yaml"
-        alone_config.write_text(yaml.safe_dump(alone.model_dump(mode="json")))
-        _finished(
-            _cli(
-                "train",
-                "--config",
-                str(alone_config),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
+        train(alone)
         _same_metrics(read_metrics(trial[index]), read_metrics(tmp_path / "runs" / f"alone-{index}"))
 
     # `kto-ray report` draws the trials on shared axes.
-    report = _finished(
-        _cli("report", str(sweep_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    )
-    assert "report of the sweep" in report
+    assert main(["report", str(sweep_dir)]) == 0
+    printed = capsys.readouterr()
+    assert "report of the sweep" in printed.out + printed.err
     assert {p.name for p in (sweep_dir / "report").glob("*.png")} >= {"loss.png", "eval_loss.png"}
 
     # Without train.eval_every (and no scheduler) the trials are evaluated after their last step, on the
