@@ -18,7 +18,6 @@ import hashlib
 import os
 import time
 import uuid
-from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,30 +46,11 @@ class Versioned:
     version: str  # opaque: a content digest locally, the ETag on S3
 
 
-class ConditionalFile(ABC):
-    @abstractmethod
-    def read(self) -> Versioned | None:
-        """The file's text and version, or None when there is no such file."""
-
-    @abstractmethod
-    def create(self, text: str) -> str | None:
-        """Write the file if there is none: its version, or None when one exists."""
-
-    @abstractmethod
-    def replace(self, text: str, version: str) -> str | None:
-        """Overwrite the file if it is still at `version`: the new version, or None when it changed."""
-
-    def refresh(self, text: str, version: str) -> str | None:
-        """A heartbeat: `replace` where the storage has nothing cheaper."""
-        return self.replace(text, version)
-
-    @abstractmethod
-    def delete(self, version: str) -> bool:
-        """Delete the file if it is still at `version`: False when it changed or is gone."""
-
-
-def conditional_file(location: Location) -> ConditionalFile | None:
-    """The conditional writes `location`'s storage has, or None (then only plain writes)."""
+def conditional_file(location: Location) -> LocalFile | S3File | None:
+    """The conditional writes `location`'s storage has, or None (then only plain writes). Each file has
+    read() -> Versioned, None when absent; create(text) -> its version, None when one exists;
+    replace(text, version) and refresh (a heartbeat's replace) -> the new version, None when the file
+    is no longer at `version`; delete(version) -> False when it changed or is gone."""
     if location.is_local:
         return LocalFile(Path(location.path))
     if isinstance(location.fs, pafs.S3FileSystem):
@@ -86,7 +66,7 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class LocalFile(ConditionalFile):
+class LocalFile:
     """Created by `os.link` of a whole temporary file; replaced (a takeover, a beat) and deleted under
     a guard file that one writer holds at a time, the replace by `os.replace`: a live lease is never
     absent or partly written for a reader."""
@@ -196,7 +176,7 @@ def _s3_client(endpoint: str | None, region: str | None):
 _ENFORCED: set[tuple[str | None, str]] = set()
 
 
-class S3File(ConditionalFile):
+class S3File:
     def __init__(self, client, bucket: str, key: str):
         self.client, self.bucket, self.key = client, bucket, key
 
@@ -212,6 +192,8 @@ class S3File(ConditionalFile):
 
     def replace(self, text: str, version: str) -> str | None:
         return self._put(text, IfMatch=version)
+
+    refresh = replace
 
     def delete(self, version: str) -> bool:
         try:
