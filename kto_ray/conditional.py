@@ -112,15 +112,19 @@ class LocalFile:
             os.close(fd)
         return _digest(data)
 
-    def replace(self, text: str, version: str) -> str | None:
+    def replace(self, text: str, version: str, wait_s: float = 0.0) -> str | None:
         """A takeover: one taker at a time holds the guard, so the name is swapped by one `os.replace`
         (never absent, where a newcomer's create could slip in) and only while it is at `version`."""
-        return self._swap(text, version, wait_s=0.0)
+        with self._guard(wait_s) as held:
+            if not held or getattr(self.read(), "version", None) != version:
+                return None
+            write_text_atomically(resolve(self.path), text)
+            return _digest(text.encode("utf-8"))
 
     def refresh(self, text: str, version: str) -> str | None:
         # The holder's beat waits out a taker's swap (microseconds): a taker that finds the version
         # changed leaves the holder in place, one that does not has taken a stale lease.
-        return self._swap(text, version, wait_s=_GUARD_WAIT_S)
+        return self.replace(text, version, wait_s=_GUARD_WAIT_S)
 
     def delete(self, version: str) -> bool:
         with self._guard(wait_s=_GUARD_WAIT_S) as held:
@@ -128,13 +132,6 @@ class LocalFile:
                 return False
             self.path.unlink(missing_ok=True)
             return True
-
-    def _swap(self, text: str, version: str, wait_s: float) -> str | None:
-        with self._guard(wait_s) as held:
-            if not held or getattr(self.read(), "version", None) != version:
-                return None
-            write_text_atomically(resolve(self.path), text)
-            return _digest(text.encode("utf-8"))
 
     @contextlib.contextmanager
     def _guard(self, wait_s: float) -> Iterator[bool]:

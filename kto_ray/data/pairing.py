@@ -1,11 +1,7 @@
-"""KL pairing and train/eval split, fixed once when the reference store is built, that new rows never
-change, so a store can grow by appended segments (kto_ray/store/segments.py) without rescoring a row it
-holds.
-
-KTO's reference point z0 is estimated from mismatched pairs (x_i, y_j): row i's prompt with the
-completion of a row j whose prompt differs. Both the partner and the split depend only on a row and the
-rows before it in read order, so a data set that grows at its end keeps every earlier row's partner and
-split, and a store built from files A + B equals A's store with B appended, row for row:
+"""KL pairing and train/eval split. KTO's reference point z0 is estimated from mismatched pairs
+(x_i, y_j): row i's prompt with the completion of a row j whose prompt differs. Both the partner and the
+split depend only on a row and the rows before it in read order, so a store built from files A + B equals
+A's store with B appended, row for row (kto_ray/store/segments.py), and new rows never rescore old ones:
 
 - split: a row is `eval` when a seeded hash of its content (prompt, completion, label) falls below
   `data.eval_fraction`. About that fraction, not exactly; the same row gets the same split wherever it

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import re
 from collections.abc import Iterator
@@ -169,11 +170,8 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         table = pq.read_table(path, columns=[c for c in names if c in _COLUMNS] or None)
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{path}: not a readable Parquet file: {_one_line(e)}") from None
-    i = 0
-    for batch in table.to_batches():
-        for row in batch.to_pylist():
-            i += 1
-            yield f"{path}:row {i}", row
+    for i, row in enumerate(itertools.chain.from_iterable(b.to_pylist() for b in table.to_batches()), 1):
+        yield f"{path}:row {i}", row
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
