@@ -1,8 +1,6 @@
-"""Conditional writes of one small file: create it only when absent, replace or delete it only while it
-is still the version last read. The lease (kto_ray/rundir/lease.py) settles races with these wherever the
-storage has them; `conditional_file` returns None where it has not (GCS and other pyarrow file systems:
-GCS's `ifGenerationMatch` needs a client this project does not have), and the lease then settles by
-write, wait and re-read.
+"""Conditional writes of one small file, with which the lease (kto_ray/rundir/lease.py) settles races
+where the storage has them; elsewhere (GCS and other pyarrow file systems: GCS's `ifGenerationMatch`
+needs a client this project does not have) it settles by write, wait and re-read.
 
 S3: PUT with `If-None-Match: *` (create) or `If-Match: <ETag>` (replace), DELETE with `If-Match`; 412
 means someone else wrote first. pyarrow.fs cannot send these headers, so this goes through boto3, to the
@@ -135,8 +133,7 @@ class LocalFile:
 
     @contextlib.contextmanager
     def _guard(self, wait_s: float) -> Iterator[bool]:
-        """Whether this writer holds `.<name>.guard` (created with O_EXCL) for the block; a guard older
-        than _GUARD_STALE_S was left by a writer that died inside it, and is removed."""
+        """Whether this writer holds `.<name>.guard` (created with O_EXCL) for the block."""
         guard = self.path.parent / f".{self.path.name}.guard"
         deadline = time.monotonic() + wait_s
         while True:

@@ -59,12 +59,8 @@ def configure(verbose: bool | None = None) -> bool:
     # Deprecation notices about library internals are for their maintainers, not for our users.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.formatwarning = _one_line_warning
+    warnings.formatwarning = lambda message, *_, **__: f"kto-ray: warning: {message}\n"
     return False
-
-
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    return f"kto-ray: warning: {message}\n"
 
 
 def ray_init_options() -> dict[str, Any]:

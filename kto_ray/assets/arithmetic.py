@@ -6,8 +6,7 @@ undesirable one makes one systematic mistake: it spells the result out in words 
 the answer checker (kto_ray.tools.answers) rejects. Why this mistake: KTO shifts probability between
 behaviours the reference already has, conditioned on the prompt; it cannot teach facts the reference
 lacks. So the reference knows the facts (few, small operands) and mixes a right and a wrong behaviour,
-and the feedback labels which is which. Regenerate with `python -m kto_ray.assets data`
-(deterministic: the files come out byte-identical).
+and the feedback labels which is which. Regenerate with `python -m kto_ray.assets data`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,6 @@
 """Embedded defaults for the demo and tests: arithmetic feedback data, a local tokenizer, a tiny Llama.
 
-Everything here is built offline and deterministically, so the demo never touches the network (the
-data generator lives in kto_ray/assets/arithmetic.py):
+Everything here is built offline and deterministically, so the demo never touches the network:
 
     python -m kto_ray.assets data                              # data/arithmetic*.jsonl, byte-identical
     python -m kto_ray.assets model --out artifacts/tiny-llama  # tokenizer + warmed-up LlamaForCausalLM
