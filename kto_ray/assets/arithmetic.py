@@ -64,8 +64,6 @@ _ANSWERS = (
 
 
 def _operands(rng: random.Random) -> tuple[int, str, int, int]:
-    # Operands up to 5 (about 70 facts): few enough that the tiny model's warm-up learns them, so its
-    # mistakes are a behaviour KTO can shift, not missing knowledge it could not supply.
     op = rng.choices("+-*", weights=(4, 4, 2))[0]
     if op == "+":
         a, b = rng.randint(1, MAX_OPERAND), rng.randint(1, MAX_OPERAND)

@@ -86,9 +86,8 @@ def _free_cores() -> int:
 
 
 def _warmup_rows(data_path: str | Path) -> list[dict]:
-    """Every row, desirable or not: the reference imitates unfiltered data, mistakes included, so it
-    knows the facts but answers about half the prompts with the data's systematic mistake. That is the
-    improvable policy KTO is for: the labels, which the warm-up ignores, say which behaviour to keep."""
+    """Every row, desirable or not: the reference imitates the data, mistakes included; the labels,
+    which the warm-up ignores, are what KTO learns from."""
     path = Path(data_path)
     if path.is_file():
         with open(path, encoding="utf-8") as f:
