@@ -1,8 +1,6 @@
-"""Conditional writes of one small file: create it only when absent, replace or delete it only while it
-is still the version last read. The lease (kto_ray/rundir/lease.py) settles races with these wherever the
-storage has them; `conditional_file` returns None where it has not (GCS and other pyarrow file systems:
-GCS's `ifGenerationMatch` needs a client this project does not have), and the lease then settles by
-write, wait and re-read.
+"""Conditional writes of one small file, with which the lease (kto_ray/rundir/lease.py) settles races
+where the storage has them; elsewhere (GCS and other pyarrow file systems: GCS's `ifGenerationMatch`
+needs a client this project does not have) it settles by write, wait and re-read.
 
 S3: PUT with `If-None-Match: *` (create) or `If-Match: <ETag>` (replace), DELETE with `If-Match`; 412
 means someone else wrote first. pyarrow.fs cannot send these headers, so this goes through boto3, to the
@@ -18,7 +16,6 @@ import hashlib
 import os
 import time
 import uuid
-from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,30 +44,11 @@ class Versioned:
     version: str  # opaque: a content digest locally, the ETag on S3
 
 
-class ConditionalFile(ABC):
-    @abstractmethod
-    def read(self) -> Versioned | None:
-        """The file's text and version, or None when there is no such file."""
-
-    @abstractmethod
-    def create(self, text: str) -> str | None:
-        """Write the file if there is none: its version, or None when one exists."""
-
-    @abstractmethod
-    def replace(self, text: str, version: str) -> str | None:
-        """Overwrite the file if it is still at `version`: the new version, or None when it changed."""
-
-    def refresh(self, text: str, version: str) -> str | None:
-        """A heartbeat: `replace` where the storage has nothing cheaper."""
-        return self.replace(text, version)
-
-    @abstractmethod
-    def delete(self, version: str) -> bool:
-        """Delete the file if it is still at `version`: False when it changed or is gone."""
-
-
-def conditional_file(location: Location) -> ConditionalFile | None:
-    """The conditional writes `location`'s storage has, or None (then only plain writes)."""
+def conditional_file(location: Location) -> LocalFile | S3File | None:
+    """The conditional writes `location`'s storage has, or None (then only plain writes). Each file has
+    read() -> Versioned, None when absent; create(text) -> its version, None when one exists;
+    replace(text, version) and refresh (a heartbeat's replace) -> the new version, None when the file
+    is no longer at `version`; delete(version) -> False when it changed or is gone."""
     if location.is_local:
         return LocalFile(Path(location.path))
     if isinstance(location.fs, pafs.S3FileSystem):
@@ -86,7 +64,7 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class LocalFile(ConditionalFile):
+class LocalFile:
     """Created by `os.link` of a whole temporary file; replaced (a takeover, a beat) and deleted under
     a guard file that one writer holds at a time, the replace by `os.replace`: a live lease is never
     absent or partly written for a reader."""
@@ -132,15 +110,19 @@ class LocalFile(ConditionalFile):
             os.close(fd)
         return _digest(data)
 
-    def replace(self, text: str, version: str) -> str | None:
+    def replace(self, text: str, version: str, wait_s: float = 0.0) -> str | None:
         """A takeover: one taker at a time holds the guard, so the name is swapped by one `os.replace`
         (never absent, where a newcomer's create could slip in) and only while it is at `version`."""
-        return self._swap(text, version, wait_s=0.0)
+        with self._guard(wait_s) as held:
+            if not held or getattr(self.read(), "version", None) != version:
+                return None
+            write_text_atomically(resolve(self.path), text)
+            return _digest(text.encode("utf-8"))
 
     def refresh(self, text: str, version: str) -> str | None:
         # The holder's beat waits out a taker's swap (microseconds): a taker that finds the version
         # changed leaves the holder in place, one that does not has taken a stale lease.
-        return self._swap(text, version, wait_s=_GUARD_WAIT_S)
+        return self.replace(text, version, wait_s=_GUARD_WAIT_S)
 
     def delete(self, version: str) -> bool:
         with self._guard(wait_s=_GUARD_WAIT_S) as held:
@@ -149,17 +131,9 @@ class LocalFile(ConditionalFile):
             self.path.unlink(missing_ok=True)
             return True
 
-    def _swap(self, text: str, version: str, wait_s: float) -> str | None:
-        with self._guard(wait_s) as held:
-            if not held or getattr(self.read(), "version", None) != version:
-                return None
-            write_text_atomically(resolve(self.path), text)
-            return _digest(text.encode("utf-8"))
-
     @contextlib.contextmanager
     def _guard(self, wait_s: float) -> Iterator[bool]:
-        """Whether this writer holds `.<name>.guard` (created with O_EXCL) for the block; a guard older
-        than _GUARD_STALE_S was left by a writer that died inside it, and is removed."""
+        """Whether this writer holds `.<name>.guard` (created with O_EXCL) for the block."""
         guard = self.path.parent / f".{self.path.name}.guard"
         deadline = time.monotonic() + wait_s
         while True:
@@ -196,7 +170,7 @@ def _s3_client(endpoint: str | None, region: str | None):
 _ENFORCED: set[tuple[str | None, str]] = set()
 
 
-class S3File(ConditionalFile):
+class S3File:
     def __init__(self, client, bucket: str, key: str):
         self.client, self.bucket, self.key = client, bucket, key
 
@@ -212,6 +186,8 @@ class S3File(ConditionalFile):
 
     def replace(self, text: str, version: str) -> str | None:
         return self._put(text, IfMatch=version)
+
+    refresh = replace
 
     def delete(self, version: str) -> bool:
         try:

@@ -1,11 +1,5 @@
-"""What a person sees: our own progress and results; library chatter only when asked for.
-
-Chatter is switched off where it is made, not filtered from the output: Ray does not forward worker
-output to the driver and logs at error level, Ray Data draws no per-operator bars, and transformers
-draws no weight-loading bars and logs errors only. `-v/--verbose`, or `KTO_RAY_VERBOSE=1` in the
-environment (the way to ask for it under `ray job submit`), brings all of it back.
-Training's progress, which reads metrics.jsonl, is `kto_ray/training/launch/progress.py`.
-"""
+"""What a person sees: our own progress and results; library chatter, switched off where it is made
+(not filtered from the output), only with `-v/--verbose` or `KTO_RAY_VERBOSE=1` (under `ray job submit`)."""
 
 from __future__ import annotations
 
@@ -50,8 +44,11 @@ def configure(verbose: bool | None = None) -> bool:
     # Without CUDA DeepSpeed falls back to its CPU accelerator with a warning that asks whether a GPU
     # went undetected; naming the accelerator (its documented DS_ACCELERATOR override) is the same
     # choice, made without the warning. Inherited by the Ray workers this process starts.
-    if "DS_ACCELERATOR" not in os.environ and not _has_cuda():
-        os.environ["DS_ACCELERATOR"] = "cpu"
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not (torch.cuda.device_count() > 0 and torch.cuda.is_available()):
+            os.environ["DS_ACCELERATOR"] = "cpu"
     for name in ("ray", "ray.data", "ray.train", "ray.tune", "DeepSpeed", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.ERROR)
     if "transformers" in sys.modules:  # already imported: its env settings were read before ours
@@ -62,18 +59,8 @@ def configure(verbose: bool | None = None) -> bool:
     # Deprecation notices about library internals are for their maintainers, not for our users.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.formatwarning = _one_line_warning
+    warnings.formatwarning = lambda message, *_, **__: f"kto-ray: warning: {message}\n"
     return False
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.device_count() > 0 and torch.cuda.is_available()
-
-
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    return f"kto-ray: warning: {message}\n"
 
 
 def ray_init_options() -> dict[str, Any]:

@@ -6,23 +6,25 @@ undesirable one makes one systematic mistake: it spells the result out in words 
 the answer checker (kto_ray.tools.answers) rejects. Why this mistake: KTO shifts probability between
 behaviours the reference already has, conditioned on the prompt; it cannot teach facts the reference
 lacks. So the reference knows the facts (few, small operands) and mixes a right and a wrong behaviour,
-and the feedback labels which is which. Regenerate with `python -m kto_ray.assets data`
-(deterministic: the files come out byte-identical).
+and the feedback labels which is which. Regenerate with `python -m kto_ray.assets data`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Iterable
 from pathlib import Path
+
+from kto_ray.storage import resolve, write_text_atomically
 
 # (file name, n_prompts, seed, desirable fraction); n_prompts chosen so each file holds ~3000 rows.
 DATA_FILES = (("arithmetic.jsonl", 2400, 0, 0.5), ("arithmetic_imbalanced.jsonl", 2727, 1, 0.2))
 
 MAX_OPERAND = 5
-# Spelled-out results, 0 to MAX_OPERAND ** 2 (the largest product).
+# Spelled-out results, 0 to MAX_OPERAND ** 2 (the largest product): the systematic mistake. A categorical
+# one on purpose: with an off-by-one mistake, KTO, pushed away from r + 1 and towards r along the same
+# numeric direction, overshot to r - 1 (one-process prototype: held-out answer accuracy 0.50 -> 0.19).
 _TO_NINETEEN = (  # noqa: SIM905 (one line of words reads better than 20 quoted ones)
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
     "sixteen seventeen eighteen nineteen"
@@ -62,8 +64,6 @@ _ANSWERS = (
 
 
 def _operands(rng: random.Random) -> tuple[int, str, int, int]:
-    # Operands up to 5 (about 70 facts): few enough that the tiny model's warm-up learns them, so its
-    # mistakes are a behaviour KTO can shift, not missing knowledge it could not supply.
     op = rng.choices("+-*", weights=(4, 4, 2))[0]
     if op == "+":
         a, b = rng.randint(1, MAX_OPERAND), rng.randint(1, MAX_OPERAND)
@@ -73,16 +73,6 @@ def _operands(rng: random.Random) -> tuple[int, str, int, int]:
         return b + right, op, b, right
     a, b = rng.randint(2, MAX_OPERAND), rng.randint(2, MAX_OPERAND)
     return a, op, b, a * b
-
-
-def _wrong(right: int) -> str:
-    """The systematic mistake: the result spelled out ("twelve"), not the digits the checker expects.
-
-    A categorical mistake on purpose: with an off-by-one mistake, KTO, pushed away from r + 1 and
-    towards r along the same numeric direction, overshot to r - 1 (one-process prototype: held-out
-    answer accuracy 0.50 -> 0.19).
-    """
-    return NUMBER_WORDS[right]
 
 
 def _prompt(rng: random.Random, a: int, op: str, b: int) -> str:
@@ -118,31 +108,23 @@ def generate_arithmetic(n_prompts: int, seed: int, desirable_fraction: float = 0
     rows: list[dict] = []
     for (prompt, (a, op, b, right)), role in zip(problems.items(), roles, strict=True):
         for label in {"both": (True, False), "good": (True,), "bad": (False,)}[role]:
-            result = right if label else _wrong(right)
+            result = right if label else NUMBER_WORDS[right]
             completion = rng.choice(_ANSWERS).format(a=a, op=op, b=b, r=result)
             rows.append({"prompt": prompt, "completion": completion, "label": label})
     rng.shuffle(rows)
     return rows
 
 
-def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:
-    """Write one JSON object per line, atomically (a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 def write_default_data(out_dir: str | Path = "data") -> list[Path]:
-    """(Re)generate the embedded data files; deterministic, so reruns are byte-identical."""
-    return [
-        write_jsonl(generate_arithmetic(n, seed, fraction), Path(out_dir) / name)
-        for name, n, seed, fraction in DATA_FILES
-    ]
+    """(Re)generate the embedded data files, atomically; deterministic, so reruns are byte-identical."""
+    paths = []
+    for name, n, seed, fraction in DATA_FILES:
+        rows = generate_arithmetic(n, seed, fraction)
+        paths.append(Path(out_dir) / name)
+        write_text_atomically(
+            resolve(paths[-1]), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        )
+    return paths
 
 
 def heldout_problems(n: int, seed: int, exclude: Iterable[str]) -> list[dict]:

@@ -1,7 +1,6 @@
 """Embedded defaults for the demo and tests: arithmetic feedback data, a local tokenizer, a tiny Llama.
 
-Everything here is built offline and deterministically, so the demo never touches the network (the
-data generator lives in kto_ray/assets/arithmetic.py):
+Everything here is built offline and deterministically, so the demo never touches the network:
 
     python -m kto_ray.assets data                              # data/arithmetic*.jsonl, byte-identical
     python -m kto_ray.assets model --out artifacts/tiny-llama  # tokenizer + warmed-up LlamaForCausalLM
@@ -47,10 +46,6 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ 'Assistant: ' }}{%- endif -%}"
 )
 
-# ---------------------------------------------------------------------------------------------- data
-
-# ----------------------------------------------------------------------------------------- tokenizer
-
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level fast tokenizer over ALPHABET: tiny vocabulary, exact round-trip, no training."""
@@ -80,9 +75,6 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-# --------------------------------------------------------------------------------------------- model
-
-
 def _is_complete(model_dir: Path) -> bool:
     return (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file()
 
@@ -94,9 +86,8 @@ def _free_cores() -> int:
 
 
 def _warmup_rows(data_path: str | Path) -> list[dict]:
-    """Every row, desirable or not: the reference imitates unfiltered data, mistakes included, so it
-    knows the facts but answers about half the prompts with the data's systematic mistake. That is the
-    improvable policy KTO is for: the labels, which the warm-up ignores, say which behaviour to keep."""
+    """Every row, desirable or not: the reference imitates the data, mistakes included; the labels,
+    which the warm-up ignores, are what KTO learns from."""
     path = Path(data_path)
     if path.is_file():
         with open(path, encoding="utf-8") as f:
@@ -109,14 +100,6 @@ def _warmup_rows(data_path: str | Path) -> list[dict]:
     if not rows:
         raise ValueError(f"no rows to warm up on in {path}")
     return rows
-
-
-def _sft_example(tokenizer: PreTrainedTokenizerFast, row: dict) -> tuple[list[int], list[int]]:
-    """Token ids of <s> prompt completion </s> and labels (-100 on BOS and prompt: loss on the answer)."""
-    prompt = tokenizer(row["prompt"])["input_ids"]  # the post-processor prepends <s>
-    completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
-    completion.append(tokenizer.eos_token_id)
-    return prompt + completion, [-100] * len(prompt) + completion
 
 
 def _sft_batches(
@@ -149,7 +132,14 @@ def _warm_up(
     sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / ramp, 1 - 0.9 * s / max(1, steps))
     )
-    examples = [_sft_example(tokenizer, row) for row in rows]
+    examples = []  # ids of <s> prompt completion </s>, and labels: -100 on BOS and prompt, loss on the answer
+    for row in rows:
+        prompt = tokenizer(row["prompt"])["input_ids"]  # the post-processor prepends <s>
+        completion = [
+            *tokenizer(row["completion"], add_special_tokens=False)["input_ids"],
+            tokenizer.eos_token_id,
+        ]
+        examples.append((prompt + completion, [-100] * len(prompt) + completion))
     batches = _sft_batches(examples, WARMUP_BATCH, tokenizer.pad_token_id, random.Random(seed))
     losses: list[float] = []
     model.train()
@@ -270,9 +260,6 @@ def ensure_tiny_model(out_dir: str | Path = DEFAULT_MODEL_DIR) -> Path:
     return build_tiny_model(out_dir)
 
 
-# ----------------------------------------------------------------------------------------------- cli
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kto_ray.assets", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -292,7 +279,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         build_tiny_model(args.out, args.data, warmup_steps=args.steps, seed=args.seed, force=args.force)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,11 +1,7 @@
-"""KL pairing and train/eval split, fixed once when the reference store is built, that new rows never
-change, so a store can grow by appended segments (kto_ray/store/segments.py) without rescoring a row it
-holds.
-
-KTO's reference point z0 is estimated from mismatched pairs (x_i, y_j): row i's prompt with the
-completion of a row j whose prompt differs. Both the partner and the split depend only on a row and the
-rows before it in read order, so a data set that grows at its end keeps every earlier row's partner and
-split, and a store built from files A + B equals A's store with B appended, row for row:
+"""KL pairing and train/eval split. KTO's reference point z0 is estimated from mismatched pairs
+(x_i, y_j): row i's prompt with the completion of a row j whose prompt differs. Both the partner and the
+split depend only on a row and the rows before it in read order, so a store built from files A + B equals
+A's store with B appended, row for row (kto_ray/store/segments.py), and new rows never rescore old ones:
 
 - split: a row is `eval` when a seeded hash of its content (prompt, completion, label) falls below
   `data.eval_fraction`. About that fraction, not exactly; the same row gets the same split wherever it
@@ -30,14 +26,12 @@ from kto_ray.errors import UserError
 WINDOW = 4096
 DRAWS = 8
 RULE = "stream-v1"  # part of the `pairing` fingerprint: a store records which rule drew its pairs
-_DIGEST_BYTES = 16
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 def row_digest(prompt: str, completion: str, label: bool) -> bytes:
     """A row's identity: 16 bytes of sha256 over its rendered content (as content_fingerprint frames it)."""
     text = json.dumps([prompt, completion, label], ensure_ascii=False).encode()
-    return hashlib.sha256(text).digest()[:_DIGEST_BYTES]
+    return hashlib.sha256(text).digest()[:16]
 
 
 def split_assignment(digests: list[bytes], eval_fraction: float, seed: int) -> list[str]:
@@ -53,7 +47,7 @@ def split_assignment(digests: list[bytes], eval_fraction: float, seed: int) -> l
     return split
 
 
-def kl_partners(prompts: list[str], seed: int, window: int = WINDOW) -> list[int]:
+def kl_partners(prompts: list[str], seed: int) -> list[int]:
     """partner[i] = j != i with another prompt; depends only on prompts[: i + 1] (and, for the rows
     before the first change of prompt, on the first row after it)."""
     n = len(prompts)
@@ -72,7 +66,7 @@ def kl_partners(prompts: list[str], seed: int, window: int = WINDOW) -> list[int
     partner = run_start - 1  # the row just before a row's run of equal prompts: another prompt
     head = partner < 0  # the first run: no earlier row has another prompt
     partner[head] = np.flatnonzero(is_start)[1]
-    reach = np.minimum(rows, window)  # earlier rows a row may draw from
+    reach = np.minimum(rows, WINDOW)  # earlier rows a row may draw from
     pending = reach > 0
     for draw in range(DRAWS):
         offset = (_mix(rows, seed, draw) % np.maximum(reach, 1).astype(np.uint64)).astype(np.int64)
@@ -87,7 +81,7 @@ def _mix(rows: np.ndarray, seed: int, draw: int) -> np.ndarray:
     """splitmix64 of (seed, draw, row): a seeded, platform-independent 64-bit hash per row."""
     with np.errstate(over="ignore"):
         key = np.uint64((seed * 0x9E3779B97F4A7C15 + draw * 0xBF58476D1CE4E5B9) % 2**64)
-        x = (rows.astype(np.uint64) * np.uint64(0x94D049BB133111EB) + key) & _M64
+        x = rows.astype(np.uint64) * np.uint64(0x94D049BB133111EB) + key  # uint64: wraps mod 2**64
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return x ^ (x >> np.uint64(31))

@@ -1,9 +1,5 @@
-"""From a config to the rows the reference model (or online training) consumes.
-
-read + validate (driver, text only) -> KL pairing and split (driver, seeded) -> tokenization
-(`tokenize_rows`, run in Ray Data tasks by precompute, or on the driver online). Rows and text only:
-what a store of these rows must match is `kto_ray.store.check`'s.
-"""
+"""A config's rows, read, validated, KL-paired and split on the driver, then tokenized by `tokenize_rows`
+(in Ray Data tasks by precompute, or on the driver online)."""
 
 from __future__ import annotations
 

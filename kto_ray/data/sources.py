@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
 import re
 from collections.abc import Iterator
@@ -26,8 +27,7 @@ from kto_ray.errors import UserError
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 UNPAIRED = ("prompt", "completion", "label")
 PAIRED = ("prompt", "chosen", "rejected")
-_UNPAIRED_SET, _PAIRED_SET = set(UNPAIRED), set(PAIRED)
-_COLUMNS = _UNPAIRED_SET | _PAIRED_SET
+_COLUMNS = {*UNPAIRED, *PAIRED}
 _HF_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PROMPT_ROLES = {"system", "user", "assistant"}
 _TRUE, _FALSE = {"true", "1"}, {"false", "0"}
@@ -63,17 +63,16 @@ def read_examples(
     paths: list[str], tokenizer: Any = None, hf_split: str = "train"
 ) -> tuple[list[Example], IngestReport]:
     """Read, validate and render every row of `paths`; see the module docstring for the rules."""
-    if isinstance(paths, str):  # a lone path is an easy slip; it would otherwise be read char by char
-        paths = [paths]
-    if not paths:
-        raise UserError("no data paths given (data.paths is empty)")
-    sources = [source for path in paths for source in _expand(path)]
+    sources = _sources(paths)
     report = IngestReport(rows_read=0, examples=0, files=len(sources))
     examples: list[Example] = []
     seen: set[tuple[str, str, bool]] = set()
     first: tuple[str, str] | None = None  # (schema, source) of the first row: it fixes the schema
     for source in sources:
-        for src, row in _rows(source, hf_split):
+        rows = (
+            _hf_rows(source, hf_split) if isinstance(source, str) else _READERS[source.suffix.lower()](source)
+        )
+        for src, row in rows:
             report.rows_read += 1
             kind = _schema_of(src, row, first)
             first = first or (kind, src)
@@ -103,17 +102,16 @@ def content_fingerprint(examples: list[Example]) -> str:
 def local_files(paths: list[str]) -> list[Path] | None:
     """The files `read_examples(paths)` reads, in its order, without reading them; None when a path is
     a Hugging Face dataset name, which has no file whose stat could stand for its content."""
-    if isinstance(paths, str):
+    sources = _sources(paths)
+    return None if any(isinstance(source, str) for source in sources) else sources
+
+
+def _sources(paths: list[str]) -> list[Source]:
+    if isinstance(paths, str):  # a lone path is an easy slip; it would otherwise be read char by char
         paths = [paths]
     if not paths:
         raise UserError("no data paths given (data.paths is empty)")
-    sources = [source for path in paths for source in _expand(path)]
-    if any(isinstance(source, str) for source in sources):
-        return None
-    return [source for source in sources if isinstance(source, Path)]
-
-
-# ---- sources -----------------------------------------------------------------------------------------
+    return [source for path in paths for source in _expand(path)]
 
 
 def _expand(path: str) -> list[Source]:
@@ -130,12 +128,6 @@ def _expand(path: str) -> list[Source]:
     if _HF_NAME.match(path) and p.suffix.lower() not in SUFFIXES and not p.parent.exists():
         return [path]
     raise UserError(f"data path not found: {path}")
-
-
-def _rows(source: Source, hf_split: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    if isinstance(source, str):
-        return _hf_rows(source, hf_split)
-    return _READERS[source.suffix.lower()](source)
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -178,11 +170,8 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         table = pq.read_table(path, columns=[c for c in names if c in _COLUMNS] or None)
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{path}: not a readable Parquet file: {_one_line(e)}") from None
-    i = 0
-    for batch in table.to_batches():
-        for row in batch.to_pylist():
-            i += 1
-            yield f"{path}:row {i}", row
+    for i, row in enumerate(itertools.chain.from_iterable(b.to_pylist() for b in table.to_batches()), 1):
+        yield f"{path}:row {i}", row
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -238,11 +227,8 @@ def _as_object(src: str, obj: Any) -> dict[str, Any]:
     return obj
 
 
-# ---- rows -> examples --------------------------------------------------------------------------------
-
-
 def _schema_of(src: str, row: dict[str, Any], first: tuple[str, str] | None) -> str:
-    is_unpaired, is_paired = row.keys() >= _UNPAIRED_SET, row.keys() >= _PAIRED_SET
+    is_unpaired, is_paired = row.keys() >= set(UNPAIRED), row.keys() >= set(PAIRED)
     if is_unpaired and is_paired:
         raise UserError(f"{src}: row has both completion/label and chosen/rejected columns; keep one schema")
     kind = "unpaired" if is_unpaired else "paired" if is_paired else None

@@ -46,27 +46,36 @@ def truncate(
     return Tokenized(prompt_ids=prompt, completion_ids=completion)
 
 
-def tokenize_example(
-    tokenizer: Any, prompt: str, completion: str, *, max_length: int, max_prompt_length: int
-) -> Tokenized | None:
-    """Tokenize and truncate one row; the same as one element of `tokenize_batch`."""
-    return tokenize_batch(
-        tokenizer, [prompt], [completion], max_length=max_length, max_prompt_length=max_prompt_length
-    )[0]
-
-
 def tokenize_batch(
     tokenizer: Any, prompts: list[str], completions: list[str], *, max_length: int, max_prompt_length: int
 ) -> list[Tokenized | None]:
     """Tokenize and truncate many rows with batched tokenizer calls (the fast tokenizers run them in Rust)."""
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    prompt_ids = _prompt_ids(tokenizer, prompts)
-    completion_ids = _completion_ids(tokenizer, completions)
-    return [
-        truncate(p, c, max_length=max_length, max_prompt_length=max_prompt_length)
-        for p, c in zip(prompt_ids, completion_ids, strict=True)
-    ]
+    bos = getattr(tokenizer, "bos_token", None)
+    eos_id, eos = getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "eos_token", None)
+    has_bos = [bool(bos) and p.startswith(bos) for p in prompts]
+    # two batched calls: prompts that already carry their BOS text, and the rest (which get specials)
+    as_written = iter(_encode(tokenizer, [p for p, b in zip(prompts, has_bos) if b], special=False))
+    with_specials = iter(_encode(tokenizer, [p for p, b in zip(prompts, has_bos) if not b], special=True))
+    rows = []
+    for prompt, completion, bos_in_text, completion_ids in zip(
+        prompts, completions, has_bos, _encode(tokenizer, completions, special=False), strict=True
+    ):
+        prompt_ids = next(as_written) if bos_in_text else next(with_specials)
+        # some post-processors append EOS to every sequence; a prompt must flow into its completion
+        added_eos = eos_id is not None and prompt_ids and prompt_ids[-1] == eos_id
+        if not bos_in_text and added_eos and not (eos and prompt.endswith(eos)):
+            prompt_ids = prompt_ids[:-1]
+        ends_with_eos = (completion_ids and completion_ids[-1] == eos_id) or (
+            eos and completion.rstrip().endswith(eos)
+        )
+        if eos_id is not None and not ends_with_eos:
+            completion_ids = [*completion_ids, eos_id]
+        rows.append(
+            truncate(prompt_ids, completion_ids, max_length=max_length, max_prompt_length=max_prompt_length)
+        )
+    return rows
 
 
 def _encode(tokenizer: Any, texts: list[str], *, special: bool) -> list[list[int]]:
@@ -75,36 +84,3 @@ def _encode(tokenizer: Any, texts: list[str], *, special: bool) -> list[list[int
     # verbose=False: texts longer than model_max_length are expected here, truncation is ours
     out = tokenizer(texts, add_special_tokens=special, return_attention_mask=False, verbose=False)
     return [list(ids) for ids in out["input_ids"]]
-
-
-def _prompt_ids(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
-    bos = getattr(tokenizer, "bos_token", None)
-    has_bos = {i for i, p in enumerate(prompts) if bos and p.startswith(bos)}
-    # two batched calls: prompts that already carry their BOS text, and the rest (which get specials)
-    as_written = iter(_encode(tokenizer, [p for i, p in enumerate(prompts) if i in has_bos], special=False))
-    with_specials = iter(
-        _encode(tokenizer, [p for i, p in enumerate(prompts) if i not in has_bos], special=True)
-    )
-    return [
-        next(as_written) if i in has_bos else _drop_added_eos(tokenizer, p, next(with_specials))
-        for i, p in enumerate(prompts)
-    ]
-
-
-def _drop_added_eos(tokenizer: Any, text: str, ids: list[int]) -> list[int]:
-    # some tokenizers' post-processors append EOS to every sequence; a prompt must flow into its completion
-    eos_id, eos = getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "eos_token", None)
-    if eos_id is not None and ids and ids[-1] == eos_id and not (eos and text.endswith(eos)):
-        return ids[:-1]
-    return ids
-
-
-def _completion_ids(tokenizer: Any, completions: list[str]) -> list[list[int]]:
-    eos_id, eos = getattr(tokenizer, "eos_token_id", None), getattr(tokenizer, "eos_token", None)
-    result = _encode(tokenizer, completions, special=False)
-    if eos_id is None:
-        return result
-    return [
-        ids if (ids and ids[-1] == eos_id) or (eos and text.rstrip().endswith(eos)) else [*ids, eos_id]
-        for text, ids in zip(completions, result, strict=True)
-    ]

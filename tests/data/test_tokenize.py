@@ -10,7 +10,7 @@ import pytest
 from tokenizers import Tokenizer, models, processors
 from transformers import PreTrainedTokenizerFast
 
-from kto_ray.data.tokenize import Tokenized, tokenize_batch, tokenize_example, truncate
+from kto_ray.data.tokenize import Tokenized, tokenize_batch, truncate
 
 BOS, EOS = 1, 2
 
@@ -35,6 +35,11 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 def ids(text: str) -> list[int]:
     return [ord(c) for c in text]
+
+
+def tokenize_one(tokenizer, prompt: str, completion: str, **limits: int) -> Tokenized | None:
+    """One row through the batched path."""
+    return tokenize_batch(tokenizer, [prompt], [completion], **limits)[0]
 
 
 # ---- truncate: pure id arithmetic --------------------------------------------------------------------
@@ -100,59 +105,59 @@ def test_truncate_does_not_alias_its_inputs():
 
 
 def test_prompt_gets_bos_and_completion_gets_eos(tokenizer):
-    out = tokenize_example(tokenizer, "Q: 2+2?", " 4", max_length=64, max_prompt_length=32)
+    out = tokenize_one(tokenizer, "Q: 2+2?", " 4", max_length=64, max_prompt_length=32)
     assert out == Tokenized([BOS, *ids("Q: 2+2?")], [*ids(" 4"), EOS])
 
 
 def test_bos_is_not_doubled_when_the_prompt_text_has_it(tokenizer):
-    out = tokenize_example(tokenizer, "<s>hi", "yo", max_length=64, max_prompt_length=32)
+    out = tokenize_one(tokenizer, "<s>hi", "yo", max_length=64, max_prompt_length=32)
     assert out == Tokenized([BOS, *ids("hi")], [*ids("yo"), EOS])
 
 
 def test_eos_is_not_doubled_when_the_completion_ends_with_it(tokenizer):
-    out = tokenize_example(tokenizer, "hi", "yo</s>", max_length=64, max_prompt_length=32)
+    out = tokenize_one(tokenizer, "hi", "yo</s>", max_length=64, max_prompt_length=32)
     assert out == Tokenized([BOS, *ids("hi")], [*ids("yo"), EOS])
 
 
 def test_eos_is_not_added_after_a_rendered_eos_and_whitespace(tokenizer):
     # chat templates end an assistant turn with EOS text and a newline: no second EOS
-    out = tokenize_example(tokenizer, "hi", "yo</s>\n", max_length=64, max_prompt_length=32)
+    out = tokenize_one(tokenizer, "hi", "yo</s>\n", max_length=64, max_prompt_length=32)
     assert out == Tokenized([BOS, *ids("hi")], [*ids("yo"), EOS, 10])
 
 
 def test_eos_text_inside_the_completion_does_not_count(tokenizer):
-    out = tokenize_example(tokenizer, "hi", "a</s>b", max_length=64, max_prompt_length=32)
+    out = tokenize_one(tokenizer, "hi", "a</s>b", max_length=64, max_prompt_length=32)
     assert out == Tokenized([BOS, *ids("hi")], [*ids("a"), EOS, *ids("b"), EOS])
 
 
 def test_no_bos_when_the_tokenizer_adds_none():
-    out = tokenize_example(_char_tokenizer(add_bos=False), "hi", "yo", max_length=64, max_prompt_length=32)
+    out = tokenize_one(_char_tokenizer(add_bos=False), "hi", "yo", max_length=64, max_prompt_length=32)
     assert out == Tokenized(ids("hi"), [*ids("yo"), EOS])
 
 
 def test_eos_added_by_the_post_processor_is_removed_from_the_prompt():
-    out = tokenize_example(_char_tokenizer(add_eos=True), "hi", "yo", max_length=64, max_prompt_length=32)
+    out = tokenize_one(_char_tokenizer(add_eos=True), "hi", "yo", max_length=64, max_prompt_length=32)
     assert out == Tokenized([BOS, *ids("hi")], [*ids("yo"), EOS])
 
 
 def test_long_prompt_keeps_its_end_and_drops_bos(tokenizer):
-    out = tokenize_example(tokenizer, "abcdef", "x", max_length=10, max_prompt_length=3)
+    out = tokenize_one(tokenizer, "abcdef", "x", max_length=10, max_prompt_length=3)
     assert out == Tokenized(ids("def"), [*ids("x"), EOS])
 
 
 def test_long_completion_keeps_its_start_and_loses_eos(tokenizer):
-    out = tokenize_example(tokenizer, "ab", "wxyz", max_length=5, max_prompt_length=4)
+    out = tokenize_one(tokenizer, "ab", "wxyz", max_length=5, max_prompt_length=4)
     assert out == Tokenized([BOS, *ids("ab")], ids("wx"))
 
 
 def test_eos_kept_at_the_exact_boundary(tokenizer):
     # BOS + 2 prompt tokens + 2 completion tokens + EOS = 6 = max_length
-    out = tokenize_example(tokenizer, "ab", "yz", max_length=6, max_prompt_length=3)
+    out = tokenize_one(tokenizer, "ab", "yz", max_length=6, max_prompt_length=3)
     assert out == Tokenized([BOS, *ids("ab")], [*ids("yz"), EOS])
 
 
 def test_none_when_the_prompt_fills_max_length(tokenizer):
-    assert tokenize_example(tokenizer, "abcdef", "x", max_length=4, max_prompt_length=4) is None
+    assert tokenize_one(tokenizer, "abcdef", "x", max_length=4, max_prompt_length=4) is None
 
 
 def test_batch_matches_one_by_one(tokenizer):
@@ -160,9 +165,7 @@ def test_batch_matches_one_by_one(tokenizer):
     completions = ["a", "bb</s>", "ccc", "dddddddd"]
     kw = {"max_length": 9, "max_prompt_length": 5}
     batch = tokenize_batch(tokenizer, prompts, completions, **kw)
-    assert batch == [
-        tokenize_example(tokenizer, p, c, **kw) for p, c in zip(prompts, completions, strict=True)
-    ]
+    assert batch == [tokenize_one(tokenizer, p, c, **kw) for p, c in zip(prompts, completions, strict=True)]
     assert batch[0] == Tokenized([BOS, *ids("one")], [*ids("a"), EOS])
     assert batch[2] == Tokenized(ids(" long"), [*ids("ccc"), EOS])
     assert batch[3] == Tokenized([BOS, *ids("four")], ids("dddd"))

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from kto_ray.data.prepare import prepare_text
-from kto_ray.data.tokenize import tokenize_example
+from kto_ray.data.tokenize import tokenize_batch
 from kto_ray.errors import UserError
 from kto_ray.models.loading import load_tokenizer
 from kto_ray.reference.precompute import precompute
@@ -61,10 +61,10 @@ def test_every_row_once_unique_ids_and_valid_kl_pairs(built_store):
     for i, kl_id in enumerate(table["kl_id"]):
         assert kl_id != i
         assert text["prompt"][kl_id] != text["prompt"][i]
-        expected = tokenize_example(
+        [expected] = tokenize_batch(
             tokenizer,
-            text["prompt"][i],
-            text["completion"][kl_id],
+            [text["prompt"][i]],
+            [text["completion"][kl_id]],
             max_length=cfg.data.max_length,
             max_prompt_length=cfg.data.max_prompt_length,
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kto_ray.assets.arithmetic import heldout_problems
-from kto_ray.data.tokenize import tokenize_example
+from kto_ray.data.tokenize import tokenize_batch
 from kto_ray.tools.answers import arithmetic_checker, generate, prompt_ids, render_prompt, score_answers
 from tests.helpers import make_config
 
@@ -54,7 +54,7 @@ def test_prompt_ids_truncate_like_training(model_and_tokenizer) -> None:
     _, tokenizer = model_and_tokenizer
     long = "I am checking my homework and want to be sure. " * 5 + "What is 2 + 2?\n"
     ids = prompt_ids(tokenizer, [long, "Compute 3 - 1.\n"], max_prompt_length=32)
-    trained = tokenize_example(tokenizer, long, "The answer is 4.", max_length=64, max_prompt_length=32)
+    [trained] = tokenize_batch(tokenizer, [long], ["The answer is 4."], max_length=64, max_prompt_length=32)
     assert ids[0] == trained.prompt_ids and len(ids[0]) == 32  # the last 32 tokens, the question kept
     assert tokenizer.decode(ids[0]).endswith("What is 2 + 2?\n")
     assert ids[1][0] == tokenizer.bos_token_id and tokenizer.decode(ids[1][1:]) == "Compute 3 - 1.\n"
