@@ -168,12 +168,12 @@ def run(args: argparse.Namespace) -> int:
         result = train(cfg)
         print(f"trained {result.steps} steps; run dir {result.run_dir}")
     elif args.command == "evaluate":
-        from kto_ray.tools.evaluate import evaluate, format_table, write_json
+        from kto_ray.tools.evaluate import evaluate, format_table
 
         metrics = evaluate(cfg, args.model)
         print(format_table({args.model or cfg.model.path: metrics}))
         if args.json_out:
-            write_json(metrics, Path(args.json_out))
+            Path(args.json_out).write_text(json.dumps(metrics, indent=2))
         else:
             print(json.dumps(metrics))
         if args.generate > 0:
