@@ -102,59 +102,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(args: argparse.Namespace):
-    path = args.config
-    if path is None and Path(DEFAULT_CONFIG).is_file():
-        path = DEFAULT_CONFIG
-    return load_config(path, args.overrides)
-
-
 def run(args: argparse.Namespace) -> int:
     if args.command == "verify":  # no config: a path is all it needs
         from kto_ray.tools.verify import verify
 
         print(verify(args.path).summary(args.path))
         return 0
-    cfg = _config(args)
+    path = args.config
+    if path is None and Path(DEFAULT_CONFIG).is_file():
+        path = DEFAULT_CONFIG
+    cfg = load_config(path, args.overrides)
+    # Ray is joined (the job's cluster under `ray job submit`) or started only after the inputs check out.
     if args.command == "plan":
         from kto_ray.planning.advice import format_plan
         from kto_ray.planning.plan import plan
 
-        print(
-            format_plan(
-                plan(
-                    cfg,
-                    model_config=args.model_config,
-                    gpus_per_node=args.gpus_per_node,
-                    gpu_memory_gib=args.gpu_memory,
-                )
-            )
+        found = plan(
+            cfg,
+            model_config=args.model_config,
+            gpus_per_node=args.gpus_per_node,
+            gpu_memory_gib=args.gpu_memory,
         )
-        return 0
-    if args.command == "report":
+        print(format_plan(found))
+    elif args.command == "report":
         from kto_ray.sweep.report import is_sweep_dir, write_sweep_report
         from kto_ray.tools.report import write_report, write_tensorboard
 
         run_dir = RunDir(args.run_dir) if args.run_dir else RunDir.of(cfg)
+        out = Path(args.out) if args.out else None
         if is_sweep_dir(run_dir):
-            figures, summary = write_sweep_report(run_dir, Path(args.out) if args.out else None)
+            figures, summary = write_sweep_report(run_dir, out)
             print(f"report of the sweep {run_dir}: {summary} ({len(figures)} figures)")
-            return 0
-        result = write_report(run_dir, Path(args.out) if args.out else None)
-        print(f"report of {run_dir}: {result.summary}")
-        for problem in result.problems:
-            print(f"warning: {problem}")
-        if args.tensorboard:
-            write_tensorboard(run_dir, Path(args.tensorboard))
-        return 0
-    if args.command == "sweep":
+        else:
+            result = write_report(run_dir, out)
+            print(f"report of {run_dir}: {result.summary}")
+            for problem in result.problems:
+                print(f"warning: {problem}")
+            if args.tensorboard:
+                write_tensorboard(run_dir, Path(args.tensorboard))
+    elif args.command == "sweep":
         from kto_ray.sweep.config import load_sweep
         from kto_ray.sweep.run import run_sweep
 
         run_sweep(cfg, load_sweep(args.sweep_file, args.grid, args.sample))
-        return 0
-    # Ray is joined (the job's cluster under `ray job submit`) or started only after the inputs check out.
-    if args.command == "demo":
+    elif args.command == "demo":
         from kto_ray.tools.demo import run_demo
 
         run_demo(cfg)
@@ -168,12 +159,12 @@ def run(args: argparse.Namespace) -> int:
         result = train(cfg)
         print(f"trained {result.steps} steps; run dir {result.run_dir}")
     elif args.command == "evaluate":
-        from kto_ray.tools.evaluate import evaluate, format_table, write_json
+        from kto_ray.tools.evaluate import evaluate, format_table
 
         metrics = evaluate(cfg, args.model)
         print(format_table({args.model or cfg.model.path: metrics}))
         if args.json_out:
-            write_json(metrics, Path(args.json_out))
+            Path(args.json_out).write_text(json.dumps(metrics, indent=2))
         else:
             print(json.dumps(metrics))
         if args.generate > 0:

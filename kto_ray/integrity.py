@@ -23,8 +23,6 @@ from pydantic import BaseModel
 from kto_ray.errors import UserError
 from kto_ray.storage import Location, first_line, is_uri, read_text, resolve
 
-_CHUNK = 8 << 20
-
 
 class FileEntry(BaseModel):
     path: str  # relative to the folder the manifest describes, '/'-separated
@@ -52,7 +50,7 @@ def entry_of(location: Location, relative: str) -> FileEntry:
     8 MiB chunks."""
     crc, size = 0, 0
     with location.fs.open_input_stream(location.join(relative).path) as stream:
-        while chunk := stream.read(_CHUNK):
+        while chunk := stream.read(8 << 20):
             crc = zlib.crc32(chunk, crc)
             size += len(chunk)
     return FileEntry(path=relative, size=size, crc32=crc32_hex(crc))
@@ -96,7 +94,6 @@ def check_entry(location: Location, entry: FileEntry) -> Problem | None:
 
 
 def check_local(folder: Path, entry: FileEntry) -> Problem | None:
-    """`check_entry` for a local folder."""
     return check_entry(resolve(folder), entry)
 
 
@@ -137,7 +134,9 @@ class FileLists:
         return [e for rank in sorted(self.lists) for e in self.lists[rank]]
 
 
-def _parse(text: str | None, name: str) -> tuple[int, list[FileEntry]] | Problem:
+def _parse(location: Location, rank: int) -> tuple[int, list[FileEntry]] | Problem:
+    name = list_name(rank)
+    text = read_text(location.join(name))
     if text is None:
         return Problem(name, "missing: the checkpoint is incomplete")
     try:
@@ -147,27 +146,23 @@ def _parse(text: str | None, name: str) -> tuple[int, list[FileEntry]] | Problem
         return Problem(name, "unreadable file list")
 
 
-def read_lists(read) -> FileLists:
-    """The file lists of a checkpoint, `read(name)` giving a file's text (None: missing)."""
-    first = _parse(read(list_name(0)), list_name(0))
+def lists_at(location: Location) -> FileLists:
+    """The file lists of a checkpoint (or an exported model folder) at `location`."""
+    first = _parse(location, 0)
     if isinstance(first, Problem):
         return FileLists({}, 0, first)
     world, files = first
     lists = {0: files}
     for rank in range(1, world):
-        found = _parse(read(list_name(rank)), list_name(rank))
+        found = _parse(location, rank)
         if isinstance(found, Problem):
             return FileLists(lists, world, found)
         lists[rank] = found[1]
     return FileLists(lists, world)
 
 
-def lists_at(location: Location) -> FileLists:
-    return read_lists(lambda name: read_text(location.join(name)))
-
-
 def lists_in(folder: Path) -> FileLists:
-    return read_lists(lambda name: (folder / name).read_text() if (folder / name).is_file() else None)
+    return lists_at(resolve(folder))
 
 
 def size_problem(location: Location) -> Problem | None:

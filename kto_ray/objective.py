@@ -57,11 +57,6 @@ def completion_logps(
     return (token_logps * mask).sum(dim=-1)
 
 
-def kl_z0(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
-    """Reference point for one process: clamped mean of the KL-pair log-ratios, detached (0 if empty)."""
-    return kl_raw(policy_kl_logps, ref_kl_logps).clamp(min=0.0)
-
-
 def kl_raw(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
     """The KL estimate before the clamp: mean of the KL-pair log-ratios, detached (0 if empty). Logged
     as `kl/raw` beside z0, so a clamp at 0 can be told from a policy equal to its reference."""

@@ -79,14 +79,12 @@ def resolve(location: str | Path) -> Location:
     return Location(fs, path.rstrip("/"), given)
 
 
-# Where object storage is, never who may use it: what the driver passes to its workers, whose
-# environment on a joined cluster is the node's, not the driver's. Credentials stay with each node's
-# own chain (instance role, its environment).
-ENDPOINT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
-
-
 def endpoint_env() -> dict[str, str]:
-    return {name: os.environ[name] for name in ENDPOINT_ENV if os.environ.get(name)}
+    """Where object storage is, never who may use it: what the driver passes to its workers, whose
+    environment on a joined cluster is the node's, not the driver's. Credentials stay with each node's
+    own chain (instance role, its environment)."""
+    names = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+    return {name: os.environ[name] for name in names if os.environ.get(name)}
 
 
 def s3_endpoint() -> str | None:

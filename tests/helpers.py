@@ -97,6 +97,25 @@ class PlainEngine:
         return self.norm
 
 
+def plain_manifest(fingerprint: dict[str, str], counts: dict[str, dict[str, int]], tokens: int):
+    """A store manifest of the first layout (no segments, its files listed at commit), as a test writes it."""
+    import time
+
+    from kto_ray import __version__
+    from kto_ray.store.format import FORMAT_VERSION, Manifest
+
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        fingerprint=fingerprint,
+        fingerprint_inputs={},
+        counts=counts,
+        tokens=tokens,
+        seconds=0.0,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        kto_ray_version=__version__,
+    )
+
+
 def write_store(
     path: str | Path,
     group_sizes: Sequence[int],
@@ -124,7 +143,6 @@ def write_store(
         MANIFEST,
         SCHEMA,
         WRITE_OPTIONS,
-        build_manifest,
         list_files,
         open_store,
     )
@@ -172,7 +190,7 @@ def write_store(
             counts[split]["desirable" if label else "undesirable"] += 1
         for column in ("prompt_ids", "completion_ids"):
             token_count += int(pa.compute.sum(pa.compute.list_value_length(written[column])).as_py())
-    manifest = build_manifest({c: "test" for c in COMPONENTS}, {}, counts, token_count, 0.0)
+    manifest = plain_manifest({c: "test" for c in COMPONENTS}, counts, token_count)
     files = list_files(location, "data-test")
     text = manifest.model_copy(update={"data_dir": "data-test", "files": files}).model_dump_json()
     write_text_atomically(location.join(MANIFEST), text)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from kto_ray.objective import completion_logps, kl_raw, kl_z0, kto_loss, mean_from_sum
+from kto_ray.objective import completion_logps, kl_raw, kto_loss, mean_from_sum
 
 
 def test_kto_loss_hand_computed_numbers():
@@ -66,13 +66,15 @@ def test_gradient_of_desirable_row_pushes_logp_up_and_undesirable_down():
 
 def test_z0_is_detached_and_clamped():
     policy_kl = torch.tensor([-5.0, -6.0], requires_grad=True)
-    z0 = kl_z0(policy_kl, torch.tensor([-6.0, -6.5]))
+    z0 = kl_raw(policy_kl, torch.tensor([-6.0, -6.5])).clamp(min=0.0)
     torch.testing.assert_close(z0, torch.tensor(0.75))  # mean of [1.0, 0.5]
     assert not z0.requires_grad
-    assert kl_z0(torch.tensor([-7.0]), torch.tensor([-6.0])).item() == 0.0  # mean -1 clamps to 0
+    assert (
+        kl_raw(torch.tensor([-7.0]), torch.tensor([-6.0])).clamp(min=0.0).item() == 0.0
+    )  # mean -1 clamps to 0
     assert kl_raw(torch.tensor([-7.0, -5.0]), torch.tensor([-6.0, -3.0])).item() == -1.5  # [-1, -2]
     assert kl_raw(torch.tensor([]), torch.tensor([])).item() == 0.0
-    assert kl_z0(torch.tensor([]), torch.tensor([])).item() == 0.0
+    assert kl_raw(torch.tensor([]), torch.tensor([])).clamp(min=0.0).item() == 0.0
     torch.testing.assert_close(mean_from_sum(torch.tensor(3.0), 4), torch.tensor(0.75))
 
 
@@ -121,7 +123,7 @@ def test_matches_paper_formula_on_random_tensors(seed):
         policy,
         ref,
         desirable,
-        kl_z0(kl_policy, kl_ref),
+        kl_raw(kl_policy, kl_ref).clamp(min=0.0),
         beta=0.3,
         desirable_weight=1.3,
         undesirable_weight=0.9,

@@ -1,14 +1,10 @@
-"""Stage 1: a Ray Data pipeline that computes the reference log-probs once into the reference store.
-
-text rows (driver) -> map_batches(tokenize) -> map_batches(ReferenceLogprobs, actor pool)
--> write_parquet under a fresh data-<id>/ prefix of the store -> manifest.json last (see store.py)
-"""
+"""Stage 1: a Ray Data pipeline that computes the reference log-probs once into the reference store."""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow.compute as pc
@@ -58,9 +54,7 @@ ROW_GROUP_ROWS = 256
 class PrecomputeResult:
     store: Store
     reused: bool
-    timings: list[dict[str, Any]] = field(
-        default_factory=list
-    )  # the phases of a build (kto_ray/rundir/timings.py)
+    timings: list[dict[str, Any]] = field(default_factory=list)  # the phases of a build (rundir/timings.py)
 
 
 @dataclass(frozen=True)
@@ -83,8 +77,6 @@ class _Plan:
 
 @dataclass(frozen=True)
 class _Written:
-    """What the scoring pass wrote under the writer's prefix."""
-
     counts: dict[str, dict[str, int]]  # rows per split and label
     tokens: int
 
@@ -128,21 +120,19 @@ def _storage_failure(writer: StoreWriter, err: Exception) -> Exception:
     return err
 
 
-def _committed_meanwhile(
-    writer: StoreWriter, fingerprint: dict[str, str], where: str
-) -> PrecomputeResult | None:
+def _committed_meanwhile(writer: StoreWriter, plan: _Plan) -> PrecomputeResult | None:
     """Another precompute's store, committed since this one looked: reused when it has our fingerprint,
     else a one-line error (nothing of ours is committed)."""
     other = writer.changed_meanwhile()
     if other is None:
         return None
-    if differing_components(fingerprint, other.fingerprint):
+    if differing_components(plan.fingerprint, other.fingerprint):
         raise StorageError(
-            f"another precompute committed a different reference store at {where} while this "
+            f"another precompute committed a different reference store at {plan.where} while this "
             "one ran; nothing was written: rerun (with --overwrite to replace it)"
         )
-    print(f"reference store {where} was committed by another precompute meanwhile: reusing it")
-    return PrecomputeResult(open_store(writer.location.given, fingerprint), reused=True)
+    print(f"reference store {plan.where} was committed by another precompute meanwhile: reusing it")
+    return PrecomputeResult(open_store(writer.location.given, plan.fingerprint), reused=True)
 
 
 def precompute(cfg: KTOConfig, overwrite: bool = False) -> PrecomputeResult:
@@ -161,25 +151,34 @@ def precompute(cfg: KTOConfig, overwrite: bool = False) -> PrecomputeResult:
     if reused is not None:
         return reused
     path = plan.cfg.store.path
-    kept = _kept_segments(plan, overwrite)  # an append keeps the store's segments; a build, none
+    # An append keeps the store's segments (a store whose rows the data no longer starts with is
+    # refused in one line naming the row: segments.py); a build or --overwrite, none.
+    kept: list[Segment] = []
+    if plan.existing is not None and not overwrite:
+        kept = kept_segments(path, plan.existing, plan.text, plan.where)
     first_id = kept[-1].end_id if kept else 0
     ensure_free(resolve(path))  # another precompute writing this store: one line, before Ray
     with ray_session(plan.cfg.cluster.address), StoreWriter(path, seen=plan.existing) as writer:
         # The other one may have committed between our look above and taking the store's lease.
-        committed = _committed_meanwhile(writer, plan.fingerprint, plan.where)
+        committed = _committed_meanwhile(writer, plan)
         if committed is not None:
             return committed
         timeline.mark("ray started, store lease")
-        written = _score(_rows_from(plan, first_id), writer)
+        written = _score(plan, first_id, writer)
         timeline.mark("Ray Data pass: tokenize, score, write")
         if written.rows == 0 and not kept:
             raise UserError("no example has a completion token left under data.max_length; nothing to store")
         write_row_digests(writer.data, plan.text, first_id)
         seconds = time.perf_counter() - start
         segment = new_segment(writer.data_dir, plan.text, first_id, written, seconds)
-        committed = _commit(plan, writer, [*kept, segment])
+        committed = _committed_meanwhile(writer, plan)  # or while this one scored
         if committed is not None:
             return committed
+        manifest = segmented_manifest(plan.fingerprint, plan.inputs, [*kept, segment], plan.data_files)
+        try:
+            writer.commit(manifest)
+        except OSError as err:
+            raise _storage_failure(writer, err) from None
         timeline.mark("row digests, commit")
     timeline.mark("ray shut down")
     dropped = len(plan.text.table) - first_id - written.rows
@@ -198,7 +197,6 @@ def precompute(cfg: KTOConfig, overwrite: bool = False) -> PrecomputeResult:
 
 
 def _plan(cfg: KTOConfig) -> _Plan:
-    """Read, validate and pair the data, fingerprint it with the reference, and look at the store."""
     tokenizer = load_tokenizer(cfg.model, cfg.reference_path)
     check_context_length(cfg.model, cfg.data.max_length, cfg.reference_path)
     data_files = data_file_stats(cfg)  # before the read: see data_file_stats
@@ -216,7 +214,7 @@ def _reuse(plan: _Plan, overwrite: bool) -> PrecomputeResult | None:
         return None
     differing = differing_components(plan.fingerprint, existing.fingerprint)
     if differing:
-        if overwrite or _grows(differing):
+        if overwrite or differing == ["data"]:  # only the data differs: an append (rows keep their pairs)
             return None
         raise UserError(
             f"reference store {plan.where} exists with a different {', '.join(differing)}; "
@@ -231,60 +229,19 @@ def _reuse(plan: _Plan, overwrite: bool) -> PrecomputeResult | None:
     return PrecomputeResult(store, reused=True)
 
 
-def _grows(differing: list[str]) -> bool:
-    """Only the data differs: an append, since rows keep their pairs as the data grows (the old rows
-    are checked by `_kept_segments`)."""
-    return differing == ["data"]
-
-
-def _kept_segments(plan: _Plan, overwrite: bool) -> list[Segment]:
-    """The existing store's segments an append keeps (none for a build or --overwrite); a store whose
-    rows the data no longer starts with is refused in one line naming the row (segments.py)."""
-    existing = plan.existing
-    if existing is None or overwrite:
-        return []
-    if not _grows(differing_components(plan.fingerprint, existing.fingerprint)):
-        return []
-    return kept_segments(plan.cfg.store.path, existing, plan.text, plan.where)
-
-
-def _rows_from(plan: _Plan, first_id: int) -> _Plan:
-    """The plan restricted to the rows from first_id on: what an append scores."""
-    if first_id == 0:
-        return plan
-    return replace(plan, text=replace(plan.text, table=plan.text.table.slice(first_id)))
-
-
-def _score(plan: _Plan, writer: StoreWriter) -> _Written:
-    """Tokenize, score with the reference actor pool and write the Parquet files under the writer's
-    prefix, with a progress bar; a failure because the storage went away is one line."""
-    import ray
+def _score(plan: _Plan, first_id: int, writer: StoreWriter) -> _Written:
+    """Tokenize the rows from first_id on (what an append scores), score them with the reference actor
+    pool and write the Parquet files under the writer's prefix, with a progress bar; a failure because
+    the storage went away is one line."""
+    import ray.data
 
     configure_ray_data()
     counter = ray.remote(num_cpus=0)(ProgressCounter).remote()
-    ds = _scoring_dataset(plan, counter)
-    try:
-        with RowProgress(lambda: ray.get(counter.read.remote()), len(plan.text.table), "reference"):
-            ds.write_parquet(
-                writer.data.path,
-                filesystem=writer.location.fs,
-                row_group_size=ROW_GROUP_ROWS,
-                **WRITE_OPTIONS,  # page checksums, verified by every read (store.open_parquet)
-            )
-        return _store_stats(writer.data)
-    except Exception as err:
-        raise _storage_failure(writer, err) from None
-
-
-def _scoring_dataset(plan: _Plan, counter):
-    """The lazy Ray Data pipeline: text rows -> tokenize_rows (CPU tasks) -> ReferenceLogprobs (actors)."""
-    import ray.data
-
-    cfg, rows = plan.cfg, len(plan.text.table)
+    cfg, table = plan.cfg, plan.text.table.slice(first_id)
     # Ray Data bundles blocks up to batch_size rows: cap the bucket so every actor gets rows.
-    bucket_rows = max(1, min(cfg.precompute.bucket_rows, -(-rows // cfg.precompute.actors)))
-    blocks = max(2 * cfg.precompute.actors, rows // bucket_rows + 1)
-    ds = ray.data.from_arrow(plan.text.table).repartition(blocks)
+    bucket_rows = max(1, min(cfg.precompute.bucket_rows, -(-len(table) // cfg.precompute.actors)))
+    blocks = max(2 * cfg.precompute.actors, len(table) // bucket_rows + 1)
+    ds = ray.data.from_arrow(table).repartition(blocks)
     ds = ds.map_batches(
         tokenize_rows,
         fn_kwargs={
@@ -296,19 +253,15 @@ def _scoring_dataset(plan: _Plan, counter):
         num_cpus=0.25,
     )
     spec = ActorModel.of(cfg, cfg.reference_path, plan.tokenizer.pad_token_id)
-    return on_actors(ds, ReferenceLogprobs, cfg, bucket_rows, spec=spec, progress=counter)
-
-
-def _commit(plan: _Plan, writer: StoreWriter, segments: list[Segment]) -> PrecomputeResult | None:
-    """Commit the manifest of the store's segments (the last one just written); None once it is
-    committed. Another precompute's store, committed meanwhile, is returned instead (or refused:
-    `_committed_meanwhile`)."""
-    committed = _committed_meanwhile(writer, plan.fingerprint, plan.where)
-    if committed is not None:
-        return committed
-    manifest = segmented_manifest(plan.fingerprint, plan.inputs, segments, plan.data_files)
+    ds = on_actors(ds, ReferenceLogprobs, cfg, bucket_rows, spec=spec, progress=counter)
     try:
-        writer.commit(manifest)
-    except OSError as err:
+        with RowProgress(lambda: ray.get(counter.read.remote()), len(table), "reference"):
+            ds.write_parquet(
+                writer.data.path,
+                filesystem=writer.location.fs,
+                row_group_size=ROW_GROUP_ROWS,
+                **WRITE_OPTIONS,  # page checksums, verified by every read (store.open_parquet)
+            )
+        return _store_stats(writer.data)
+    except Exception as err:
         raise _storage_failure(writer, err) from None
-    return None

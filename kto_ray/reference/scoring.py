@@ -19,6 +19,7 @@ import pyarrow as pa
 import torch
 
 from kto_ray.config import KTOConfig, ModelConfig
+from kto_ray.console import configure_ray_data
 from kto_ray.models.denormals import flush_denormals
 from kto_ray.models.loading import load_causal_lm, load_tokenizer, resolve_dtype
 from kto_ray.models.logprobs import length_buckets, pad_sequences, sequence_logps
@@ -59,7 +60,6 @@ class ActorModel:
 
     @classmethod
     def of(cls, cfg: KTOConfig, path: str, pad_id: int) -> ActorModel:
-        """`path`'s model on the actors `cfg.precompute` describes."""
         p = cfg.precompute
         return cls(cfg.model, path, p.dtype, p.gpus_per_actor, p.batch_rows, p.batch_tokens, pad_id)
 
@@ -89,7 +89,6 @@ class _PairScorer(_ActorWithModel):
 
     def __init__(self, spec: ActorModel, progress=None):
         super().__init__(spec)
-        # length_buckets cuts each Ray Data batch into length-sorted model batches
         self.layout = pack_sequences if spec.model_cfg.packs(mixed_lengths=False) else pad_sequences
         self.progress = progress  # a ProgressCounter actor for the driver's progress bar, or None
 
@@ -169,8 +168,6 @@ def score_on_actors(cfg: KTOConfig, path: str, rows: pa.Table) -> tuple[torch.Te
     kl_completion_ids) on the actors; returns its log-probs of (x, y) and (x, y_kl), in `rows`' order."""
     import ray.data
 
-    from kto_ray.console import configure_ray_data
-
     configure_ray_data()
     pad_id = load_tokenizer(cfg.model).pad_token_id
     columns = rows.select(["id", "prompt_ids", "completion_ids", "kl_completion_ids"])
@@ -200,7 +197,7 @@ def generate_from_ids(
     every row continues from its own last prompt token; sampling is seeded per batch (`seed` +
     `seed_offset` + the batch's first row), so a prompt's completion does not depend on which actor ran
     it or what it ran before."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id  # load_tokenizer pads with eos when the model names no pad token
     sampling = settings.temperature > 0
     options = {"do_sample": sampling}
     if sampling:
@@ -238,10 +235,10 @@ class Completions(_ActorWithModel):
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
         flush_denormals()
-        texts = []
-        for first, prompts in zip(batch["first"], batch["prompts"]):
-            chunk = [list(p) for p in prompts]
-            texts.append(generate_from_ids(self.model, self.tokenizer, chunk, self.settings, int(first)))
+        texts = [
+            generate_from_ids(self.model, self.tokenizer, prompts, self.settings, int(first))
+            for first, prompts in zip(batch["first"], batch["prompts"])
+        ]
         return {"first": np.asarray(batch["first"]), "texts": np.asarray(texts, dtype=object)}
 
 
@@ -252,8 +249,6 @@ def generate_on_actors(
     `settings.batch_size` prompts; in `prompts`' order."""
     import ray.data
 
-    from kto_ray.console import configure_ray_data
-
     if not prompts:
         return []
     configure_ray_data()
@@ -263,8 +258,7 @@ def generate_on_actors(
         for start in range(0, len(prompts), size)
     ]
     ds = ray.data.from_items(chunks).repartition(len(chunks))
-    pad_id = load_tokenizer(cfg.model, path).pad_token_id or 0
-    spec = ActorModel.of(cfg, path, pad_id)
+    spec = ActorModel.of(cfg, path, load_tokenizer(cfg.model, path).pad_token_id or 0)
     ds = on_actors(ds, Completions, cfg, 1, spec=spec, settings=asdict(settings))
     done = sorted((int(row["first"]), list(row["texts"])) for row in ds.iter_rows())
     return [text for _, texts in done for text in texts]

@@ -9,7 +9,6 @@ as they open and decode it (`open_parquet`); a file that disagrees is one `Store
 from __future__ import annotations
 
 import logging
-import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,6 @@ import pyarrow.parquet as pq
 from pyarrow.fs import FileType
 from pydantic import BaseModel
 
-from kto_ray import __version__
 from kto_ray.errors import StorageError, StoreDamaged, UserError
 from kto_ray.integrity import FileEntry, check_sizes, crc32_hex, entry_of, sizes_under
 from kto_ray.storage import (
@@ -319,27 +317,6 @@ def open_store(path: str | Path, expected: dict[str, str] | None = None) -> Stor
                 "(rerun `kto-ray precompute --overwrite` or point store.path elsewhere)"
             )
     return Store(str(path) if is_uri(str(path)) else location.path, manifest)
-
-
-def build_manifest(
-    fingerprint: dict[str, str],
-    inputs: dict[str, Any],
-    table_stats: dict[str, dict[str, int]],
-    tokens: int,
-    seconds: float,
-    data_files: list[FileStat] | None = None,
-) -> Manifest:
-    return Manifest(
-        format_version=FORMAT_VERSION,
-        fingerprint=fingerprint,
-        fingerprint_inputs=inputs,
-        counts=table_stats,
-        tokens=tokens,
-        seconds=round(seconds, 3),
-        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        kto_ray_version=__version__,
-        data_files=data_files,
-    )
 
 
 def record_data_files(path: str | Path, data_files: list[FileStat] | None) -> None:

@@ -7,9 +7,7 @@ precompute runs, on the same resources and dtype); this process reads the split 
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
@@ -61,7 +59,3 @@ def format_table(columns: dict[str, dict[str, float]]) -> str:
     for key in keys:
         lines.append(f"{key:<18}" + "".join(f"{columns[n][key]:>14.4f}" for n in names))
     return "\n".join(lines)
-
-
-def write_json(metrics: dict, path: Path) -> None:
-    path.write_text(json.dumps(metrics, indent=2))

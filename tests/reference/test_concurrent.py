@@ -22,9 +22,10 @@ import yaml
 from kto_ray.config import with_absolute_paths
 from kto_ray.rundir.lease import LEASE, LeaseHeld
 from kto_ray.storage import files_under, resolve, write_text_atomically
-from kto_ray.store.format import MANIFEST, SCHEMA, build_manifest, open_store
+from kto_ray.store.format import MANIFEST, SCHEMA, open_store
 from kto_ray.store.writer import StoreWriter
 from tests.conftest import REPO, make_config
+from tests.helpers import plain_manifest
 from tests.s3server import s3_server
 
 FAST = {"settle": 0.05, "heartbeat": 0.1}
@@ -44,7 +45,7 @@ def _write_rows(writer: StoreWriter, n: int = 4) -> None:
 
 def _manifest(n: int = 4):
     counts = {"train": {"desirable": (n + 1) // 2, "undesirable": n // 2}, "eval": {}}
-    return build_manifest(FINGERPRINT, {}, counts, tokens=3 * n, seconds=0.0)
+    return plain_manifest(FINGERPRINT, counts, tokens=3 * n)
 
 
 def test_a_second_writer_is_refused_in_one_line_and_writes_nothing(tmp_path):

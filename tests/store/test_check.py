@@ -11,7 +11,7 @@ import pytest
 
 from kto_ray.errors import UserError
 from kto_ray.store.format import MANIFEST, read_manifest
-from kto_ray.training.launch.driver import split_tables
+from kto_ray.training.launch.driver import split_rows
 from tests.store.conftest import set_mtime
 
 
@@ -63,18 +63,18 @@ def test_train_reads_the_data_only_when_its_stats_change(own_store, built_store,
 
     cfg, data = own_store
     reads = ReadCounter(monkeypatch)
-    table = split_tables(cfg, ("train",))["train"]
+    labels = split_rows(cfg, ("train",))["train"].labels
     assert reads.calls == 0
-    assert table.equals(built_store[1].read_split("train"))
+    assert labels.tolist() == built_store[1].read_split("train")["label"].to_pylist()
 
     set_mtime(data, data.stat().st_mtime + 10)  # touched: same content
-    assert split_tables(cfg, ("train",))["train"].equals(table)
+    assert split_rows(cfg, ("train",))["train"].labels.tolist() == labels.tolist()
     assert reads.calls == 1
 
     lines = data.read_text().splitlines()
     data.write_text("\n".join(lines[:200]) + "\n")  # different content
     with pytest.raises(UserError, match="different data"):
-        split_tables(cfg, ("train",))["train"]
+        split_rows(cfg, ("train",))
     assert reads.calls == 2
 
 
@@ -87,7 +87,7 @@ def test_a_manifest_without_data_file_stats_is_checked_by_content(own_store, mon
     del old["data_files"]  # as written before the field existed
     manifest_file.write_text(json.dumps(old))
     reads = ReadCounter(monkeypatch)
-    assert len(split_tables(cfg, ("train",))["train"]) > 0
+    assert split_rows(cfg, ("train",))["train"].rows > 0
     assert reads.calls == 1
 
 

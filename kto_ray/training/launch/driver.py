@@ -56,30 +56,13 @@ class TrainResult:
 
 def split_rows(cfg: KTOConfig, splits: tuple[str, ...]) -> dict[str, Rows]:
     """What the workers train on: an index of each split of the checked store (offline: nothing
-    O(dataset) on the driver or in the object store), or online the tokenized tables."""
-    if cfg.reference.mode != "offline":
-        return split_tables(cfg, splits)
-    check_context_length(cfg.model, cfg.data.max_length)
-    store = checked_store(cfg, load_tokenizer(cfg.model))
-    return {split: SplitIndex.build(store, split) for split in splits}
-
-
-def row_count(rows: Rows) -> int:
-    return rows.rows if isinstance(rows, SplitIndex) else len(rows)
-
-
-def row_labels(rows: Rows) -> np.ndarray:
-    return rows.labels if isinstance(rows, SplitIndex) else rows["label"].to_numpy(zero_copy_only=False)
-
-
-def split_tables(cfg: KTOConfig, splits: tuple[str, ...]) -> dict[str, pa.Table]:
-    """The rows of each split: from the checked store (offline) or tokenized here (online, no
-    log-probs), checking the store (or tokenizing) once for all of them."""
+    O(dataset) on the driver or in the object store), or online the tokenized tables (no log-probs)."""
+    if cfg.reference.mode == "offline":
+        check_context_length(cfg.model, cfg.data.max_length)
+        store = checked_store(cfg, load_tokenizer(cfg.model))
+        return {split: SplitIndex.build(store, split) for split in splits}
     tokenizer = load_tokenizer(cfg.model)
     check_context_length(cfg.model, cfg.data.max_length)
-    if cfg.reference.mode == "offline":
-        store = checked_store(cfg, tokenizer)
-        return {split: store.read_split(split) for split in splits}
     text = prepare_text(cfg, tokenizer)
     columns = tokenize_rows(
         text.table.to_pydict(), tokenizer, cfg.data.max_length, cfg.data.max_prompt_length
@@ -88,6 +71,14 @@ def split_tables(cfg: KTOConfig, splits: tuple[str, ...]) -> dict[str, pa.Table]
     columns.update(ref_logps=nan, ref_kl_logps=nan)
     table = pa.table({f.name: pa.array(columns[f.name], f.type) for f in SCHEMA}, schema=SCHEMA)
     return {split: table.filter(pa.compute.equal(table["split"], split)) for split in splits}
+
+
+def row_count(rows: Rows) -> int:
+    return rows.rows if isinstance(rows, SplitIndex) else len(rows)
+
+
+def row_labels(rows: Rows) -> np.ndarray:
+    return rows.labels if isinstance(rows, SplitIndex) else rows["label"].to_numpy(zero_copy_only=False)
 
 
 def total_steps(cfg: KTOConfig, rows: int, global_batch: int | None = None) -> int:
