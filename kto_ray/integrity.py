@@ -93,10 +93,6 @@ def check_entry(location: Location, entry: FileEntry) -> Problem | None:
     return None
 
 
-def check_local(folder: Path, entry: FileEntry) -> Problem | None:
-    return check_entry(resolve(folder), entry)
-
-
 # A folder's file lists: a checkpoint's (one per rank) and an exported model folder's (`final/`,
 # `merged/`: one, as rank 0 of a world of 1).
 LIST_PREFIX = "files_rank"
@@ -159,10 +155,6 @@ def lists_at(location: Location) -> FileLists:
             return FileLists(lists, world, found)
         lists[rank] = found[1]
     return FileLists(lists, world)
-
-
-def lists_in(folder: Path) -> FileLists:
-    return lists_at(resolve(folder))
 
 
 def size_problem(location: Location) -> Problem | None:

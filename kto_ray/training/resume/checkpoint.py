@@ -22,10 +22,10 @@ import ray.train
 import torch
 
 from kto_ray.errors import CheckpointsLost, CheckpointWriteFailed, ResumeUnchecked
-from kto_ray.integrity import Problem, check_local, lists_in, write_file_list
+from kto_ray.integrity import Problem, check_entry, lists_at, write_file_list
 from kto_ray.internals.deepspeed_private import universal_load
 from kto_ray.rundir import CHECKPOINTS, RunDir
-from kto_ray.storage import first_line, remove_tree
+from kto_ray.storage import first_line, remove_tree, resolve
 from kto_ray.training.distributed import gather_objects
 from kto_ray.training.resume.checkpoint_files import damage_line, older_than
 from kto_ray.training.resume.reshape import reshaped, saved_world_size
@@ -189,11 +189,12 @@ def _newest_first(handed: ray.train.Checkpoint) -> Iterator[ray.train.Checkpoint
 def _whole(folder: Path, rank: int, world: int) -> Problem | None:
     """Collective: the first problem of the checkpoint in `folder` (rank order), the same on every rank.
     Saved rank k's files are checked by rank k % world (each rank its own when the count is the same)."""
-    lists = lists_in(folder)
+    location = resolve(folder)
+    lists = lists_at(location)
     problem = lists.problem
     if problem is None:
         for saved_rank in range(rank, lists.world_size, world):
-            problem = next((p for e in lists.lists[saved_rank] if (p := check_local(folder, e))), None)
+            problem = next((p for e in lists.lists[saved_rank] if (p := check_entry(location, e))), None)
             if problem is not None:
                 break
     return next((p for p in gather_objects(problem) if p is not None), None)
