@@ -57,6 +57,9 @@ def main(engine_kind: str, steps: int, batch: int, spec: common.ModelSpec) -> No
 
         rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555", "RANK": "0", "WORLD_SIZE": "1"}
         os.environ.update(rendezvous, LOCAL_RANK="0")
+        from kto_ray.internals.deepspeed_private import skip_shm_comm_op
+
+        skip_shm_comm_op(deepspeed)  # as the workers do: no JIT build of an op nothing calls
         deepspeed.init_distributed()
         cfg.deepspeed.stage = int(engine_kind)
         engine = build_policy_engine(cfg, deepspeed_config(cfg, 1), steps)

@@ -48,6 +48,9 @@ def _rank(rank: int, world: int, port: int, cfg_json: str, folder: str, universa
     from kto_ray.training.resume.checkpoint import _load
 
     torch.set_num_threads(1)
+    from kto_ray.internals.deepspeed_private import skip_shm_comm_op
+
+    skip_shm_comm_op(deepspeed)  # as the workers do: no JIT build of an op nothing calls
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = KTOConfig.model_validate_json(cfg_json)
     engine = build_policy_engine(cfg, deepspeed_config(cfg, world), 10)

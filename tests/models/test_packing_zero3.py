@@ -11,6 +11,7 @@ import torch
 import torch.multiprocessing as mp
 from transformers import LlamaForCausalLM
 
+from kto_ray.internals.deepspeed_private import skip_shm_comm_op
 from kto_ray.models.logprobs import pad_sequences, sequence_logps
 from kto_ray.models.packing import pack_sequences
 from tests.models.test_chunked_zero3 import ROW_WEIGHTS, VOCAB, _free_port, _save_model
@@ -36,6 +37,7 @@ def _worker(rank: int, port: int, folder: str, out: dict) -> None:
         {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank)}
     )
     os.environ["WORLD_SIZE"] = "2"
+    skip_shm_comm_op(deepspeed)  # as the workers do: no JIT build of an op nothing calls
     deepspeed.init_distributed(dist_backend="gloo")
     ds_config = {
         "train_micro_batch_size_per_gpu": 1,

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from kto_ray.internals.deepspeed_private import skip_shm_comm_op
 from kto_ray.models.logprobs import pad_sequences, sequence_logps
 from kto_ray.training.launch.driver import train
 from kto_ray.training.schedule.batching import Schedule, collate
@@ -227,6 +228,7 @@ def _online_reference_process(cfg_tree: dict, port: int, out) -> None:
     from kto_ray.config import KTOConfig
     from kto_ray.training.engine import build_policy_engine, deepspeed_config, online_reference
 
+    skip_shm_comm_op(deepspeed)  # as the workers do: no JIT build of an op nothing calls
     deepspeed.init_distributed(dist_backend="gloo")
     cfg = KTOConfig.model_validate(cfg_tree)
     engine = build_policy_engine(cfg, deepspeed_config(cfg, 1, hidden_size=64), 1)
