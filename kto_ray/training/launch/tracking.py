@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
+from unittest import mock
 from urllib.parse import urlparse
 
 from kto_ray.console import is_verbose
@@ -233,7 +234,7 @@ def _check_mlflow(uri: str) -> None:
     # One short request, no retries: a wrong host fails in seconds, not after MLflow's minutes of backoff.
     overrides = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
     try:
-        with environment(overrides):
+        with mock.patch.dict(os.environ, overrides):
             MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     except Exception as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
@@ -269,18 +270,3 @@ def prepare_tracking(names: Iterable[str], run_dir: Path | None) -> dict[str, st
         if not is_verbose():
             env.setdefault("WANDB_SILENT", "true")  # W&B prints banners and a summary table otherwise
     return env
-
-
-@contextlib.contextmanager
-def environment(env: Mapping[str, str]):
-    """Set `env` in this process for a block, restoring what was there (those keys only)."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
