@@ -18,13 +18,11 @@ from kto_ray.models.denormals import flush_denormals
 from kto_ray.rundir import fetch_folder
 from kto_ray.storage import display, first_line, is_uri
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def resolve_dtype(name: str, on_gpu: bool) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if on_gpu else torch.float32
-    return DTYPES[name]
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 _WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
@@ -152,17 +150,13 @@ def load_model_config(model: ModelConfig, path: str | None = None):
 
 def hidden_size_of(model: ModelConfig, path: str | None = None) -> int | None:
     """The (text) hidden size from the model's config.json, for DeepSpeed's bucket sizes."""
-    config = load_model_config(model, path)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    size = getattr(text, "hidden_size", None)
+    size = getattr(load_model_config(model, path).get_text_config(), "hidden_size", None)
     return int(size) if size is not None else None
 
 
 def check_context_length(model: ModelConfig, max_length: int, path: str | None = None) -> None:
     """Refuse a data.max_length the model cannot attend over: positions past its limit are garbage."""
-    config = load_model_config(model, path)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    limit = getattr(text, "max_position_embeddings", None)
+    limit = getattr(load_model_config(model, path).get_text_config(), "max_position_embeddings", None)
     if limit is not None and max_length > int(limit):
         raise UserError(
             f"data.max_length {max_length} is above the model's max_position_embeddings {limit} "

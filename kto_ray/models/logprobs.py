@@ -136,8 +136,8 @@ def _full_sequence_logps(
 ) -> tuple[torch.Tensor, RouterLogits | None]:
     inputs = {**batch.model_inputs(), "use_cache": False, **extra}
     width = batch.input_ids.shape[1]
-    first = _first_completion_position(batch.completion_mask)
-    keep = width - first + 1
+    columns = batch.completion_mask.any(dim=0).nonzero()
+    keep = width - (int(columns[0]) if len(columns) else 0) + 1
     if keep < width and _accepts_logits_to_keep(type(model)):
         out = model(**inputs, logits_to_keep=keep)
         logps = completion_logps(out.logits, batch.input_ids[:, -keep:], batch.completion_mask[:, -keep:])
@@ -249,11 +249,6 @@ class _ChunkedTokenLogps(torch.autograd.Function):
 
 
 _SLOPE_ROWS = 64
-
-
-def _first_completion_position(completion_mask: torch.Tensor) -> int:
-    columns = completion_mask.any(dim=0).nonzero()
-    return int(columns[0]) if len(columns) else 0
 
 
 @functools.cache

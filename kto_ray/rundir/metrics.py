@@ -44,13 +44,6 @@ def _parse_line(line: bytes | str) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and "step" in record else None
 
 
-def parse_metrics(text: str | bytes | None) -> list[dict[str, Any]]:
-    """The records of metrics.jsonl text, in file order; lines that do not parse (one a crash cut
-    mid-write) are skipped."""
-    lines = (text or "").splitlines()
-    return [record for record in map(_parse_line, lines) if record is not None]
-
-
 def every_step_once(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Records in step order, each step once: a record for step s replaces what came before it for
     steps s and later, as a resumed writer redoes them."""
@@ -138,7 +131,8 @@ class MetricsFollower:
         if complete:
             self.offset += len(complete)
             self.last_line = complete[complete.rfind(b"\n", 0, len(complete) - 1) + 1 :]
-        return parse_metrics(complete)
+        # Lines that do not parse (one a crash cut mid-write) are skipped.
+        return [record for record in map(_parse_line, complete.splitlines()) if record is not None]
 
 
 class MetricsLog:
