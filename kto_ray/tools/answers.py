@@ -2,9 +2,7 @@
 
 Implied-reward metrics say how a model ranks given completions; this says whether what it writes is
 right. Any task plugs in a `Checker` (prompt row, generated text) -> bool; `arithmetic_checker` is the
-one for the embedded data. Prompts are rendered and truncated exactly as training sees them
-(kto_ray.data.sources renders chat prompts with the generation prompt; kto_ray.data.tokenize keeps the
-last max_prompt_length tokens), so generation continues the same context the policy was trained on.
+one for the embedded data. Prompts are rendered and truncated exactly as training sees them.
 """
 
 from __future__ import annotations

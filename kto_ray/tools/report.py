@@ -1,8 +1,4 @@
-"""Offline report of a run dir: PNG curves and summary.md from metrics.jsonl; optional TensorBoard replay.
-
-With `train.eval_every`, the `eval/...` metrics are drawn over the training curves, eval.png shows the
-implied-reward accuracy, and summary.md gets an Eval section.
-"""
+"""Offline report of a run dir: PNG curves and summary.md from metrics.jsonl; optional TensorBoard replay."""
 
 from __future__ import annotations
 

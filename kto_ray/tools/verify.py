@@ -110,7 +110,6 @@ def _store(location: Location, report: Report) -> Iterator[tuple[str, Problem]]:
 
 
 def _folder(location: Location, shown: str, report: Report) -> Iterator[tuple[str, Problem]]:
-    """A checkpoint or a model folder: its file lists, then every file they list."""
     lists = lists_at(location)
     if lists.problem is not None:
         yield shown, lists.problem
