@@ -108,7 +108,10 @@ def sequence_logps_and_router_logits(
 def _sequence_logps(
     model: torch.nn.Module, batch: PaddedBatch, chunk_tokens: int | None, router_logits: bool
 ) -> tuple[torch.Tensor, RouterLogits | None]:
-    extra = _router_kwargs(model, router_logits)
+    # Models that know the flag (their config has it) get it explicitly either way: one whose config
+    # sets it would otherwise record router logits on every forward (precompute, the KL pass).
+    knows = getattr(getattr(model, "config", None), "output_router_logits", None) is not None
+    extra = {"output_router_logits": router_logits} if router_logits or knows else {}
     if isinstance(batch, PackedBatch):
         # The load-balancing loss weighs tokens by an attention mask [rows, length]: rows whose
         # router logits it needs run padded.
@@ -120,15 +123,6 @@ def _sequence_logps(
     if isinstance(batch, PackedBatch):
         return packed_full_logps(model, batch, extra), None
     return _full_sequence_logps(model, batch, extra)
-
-
-def _router_kwargs(model: torch.nn.Module, router_logits: bool) -> dict[str, bool]:
-    # Models that know the flag (their config has it) get it explicitly either way: one whose config
-    # sets it would otherwise record router logits on every forward (precompute, the KL pass).
-    config = getattr(model, "config", None)
-    if router_logits or getattr(config, "output_router_logits", None) is not None:
-        return {"output_router_logits": router_logits}
-    return {}
 
 
 def _full_sequence_logps(
