@@ -74,17 +74,20 @@ def _check_model_folder(folder: Path) -> None:
         raise UserError(f"model folder {folder} has no weight files (*.safetensors)")
 
 
-def load_tokenizer(model: ModelConfig, path: str | None = None):
-    from transformers import AutoTokenizer
-
+def _from_pretrained(auto: Any, model: ModelConfig, path: str | None, failure: str, errors: Any = OSError):
+    """`auto.from_pretrained` of the model's local copy; its errors as one line after `failure`."""
     path = local_model_path(path or model.path)
     _check_exists(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            path, trust_remote_code=model.trust_remote_code, revision=model.revision
-        )
-    except OSError as err:
-        raise UserError(f"cannot load tokenizer from {path}: {str(err).splitlines()[0]}") from None
+        return auto.from_pretrained(path, trust_remote_code=model.trust_remote_code, revision=model.revision)
+    except errors as err:
+        raise UserError(f"{failure} {path}: {str(err).splitlines()[0]}") from None
+
+
+def load_tokenizer(model: ModelConfig, path: str | None = None):
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer, model, path, "cannot load tokenizer from")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -138,14 +141,7 @@ def load_causal_lm(model: ModelConfig, dtype: torch.dtype, path: str | None = No
 def load_model_config(model: ModelConfig, path: str | None = None):
     from transformers import AutoConfig
 
-    path = local_model_path(path or model.path)
-    _check_exists(path)
-    try:
-        return AutoConfig.from_pretrained(
-            path, trust_remote_code=model.trust_remote_code, revision=model.revision
-        )
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read the model config of {path}: {str(err).splitlines()[0]}") from None
+    return _from_pretrained(AutoConfig, model, path, "cannot read the model config of", (OSError, ValueError))
 
 
 def hidden_size_of(model: ModelConfig, path: str | None = None) -> int | None:

@@ -7,8 +7,7 @@ it is full. Concatenated in order, the segments are the file.
 
 On resume, lines past the restored step are dropped where they are (the local file is truncated; later
 segments are deleted and the one holding that step rewritten), so no step appears twice. Readers never
-return part of a line. A follower reads only what is new, and notices a file a resume cut or rewrote
-by the line it read last no longer being where it was; it then reads again from the start.
+return part of a line.
 """
 
 from __future__ import annotations
@@ -90,27 +89,24 @@ class MetricsFollower:
 
     def poll(self) -> list[dict[str, Any]]:
         records, self._pending = self._pending, []
+        restarts = 0
         try:
-            self._poll_into(records)
+            while restarts <= _MAX_RESTARTS:
+                # Check for the next segment before reading this one: once it exists, this one is complete.
+                later = self.run_dir.is_remote and self.run_dir.exists(self._name(self.segment + 1))
+                read = self._read_on()
+                if read is None:  # cut or rewritten since the last poll, or deleted by a resume
+                    self._restart()
+                    restarts += 1
+                    continue
+                records += read
+                if not later:
+                    break
+                self.segment, self.offset, self.last_line = self.segment + 1, 0, b""
         except OSError:
             self._pending = records
             raise
         return records
-
-    def _poll_into(self, records: list[dict[str, Any]]) -> None:
-        restarts = 0
-        while restarts <= _MAX_RESTARTS:
-            # Check for the next segment before reading this one: once it exists, this one is complete.
-            later = self.run_dir.is_remote and self.run_dir.exists(self._name(self.segment + 1))
-            read = self._read_on()
-            if read is None:  # cut or rewritten since the last poll, or deleted by a resume
-                self._restart()
-                restarts += 1
-                continue
-            records += read
-            if not later:
-                break
-            self.segment, self.offset, self.last_line = self.segment + 1, 0, b""
 
     def _read_on(self) -> list[dict[str, Any]] | None:
         """The complete lines after `offset`, or None when the file is no longer what was read."""

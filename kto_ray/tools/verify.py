@@ -124,8 +124,7 @@ def _folder(location: Location, shown: str, report: Report) -> Iterator[tuple[st
 
 def _run(location: Location, report: Report) -> Iterator[tuple[str, Problem]]:
     report.checked.append(f"run dir {location}")
-    run_dir = RunDir(location.given)
-    for name in run_dir.checkpoint_names():
+    for name in RunDir(location.given).checkpoint_names():
         yield from _folder(location.join(CHECKPOINTS, name), f"{location}/{CHECKPOINTS}/{name}", report)
     for name in MODEL_FOLDERS:
         folder = location.join(name)
