@@ -43,10 +43,6 @@ class ReportResult:
     problems: list[str] = field(default_factory=list)  # exported model folders not as their lists say
 
 
-def _run_dir(run_dir: str | Path | RunDir) -> RunDir:
-    return run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-
-
 def _read(run_dir: RunDir, name: str) -> str | None:
     try:
         return run_dir.read_text(name)
@@ -56,7 +52,7 @@ def _read(run_dir: RunDir, name: str) -> str | None:
 
 def load_metrics(run_dir: str | Path | RunDir) -> list[dict[str, Any]]:
     """Records in step order, each step once; lines cut by a crash are skipped."""
-    run_dir = _run_dir(run_dir)
+    run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     where = metrics_location(run_dir)
     try:
         records = read_metrics(run_dir)
@@ -280,7 +276,7 @@ def _summary(run_dir: RunDir, records: list[dict[str, Any]], figures: list[Path]
 def write_report(run_dir: str | Path | RunDir, out_dir: Path | None = None) -> ReportResult:
     """Write the PNG curves and summary.md for `run_dir` (a local folder or a URI) into `out_dir`
     (default: `RunDir.report_dir`)."""
-    run_dir = _run_dir(run_dir)
+    run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     records = load_metrics(run_dir)
     out_dir = run_dir.report_dir() if out_dir is None else Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
