@@ -52,8 +52,7 @@ class HeadTransform:
 PLAIN_HEAD = HeadTransform()
 
 
-# Causal LM class name -> the HeadTransform field its config sets, and the config attribute that holds it
-# (checked against each class's forward).
+# Causal LM class name -> (HeadTransform field, the config attribute that sets it), checked against forward.
 _SOFTCAP = ("cap", "final_logit_softcapping")
 _COHERE = ("multiplier", "logit_scale")
 _GRANITE = ("divisor", "logits_scaling")

@@ -5,6 +5,7 @@ Safe defaults: `trust_remote_code` off and safetensors weights only, unless the 
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -96,8 +97,6 @@ def load_tokenizer(model: ModelConfig, path: str | None = None):
 def _load_adapter(model: ModelConfig, dtype: torch.dtype, path: str, **placement: Any):
     """Base (as `base_model_name_or_path` names it, with the same safety settings) + the adapter,
     merged into plain weights: callers get an ordinary causal LM, as from a full export."""
-    import json
-
     from peft import PeftModel
 
     folder = Path(path).expanduser()

@@ -64,11 +64,6 @@ def read_metrics(run_dir: RunDir | str | Path) -> list[dict[str, Any]]:
     return every_step_once(MetricsFollower(run_dir).poll())
 
 
-def metrics_location(run_dir: RunDir) -> str:
-    """Where a user finds the lines: the file, or the segments' prefix on object storage."""
-    return run_dir.child(f"{SEGMENTS}/") if run_dir.is_remote else run_dir.child(METRICS_FILE)
-
-
 class MetricsFollower:
     """Reads what was written since its last `poll`: the new records in file order. After a resume
     cut the file, the poll reads it again from the start (steps up to the restored one come again;
@@ -202,8 +197,7 @@ class _Segments:
         self.number, self.lines = 1, []
         # From the newest back: segments entirely past the restored step go, the one holding it is cut.
         for number in reversed(numbers):
-            text = run_dir.read_text(segment_name(number)) or ""
-            lines = text.splitlines(keepends=True)
+            lines = (run_dir.read_text(segment_name(number)) or "").splitlines(keepends=True)
             kept = [line for line in lines if _step(_parse_line(line) or {}) <= resume_step]
             if kept or number == numbers[0]:
                 self.number, self.lines = number, kept

@@ -48,8 +48,7 @@ def record_group(run_dir: RunDir, start_step: int, workers: list[dict[str, Any]]
     """Add this start's group to the run dir's history (rank 0, at each start) and return the history."""
     kept = [g for g in read_groups(run_dir) if g.start_step is not None and g.start_step <= start_step]
     groups = [*kept, WorkerGroup(start_step, len(workers), round(time.time(), 3), workers)]
-    text = json.dumps({"groups": [asdict(g) for g in groups]}, indent=2) + "\n"
-    run_dir.write_text(WORKERS_FILE, text)
+    run_dir.write_text(WORKERS_FILE, json.dumps({"groups": [asdict(g) for g in groups]}, indent=2) + "\n")
     return groups
 
 

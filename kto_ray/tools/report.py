@@ -15,7 +15,7 @@ from kto_ray.errors import UserError
 from kto_ray.integrity import model_folder_problems
 from kto_ray.objective import EVAL_KEYS
 from kto_ray.rundir import WORKERS_FILE, RunDir
-from kto_ray.rundir.metrics import METRICS_FILE, SEGMENTS, metrics_location, read_metrics
+from kto_ray.rundir.metrics import METRICS_FILE, SEGMENTS, read_metrics
 from kto_ray.rundir.worker_groups import kept_steps, parse_groups
 from kto_ray.storage import first_line
 
@@ -53,7 +53,7 @@ def _read(run_dir: RunDir, name: str) -> str | None:
 def load_metrics(run_dir: str | Path | RunDir) -> list[dict[str, Any]]:
     """Records in step order, each step once; lines cut by a crash are skipped."""
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    where = metrics_location(run_dir)
+    where = run_dir.child(f"{SEGMENTS}/" if run_dir.is_remote else METRICS_FILE)  # where a user finds it
     try:
         records = read_metrics(run_dir)
         found = bool(records) or run_dir.exists(SEGMENTS if run_dir.is_remote else METRICS_FILE)

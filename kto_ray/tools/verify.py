@@ -40,8 +40,7 @@ class Report:
         counted = f"{self.files} files ({self.size / 2**20:,.1f} MiB)"
         if not self.problems:
             return f"verified {what}: {counted}, no problems"
-        plural = "s" if len(self.problems) != 1 else ""
-        return f"verify {where}: {len(self.problems)} problem{plural} in {counted}"
+        return f"verify {where}: {len(self.problems)} problem{'s' * (len(self.problems) != 1)} in {counted}"
 
 
 def verify(path: str, say: Callable[[str], None] = print) -> Report:
