@@ -9,9 +9,7 @@ full-logits path (`head_transform` returns None).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -54,34 +52,25 @@ class HeadTransform:
 PLAIN_HEAD = HeadTransform()
 
 
-def _softcap(config: Any) -> HeadTransform:
-    return HeadTransform(cap=config.final_logit_softcapping)
-
-
-def _multiply(name: str) -> Callable[[Any], HeadTransform]:
-    return lambda config: HeadTransform(multiplier=getattr(config, name))
-
-
-def _divide(name: str) -> Callable[[Any], HeadTransform]:
-    return lambda config: HeadTransform(divisor=getattr(config, name))
-
-
-# Causal LM class name -> its transform, from its config (checked against each class's forward).
-_FAMILIES: dict[str, Callable[[Any], HeadTransform]] = {
-    "Gemma2ForCausalLM": _softcap,
-    "Gemma3ForCausalLM": _softcap,
-    "VaultGemmaForCausalLM": _softcap,
-    "NanoChatForCausalLM": _softcap,
-    "CohereForCausalLM": _multiply("logit_scale"),
-    "Cohere2ForCausalLM": _multiply("logit_scale"),
-    "Cohere2MoeForCausalLM": _multiply("logit_scale"),
-    "GraniteForCausalLM": _divide("logits_scaling"),
-    "GraniteMoeForCausalLM": _divide("logits_scaling"),
-    "GraniteMoeSharedForCausalLM": _divide("logits_scaling"),
-    "GraniteMoeHybridForCausalLM": _divide("logits_scaling"),
-    "GraniteSWAForCausalLM": _divide("logits_scaling"),
-    "GraniteMoeSWAForCausalLM": _divide("logits_scaling"),
-    "HyperCLOVAXForCausalLM": _multiply("logits_scaling"),
+# Causal LM class name -> (HeadTransform field, the config attribute that sets it), checked against forward.
+_SOFTCAP = ("cap", "final_logit_softcapping")
+_COHERE = ("multiplier", "logit_scale")
+_GRANITE = ("divisor", "logits_scaling")
+_FAMILIES: dict[str, tuple[str, str]] = {
+    "Gemma2ForCausalLM": _SOFTCAP,
+    "Gemma3ForCausalLM": _SOFTCAP,
+    "VaultGemmaForCausalLM": _SOFTCAP,
+    "NanoChatForCausalLM": _SOFTCAP,
+    "CohereForCausalLM": _COHERE,
+    "Cohere2ForCausalLM": _COHERE,
+    "Cohere2MoeForCausalLM": _COHERE,
+    "GraniteForCausalLM": _GRANITE,
+    "GraniteMoeForCausalLM": _GRANITE,
+    "GraniteMoeSharedForCausalLM": _GRANITE,
+    "GraniteMoeHybridForCausalLM": _GRANITE,
+    "GraniteSWAForCausalLM": _GRANITE,
+    "GraniteMoeSWAForCausalLM": _GRANITE,
+    "HyperCLOVAXForCausalLM": ("multiplier", "logits_scaling"),
 }
 
 # Config attributes that transform the logits in the families above and in others (muse_spark's
@@ -102,9 +91,9 @@ def head_transform(model: torch.nn.Module) -> HeadTransform | None:
     base = base_model(model)
     config = base.config.get_text_config() if hasattr(base, "config") else None
     for cls in type(base).__mro__:
-        family = _FAMILIES.get(cls.__name__)
-        if family is not None:
-            return family(config)
+        if cls.__name__ in _FAMILIES:
+            field, attribute = _FAMILIES[cls.__name__]
+            return HeadTransform(**{field: getattr(config, attribute)})
     transforms = [name for name in TRANSFORM_ATTRIBUTES if getattr(config, name, None) not in (None, 1, 1.0)]
     if transforms:
         say_once(

@@ -5,6 +5,7 @@ Safe defaults: `trust_remote_code` off and safetensors weights only, unless the 
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,11 @@ from kto_ray.models.denormals import flush_denormals
 from kto_ray.rundir import fetch_folder
 from kto_ray.storage import display, first_line, is_uri
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def resolve_dtype(name: str, on_gpu: bool) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if on_gpu else torch.float32
-    return DTYPES[name]
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 _WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
@@ -76,17 +75,20 @@ def _check_model_folder(folder: Path) -> None:
         raise UserError(f"model folder {folder} has no weight files (*.safetensors)")
 
 
-def load_tokenizer(model: ModelConfig, path: str | None = None):
-    from transformers import AutoTokenizer
-
+def _from_pretrained(auto: Any, model: ModelConfig, path: str | None, failure: str, errors: Any = OSError):
+    """`auto.from_pretrained` of the model's local copy; its errors as one line after `failure`."""
     path = local_model_path(path or model.path)
     _check_exists(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            path, trust_remote_code=model.trust_remote_code, revision=model.revision
-        )
-    except OSError as err:
-        raise UserError(f"cannot load tokenizer from {path}: {str(err).splitlines()[0]}") from None
+        return auto.from_pretrained(path, trust_remote_code=model.trust_remote_code, revision=model.revision)
+    except errors as err:
+        raise UserError(f"{failure} {path}: {str(err).splitlines()[0]}") from None
+
+
+def load_tokenizer(model: ModelConfig, path: str | None = None):
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer, model, path, "cannot load tokenizer from")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -95,8 +97,6 @@ def load_tokenizer(model: ModelConfig, path: str | None = None):
 def _load_adapter(model: ModelConfig, dtype: torch.dtype, path: str, **placement: Any):
     """Base (as `base_model_name_or_path` names it, with the same safety settings) + the adapter,
     merged into plain weights: callers get an ordinary causal LM, as from a full export."""
-    import json
-
     from peft import PeftModel
 
     folder = Path(path).expanduser()
@@ -140,29 +140,18 @@ def load_causal_lm(model: ModelConfig, dtype: torch.dtype, path: str | None = No
 def load_model_config(model: ModelConfig, path: str | None = None):
     from transformers import AutoConfig
 
-    path = local_model_path(path or model.path)
-    _check_exists(path)
-    try:
-        return AutoConfig.from_pretrained(
-            path, trust_remote_code=model.trust_remote_code, revision=model.revision
-        )
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read the model config of {path}: {str(err).splitlines()[0]}") from None
+    return _from_pretrained(AutoConfig, model, path, "cannot read the model config of", (OSError, ValueError))
 
 
 def hidden_size_of(model: ModelConfig, path: str | None = None) -> int | None:
     """The (text) hidden size from the model's config.json, for DeepSpeed's bucket sizes."""
-    config = load_model_config(model, path)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    size = getattr(text, "hidden_size", None)
+    size = getattr(load_model_config(model, path).get_text_config(), "hidden_size", None)
     return int(size) if size is not None else None
 
 
 def check_context_length(model: ModelConfig, max_length: int, path: str | None = None) -> None:
     """Refuse a data.max_length the model cannot attend over: positions past its limit are garbage."""
-    config = load_model_config(model, path)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    limit = getattr(text, "max_position_embeddings", None)
+    limit = getattr(load_model_config(model, path).get_text_config(), "max_position_embeddings", None)
     if limit is not None and max_length > int(limit):
         raise UserError(
             f"data.max_length {max_length} is above the model's max_position_embeddings {limit} "

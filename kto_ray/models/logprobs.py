@@ -108,7 +108,10 @@ def sequence_logps_and_router_logits(
 def _sequence_logps(
     model: torch.nn.Module, batch: PaddedBatch, chunk_tokens: int | None, router_logits: bool
 ) -> tuple[torch.Tensor, RouterLogits | None]:
-    extra = _router_kwargs(model, router_logits)
+    # Models that know the flag (their config has it) get it explicitly either way: one whose config
+    # sets it would otherwise record router logits on every forward (precompute, the KL pass).
+    knows = getattr(getattr(model, "config", None), "output_router_logits", None) is not None
+    extra = {"output_router_logits": router_logits} if router_logits or knows else {}
     if isinstance(batch, PackedBatch):
         # The load-balancing loss weighs tokens by an attention mask [rows, length]: rows whose
         # router logits it needs run padded.
@@ -122,22 +125,13 @@ def _sequence_logps(
     return _full_sequence_logps(model, batch, extra)
 
 
-def _router_kwargs(model: torch.nn.Module, router_logits: bool) -> dict[str, bool]:
-    # Models that know the flag (their config has it) get it explicitly either way: one whose config
-    # sets it would otherwise record router logits on every forward (precompute, the KL pass).
-    config = getattr(model, "config", None)
-    if router_logits or getattr(config, "output_router_logits", None) is not None:
-        return {"output_router_logits": router_logits}
-    return {}
-
-
 def _full_sequence_logps(
     model: torch.nn.Module, batch: PaddedBatch, extra: dict[str, bool]
 ) -> tuple[torch.Tensor, RouterLogits | None]:
     inputs = {**batch.model_inputs(), "use_cache": False, **extra}
     width = batch.input_ids.shape[1]
-    first = _first_completion_position(batch.completion_mask)
-    keep = width - first + 1
+    columns = batch.completion_mask.any(dim=0).nonzero()
+    keep = width - (int(columns[0]) if len(columns) else 0) + 1
     if keep < width and _accepts_logits_to_keep(type(model)):
         out = model(**inputs, logits_to_keep=keep)
         logps = completion_logps(out.logits, batch.input_ids[:, -keep:], batch.completion_mask[:, -keep:])
@@ -249,11 +243,6 @@ class _ChunkedTokenLogps(torch.autograd.Function):
 
 
 _SLOPE_ROWS = 64
-
-
-def _first_completion_position(completion_mask: torch.Tensor) -> int:
-    columns = completion_mask.any(dim=0).nonzero()
-    return int(columns[0]) if len(columns) else 0
 
 
 @functools.cache

@@ -150,13 +150,11 @@ def pack_sequences(
     )
 
 
-def packed_full_logps(
-    model: torch.nn.Module, batch: PackedBatch, extra: dict[str, bool] | None = None
-) -> torch.Tensor:
+def packed_full_logps(model: torch.nn.Module, batch: PackedBatch, extra: dict[str, bool]) -> torch.Tensor:
     """Summed completion log-prob per row of a packed batch through the model's full logits (the
     path for models whose logits are not a plain head; dtype as `logprobs.sequence_logps`). `extra`
     are more forward arguments (an MoE model's `output_router_logits=False`)."""
-    logits = model(**batch.model_inputs(), use_cache=False, **(extra or {})).logits[:, :-1]
+    logits = model(**batch.model_inputs(), use_cache=False, **extra).logits[:, :-1]
     predicts = batch.completion_mask[:, 1:].bool().to(logits.device)
     logits = logits[predicts].to(torch.promote_types(logits.dtype, torch.float32))
     targets = batch.input_ids[:, 1:].to(logits.device)[predicts]
@@ -228,7 +226,5 @@ def _probe(model: torch.nn.Module) -> bool:
     tolerance = 1e-3 if twice.dtype.itemsize >= 4 else 5e-2  # fp32 vs half-precision kernels
     alone = alone.float()
     scale = float(alone.abs().max()) or 1.0
-    first, second = twice[:PROBE_LENGTH].float(), twice[PROBE_LENGTH:].float()
-    return all(
-        bool(torch.allclose(x, alone, rtol=tolerance, atol=tolerance * scale)) for x in (first, second)
-    )
+    halves = twice.float().split(PROBE_LENGTH)  # the row's first and second copy
+    return all(bool(torch.allclose(x, alone, rtol=tolerance, atol=tolerance * scale)) for x in halves)

@@ -110,9 +110,8 @@ class RunDir:
     def ray_storage(self) -> dict:
         """Ray Train's RunConfig storage arguments; on object storage our configured file system, so an
         S3 endpoint set in the environment is used for checkpoints too."""
-        if not self.is_remote:
-            return {"storage_path": self.location.path}
-        return {"storage_path": self.location.path, "storage_filesystem": self.location.fs}
+        remote = {"storage_filesystem": self.location.fs} if self.is_remote else {}
+        return {"storage_path": self.location.path, **remote}
 
     def publish(self, staged: Path, name: str) -> None:
         """Put the local folder `staged` at `<run dir>/<name>`, replacing what was there: locally a
@@ -148,11 +147,9 @@ class RunDir:
 
 
 def fetch_folder(uri: str) -> Path:
-    """A local copy of a model folder at a URI (cached by URI and the files' sizes), or the path itself
-    when it is local. Copies go to a temporary folder renamed into place, so processes that fetch the
-    same folder at once each see a complete copy."""
-    if not is_uri(uri):
-        return Path(uri).expanduser()
+    """A local copy of a model folder at a URI (cached by URI and the files' sizes). Copies go to a
+    temporary folder renamed into place, so processes that fetch the same folder at once each see a
+    complete copy."""
     location = resolve(uri)
     if location.is_local:
         return Path(location.path)

@@ -101,7 +101,7 @@ class Lease:
     def _take(self) -> bool:
         """One attempt to write our lease over nothing or a stale one: True when it is ours."""
         if self.file is None:
-            self._write()
+            write_text_atomically(self.target, self._text())
             time.sleep(self.settle)
             return self._ours()
         seen = self.file.read()
@@ -169,15 +169,12 @@ class Lease:
     def _text(self) -> str:
         return json.dumps(asdict(self.mine) | {"heartbeat": time.time()})
 
-    def _write(self) -> None:
-        write_text_atomically(self.target, self._text())
-
     def _refresh(self) -> bool:
         """Write a fresh heartbeat if the lease is still ours: False when another job took it over."""
         if self.file is None:
             if not self._ours():
                 return False
-            self._write()
+            write_text_atomically(self.target, self._text())
             return True
         version = self.file.refresh(self._text(), self.version)
         if version is None:  # changed: still ours if it was our own write whose reply was lost

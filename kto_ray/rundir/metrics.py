@@ -7,8 +7,7 @@ it is full. Concatenated in order, the segments are the file.
 
 On resume, lines past the restored step are dropped where they are (the local file is truncated; later
 segments are deleted and the one holding that step rewritten), so no step appears twice. Readers never
-return part of a line. A follower reads only what is new, and notices a file a resume cut or rewrote
-by the line it read last no longer being where it was; it then reads again from the start.
+return part of a line.
 """
 
 from __future__ import annotations
@@ -44,13 +43,6 @@ def _parse_line(line: bytes | str) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and "step" in record else None
 
 
-def parse_metrics(text: str | bytes | None) -> list[dict[str, Any]]:
-    """The records of metrics.jsonl text, in file order; lines that do not parse (one a crash cut
-    mid-write) are skipped."""
-    lines = (text or "").splitlines()
-    return [record for record in map(_parse_line, lines) if record is not None]
-
-
 def every_step_once(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Records in step order, each step once: a record for step s replaces what came before it for
     steps s and later, as a resumed writer redoes them."""
@@ -70,11 +62,6 @@ def read_metrics(run_dir: RunDir | str | Path) -> list[dict[str, Any]]:
     """The run's records, every step once in step order ([] before the first step is written)."""
     run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     return every_step_once(MetricsFollower(run_dir).poll())
-
-
-def metrics_location(run_dir: RunDir) -> str:
-    """Where a user finds the lines: the file, or the segments' prefix on object storage."""
-    return run_dir.child(f"{SEGMENTS}/") if run_dir.is_remote else run_dir.child(METRICS_FILE)
 
 
 class MetricsFollower:
@@ -97,27 +84,24 @@ class MetricsFollower:
 
     def poll(self) -> list[dict[str, Any]]:
         records, self._pending = self._pending, []
+        restarts = 0
         try:
-            self._poll_into(records)
+            while restarts <= _MAX_RESTARTS:
+                # Check for the next segment before reading this one: once it exists, this one is complete.
+                later = self.run_dir.is_remote and self.run_dir.exists(self._name(self.segment + 1))
+                read = self._read_on()
+                if read is None:  # cut or rewritten since the last poll, or deleted by a resume
+                    self._restart()
+                    restarts += 1
+                    continue
+                records += read
+                if not later:
+                    break
+                self.segment, self.offset, self.last_line = self.segment + 1, 0, b""
         except OSError:
             self._pending = records
             raise
         return records
-
-    def _poll_into(self, records: list[dict[str, Any]]) -> None:
-        restarts = 0
-        while restarts <= _MAX_RESTARTS:
-            # Check for the next segment before reading this one: once it exists, this one is complete.
-            later = self.run_dir.is_remote and self.run_dir.exists(self._name(self.segment + 1))
-            read = self._read_on()
-            if read is None:  # cut or rewritten since the last poll, or deleted by a resume
-                self._restart()
-                restarts += 1
-                continue
-            records += read
-            if not later:
-                break
-            self.segment, self.offset, self.last_line = self.segment + 1, 0, b""
 
     def _read_on(self) -> list[dict[str, Any]] | None:
         """The complete lines after `offset`, or None when the file is no longer what was read."""
@@ -138,7 +122,8 @@ class MetricsFollower:
         if complete:
             self.offset += len(complete)
             self.last_line = complete[complete.rfind(b"\n", 0, len(complete) - 1) + 1 :]
-        return parse_metrics(complete)
+        # Lines that do not parse (one a crash cut mid-write) are skipped.
+        return [record for record in map(_parse_line, complete.splitlines()) if record is not None]
 
 
 class MetricsLog:
@@ -212,8 +197,7 @@ class _Segments:
         self.number, self.lines = 1, []
         # From the newest back: segments entirely past the restored step go, the one holding it is cut.
         for number in reversed(numbers):
-            text = run_dir.read_text(segment_name(number)) or ""
-            lines = text.splitlines(keepends=True)
+            lines = (run_dir.read_text(segment_name(number)) or "").splitlines(keepends=True)
             kept = [line for line in lines if _step(_parse_line(line) or {}) <= resume_step]
             if kept or number == numbers[0]:
                 self.number, self.lines = number, kept

@@ -48,8 +48,7 @@ def record_group(run_dir: RunDir, start_step: int, workers: list[dict[str, Any]]
     """Add this start's group to the run dir's history (rank 0, at each start) and return the history."""
     kept = [g for g in read_groups(run_dir) if g.start_step is not None and g.start_step <= start_step]
     groups = [*kept, WorkerGroup(start_step, len(workers), round(time.time(), 3), workers)]
-    text = json.dumps({"groups": [asdict(g) for g in groups]}, indent=2) + "\n"
-    run_dir.write_text(WORKERS_FILE, text)
+    run_dir.write_text(WORKERS_FILE, json.dumps({"groups": [asdict(g) for g in groups]}, indent=2) + "\n")
     return groups
 
 
@@ -57,11 +56,8 @@ def kept_steps(groups: list[WorkerGroup], last_step: int) -> list[tuple[int, int
     """For each group, the (first, last) step metrics.jsonl keeps from it, given the run's last logged
     step; None for a group whose steps were all redone by the next one (or whose start is unknown)."""
     spans: list[tuple[int, int] | None] = []
-    for i, group in enumerate(groups):
-        if group.start_step is None:
-            spans.append(None)
-            continue
-        nxt = groups[i + 1].start_step if i + 1 < len(groups) else None
-        end = last_step if nxt is None else min(nxt, last_step)
-        spans.append((group.start_step + 1, end) if end > group.start_step else None)
+    for group, nxt in zip(groups, [*groups[1:], None]):
+        start, redo = group.start_step, nxt.start_step if nxt else None
+        end = last_step if redo is None else min(redo, last_step)
+        spans.append((start + 1, end) if start is not None and end > start else None)
     return spans

@@ -2,9 +2,7 @@
 
 Implied-reward metrics say how a model ranks given completions; this says whether what it writes is
 right. Any task plugs in a `Checker` (prompt row, generated text) -> bool; `arithmetic_checker` is the
-one for the embedded data. Prompts are rendered and truncated exactly as training sees them
-(kto_ray.data.sources renders chat prompts with the generation prompt; kto_ray.data.tokenize keeps the
-last max_prompt_length tokens), so generation continues the same context the policy was trained on.
+one for the embedded data. Prompts are rendered and truncated exactly as training sees them.
 """
 
 from __future__ import annotations
@@ -51,30 +49,6 @@ def prompt_ids(tokenizer: Any, prompts: Sequence[str], max_prompt_length: int) -
     return [t.prompt_ids if t is not None else [] for t in tokenized]
 
 
-def generate(
-    cfg: KTOConfig,
-    model_path: str,
-    prompts: Sequence[str],
-    *,
-    max_prompt_length: int,
-    max_new_tokens: int,
-    batch_size: int = 64,
-) -> list[str]:
-    """Greedy completions (decoded text, special tokens dropped) of rendered prompts by the model at
-    `model_path`, generated on the cluster's actors (`kto_ray/reference/scoring.py`); in order."""
-    from kto_ray.models.loading import load_tokenizer
-    from kto_ray.reference.scoring import GenerationSettings, generate_on_actors
-    from kto_ray.tools.evaluate import on_the_cluster
-
-    ids = prompt_ids(load_tokenizer(cfg.model, model_path), prompts, max_prompt_length)
-    # Batches of similar length waste less compute on padding; results go back to their prompt's slot.
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size)
-    with on_the_cluster(cfg):
-        texts = generate_on_actors(cfg, model_path, [ids[i] for i in order], settings)
-    return [text for _, text in sorted(zip(order, texts, strict=True))]
-
-
 @dataclass(frozen=True)
 class Answer:
     prompt: str
@@ -96,22 +70,22 @@ def score_answers(
     *,
     max_prompt_length: int,
     max_new_tokens: int,
-    batch_size: int = 64,
 ) -> AnswerScore:
     """Generate greedily for each row["prompt"] with the model at `model_path` (on the actors) and score
     every completion with `checker` (here)."""
     from kto_ray.models.loading import load_tokenizer
+    from kto_ray.reference.scoring import GenerationSettings, generate_on_actors
+    from kto_ray.tools.evaluate import on_the_cluster
 
     tokenizer = load_tokenizer(cfg.model, model_path)
     prompts = [render_prompt(tokenizer, row["prompt"]) for row in rows]
-    texts = generate(
-        cfg,
-        model_path,
-        prompts,
-        max_prompt_length=max_prompt_length,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-    )
+    ids = prompt_ids(tokenizer, prompts, max_prompt_length)
+    # Batches of similar length waste less compute on padding; results go back to their prompt's slot.
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=64)
+    with on_the_cluster(cfg):
+        generated = generate_on_actors(cfg, model_path, [ids[i] for i in order], settings)
+    texts = [text for _, text in sorted(zip(order, generated, strict=True))]
     answers = [Answer(p, t, checker(row, t)) for p, t, row in zip(prompts, texts, rows, strict=True)]
     accuracy = sum(a.correct for a in answers) / len(answers) if answers else 0.0
     return AnswerScore(accuracy, answers)

@@ -8,7 +8,6 @@ The reference is the initial model, so "before" is the reference and "after" is 
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from kto_ray.assets.arithmetic import heldout_problems
 from kto_ray.assets.tiny_model import ensure_tiny_model
@@ -32,31 +31,6 @@ TABLE_ROWS = (
 )
 
 
-def training_prompts(cfg: KTOConfig) -> set[str]:
-    """Every prompt of the data (both splits), rendered as training renders it."""
-    from kto_ray.data.sources import read_examples
-    from kto_ray.models.loading import load_tokenizer
-
-    examples, _ = read_examples(
-        cfg.data.paths, tokenizer=load_tokenizer(cfg.model), hf_split=cfg.data.hf_split
-    )
-    return {e.prompt for e in examples}
-
-
-def answer_score(cfg: KTOConfig, rows: list[dict[str, Any]], model_path: str) -> AnswerScore:
-    """Greedy answers of the model at `model_path` (generated on the actors), scored by the arithmetic
-    checker."""
-    return score_answers(
-        cfg,
-        model_path,
-        rows,
-        arithmetic_checker,
-        max_prompt_length=cfg.data.max_prompt_length,
-        # the completion budget training allows, so a right answer is never cut short
-        max_new_tokens=cfg.data.max_length - cfg.data.max_prompt_length,
-    )
-
-
 def format_report(table: dict[str, dict[str, float]], before: AnswerScore, after: AnswerScore) -> str:
     """The before/after table and a few sample answers: short enough to read at a glance."""
     lines = [f"{'held-out metric':<24}{'before':>9}{'after':>9}"]
@@ -76,6 +50,8 @@ def _mark(answer: Answer) -> str:
 
 def run_demo(cfg: KTOConfig) -> dict[str, dict[str, float]]:
     """Build, precompute, train, evaluate; returns the metrics of "before" and "after"."""
+    from kto_ray.data.sources import read_examples
+    from kto_ray.models.loading import load_tokenizer
     from kto_ray.raycluster import ray_session
     from kto_ray.reference.precompute import precompute
     from kto_ray.tools.evaluate import evaluate
@@ -88,8 +64,12 @@ def run_demo(cfg: KTOConfig) -> dict[str, dict[str, float]]:
     if run_dir.exists():
         # The demo always trains from the start; real runs resume instead (same run.name).
         remove_tree(run_dir.location)
-    # New prompts only: the answer check never sees a prompt of the training data (or its eval split).
-    heldout = heldout_problems(HELDOUT_PROMPTS, HELDOUT_SEED, training_prompts(cfg))
+    # New prompts only: the answer check never sees a prompt of the training data (or its eval split),
+    # rendered as training renders it.
+    examples, _ = read_examples(
+        cfg.data.paths, tokenizer=load_tokenizer(cfg.model), hf_split=cfg.data.hf_split
+    )
+    heldout = heldout_problems(HELDOUT_PROMPTS, HELDOUT_SEED, {e.prompt for e in examples})
     table: dict[str, dict[str, float]] = {}
     with ray_session(cfg.cluster.address):
         # A matching store is reused; one left by older embedded data or model is the demo's own: rebuild.
@@ -98,7 +78,14 @@ def run_demo(cfg: KTOConfig) -> dict[str, dict[str, float]]:
         result = train(cfg)
         final = result.run_dir.child("final")
         table["after"] = evaluate(cfg, final)  # on the same actors as precompute, like the answers
-        before, after = answer_score(cfg, heldout, cfg.reference_path), answer_score(cfg, heldout, final)
+        # Greedy answers (on the actors) within the completion budget training allows, so a right answer
+        # is never cut short.
+        budget = {"max_prompt_length": cfg.data.max_prompt_length}
+        budget["max_new_tokens"] = cfg.data.max_length - cfg.data.max_prompt_length
+        before, after = (
+            score_answers(cfg, path, heldout, arithmetic_checker, **budget)
+            for path in (cfg.reference_path, final)
+        )
     table["before"]["answer_accuracy"], table["after"]["answer_accuracy"] = before.accuracy, after.accuracy
     print(
         f"\nimplied rewards: {int(table['before']['rows'])} eval rows of the store; answers: greedy, "

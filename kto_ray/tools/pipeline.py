@@ -10,18 +10,16 @@ from kto_ray.tools.evaluate import evaluate, format_table
 from kto_ray.training.launch.driver import train
 
 
-def run_pipeline(cfg: KTOConfig, *, evaluate_before: bool = False) -> dict[str, dict[str, float]]:
-    """Returns held-out metrics by model ("before" when asked, "after"); prints them as a table."""
+def run_pipeline(cfg: KTOConfig) -> dict[str, dict[str, float]]:
+    """Returns held-out metrics by model ("after", when the run exports); prints them as a table."""
     table: dict[str, dict[str, float]] = {}
     with ray_session(cfg.cluster.address):
         store = precompute(cfg).store
-        if evaluate_before:
-            table["before"] = evaluate(cfg)
         result = train(cfg)
         if cfg.run.export:  # on the cluster's actors, as precompute scored the reference
             table["after"] = evaluate(cfg, result.run_dir.child("final"))
     if table:
-        rows = int(next(iter(table.values()))["rows"])
+        rows = int(table["after"]["rows"])
         print(f"\nheld-out eval split of {display(store.path)} ({rows} rows):")
         print(format_table(table))
     print(f"trained {result.steps} steps; run dir {result.run_dir}", flush=True)

@@ -1,8 +1,4 @@
-"""Offline report of a run dir: PNG curves and summary.md from metrics.jsonl; optional TensorBoard replay.
-
-With `train.eval_every`, the `eval/...` metrics are drawn over the training curves, eval.png shows the
-implied-reward accuracy, and summary.md gets an Eval section.
-"""
+"""Offline report of a run dir: PNG curves and summary.md from metrics.jsonl; optional TensorBoard replay."""
 
 from __future__ import annotations
 
@@ -19,7 +15,7 @@ from kto_ray.errors import UserError
 from kto_ray.integrity import model_folder_problems
 from kto_ray.objective import EVAL_KEYS
 from kto_ray.rundir import WORKERS_FILE, RunDir
-from kto_ray.rundir.metrics import METRICS_FILE, SEGMENTS, metrics_location, read_metrics
+from kto_ray.rundir.metrics import METRICS_FILE, SEGMENTS, read_metrics
 from kto_ray.rundir.worker_groups import kept_steps, parse_groups
 from kto_ray.storage import first_line
 
@@ -47,10 +43,6 @@ class ReportResult:
     problems: list[str] = field(default_factory=list)  # exported model folders not as their lists say
 
 
-def _run_dir(run_dir: str | Path | RunDir) -> RunDir:
-    return run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-
-
 def _read(run_dir: RunDir, name: str) -> str | None:
     try:
         return run_dir.read_text(name)
@@ -60,8 +52,8 @@ def _read(run_dir: RunDir, name: str) -> str | None:
 
 def load_metrics(run_dir: str | Path | RunDir) -> list[dict[str, Any]]:
     """Records in step order, each step once; lines cut by a crash are skipped."""
-    run_dir = _run_dir(run_dir)
-    where = metrics_location(run_dir)
+    run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    where = run_dir.child(f"{SEGMENTS}/" if run_dir.is_remote else METRICS_FILE)  # where a user finds it
     try:
         records = read_metrics(run_dir)
         found = bool(records) or run_dir.exists(SEGMENTS if run_dir.is_remote else METRICS_FILE)
@@ -284,7 +276,7 @@ def _summary(run_dir: RunDir, records: list[dict[str, Any]], figures: list[Path]
 def write_report(run_dir: str | Path | RunDir, out_dir: Path | None = None) -> ReportResult:
     """Write the PNG curves and summary.md for `run_dir` (a local folder or a URI) into `out_dir`
     (default: `RunDir.report_dir`)."""
-    run_dir = _run_dir(run_dir)
+    run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     records = load_metrics(run_dir)
     out_dir = run_dir.report_dir() if out_dir is None else Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,7 @@
 """`kto-ray evaluate --generate N`: the trained model's and the reference's completions of eval prompts,
-side by side, in `samples.jsonl` and `samples.md` of the run dir. Generation runs on the cluster's actors
-(`kto_ray/reference/scoring.py`: precompute's actor stage, its resources and dtype), batched; the calling
-process loads no model.
-
-The prompts are the store's eval-split token ids, so they are rendered (chat template with the
-generation prompt) and truncated (the last `data.max_prompt_length` tokens) exactly as in training;
-generation stops at `data.max_length` tokens in all, the longest sequence training saw.
+side by side, in `samples.jsonl` and `samples.md` of the run dir, generated on precompute's actors
+(`kto_ray/reference/scoring.py`). The prompts are the store's eval-split token ids, so they are rendered
+and truncated exactly as in training; generation stops at `data.max_length` tokens in all.
 """
 
 from __future__ import annotations
@@ -35,7 +31,6 @@ def write_samples(
     model_path: str | None = None,
     temperature: float = 0.0,
     seed: int = 0,
-    out_dir: Path | None = None,
 ) -> tuple[Path, Path]:
     """Generate for the first `n` eval prompts (by id) with the trained model (`model_path`, default the
     run's final/ export, else the policy) and the reference; returns the JSONL and Markdown paths."""
@@ -69,7 +64,7 @@ def write_samples(
         for i, (row_id, ids, label) in enumerate(zip(part["id"], part["prompt_ids"], part["label"]))
     ]
     # A run on object storage: the samples are written here, in ./<run name>-samples.
-    out_dir = out_dir or run_dir.folder or Path(f"{cfg.run.name}-samples").absolute()
+    out_dir = run_dir.folder or Path(f"{cfg.run.name}-samples").absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     jsonl, markdown = out_dir / "samples.jsonl", out_dir / "samples.md"
     jsonl.write_text("".join(json.dumps(asdict(s)) + "\n" for s in samples))

@@ -40,8 +40,7 @@ class Report:
         counted = f"{self.files} files ({self.size / 2**20:,.1f} MiB)"
         if not self.problems:
             return f"verified {what}: {counted}, no problems"
-        plural = "s" if len(self.problems) != 1 else ""
-        return f"verify {where}: {len(self.problems)} problem{plural} in {counted}"
+        return f"verify {where}: {len(self.problems)} problem{'s' * (len(self.problems) != 1)} in {counted}"
 
 
 def verify(path: str, say: Callable[[str], None] = print) -> Report:
@@ -110,7 +109,6 @@ def _store(location: Location, report: Report) -> Iterator[tuple[str, Problem]]:
 
 
 def _folder(location: Location, shown: str, report: Report) -> Iterator[tuple[str, Problem]]:
-    """A checkpoint or a model folder: its file lists, then every file they list."""
     lists = lists_at(location)
     if lists.problem is not None:
         yield shown, lists.problem
@@ -125,8 +123,7 @@ def _folder(location: Location, shown: str, report: Report) -> Iterator[tuple[st
 
 def _run(location: Location, report: Report) -> Iterator[tuple[str, Problem]]:
     report.checked.append(f"run dir {location}")
-    run_dir = RunDir(location.given)
-    for name in run_dir.checkpoint_names():
+    for name in RunDir(location.given).checkpoint_names():
         yield from _folder(location.join(CHECKPOINTS, name), f"{location}/{CHECKPOINTS}/{name}", report)
     for name in MODEL_FOLDERS:
         folder = location.join(name)

@@ -64,7 +64,7 @@ def test_one_sequence_layout_equals_the_padded_one(tiny_model, kernel):
     assert flat.input_ids.shape == (1, flat.tokens)
     with torch.no_grad():
         padded = sequence_logps(model, pad_sequences(PROMPTS, COMPLETIONS, 0), None)
-        torch.testing.assert_close(packed_full_logps(model, flat), padded, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(packed_full_logps(model, flat, {}), padded, rtol=1e-5, atol=1e-5)
 
 
 def test_lanes_hold_every_row_once_with_restarting_positions():
@@ -121,7 +121,7 @@ def test_a_model_that_leaks_across_rows_stays_padded_and_says_so_once(tiny_model
     torch.testing.assert_close(again, padded, rtol=0, atol=0)
     # what the check guards against: run packed anyway, this model mixes the rows
     with torch.no_grad():
-        leaked = packed_full_logps(model, packed)
+        leaked = packed_full_logps(model, packed, {})
     assert not torch.allclose(leaked, padded, rtol=1e-3, atol=1e-3)
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from kto_ray.assets.arithmetic import heldout_problems
 from kto_ray.data.tokenize import tokenize_batch
-from kto_ray.tools.answers import arithmetic_checker, generate, prompt_ids, render_prompt, score_answers
+from kto_ray.tools.answers import arithmetic_checker, prompt_ids, render_prompt, score_answers
 from tests.helpers import make_config
 
 ROW = {"prompt": "What is 7 * 5?\n", "answer": 35}
@@ -61,16 +61,23 @@ def test_prompt_ids_truncate_like_training(model_and_tokenizer) -> None:
 
 
 @pytest.mark.slow
-def test_generate_returns_text_for_each_prompt(model_and_tokenizer, cfg, ray_local) -> None:
+def test_answers_are_text_for_each_prompt(model_and_tokenizer, cfg, ray_local) -> None:
     # On the actors (kto_ray/reference/scoring.py), as the demo's answer check runs.
     model, tokenizer = model_and_tokenizer
     prompts = ["What is 7 + 3?\n", "Compute 2 * 4.\n", "I am checking my homework. What is 9 - 1?\n" * 3]
-    texts = generate(cfg, model, prompts, max_prompt_length=64, max_new_tokens=24, batch_size=2)
-    assert len(texts) == 3 and all(isinstance(t, str) and t for t in texts)
-    assert all(len(tokenizer(t, add_special_tokens=False)["input_ids"]) <= 24 for t in texts)
+
+    def texts(some: list[str]) -> list[str]:
+        rows = [{"prompt": p} for p in some]
+        score = score_answers(
+            cfg, model, rows, lambda row, text: False, max_prompt_length=64, max_new_tokens=24
+        )
+        return [a.completion for a in score.answers]
+
+    batched = texts(prompts)
+    assert len(batched) == 3 and all(isinstance(t, str) and t for t in batched)
+    assert all(len(tokenizer(t, add_special_tokens=False)["input_ids"]) <= 24 for t in batched)
     # Left padding: each prompt's answer is the same alone as in a batch with longer prompts.
-    alone = generate(cfg, model, prompts[:1], max_prompt_length=64, max_new_tokens=24)
-    assert alone == texts[:1]
+    assert texts(prompts[:1]) == batched[:1]
 
 
 @pytest.mark.slow

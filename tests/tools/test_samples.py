@@ -37,10 +37,10 @@ def store_with_a_long_prompt(tiny_model, small_data, tmp_path_factory):
     return cfg
 
 
-def test_samples_side_by_side_from_the_store_prompts(store_with_a_long_prompt, tiny_model, tmp_path):
+def test_samples_side_by_side_from_the_store_prompts(store_with_a_long_prompt, tiny_model):
     cfg = store_with_a_long_prompt
     n = 400  # every eval row, so the long prompt is among them
-    jsonl, markdown = write_samples(cfg, n, model_path=str(tiny_model), out_dir=tmp_path)
+    jsonl, markdown = write_samples(cfg, n, model_path=str(tiny_model))  # into the run dir
     samples = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert len(samples) > 100 and {"id", "prompt", "label", "reference", "trained"} <= samples[0].keys()
     # Same weights on both sides and greedy decoding: identical completions, and non-empty ones.
