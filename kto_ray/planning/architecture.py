@@ -49,7 +49,8 @@ class Architecture:
     def _lora_targets(self, targets: list[str] | str) -> list[tuple[int, int]]:
         if targets == "all-linear":
             return [(i, o) for name, i, o in self.linears if name.split(".")[-1] != "lm_head"]
-        return [(i, o) for name, i, o in self.linears if any(_matches(name, t) for t in targets)]
+        # peft's rule: a target names a module or the last parts of its dotted name.
+        return [(i, o) for name, i, o in self.linears if any(f".{name}".endswith(f".{t}") for t in targets)]
 
     @property
     def active_params(self) -> int:
@@ -63,10 +64,6 @@ class Architecture:
     def training_flops_per_token(self) -> float:
         """6 x active parameters (forward 2, backward 4; attention's s^2 term left out)."""
         return 6.0 * self.active_params
-
-
-def _matches(name: str, target: str) -> bool:
-    return name == target or name.endswith("." + target)
 
 
 def read_architecture(cfg: KTOConfig, model_config: str | None = None) -> Architecture:

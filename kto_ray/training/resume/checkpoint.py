@@ -35,16 +35,6 @@ TAG = "zero"
 STATE_FILE = "trainer_state.json"
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-
-
 def _has_frozen_parameters(engine) -> bool:
     return any(not p.requires_grad for p in engine.module.parameters())
 
@@ -98,7 +88,8 @@ def save_and_report(
     them from the model files, so a LoRA checkpoint holds only the adapters and their optimizer state."""
     with tempfile.TemporaryDirectory(prefix="kto-ckpt-") as tmp:
         engine.save_checkpoint(tmp, tag=TAG, exclude_frozen_parameters=_has_frozen_parameters(engine))
-        torch.save(_rng_state(), Path(tmp) / f"rng_rank{rank}.pt")
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        torch.save(rng, Path(tmp) / f"rng_rank{rank}.pt")
         if rank == 0:
             (Path(tmp) / STATE_FILE).write_text(json.dumps({"step": step}))
             state = dict(run_state, world_size=world)
@@ -208,7 +199,10 @@ def _load_folder(engine, folder: Path, name: str, rank: int, world: int, scratch
         rng_file = folder / f"rng_rank{rank}.pt"
         if rng_file.exists():
             # Our own file (RNG states are not plain tensors).
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+            rng = torch.load(rng_file, weights_only=False)
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
         return step
     with reshaped(folder, TAG, step, name, saved, world, scratch_dir) as universal_folder:
         _load(engine, universal_folder, universal=True)
