@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make demo   - run the whole pipeline on the embedded tiny model and data"
-	@echo "make test   - the test suite's first tier: unit + integration on a local Ray cluster (25-28 min on 2 idle cores)"
+	@echo "make test   - the test suite's first tier: unit + integration on a local Ray cluster (24 min on 2 idle cores)"
 	@echo "make test-extended - the second tier: bench smokes, multi-node/elastic, sweep, model zoo"
 	@echo "make lint   - ruff check and format check"
 	@echo "make docs   - regenerate docs/reference from the code (tests/test_docs.py checks they are current)"

@@ -2,7 +2,7 @@
 
 The tiers (README, Makefile):
 - `make test` (`-m "not extended and not gpu"`): what a developer runs before every commit, everything that
-  guards correctness, exactness and the one-line errors (~20 minutes on 2 idle cores).
+  guards correctness, exactness and the one-line errors (24 minutes on 2 idle cores; the target is 20).
 - `make test-extended` (`-m "extended and not gpu"`): what is slow by nature. CI (.ci/run) runs both.
 - `make test-gpu` (`-m gpu`): the CUDA tests, which skip elsewhere.
 
