@@ -133,7 +133,8 @@ class LocalFile:
 
     @contextlib.contextmanager
     def _guard(self, wait_s: float) -> Iterator[bool]:
-        """Whether this writer holds `.<name>.guard` (created with O_EXCL) for the block."""
+        """Whether this writer holds `.<name>.guard` (created with O_EXCL) for the block; a guard older
+        than _GUARD_STALE_S was left by a writer that died inside it, and is removed."""
         guard = self.path.parent / f".{self.path.name}.guard"
         deadline = time.monotonic() + wait_s
         while True:
