@@ -9,6 +9,6 @@ from __future__ import annotations
 WRITTEN_AGAINST = "2.13.0"
 
 
-def set_last_lr(scheduler, rates: list[float]) -> None:
+def set_reported_lr(scheduler, rates: list[float]) -> None:
     """Make `scheduler.get_last_lr()` report `rates` until its next step."""
     scheduler._last_lr = rates

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from kto_ray.config import KTOConfig
-from kto_ray.internals.torch_private import set_last_lr
+from kto_ray.internals.torch_private import set_reported_lr
 from kto_ray.models.loading import hidden_size_of, load_causal_lm, resolve_dtype
 from kto_ray.models.logprobs import sequence_logps
 from kto_ray.models.moe import mark_expert_blocks_as_z3_leaves
@@ -118,7 +118,7 @@ def refresh_optimizer_settings(engine, cfg: KTOConfig) -> None:
     ]
     for group, rate in zip(scheduler.optimizer.param_groups, rates):
         group.update(lr=rate, weight_decay=cfg.train.weight_decay, betas=tuple(cfg.train.adam_betas))
-    set_last_lr(scheduler, rates)  # what get_last_lr() reports until its next step
+    set_reported_lr(scheduler, rates)  # the rates the scheduler reports until its next step
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
