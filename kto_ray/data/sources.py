@@ -27,7 +27,8 @@ from kto_ray.errors import UserError
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 UNPAIRED = ("prompt", "completion", "label")
 PAIRED = ("prompt", "chosen", "rejected")
-_COLUMNS = {*UNPAIRED, *PAIRED}
+_UNPAIRED_SET, _PAIRED_SET = frozenset(UNPAIRED), frozenset(PAIRED)  # built once, checked per row
+_COLUMNS = _UNPAIRED_SET | _PAIRED_SET
 _HF_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PROMPT_ROLES = {"system", "user", "assistant"}
 _TRUE, _FALSE = {"true", "1"}, {"false", "0"}
@@ -228,7 +229,7 @@ def _as_object(src: str, obj: Any) -> dict[str, Any]:
 
 
 def _schema_of(src: str, row: dict[str, Any], first: tuple[str, str] | None) -> str:
-    is_unpaired, is_paired = row.keys() >= set(UNPAIRED), row.keys() >= set(PAIRED)
+    is_unpaired, is_paired = row.keys() >= _UNPAIRED_SET, row.keys() >= _PAIRED_SET
     if is_unpaired and is_paired:
         raise UserError(f"{src}: row has both completion/label and chosen/rejected columns; keep one schema")
     kind = "unpaired" if is_unpaired else "paired" if is_paired else None
