@@ -44,6 +44,9 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 # it out): 5 s here. Read where the controller runs, from its node's environment: every Ray the tests
 # start (the session's, a CLI's `RAY_ADDRESS=local`, tests/nodes.py's nodes) inherits this process's.
 os.environ.setdefault("TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", "5")
+# Ray Train's controller starts a PreemptionWatcher actor per run (a process of its own, that imports Ray)
+# to report cloud node preemptions; no test preempts a node, and every train() paid for the process.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @contextlib.contextmanager
@@ -200,14 +203,6 @@ def small_data(tmp_path_factory) -> Path:
     lines = (REPO / "data" / "arithmetic.jsonl").read_text().splitlines()[:240]
     out.write_text("\n".join(lines) + "\n")
     return out
-
-
-@pytest.fixture(scope="session")
-def demo_store(tmp_path_factory) -> Path:
-    """Where the demo's store of the shipped data (configs/demo.yaml's, 3,000 rows) lives for the session:
-    the first `kto-ray demo` of the session (tests/tools/test_demo.py or tests/test_console.py) scores it,
-    the other reuses it (a matching store is reused, as the demo does on a rerun)."""
-    return tmp_path_factory.mktemp("demo") / "store"
 
 
 def kill_process_tree(pid: int) -> None:

@@ -122,33 +122,3 @@ def test_pipeline_on_a_terminal_shows_bars_and_the_table(tmp_path):
     assert not [line for line in lines if any(word in line for word in NOISE)], pane
     assert not [line for line in lines if line.startswith("step ")]  # the bar, not plain lines
     assert len(lines) <= 24, pane
-
-
-@pytest.mark.extended  # the demo store's 3,000 rows are scored once, in the second tier (test_tiers.py)
-def test_demo_off_a_terminal_fits_in_60_lines(tiny_model, demo_store, tmp_path):
-    """`kto-ray demo` with its output piped (CI, `ray job logs`): plain lines, each step line once. Its store
-    is the session's demo store (tests/tools/test_demo.py's), scored by whichever demo runs first."""
-    import subprocess
-
-    from tests.conftest import REPO
-
-    command = [
-        str(REPO / ".venv" / "bin" / "kto-ray"),
-        "demo",
-        f"--set=model.path={tiny_model}",
-        f"--set=store.path={demo_store}",
-        f"--set=run.dir={tmp_path / 'runs'}",
-        "--set=train.max_steps=20",
-        "--set=train.log_every=5",
-    ]
-    result = subprocess.run(
-        command, cwd=REPO, env=_environment(), capture_output=True, text=True, timeout=900
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output
-    lines = [line for line in output.splitlines() if line.strip()]
-    assert len(lines) <= 60, output
-    steps = [line.split()[1] for line in lines if line.startswith("step ")]
-    assert steps == ["5/20", "10/20", "15/20", "20/20"], output
-    assert not [line for line in lines if any(word in line for word in NOISE)], output
-    assert "\r" not in output  # no bar redraws in a log

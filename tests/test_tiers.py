@@ -66,23 +66,11 @@ EXTENDED_IDS = (
     # The long-row guard, bench/long_rows.py's one run in the suite: an 8-step training run on skewed data
     # timed against a plain replay of its batches (test_denormals.py's first-tier tests check the flushing).
     "tests/models/test_denormals.py::test_long_row_steps_cost_what_their_shape_costs",
-    # Runs that re-prove, on a second configuration, what a first-tier test proves on the same code path:
-    # a killed driver's rerun resumes (test_run_s3.py::test_run_dir_on_s3_survives_a_killed_driver asserts
-    # the same, and more, with the run dir on S3); a killed overwrite keeps the previous store
-    # (test_append.py's killed append keeps it, test_precompute.py's killed precompute leaves nothing
-    # complete-looking and its rerun removes the killed prefix, and test_precompute.py's overwrite removes
-    # the replaced one).
-    "tests/training/test_faults.py::test_killed_driver_resumes_on_rerun",
-    # End-to-end product runs whose value is their figures or their environment, each run shorter in the
-    # first tier: the demo's 168 steps and its learning figures, and its console off a terminal (the same
-    # 3,000-row demo store, scored once in the second tier's session; in the first, test_console.py runs
-    # `kto-ray pipeline` on a terminal, test_answers.py the answer scoring, test_eval_step.py and
-    # test_train.py the numbers); a pipeline through `ray job submit` to a started head (test_jobs.py's
-    # scripts are the CLI, test_console.py runs `kto-ray pipeline`).
-    "tests/tools/test_demo.py::test_demo_learns",
-    "tests/test_console.py::test_demo_off_a_terminal_fits_in_60_lines",
-    "tests/test_jobs.py::test_submitted_pipeline_builds_the_store_and_trains",
-    "tests/training/test_faults.py::test_killed_overwrite_keeps_the_previous_store",
+    # An end-to-end product run whose value is its figures and its environment, each part run shorter in
+    # the first tier: the demo's 168 steps, its learning figures and its console off a terminal (one run
+    # of its 3,000 rows; in the first tier, test_console.py runs `kto-ray pipeline` on a terminal,
+    # test_answers.py the answer scoring, test_eval_step.py and test_train.py the numbers).
+    "tests/tools/test_demo.py::test_demo_learns_and_prints_plain_lines_off_a_terminal",
 )
 # The model zoo's families but the first tier's one (gemma3: a soft-capped head, sliding windows); MoE with
 # its aux loss is the first tier's tests/training/test_moe_train.py.

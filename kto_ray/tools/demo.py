@@ -25,6 +25,8 @@ TABLE_ROWS = (
     ("rewards/chosen", "rewards/chosen"),
     ("rewards/rejected", "rewards/rejected"),
     ("rewards/margins", "rewards/margins"),
+    ("logps/margin", "logps/margin"),
+    ("loss", "KTO loss"),
     ("kl", "kl (z0)"),
     ("kl/raw", "kl before the clamp"),
     ("answer_accuracy", "answer accuracy"),

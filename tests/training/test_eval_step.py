@@ -143,7 +143,7 @@ def test_ray_train_eval_equals_kto_ray_evaluate_of_the_export(tiny_model, small_
     from kto_ray.reference.precompute import precompute
     from kto_ray.tools.evaluate import evaluate
     from kto_ray.training.launch.driver import train
-    from tests.conftest import make_config, read_metrics
+    from tests.conftest import make_config, read_metrics, registered_steps
     from tests.training.launch.test_tracking import (
         _losses,
         mlflow_history,
@@ -171,6 +171,7 @@ def test_ray_train_eval_equals_kto_ray_evaluate_of_the_export(tiny_model, small_
     run_dir = result.run_dir.local_path
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3]
+    assert registered_steps(run_dir) == [3]  # the last step is checkpointed, off the cadence too
     evaluated = [r for r in records if "eval/loss" in r]
     assert [r["step"] for r in evaluated] == [2, 3]  # every eval_every steps, and the last
     # Step 2 evaluates the updated policy: it moved away from the reference (z0 and rewards non-zero).

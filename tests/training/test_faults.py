@@ -1,21 +1,18 @@
-"""Faults a long run must survive: a SIGKILLed worker, a killed driver, a non-finite loss."""
+"""Faults a long run must survive: a SIGKILLed worker, a non-finite loss, a failed checkpoint write (a
+killed driver: test_run_s3.py; killed precomputes and appends: tests/reference)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from kto_ray.errors import TrainingStopped
 from kto_ray.rundir import RunDir
@@ -23,7 +20,7 @@ from kto_ray.storage import resolve
 from kto_ray.store.format import MANIFEST, WRITE_OPTIONS, list_files
 from kto_ray.training.launch.driver import train
 from kto_ray.training.schedule.batching import Schedule
-from tests.conftest import assert_same_weights, kill_process_tree, read_metrics, registered_steps, wait_for
+from tests.conftest import assert_same_weights, read_metrics, registered_steps, wait_for
 from tests.training.launch.test_tracking import mlflow_history, mlflow_status, wandb_exit_code
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
@@ -94,38 +91,6 @@ def test_sigkilled_worker_restarts_from_the_checkpoint_and_matches(built_store, 
     assert_same_weights(RunDir.of(cfg).local_path / "final", uninterrupted / "final")
 
 
-@pytest.mark.extended  # re-proved, with the run dir on S3, by test_run_s3.py (tests/test_tiers.py)
-def test_killed_driver_resumes_on_rerun(built_store, uninterrupted, tmp_path):
-    cfg = _config(built_store, tmp_path, "driver", run={"max_failures": 0})
-    run_dir = RunDir.of(cfg).local_path
-    config_file = tmp_path / "cfg.yaml"
-    config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "kto_ray", "train", "--config", str(config_file)],
-        env=dict(os.environ, RAY_ADDRESS="local"),  # its own Ray, killed with it like a lost job
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    # A checkpoint counts once Ray Train has registered it (its snapshot file), not when its folder
-    # appears; kill once a step after it is logged too, so the rerun has logged work to redo.
-    wait_for(
-        lambda: registered_steps(run_dir) and _steps_logged(run_dir) > max(registered_steps(run_dir)),
-        lambda: driver.poll() is None,
-    )
-    kill_process_tree(driver.pid)
-    driver.wait()
-    before, resume_step = read_metrics(run_dir), max(registered_steps(run_dir))
-    assert resume_step < STEPS, "the run finished before it could be killed"
-
-    result = train(cfg)  # the same command again
-    after = read_metrics(result.run_dir.local_path)
-    assert [m["step"] for m in after] == list(range(1, STEPS + 1))
-    assert after[:resume_step] == before[:resume_step]  # resumed from the checkpoint, not from scratch
-    assert after[resume_step]["step_time"] != before[resume_step]["step_time"]  # and redid what followed
-    assert_same_weights(result.run_dir.local_path / "final", uninterrupted / "final")
-
-
 def _poisoned_store(built_store, root: Path, step: int, rank: int, workers: int) -> Path:
     """A copy of the store whose reference log-probs are NaN for exactly `rank`'s rows of `step`."""
     cfg, store = built_store
@@ -194,40 +159,3 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoint(built_store, tmp_
     assert [m["step"] for m in after] == list(range(1, 9))
     assert after[:4] == before[:4]
     assert (RunDir.of(cfg).local_path / "final" / "model.safetensors").is_file()
-
-
-@pytest.mark.extended  # re-proved by test_append.py's and test_precompute.py's kills (tests/test_tiers.py)
-def test_killed_overwrite_keeps_the_previous_store(built_store, tiny_model, tmp_path):
-    from kto_ray.reference.precompute import precompute
-    from kto_ray.store.format import open_store
-
-    cfg, store = built_store
-    path = tmp_path / "store"
-    shutil.copytree(store.path, path)
-    changed = cfg.model_copy(deep=True)
-    changed.store.path, changed.data.seed = str(path), cfg.data.seed + 1
-    config_file = tmp_path / "changed.yaml"
-    config_file.write_text(yaml.safe_dump(changed.model_dump(mode="json")))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kto_ray", "precompute", "--overwrite", "--config", str(config_file)],
-        env=dict(os.environ, RAY_ADDRESS="local"),
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    old_data = store.manifest.data_dir
-    wait_for(lambda: len(list(path.glob("data-*"))) > 1, lambda: proc.poll() is None)  # writing
-    time.sleep(1.0)
-    kill_process_tree(proc.pid)
-    proc.wait()
-
-    kept = open_store(path, store.manifest.fingerprint)  # the previous store, whole and still valid
-    assert kept.read_split("train").equals(store.read_split("train"))
-    result = precompute(changed, overwrite=True)
-    assert (
-        not result.reused
-        and result.store.manifest.fingerprint["pairing"] != store.manifest.fingerprint["pairing"]
-    )
-    # Only the new store's data prefix is left: the killed run's and the replaced one are removed.
-    assert sorted(p.name for p in path.iterdir()) == sorted([result.store.manifest.data_dir, MANIFEST])
-    assert result.store.manifest.data_dir != old_data
